@@ -1,0 +1,178 @@
+"""Flow matching (stochastic interpolants) in REPA time: t=0 is data, t=1 is noise.
+
+    x_t = alpha(t) * x0 + sigma(t) * eps,        target v = alpha'(t) * x0 + sigma'(t) * eps
+
+Paths (as REPA's `SILoss.interpolant`):
+    linear: alpha = 1 - t,           sigma = t,           alpha' = -1,                sigma' = 1   (v = eps - x0)
+    cosine: alpha = cos(pi t / 2),   sigma = sin(pi t / 2), alpha' = -pi/2 sin(pi t/2), sigma' = pi/2 cos(pi t/2)
+
+Official SiT (willisma/SiT) runs time the other way (t=0 noise, t=1 data) and predicts u = dx/dt_sit. Its
+Linear path is REPA's linear path and its GVP path is REPA's cosine path with t_sit = 1 - t, and since time runs
+backwards the velocity flips sign: v = -u. `sit_time_to_repa` / `repa_time_to_sit` / `sit_velocity_to_repa` /
+`repa_velocity_to_sit` do these conversions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._common import (Objective, ObjectiveError, as_value_list, check_sample_args, check_same_shape, expand_time,
+                      mean_flat)
+
+PATHS = ("linear", "cosine")
+PREDICTIONS = ("v",)
+WEIGHTINGS = ("uniform", "lognormal")
+
+
+def repa_time_to_sit(t: torch.Tensor) -> torch.Tensor:
+    """REPA time (t=0 data) -> official SiT time (t=0 noise): `t_sit = 1 - t`. Any shape."""
+    return 1.0 - t
+
+
+def sit_time_to_repa(t_sit: torch.Tensor) -> torch.Tensor:
+    """Official SiT time (t=0 noise) -> REPA time (t=0 data): `t = 1 - t_sit`. Any shape."""
+    return 1.0 - t_sit
+
+
+def sit_velocity_to_repa(u_sit: torch.Tensor) -> torch.Tensor:
+    """Official SiT velocity u = d x / d t_sit -> REPA velocity v = d x / d t = -u (time runs backwards)."""
+    return -u_sit
+
+
+def repa_velocity_to_sit(v: torch.Tensor) -> torch.Tensor:
+    """REPA velocity v = d x / d t -> official SiT velocity u = -v."""
+    return -v
+
+
+class FlowMatching(Objective):
+    """Velocity-prediction flow matching, REPA's `SILoss` denoising part.
+
+    Args:
+        path: "linear" (REPA default) or "cosine".
+        prediction: only "v" (velocity), as in REPA.
+        weighting: "uniform" (t ~ U[0, 1), REPA default) or "lognormal" (EDM-style: sigma = exp(N(mean, std)),
+            t = sigma / (1 + sigma) on the linear path, 2/pi * atan(sigma) on the cosine path). It only changes
+            how t is sampled; the loss has no per-sample weight.
+        lognormal_mean, lognormal_std: parameters of the normal behind the lognormal sigma (0 and 1; REPA's
+            code references P_mean / P_std without defining them, N(0, 1) is the documented choice).
+    """
+
+    time_convention = "repa"
+
+    def __init__(self, path: str = "linear", prediction: str = "v", weighting: str = "uniform",
+                 lognormal_mean: float = 0.0, lognormal_std: float = 1.0):
+        if path not in PATHS:
+            raise ObjectiveError(f"unknown flow path {path!r}: choose one of {PATHS}")
+        if prediction not in PREDICTIONS:
+            raise ObjectiveError(f"unknown prediction {prediction!r}: FlowMatching supports only {PREDICTIONS}")
+        if weighting not in WEIGHTINGS:
+            raise ObjectiveError(f"unknown weighting {weighting!r}: choose one of {WEIGHTINGS}")
+        if not lognormal_std > 0:
+            raise ObjectiveError(f"lognormal_std must be > 0, got {lognormal_std}")
+        self.path = path
+        self.prediction = prediction
+        self.weighting = weighting
+        self.lognormal_mean = float(lognormal_mean)
+        self.lognormal_std = float(lognormal_std)
+
+    def __repr__(self) -> str:
+        return f"FlowMatching(path={self.path!r}, prediction={self.prediction!r}, weighting={self.weighting!r})"
+
+    # ---------------------------------------------------------------- interpolant
+    def interpolant(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Coefficients `(alpha, sigma, d_alpha, d_sigma)` at float times `t` (any shape), each shaped like t."""
+        if not torch.is_floating_point(t):
+            raise ObjectiveError(f"flow-matching time must be a float tensor in [0, 1], got dtype {t.dtype}")
+        if self.path == "linear":
+            return 1.0 - t, t, torch.full_like(t, -1.0), torch.ones_like(t)
+        half_pi = math.pi / 2
+        c, s = torch.cos(half_pi * t), torch.sin(half_pi * t)
+        return c, s, -half_pi * s, half_pi * c
+
+    def _coefficients(self, t: torch.Tensor, x: torch.Tensor):
+        """Interpolant coefficients broadcast to `x: (B, ...)` and cast to x's dtype."""
+        return tuple(c.to(x.dtype) for c in self.interpolant(expand_time(t, x)))
+
+    # ---------------------------------------------------------------- interface
+    def sample_t(self, batch: int, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu") -> torch.Tensor:
+        """Training times `t: (B,)` float32 on `device`: U[0, 1) or lognormal (strictly inside (0, 1))."""
+        device = check_sample_args(batch, generator, device)
+        if self.weighting == "uniform":
+            return torch.rand(batch, generator=generator, device=device, dtype=torch.float32)
+        n = torch.randn(batch, generator=generator, device=device, dtype=torch.float32)
+        n = n * self.lognormal_std + self.lognormal_mean
+        if self.path == "linear":
+            return torch.sigmoid(n)  # = sigma / (1 + sigma) with sigma = exp(n), without overflow
+        return torch.atan(torch.exp(n)) * (2.0 / math.pi)
+
+    def add_noise(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """`x_t = alpha(t) x0 + sigma(t) noise`; `x0, noise: (B, C, H, W)`, `t: (B,)` -> `(B, C, H, W)` in x0's dtype."""
+        check_same_shape(x0=x0, noise=noise)
+        alpha, sigma, _, _ = self._coefficients(t, x0)
+        return alpha * x0 + sigma * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Velocity target `v = alpha'(t) x0 + sigma'(t) noise` (`eps - x0` on the linear path), shape of x0."""
+        check_same_shape(x0=x0, noise=noise)
+        _, _, d_alpha, d_sigma = self._coefficients(t, x0)
+        return d_alpha * x0 + d_sigma * noise
+
+    def model_time(self, t: torch.Tensor) -> torch.Tensor:
+        """The network gets the raw REPA time t in [0, 1] (not scaled by 1000)."""
+        return t
+
+    def loss(self, model_out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor,
+             t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-sample velocity MSE, mean over (C, H, W), computed in float32.
+
+        Args:
+            model_out: `(B, C', H, W)` network output with C' >= C; when C' > C (a learned-sigma head, e.g. an
+                official SiT / DiT network) only the first C channels are the velocity and the rest is ignored.
+            x0, noise: `(B, C, H, W)` data and noise that produced `x_t` (x_t is unused: the target needs only
+                x0 and noise; it is part of the common interface).
+            t: `(B,)` float times.
+        Returns:
+            dict(loss=(B,), denoise=(B,)) float32; both are the same tensor for flow matching.
+        """
+        check_same_shape(x0=x0, noise=noise)
+        if model_out.ndim != x0.ndim or model_out.shape[0] != x0.shape[0] or model_out.shape[2:] != x0.shape[2:] \
+                or model_out.shape[1] < x0.shape[1]:
+            raise ObjectiveError(
+                f"model output {tuple(model_out.shape)} does not fit the target {tuple(x0.shape)}: need the same "
+                "batch and spatial size and at least as many channels"
+            )
+        pred = model_out[:, : x0.shape[1]].float()
+        target = self.target(x0.float(), noise.float(), t)
+        err = mean_flat((pred - target) ** 2)
+        return {"loss": err, "denoise": err}
+
+    def parse_timesteps(self, values) -> torch.Tensor:
+        """REPA times for feature extraction: numbers in [0, 1] (0 = clean data, 1 = pure noise).
+
+        Returns a float32 CPU tensor `(N,)`. Anything outside [0, 1] raises `ObjectiveError`.
+        """
+        vals = as_value_list(values)
+        bad = [v for v in vals if not 0.0 <= v <= 1.0]
+        if bad:
+            raise ObjectiveError(
+                f"flow-matching timesteps must lie in [0, 1] (t=0 data, t=1 noise), got {bad}"
+            )
+        return torch.tensor([float(v) for v in vals], dtype=torch.float32)
+
+    # ---------------------------------------------------------------- conversions
+    def velocity_to_x0_eps(self, v: torch.Tensor, x_t: torch.Tensor,
+                           t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Recover `(x0_hat, eps_hat)` from a velocity `v` at `x_t`; `v, x_t: (B, C, H, W)`, `t: (B,)`.
+
+        Solves x_t = alpha x0 + sigma eps, v = alpha' x0 + sigma' eps. The determinant alpha sigma' - sigma alpha'
+        is 1 (linear) or pi/2 (cosine), so the inversion is well defined for every t in [0, 1].
+        """
+        check_same_shape(v=v, x_t=x_t)
+        alpha, sigma, d_alpha, d_sigma = self._coefficients(t, x_t)
+        det = alpha * d_sigma - sigma * d_alpha
+        x0 = (d_sigma * x_t - sigma * v) / det
+        eps = (alpha * v - d_alpha * x_t) / det
+        return x0, eps

@@ -1,0 +1,105 @@
+"""Representation alignment (REPA) loss, encoder-token grid matching and label dropout."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ._common import ObjectiveError
+
+
+def repa_loss(zs_tilde: Sequence[torch.Tensor], zs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """REPA's projection loss: minus the mean per-token cosine similarity, computed in float32.
+
+    Both sides are cast to float32 and L2-normalised along the last dim (normalising in fp16 overflows for
+    large activations and gives NaN, sihyun-yu/REPA#46); then cos = <z_tilde, z> per token, averaged over
+    tokens, batch and encoders (equal to REPA's per-sample token mean summed and divided by encoders x batch).
+
+    Args:
+        zs_tilde: one `(B, T, D_k)` projector output per encoder (the model's `zs`); gradients flow into these.
+        zs: one `(B, T, D_k)` frozen encoder token tensor per encoder, same order and shapes.
+    Returns:
+        `(loss, mean_cos)`: float32 scalars; loss = -mean_cos, in [-1, 1]. `mean_cos` is detached (for logging).
+    """
+    zs_tilde, zs = list(zs_tilde), list(zs)
+    if len(zs_tilde) != len(zs):
+        raise ObjectiveError(
+            f"the model has {len(zs_tilde)} projector(s) but {len(zs)} encoder feature tensor(s) were given: set "
+            "the model's z_dims to one entry per target encoder"
+        )
+    if not zs:
+        raise ObjectiveError("repa_loss got no features: the model has no projectors (set z_dims) or no encoders")
+    per_encoder = []
+    for k, (zt, z) in enumerate(zip(zs_tilde, zs)):
+        if zt.ndim != 3 or z.ndim != 3:
+            raise ObjectiveError(f"encoder {k}: features must be (B, T, D), got projector {tuple(zt.shape)} and "
+                                 f"encoder {tuple(z.shape)}")
+        if zt.shape[0] != z.shape[0]:
+            raise ObjectiveError(f"encoder {k}: batch size differs: projector {zt.shape[0]} vs encoder {z.shape[0]}")
+        if zt.shape[1] != z.shape[1]:
+            raise ObjectiveError(
+                f"encoder {k}: token count differs: model has {zt.shape[1]} tokens, encoder gives {z.shape[1]}: "
+                "set the encoder resolution so that the grids agree, or resize with match_token_grid"
+            )
+        if zt.shape[2] != z.shape[2]:
+            raise ObjectiveError(
+                f"encoder {k}: projector output dim {zt.shape[2]} != encoder dim {z.shape[2]}: set the model's "
+                f"z_dims[{k}] to the encoder's embed_dim ({z.shape[2]})"
+            )
+        a = F.normalize(zt.float(), dim=-1)
+        b = F.normalize(z.float(), dim=-1)
+        per_encoder.append((a * b).sum(dim=-1).mean())
+    mean_cos = torch.stack(per_encoder).mean()
+    return -mean_cos, mean_cos.detach()
+
+
+def match_token_grid(z: torch.Tensor, grid: int) -> torch.Tensor:
+    """Resize encoder tokens `(B, T_enc, D)` on their square token grid to the model's `(B, grid * grid, D)`.
+
+    The encoder side is resampled, never the model: the diffusion transformer's grid is fixed by the latent
+    size and patch size (input_size // patch_size), while the frozen target features can be resampled without
+    changing the model. Tokens are in raster order (row by row) on a sqrt(T_enc) x sqrt(T_enc) grid, the same
+    order as the model's patch flattening. Resizing is bilinear with align_corners=False, with antialiasing
+    when shrinking; it runs in float32 and the result has z's dtype. When the grids already agree, `z` itself
+    is returned. Tokens that are not a square grid (e.g. CLS or register tokens still attached) raise
+    `ObjectiveError`.
+    """
+    if z.ndim != 3:
+        raise ObjectiveError(f"encoder tokens must be (B, T, D), got shape {tuple(z.shape)}")
+    if isinstance(grid, bool) or not isinstance(grid, numbers.Integral) or grid < 1:
+        raise ObjectiveError(f"grid must be a positive int (the model's input_size // patch_size), got {grid!r}")
+    b, t, d = z.shape
+    side = math.isqrt(t)
+    if side * side != t:
+        raise ObjectiveError(
+            f"encoder gives {t} tokens, which is not a square grid: pass patch tokens only (drop CLS/register tokens)"
+        )
+    if side == grid:
+        return z
+    img = z.float().reshape(b, side, side, d).permute(0, 3, 1, 2)
+    img = F.interpolate(img, size=(grid, grid), mode="bilinear", align_corners=False, antialias=grid < side)
+    return img.permute(0, 2, 3, 1).reshape(b, grid * grid, d).to(z.dtype)
+
+
+def drop_labels(y: torch.Tensor, prob: float, null_class: int,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Classifier-free-guidance label dropout: replace each label by `null_class` with probability `prob`.
+
+    `y: (B,)` integer labels -> new `(B,)` tensor (y is not modified). Always draws B uniforms from `generator`
+    (on y's device), so the random stream does not depend on `prob`. This is the only place labels are dropped;
+    the model never drops them itself.
+    """
+    if y.ndim != 1 or y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+        raise ObjectiveError(f"labels must be a 1-D integer tensor (B,), got shape {tuple(y.shape)} dtype {y.dtype}")
+    if isinstance(prob, bool) or not isinstance(prob, numbers.Real) or not 0.0 <= prob <= 1.0:
+        raise ObjectiveError(f"label dropout prob must be a number in [0, 1], got {prob!r}")
+    if isinstance(null_class, bool) or not isinstance(null_class, numbers.Integral) or null_class < 0:
+        raise ObjectiveError(f"null_class must be a non-negative int (usually num_classes), got {null_class!r}")
+    if generator is not None and generator.device.type != y.device.type:
+        raise ObjectiveError(f"generator is on {generator.device} but labels are on {y.device}: use one device")
+    drop = torch.rand(y.shape, generator=generator, device=y.device) < prob
+    return torch.where(drop, torch.full_like(y, int(null_class)), y)
