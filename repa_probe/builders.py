@@ -1,0 +1,161 @@
+"""Build library objects from a :class:`~repa_probe.config.Config` (shared by training and analysis)."""
+from __future__ import annotations
+
+import logging
+from typing import Optional, Tuple
+
+import torch
+from torch.utils.data import DataLoader
+
+from .config import Config, ConfigError
+from .launch import DistInfo
+
+log = logging.getLogger("repa_probe")
+
+
+def build_dataset(cfg: Config, split: str = "train"):
+    from .data import build_dataset as _build
+
+    d = cfg.data
+    return _build(d.name, root=d.root, split=split, resolution=d.resolution, num_samples=d.num_samples,
+                  seed=cfg.run.seed, flip=d.flip)
+
+
+def build_objective(cfg: Config):
+    from .objectives import FlowMatching, GaussianDiffusion
+
+    o = cfg.objective
+    if o.kind == "flow":
+        return FlowMatching(path=o.path, prediction=o.prediction, weighting=o.weighting)
+    return GaussianDiffusion(num_timesteps=o.num_timesteps, learn_sigma=o.learn_sigma)
+
+
+def build_encoder(cfg: Config, device: torch.device):
+    """The frozen REPA target encoder, or None when ``repa.proj_coeff == 0`` (vanilla baseline)."""
+    if cfg.repa.proj_coeff == 0:
+        return None
+    from .encoders import load_encoder
+
+    e = cfg.encoder
+    kw = {"input_size": e.input_size} if e.input_size is not None else {}
+    enc = load_encoder(e.name, weights=e.weights, pretrained=e.pretrained, resolution=cfg.data.resolution,
+                       source=e.source, **kw)
+    return enc.to(device)
+
+
+def latent_shape(cfg: Config, vae) -> Tuple[int, int]:
+    """(channels, side) of what the diffusion model sees: VAE latents or pixels."""
+    if vae is None:
+        return 3, cfg.data.resolution
+    if cfg.data.resolution % 8:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} must be a multiple of 8 for the VAE")
+    return 4, cfg.data.resolution // 8
+
+
+def build_model(cfg: Config, batches: "Batches", enc):
+    """The diffusion transformer for this config (REPA projector when an encoder is given)."""
+    from .models import create_model
+
+    m, r = cfg.model, cfg.repa
+    channels, side = latent_shape(cfg, batches.vae)
+    overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")
+                 if getattr(m, k) is not None}
+    ddpm = cfg.objective.kind == "ddpm"
+    model = create_model(m.name, input_size=side, in_channels=channels, num_classes=batches.num_classes,
+                         class_dropout_prob=m.class_dropout_prob, qk_norm=m.qk_norm,
+                         learn_sigma=ddpm and cfg.objective.learn_sigma, family="DiT" if ddpm else "REPA",
+                         encoder_depth=r.encoder_depth, projector_dim=r.projector_dim,
+                         z_dims=(enc.embed_dim,) if enc is not None else (), **overrides)
+    if r.encoder_depth > model.depth:
+        raise ConfigError(f"repa.encoder_depth={r.encoder_depth} is larger than the model depth "
+                          f"{model.depth}; set repa.encoder_depth to at most {model.depth}")
+    if enc is not None:
+        eg, mg = enc.grid_size, model.grid_size
+        if eg != mg:
+            log.info("encoder token grid %dx%d is resized to the model grid %dx%d (bilinear)", eg, eg, mg, mg)
+    return model
+
+
+class Batches:
+    """Dataset + VAE + resumable sharded sampler, yielding local batches forever.
+
+    The position counts CONSUMED samples (``consumed()`` after each optimiser step), so a checkpoint
+    resumes at the first batch that did not train, whatever the DataLoader had prefetched.
+    """
+
+    def __init__(self, cfg: Config, dist: DistInfo, split: str = "train"):
+        from .data import ResumableSampler
+        from .vae import load_vae
+
+        self.dataset = build_dataset(cfg, split)
+        self.vae = load_vae(cfg.vae.name)
+        self.num_classes = cfg.data.num_classes or self.dataset.num_classes
+        self.local_batch = cfg.train.batch_size // dist.world_size
+        if len(self.dataset) < cfg.train.batch_size:
+            raise ConfigError(f"dataset has {len(self.dataset)} samples, fewer than train.batch_size="
+                              f"{cfg.train.batch_size}")
+        self.sampler = ResumableSampler(len(self.dataset), shuffle=True, seed=cfg.run.seed, rank=dist.rank,
+                                        world_size=dist.world_size, drop_last=True)
+        self.num_workers = cfg.data.num_workers
+        self._it = None
+
+    def _loader(self):
+        from .data import collate
+
+        return iter(DataLoader(self.dataset, batch_size=self.local_batch, sampler=self.sampler,
+                               num_workers=self.num_workers, collate_fn=collate, drop_last=True,
+                               pin_memory=torch.cuda.is_available(),
+                               persistent_workers=False))
+
+    def next(self) -> dict:
+        if self._it is None:
+            self._it = self._loader()
+        try:
+            return next(self._it)
+        except StopIteration:
+            self.sampler.set_epoch(self.sampler.epoch + 1)
+            self._it = self._loader()
+            return next(self._it)
+
+    def consumed(self) -> None:
+        self.sampler.advance(self.local_batch)
+
+    def state_dict(self) -> dict:
+        return self.sampler.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sampler.load_state_dict(state)
+        self._it = None
+
+
+def model_inputs(batch: dict, vae, enc, device: torch.device, gen: torch.Generator, dist: DistInfo,
+                 cfg: Config, grid: int):
+    """Turn a data batch into (x0, encoder tokens or None, labels) on ``device``.
+
+    x0: (b, C, H, W) — VAE latents sampled from the posterior (stored moments or encoded on the fly), or
+    pixels scaled to [-1, 1] when there is no VAE. The posterior noise is drawn for the global batch.
+    """
+    images = batch["image"].to(device, non_blocking=True)
+    y = batch["label"].to(device, non_blocking=True)
+    if vae is None:
+        x0 = images.float() / 127.5 - 1.0
+    else:
+        moments = batch["moments"].to(device) if "moments" in batch else vae.encode_moments(images)
+        W = dist.world_size
+        mean, std = moments.float().chunk(2, dim=1)
+        eps = torch.randn((mean.shape[0] * W, *mean.shape[1:]), generator=gen, device=device)[dist.rank::W]
+        x0 = (mean + std * eps) * vae.scale + vae.bias
+    z = None
+    if enc is not None:
+        from .objectives import match_token_grid
+
+        with torch.no_grad():
+            z = match_token_grid(enc(images), grid)
+    return x0, z, y
+
+
+def to_model_space(images: torch.Tensor, vae, gen: Optional[torch.Generator] = None) -> torch.Tensor:
+    """uint8 images (B, 3, H, W) → what the model denoises: sampled VAE latents or pixels in [-1, 1]."""
+    if vae is None:
+        return images.float() / 127.5 - 1.0
+    return vae.sample(vae.encode_moments(images), generator=gen)

@@ -1,0 +1,29 @@
+"""How command-line tools report bad input: one line on stderr and a non-zero exit code."""
+from __future__ import annotations
+
+import logging
+import sys
+from contextlib import contextmanager
+
+# Every library error that describes bad input derives from one of these (ConfigError, CheckpointError,
+# EncoderWeightsError, VAEWeightsError, DatasetError, RunDirError, TrainingDiverged, ...).
+USER_ERRORS = (ValueError, RuntimeError, OSError, KeyError)
+
+EXIT_USER_ERROR = 2
+
+
+class CLIExit(SystemExit):
+    pass
+
+
+@contextmanager
+def one_line_errors(verbose: bool = False):
+    """Turn library errors into ``error: <message>`` and exit code 2 (full traceback with ``verbose``)."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        if verbose:
+            logging.getLogger("repa_probe").exception("traceback")
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+        print(f"error: {exc.__class__.__name__}: {msg}", file=sys.stderr)
+        raise CLIExit(EXIT_USER_ERROR) from None

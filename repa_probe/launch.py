@@ -1,0 +1,119 @@
+"""Process launch: one process, torchrun DDP, or a SLURM job through submitit.
+
+- ``launch.mode=local``: run in this process. Under ``torchrun`` (RANK / WORLD_SIZE in the environment) every
+  process joins one DDP group: NCCL on GPUs, gloo on the CPU.
+- ``launch.mode=slurm``: submit the same training through ``submitit.AutoExecutor`` (one task per GPU over
+  ``launch.slurm.nodes`` nodes); on preemption or time-out submitit requeues the job, which resumes from the
+  run's latest checkpoint (``train.resume=auto``).
+- ``launch.mode=submitit_local``: the same submission path with submitit's local executor (tests, debugging).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import torch.distributed as torch_dist
+
+log = logging.getLogger("repa_probe")
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_type: str) -> DistInfo:
+    """Join the process group described by torchrun's environment variables (no-op for one process)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    rank = int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if not torch_dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if device_type == "cuda":
+            torch.cuda.set_device(local_rank)
+        torch_dist.init_process_group(backend=backend, rank=rank, world_size=world)
+    return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
+
+
+def cleanup_distributed() -> None:
+    if torch_dist.is_available() and torch_dist.is_initialized():
+        torch_dist.destroy_process_group()
+
+
+class SubmititTrainJob:
+    """A picklable callable that submitit runs on every task; ``checkpoint`` makes preemption requeue it."""
+
+    def __init__(self, cfg_dict: dict):
+        self.cfg_dict = cfg_dict
+
+    def __call__(self) -> str:
+        import submitit
+
+        from .config import from_dict
+        from .trainer import train
+
+        env = submitit.JobEnvironment()
+        if env.num_tasks > 1:
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        cfg = from_dict(self.cfg_dict)
+        cfg.launch.mode = "local"  # inside the job: train here
+        return str(train(cfg))
+
+    def checkpoint(self):  # called by submitit on preemption / time-out
+        import submitit
+
+        cfg = dict(self.cfg_dict)
+        cfg["train"] = {**cfg["train"], "resume": "auto"}
+        return submitit.helpers.DelayedSubmission(SubmititTrainJob(cfg))
+
+
+def submit(cfg, fn_cfg_dict: dict, wait: bool = False) -> str:
+    """Submit training with submitit (``slurm`` or ``submitit_local``); returns the job id."""
+    import submitit
+
+    s = cfg.launch.slurm
+    folder = Path(cfg.run.out_dir) / cfg.run.name / "submitit"
+    folder.mkdir(parents=True, exist_ok=True)
+    if cfg.launch.mode == "submitit_local":
+        executor = submitit.AutoExecutor(folder=str(folder), cluster="local")
+        executor.update_parameters(timeout_min=s.timeout_min, tasks_per_node=1, nodes=1, gpus_per_node=0)
+    else:
+        executor = submitit.AutoExecutor(folder=str(folder), slurm_max_num_timeout=s.max_requeue)
+        extra = {k: v for k, v in {"slurm_partition": s.partition, "slurm_account": s.account,
+                                   "slurm_qos": s.qos, "slurm_constraint": s.constraint,
+                                   "mem_gb": s.mem_gb}.items() if v is not None}
+        executor.update_parameters(nodes=s.nodes, gpus_per_node=s.gpus_per_node,
+                                   tasks_per_node=s.gpus_per_node, cpus_per_task=s.cpus_per_task,
+                                   timeout_min=s.timeout_min, name=cfg.run.name, **extra)
+    job = executor.submit(SubmititTrainJob(fn_cfg_dict))
+    log.info("submitted job %s (logs in %s)", job.job_id, folder)
+    if wait:
+        job.result()
+    return job.job_id
+
+
+def run(cfg, train_fn: Optional[Callable] = None, wait: bool = False):
+    """Dispatch by ``cfg.launch.mode``; returns the run directory (local) or the job id (submitit)."""
+    from .config import to_dict
+
+    if cfg.launch.mode in ("slurm", "submitit_local"):
+        return submit(cfg, to_dict(cfg), wait=wait)
+    if train_fn is None:
+        from .trainer import train as train_fn
+    return train_fn(cfg)

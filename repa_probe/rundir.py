@@ -1,0 +1,131 @@
+"""The run directory: resolved config, checkpoints (listing, retention, resume), metric logs.
+
+Layout of ``{run.out_dir}/{run.name}/``::
+
+    config.yaml            resolved config of the run (written at start)
+    checkpoints/0000100.pt training checkpoints, ``{step:07d}.pt``
+    metrics.jsonl          one JSON object per log line
+    tb/                    TensorBoard event files
+    train.log              the log lines printed to stdout
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+log = logging.getLogger("repa_probe")
+
+CKPT_RE = re.compile(r"^(\d{7,})\.pt$")
+
+
+class RunDirError(RuntimeError):
+    """The run directory cannot be used (not writable, no loadable checkpoint, ...)."""
+
+
+def prepare(out_dir: str, name: str) -> Path:
+    """Create ``out_dir/name/checkpoints`` and check that it is writable."""
+    run = Path(out_dir) / name
+    try:
+        (run / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = run / ".write_test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(f"output directory {run} is not writable ({exc.strerror or exc}); "
+                          f"set run.out_dir to a writable path") from None
+    return run
+
+
+def list_checkpoints(ckpt_dir: Path) -> List[Tuple[int, Path]]:
+    """All ``{step:07d}.pt`` files in ``ckpt_dir`` as (step, path), oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    found = []
+    for p in ckpt_dir.iterdir():
+        m = CKPT_RE.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
+    return ckpt_dir / f"{step:07d}.pt"
+
+
+def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> List[Path]:
+    """Delete checkpoints beyond the last ``keep_last``, except multiples of ``keep_every``."""
+    ckpts = list_checkpoints(ckpt_dir)
+    removed = []
+    for step, path in ckpts[:-keep_last] if keep_last > 0 else []:
+        if keep_every > 0 and step % keep_every == 0:
+            continue
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def load_latest(ckpt_dir: Path, loader) -> Optional[Tuple[Path, dict]]:
+    """Load the newest checkpoint that ``loader`` can open; corrupt ones are skipped loudly.
+
+    Returns None when there is no checkpoint at all; raises RunDirError when every one is unreadable.
+    """
+    ckpts = list_checkpoints(ckpt_dir)
+    if not ckpts:
+        return None
+    errors = []
+    for step, path in reversed(ckpts):
+        try:
+            return path, loader(path)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file: fall back to an older one
+            msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+            log.warning("WARNING: checkpoint %s cannot be loaded (%s); falling back to the previous one",
+                        path, msg)
+            errors.append(msg)
+    raise RunDirError(f"no loadable checkpoint in {ckpt_dir} ({len(errors)} tried, all unreadable)")
+
+
+class MetricLogger:
+    """Append metrics to ``metrics.jsonl`` and (optionally) TensorBoard; only used on rank 0."""
+
+    def __init__(self, run: Path, tensorboard: bool = True):
+        self.path = run / "metrics.jsonl"
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run / "tb"))
+            except ImportError:  # tensorboard is a declared dependency; tolerate a minimal install
+                log.warning("tensorboard is not installed; metrics go to metrics.jsonl only")
+
+    def log(self, step: int, values: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_metrics(run: Path) -> List[dict]:
+    path = Path(run) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def add_file_log(run: Path) -> logging.Handler:
+    """Mirror the ``repa_probe`` log lines into ``run/train.log``."""
+    handler = logging.FileHandler(run / "train.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+    log.addHandler(handler)
+    return handler

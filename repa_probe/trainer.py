@@ -1,0 +1,302 @@
+"""The training loop: SiT or DiT, with or without REPA, on CPU, one GPU or DDP.
+
+One step (global batch B over W processes, each with B/W samples)::
+
+    images, labels ──► VAE posterior sample (or pixels in [-1, 1]) ──► x0: (b, C, H, W)
+    images ─────────► frozen encoder ──► patch tokens z: (b, T, Dz)          (only when repa.proj_coeff > 0)
+    t, ε, label dropout  (drawn for the GLOBAL batch from one seeded generator; each rank keeps rows rank::W)
+    x_t = objective.add_noise(x0, t, ε);  out, zs~ = model(x_t, objective.model_time(t), y)
+    loss = objective.loss(out, ...).mean() + proj_coeff · repa_loss(zs~, [z])
+    backward → clip → AdamW → EMA
+
+Drawing the randomness for the global batch makes a W-process run match the one-process run on the same
+global batch (up to the order of floating-point reduction), and together with the stored generator states and
+data position makes resume exact: N steps ≡ N/2 steps + resume + N/2 steps, bit for bit on the CPU.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as torch_dist
+from tqdm import tqdm
+
+from . import rundir
+from .checkpoint import atomic_save, safe_load
+from .config import Config, to_dict, to_yaml
+from .launch import DistInfo, cleanup_distributed, init_distributed
+from .builders import Batches, build_encoder, build_model, build_objective, model_inputs
+
+log = logging.getLogger("repa_probe")
+CKPT_FORMAT = "repa-probe/1"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
+
+
+def _device(cfg: Config, dist: DistInfo) -> torch.device:
+    want = cfg.train.device
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is available; set train.device=cpu")
+        return torch.device("cuda", dist.local_rank)
+    return torch.device("cpu")
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if device.type != "cuda" or cfg.train.precision == "fp32":
+        return nullcontext()
+    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def _rng_state(gen: torch.Generator) -> dict:
+    state = {"generator": gen.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(gen: torch.Generator, state: dict) -> None:
+    gen.set_state(state["generator"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·model over all parameters (frozen pos_embed included, as REPA)."""
+    e = [p for p in ema.parameters()]
+    m = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(e, m, 1.0 - decay)
+
+
+class _StopFlag:
+    """Set by SIGTERM / SIGUSR1: save a checkpoint at the end of the current step and exit cleanly."""
+
+    def __init__(self):
+        self.raised = False
+        self._old = {}
+
+    def install(self):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread (e.g. some launchers): signals stay default
+                pass
+
+    def _handle(self, signum, frame):
+        log.warning("received signal %d: saving a checkpoint and stopping", signum)
+        self.raised = True
+
+    def restore(self):
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def train(cfg: Config) -> Path:
+    """Train according to ``cfg``; returns the run directory. Raises on bad input or divergence."""
+    torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
+    torch.backends.cudnn.allow_tf32 = cfg.train.tf32
+    device_type = "cuda" if (cfg.train.device == "cuda" or
+                             (cfg.train.device == "auto" and torch.cuda.is_available())) else "cpu"
+    dist = init_distributed(device_type)
+    try:
+        return _train(cfg, dist)
+    finally:
+        cleanup_distributed()
+
+
+def _train(cfg: Config, dist: DistInfo) -> Path:
+    device = _device(cfg, dist)
+    if cfg.train.batch_size % dist.world_size:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
+                         f"{dist.world_size} processes")
+    run = rundir.prepare(cfg.run.out_dir, cfg.run.name)
+    ckpt_dir = run / "checkpoints"
+    handler = rundir.add_file_log(run) if dist.is_main else None
+    if dist.is_main:
+        (run / "config.yaml").write_text(to_yaml(cfg))
+    if device.type == "cpu" and cfg.train.precision != "fp32":
+        log.info("precision: train.precision=%s applies on GPU only; the CPU runs fp32", cfg.train.precision)
+
+    torch.manual_seed(cfg.run.seed)
+    batches = Batches(cfg, dist)
+    enc = build_encoder(cfg, device)
+    model = build_model(cfg, batches, enc).to(device)
+    objective = build_objective(cfg)
+    vae = batches.vae.to(device) if batches.vae is not None else None
+    ema = build_model(cfg, batches, enc).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False).eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                            weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.train.precision == "fp16")
+    gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
+
+    step = 0
+    resumed = _resume(cfg, ckpt_dir)
+    if resumed is not None:
+        path, state = resumed
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        _set_rng_state(gen, state["rng"])
+        batches.load_state_dict(state["data"])
+        step = int(state["step"])
+        log.info("resumed from %s at step %d", path, step)
+    if dist.is_main:
+        n = sum(p.numel() for p in model.parameters())
+        log.info("model %s: %.2fM parameters, family %s, %d tokens; REPA %s; device %s; %d process(es)",
+                 cfg.model.name, n / 1e6, model.family, model.num_tokens,
+                 f"on (coeff {cfg.repa.proj_coeff}, block {cfg.repa.encoder_depth}, encoder "
+                 f"{cfg.encoder.name})" if enc is not None else "off", device, dist.world_size)
+    if step >= cfg.train.steps:
+        log.info("nothing to do: already at step %d >= train.steps=%d", step, cfg.train.steps)
+        return run
+
+    net = torch.compile(model) if cfg.train.compile else model
+    if dist.enabled:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None)
+    model.train()
+    metrics = rundir.MetricLogger(run, cfg.train.tensorboard) if dist.is_main else None
+    stop = _StopFlag()
+    stop.install()
+    sums, count, t_last = None, 0, time.perf_counter()
+    bar = tqdm(total=cfg.train.steps, initial=step, desc=cfg.run.name, disable=not dist.is_main,
+               dynamic_ncols=True, mininterval=1.0)
+    try:
+        while step < cfg.train.steps:
+            batch = batches.next()
+            x0, z_enc, y = model_inputs(batch, vae, enc, device, gen, dist, cfg, model.grid_size)
+            t, noise, y = objective_noise(objective, x0, y, gen, dist, cfg, batches.num_classes)
+            x_t = objective.add_noise(x0, t, noise)
+            with _autocast(cfg, device):
+                out, zs_tilde = net(x_t, objective.model_time(t), y)
+            terms = objective.loss(out.float(), x0, x_t, noise, t)
+            loss = terms["loss"].mean()
+            logs = {k: v.detach().mean() for k, v in terms.items()}
+            if z_enc is not None:
+                from .objectives import repa_loss
+
+                proj_loss, cos = repa_loss(zs_tilde, [z_enc])
+                loss = loss + cfg.repa.proj_coeff * proj_loss
+                logs.update(repa=proj_loss.detach(), cos=cos.detach())
+            if not torch.isfinite(loss).item():
+                raise TrainingDiverged(
+                    f"non-finite loss at step {step + 1} ({', '.join(f'{k}={v.item():.4g}' for k, v in logs.items())}); "
+                    f"stopping; the last good checkpoint is kept in {ckpt_dir}")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
+                                                   else float("inf"))
+            scaler.step(opt)
+            scaler.update()
+            update_ema(ema, model, cfg.train.ema_decay)
+            batches.consumed()
+            step += 1
+            bar.update(1)
+            logs.update(total=loss.detach(), grad_norm=gnorm.detach())
+            sums = {k: v.float() for k, v in logs.items()} if sums is None else \
+                {k: sums[k] + v.float() for k, v in logs.items()}
+            count += 1
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                sums, count, t_last = _log(step, sums, count, t_last, cfg, dist, metrics, bar)
+            stopping = _agree(stop.raised, dist, device)
+            if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopping:
+                _save(step, model, ema, opt, scaler, gen, batches, cfg, ckpt_dir, dist)
+            if stopping:
+                log.warning("stopped by signal at step %d; resume with train.resume=auto", step)
+                break
+    finally:
+        bar.close()
+        stop.restore()
+        if metrics is not None:
+            metrics.close()
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+    return run
+
+
+def objective_noise(objective, x0, y, gen, dist: DistInfo, cfg: Config, null_class):
+    """Draw t, ε and dropped labels for the GLOBAL batch; keep this rank's rows (rank::world).
+
+    x0: (b, C, H, W) local batch; y: (b,) labels. Returns t: (b,), noise: (b, C, H, W), y: (b,).
+    """
+    from .objectives import drop_labels
+
+    W = dist.world_size
+    B = x0.shape[0] * W
+    t = objective.sample_t(B, gen, x0.device)[dist.rank::W]
+    noise = torch.randn((B, *x0.shape[1:]), generator=gen, device=x0.device, dtype=x0.dtype)[dist.rank::W]
+    if cfg.model.class_dropout_prob > 0:
+        y_full = torch.zeros(B, dtype=y.dtype, device=y.device)
+        y_full[dist.rank::W] = y
+        y = drop_labels(y_full, cfg.model.class_dropout_prob, null_class, gen)[dist.rank::W]
+    return t, noise, y
+
+
+def _agree(flag: bool, dist: DistInfo, device) -> bool:
+    if not dist.enabled:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch_dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def _log(step, sums, count, t_last, cfg: Config, dist: DistInfo, metrics, bar):
+    vals = torch.stack(list(sums.values())) / count
+    if dist.enabled:
+        torch_dist.all_reduce(vals)
+        vals = vals / dist.world_size
+    now = time.perf_counter()
+    values = dict(zip(sums.keys(), vals.tolist()))
+    values["images_per_s"] = count * cfg.train.batch_size / max(now - t_last, 1e-9)
+    if dist.is_main:
+        line = " ".join(f"{k}={v:.4g}" for k, v in values.items())
+        bar.write(f"step {step:>7d} {line}")
+        log.debug("step %d %s", step, line)
+        metrics.log(step, values)
+    return None, 0, now
+
+
+def _resume(cfg: Config, ckpt_dir: Path):
+    mode = cfg.train.resume
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return rundir.load_latest(ckpt_dir, _load_train_ckpt)
+    return Path(mode), _load_train_ckpt(Path(mode))
+
+
+def _load_train_ckpt(path: Path) -> dict:
+    state = safe_load(path)
+    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path}: not a repa-probe training checkpoint (no format={CKPT_FORMAT!r})")
+    return state
+
+
+def _save(step, model, ema, opt, scaler, gen, batches, cfg, ckpt_dir: Path, dist: DistInfo):
+    if dist.is_main:
+        state = {"format": CKPT_FORMAT, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+                 "opt": opt.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+                 "rng": _rng_state(gen), "data": batches.state_dict(), "config": to_dict(cfg),
+                 "model_config": dict(model.config)}
+        path = rundir.checkpoint_path(ckpt_dir, step)
+        atomic_save(state, path)
+        removed = rundir.prune(ckpt_dir, cfg.train.keep_last, cfg.train.keep_every)
+        log.info("saved checkpoint %s%s", path, f" (pruned {len(removed)})" if removed else "")
+    if dist.enabled:
+        torch_dist.barrier()
