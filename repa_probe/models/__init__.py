@@ -1,0 +1,17 @@
+"""SiT / DiT / REPA diffusion transformers (one architecture, three time and output conventions)."""
+
+from .registry import MODEL_SIZES, create_model, list_models, model_kwargs, model_name, size_name
+from .transformer import (
+    FAMILIES,
+    TIME_CONVENTIONS,
+    DiffusionTransformer,
+    ModelInputError,
+    sincos_pos_embed_2d,
+    timestep_embedding,
+)
+
+__all__ = [
+    "DiffusionTransformer", "ModelInputError", "FAMILIES", "TIME_CONVENTIONS", "MODEL_SIZES",
+    "create_model", "list_models", "model_kwargs", "model_name", "size_name",
+    "sincos_pos_embed_2d", "timestep_embedding",
+]

@@ -1,0 +1,71 @@
+"""Named model configurations: ``SiT-{S,B,L,XL}/{2,4,8}`` and ``DiT-{S,B,L,XL}/{2,4,8}``.
+
+``SiT-*`` names build the REPA convention (``family="REPA"``, ``learn_sigma=False``, float time with
+t=0 data); ``DiT-*`` names build DiT (``family="DiT"``, ``learn_sigma=True``, DDPM time). Both use
+``mlp_ratio`` 4, 1000 classes plus the null class, and no projectors unless ``z_dims`` is given.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+from .transformer import DiffusionTransformer, ModelInputError
+
+MODEL_SIZES: dict[str, dict[str, int]] = {
+    "S": dict(depth=12, hidden_size=384, num_heads=6),
+    "B": dict(depth=12, hidden_size=768, num_heads=12),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16),
+}
+PATCH_SIZES = (2, 4, 8)
+FAMILY_DEFAULTS: dict[str, dict] = {
+    "SiT": dict(family="REPA", learn_sigma=False),
+    "DiT": dict(family="DiT", learn_sigma=True),
+}
+CONSTRUCTOR_KEYWORDS = tuple(p for p in inspect.signature(DiffusionTransformer.__init__).parameters if p != "self")
+
+
+def list_models() -> list[str]:
+    """All registered names, e.g. ``["DiT-B/2", ..., "SiT-XL/8"]``."""
+    return sorted(f"{prefix}-{size}/{p}" for prefix in FAMILY_DEFAULTS for size in MODEL_SIZES for p in PATCH_SIZES)
+
+
+def model_kwargs(name: str) -> dict:
+    """Constructor keywords of a registered name (without overrides)."""
+    prefix, _, rest = name.partition("-")
+    size, _, patch = rest.partition("/")
+    if prefix not in FAMILY_DEFAULTS or size not in MODEL_SIZES or patch not in {str(p) for p in PATCH_SIZES}:
+        raise ModelInputError(f"unknown model name {name!r}; valid names: {', '.join(list_models())}")
+    return dict(**MODEL_SIZES[size], patch_size=int(patch), **FAMILY_DEFAULTS[prefix])
+
+
+def create_model(name: str, **overrides) -> DiffusionTransformer:
+    """Build a registered model; ``overrides`` may set any constructor keyword.
+
+    Example: ``create_model("SiT-B/2", z_dims=(768,), encoder_depth=4)`` or, for tests,
+    ``create_model("DiT-S/2", depth=2, input_size=8)``. Unknown names or keywords raise
+    ``ModelInputError`` listing the valid ones.
+    """
+    kwargs = model_kwargs(name)
+    unknown = sorted(set(overrides) - set(CONSTRUCTOR_KEYWORDS))
+    if unknown:
+        raise ModelInputError(f"unknown model keyword(s) {unknown}; valid: {', '.join(CONSTRUCTOR_KEYWORDS)}")
+    kwargs.update(overrides)
+    return DiffusionTransformer(**kwargs)
+
+
+def size_name(config: dict) -> str | None:
+    """``"S" | "B" | "L" | "XL"`` when (depth, hidden_size, num_heads) match a registered size, else None."""
+    for size, spec in MODEL_SIZES.items():
+        if all(config.get(k) == v for k, v in spec.items()):
+            return size
+    return None
+
+
+def model_name(config: dict) -> str | None:
+    """Registered-style name (``"SiT-XL/2"``; the SiT/REPA conventions both map to ``SiT``) or None."""
+    size = size_name(config)
+    if size is None or config.get("patch_size") not in PATCH_SIZES:
+        return None
+    prefix = "DiT" if config.get("family") == "DiT" else "SiT"
+    return f"{prefix}-{size}/{config['patch_size']}"

@@ -1,0 +1,427 @@
+"""DiT's adaLN-Zero diffusion transformer, shared by the DiT, SiT and REPA conventions.
+
+One network, three conventions (``family``):
+
+* ``"DiT"``  — DDPM time (integer steps 0..999, t=999 noisiest); returns all ``out_channels``
+  channels (2C when ``learn_sigma``: epsilon then the variance interpolation).
+* ``"SiT"``  — official willisma/SiT: float t in [0, 1], t=0 noise and t=1 data; when
+  ``learn_sigma`` the unused second half of the output is cut, so C channels are returned.
+* ``"REPA"`` — sihyun-yu/REPA and this project's default: float t in [0, 1], t=0 data and t=1
+  noise; ``learn_sigma`` must be False and C channels are returned.
+
+Parameter names and shapes match the official ``models.py`` / ``models/sit.py`` state dicts
+(``x_embedder.proj``, ``pos_embed``, ``t_embedder.mlp.{0,2}``, ``y_embedder.embedding_table``,
+``blocks.{i}.{attn.qkv,attn.proj,attn.q_norm,attn.k_norm,mlp.fc1,mlp.fc2,adaLN_modulation.1}``,
+``projectors.{k}.{0,2,4}``, ``final_layer.{linear,adaLN_modulation.1}``), so official checkpoints
+load strictly. The model never drops labels; label dropout is the objective's job.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+FAMILIES = ("DiT", "SiT", "REPA")
+TIME_CONVENTIONS = {"DiT": "ddpm", "SiT": "sit", "REPA": "repa"}
+FREQUENCY_DIM = 256  # sinusoidal features fed to the timestep MLP
+
+
+class ModelInputError(ValueError):
+    """Invalid model configuration or input tensor (one-line message)."""
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = FREQUENCY_DIM, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal features of ``t: (B,)`` (float or int, used as given) -> ``(B, dim)`` float32.
+
+    Frequencies ``exp(-ln(max_period) * i / (dim/2))``; the output is ``[cos, sin]`` concatenated
+    (a zero column is appended for odd ``dim``).
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
+    args = t.float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
+    return emb
+
+
+def sincos_pos_embed_2d(dim: int, grid_size: int, device=None) -> torch.Tensor:
+    """Fixed 2-D sin-cos position table ``(grid_size**2, dim)`` float32 (MAE/DiT layout).
+
+    Tokens are in raster order (row-major). The first ``dim/2`` channels encode the column
+    index and the last ``dim/2`` the row index; each half is ``[sin(pos*w), cos(pos*w)]`` with
+    ``w_k = 10000 ** (-k / (dim/4))``. Computed in float64.
+    """
+    if dim % 4:
+        raise ModelInputError(f"hidden_size must be divisible by 4 for the 2-D sin-cos table, got {dim}")
+    quarter = dim // 4
+    omega = 1.0 / 10000.0 ** (torch.arange(quarter, dtype=torch.float64, device=device) / quarter)
+    coords = torch.arange(grid_size, dtype=torch.float64, device=device)
+    rows = coords.repeat_interleave(grid_size)  # row index of each raster token
+    cols = coords.repeat(grid_size)  # column index of each raster token
+
+    def one_axis(pos: torch.Tensor) -> torch.Tensor:
+        angle = pos[:, None] * omega[None, :]
+        return torch.cat([torch.sin(angle), torch.cos(angle)], dim=1)
+
+    return torch.cat([one_axis(cols), one_axis(rows)], dim=1).float()
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation: ``x: (B, T, D)``, ``shift, scale: (B, D)`` -> ``x * (1 + scale) + shift``."""
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+class PatchEmbed(nn.Module):
+    """``(B, C, H, W)`` -> ``(B, T, D)`` with a stride-p convolution (``proj``), raster token order."""
+
+    def __init__(self, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class TimestepEmbedder(nn.Module):
+    """``t: (B,)`` -> ``(B, D)``: 256 sinusoidal features, then Linear-SiLU-Linear (``mlp.{0,2}``)."""
+
+    def __init__(self, hidden_size: int, frequency_dim: int = FREQUENCY_DIM):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.frequency_dim))
+
+
+class LabelEmbedder(nn.Module):
+    """``y: (B,)`` int -> ``(B, D)``. The table has a null row (index ``num_classes``) when
+    ``class_dropout_prob > 0``; dropping labels is done by the objective, never here."""
+
+    def __init__(self, num_classes: int, hidden_size: int, class_dropout_prob: float):
+        super().__init__()
+        self.num_rows = num_classes + int(class_dropout_prob > 0)
+        self.embedding_table = nn.Embedding(self.num_rows, hidden_size)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.embedding_table(y)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with timm's parameter names (``qkv``, ``q_norm``, ``k_norm``, ``proj``).
+
+    ``qk_norm`` adds a LayerNorm over ``head_dim`` (with affine, eps 1e-5) on queries and keys.
+    Uses ``F.scaled_dot_product_attention``. ``x: (B, T, D)`` -> ``(B, T, D)``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = False):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.q_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=True)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x: (B, T, D)`` -> q, k, v each ``(B, heads, T, head_dim)`` (q/k normalised if qk_norm)."""
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        q, k, v = self.qkv_heads(x)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+
+class Mlp(nn.Module):
+    """``fc1`` -> GELU (tanh approximation) -> ``fc2``; ``(B, T, D)`` -> ``(B, T, D)``."""
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """adaLN-Zero transformer block. ``x: (B, T, D)``, ``c: (B, D)`` -> ``(B, T, D)``.
+
+    ``adaLN_modulation(c)`` is split into shift/scale/gate for attention, then for the MLP.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qk_norm=qk_norm)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.adaLN_modulation(c).chunk(6, dim=-1)
+        x = x + gate_a.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_a, scale_a))
+        return x + gate_m.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    """Modulated LayerNorm then ``linear``: ``(B, T, D)`` -> ``(B, T, p*p*out_channels)``."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale))
+
+
+def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
+    """REPA projector: Linear(D, P) SiLU Linear(P, P) SiLU Linear(P, z_dim) (keys ``{0,2,4}``)."""
+    return nn.Sequential(
+        nn.Linear(hidden_size, projector_dim), nn.SiLU(),
+        nn.Linear(projector_dim, projector_dim), nn.SiLU(),
+        nn.Linear(projector_dim, z_dim),
+    )
+
+
+class DiffusionTransformer(nn.Module):
+    """Class-conditional adaLN-Zero transformer on ``(B, C, H, W)`` latents (or pixels).
+
+    See the module docstring for ``family``. ``encoder_depth`` is 1-based: the REPA projectors read
+    the output of block ``encoder_depth`` (= ``hidden[encoder_depth - 1]``). ``z_dims`` empty means
+    no projectors. ``config`` returns the constructor keywords (enough to rebuild the model).
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 1000,
+        class_dropout_prob: float = 0.1,
+        learn_sigma: bool = False,
+        qk_norm: bool = False,
+        encoder_depth: int = 8,
+        z_dims: Sequence[int] = (),
+        projector_dim: int = 2048,
+        family: str = "REPA",
+    ):
+        super().__init__()
+        z_dims = tuple(int(z) for z in z_dims)
+        _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                      num_classes, class_dropout_prob, learn_sigma, encoder_depth, z_dims, projector_dim, family)
+        self._config = dict(
+            input_size=int(input_size), patch_size=int(patch_size), in_channels=int(in_channels),
+            hidden_size=int(hidden_size), depth=int(depth), num_heads=int(num_heads),
+            mlp_ratio=float(mlp_ratio), num_classes=int(num_classes),
+            class_dropout_prob=float(class_dropout_prob), learn_sigma=bool(learn_sigma),
+            qk_norm=bool(qk_norm), encoder_depth=int(encoder_depth), z_dims=list(z_dims),
+            projector_dim=int(projector_dim), family=family,
+        )
+        self.family = family
+        self.time_convention = TIME_CONVENTIONS[family]
+        self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
+        self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
+        self.num_classes, self.learn_sigma = num_classes, learn_sigma
+        self.encoder_depth, self.z_dims = encoder_depth, z_dims
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels  # final layer's channels
+        self.returned_channels = self.out_channels if family == "DiT" else in_channels
+        self.grid_size = input_size // patch_size
+        self.num_tokens = self.grid_size ** 2
+
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, hidden_size), requires_grad=False)
+        self.blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
+        self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, z) for z in z_dims)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    @property
+    def config(self) -> dict:
+        """Constructor keywords as a fresh plain dict (``z_dims`` as a list)."""
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self._config.items()}
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """DiT init: xavier-uniform linears (zero bias), patch-embed xavier on the flattened kernel,
+        N(0, 0.02) label table and timestep MLP weights, zero adaLN and final output layers,
+        fixed sin-cos ``pos_embed``."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        self.pos_embed.copy_(sincos_pos_embed_2d(self.hidden_size, self.grid_size, self.pos_embed.device)[None])
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [
+            self.final_layer.adaLN_modulation[-1], self.final_layer.linear
+        ]:
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: (B, T, p*p*c)`` -> ``(B, c, H, W)`` with c = last dim / p², square grid."""
+        b, t, f = x.shape
+        p, g = self.patch_size, self.grid_size
+        if t != g * g or f % (p * p):
+            raise ModelInputError(f"unpatchify expects (B, {g * g}, p*p*c) with p={p}, got {tuple(x.shape)}")
+        c = f // (p * p)
+        x = x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return x.reshape(b, c, g * p, g * p)
+
+    def _check_inputs(self, x: torch.Tensor, t, y: torch.Tensor) -> torch.Tensor:
+        """Validate shapes/dtypes; returns ``t`` as a ``(B,)`` tensor (a 0-d t is broadcast)."""
+        s = self.input_size
+        if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] != s or x.shape[3] != s:
+            raise ModelInputError(
+                f"x must have shape (B, {self.in_channels}, {s}, {s}), got {tuple(x.shape)}")
+        b = x.shape[0]
+        if not torch.is_tensor(t):
+            raise ModelInputError(f"t must be a tensor of shape ({b},), got {type(t).__name__}")
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise ModelInputError(f"t must have shape ({b},), got {tuple(t.shape)}")
+        if not torch.is_tensor(y) or y.shape != (b,) or y.is_floating_point() or y.is_complex() \
+                or y.dtype == torch.bool:
+            got = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
+            raise ModelInputError(f"y must be an integer tensor of shape ({b},), got {got}")
+        if b and not torch.compiler.is_compiling():
+            lo, hi = torch.stack([y.min(), y.max()]).tolist()  # one host sync
+            rows = self.y_embedder.num_rows
+            if lo < 0 or hi >= rows:
+                raise ModelInputError(f"labels must be in [0, {rows - 1}], got range [{lo}, {hi}]")
+        return t
+
+    def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``(B, T, D)`` and conditioning ``c: (B, D)``."""
+        tokens = self.x_embedder(x) + self.pos_embed
+        c = self.t_embedder(t) + self.y_embedder(y)
+        return tokens, c
+
+    def _project(self, h: torch.Tensor) -> list[torch.Tensor]:
+        return [proj(h) for proj in self.projectors]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_hidden: bool = False):
+        """Denoiser forward pass.
+
+        Args:
+            x: ``(B, C, H, W)`` noisy input, ``H = W = input_size``.
+            t: ``(B,)`` time as the family expects (float, or int DDPM steps); used as given.
+            y: ``(B,)`` int64 labels; ``num_classes`` is the null (unconditional) class.
+            return_hidden: also return the output of every block.
+
+        Returns:
+            ``(out, zs)`` or ``(out, zs, hidden)``: ``out: (B, C or 2C, H, W)`` (2C only for
+            ``family="DiT"`` with ``learn_sigma``), ``zs: list[(B, T, z_dim)]`` projector outputs
+            on the block-``encoder_depth`` tokens (empty without projectors), ``hidden:
+            list[(B, T, D)]`` of length ``depth`` (``hidden[i]`` is block i's output, 0-based).
+        """
+        t = self._check_inputs(x, t, y)
+        h, c = self._embed(x, t, y)
+        zs: list[torch.Tensor] = []
+        hidden: list[torch.Tensor] = []
+        for i, block in enumerate(self.blocks):
+            h = block(h, c)
+            if return_hidden:
+                hidden.append(h)
+            if i + 1 == self.encoder_depth and len(self.projectors):
+                zs = self._project(h)
+        out = self.unpatchify(self.final_layer(h, c))
+        if out.shape[1] != self.returned_channels:
+            out = out[:, : self.returned_channels]
+        return (out, zs, hidden) if return_hidden else (out, zs)
+
+    def forward_features(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                         layers: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Hidden states of selected blocks, stopping after the deepest one requested.
+
+        Cheaper than ``forward(..., return_hidden=True)`` for feature extraction: blocks deeper
+        than ``max(layers)``, the final layer and the projectors are never run.
+
+        Args:
+            x, t, y: as in :meth:`forward`.
+            layers: 0-based block indices (``hidden[i]`` convention; negative values count from
+                the end as in Python); ``None`` means every block.
+
+        Returns:
+            list of ``(B, T, D)`` tensors, one per entry of ``layers``, in the order given.
+        """
+        if layers is None:
+            wanted = list(range(self.depth))
+        else:
+            wanted = []
+            for layer in layers:
+                if isinstance(layer, bool) or not isinstance(layer, int) or not -self.depth <= layer < self.depth:
+                    raise ModelInputError(f"layers must be ints in [-{self.depth}, {self.depth - 1}], got {layer!r}")
+                wanted.append(layer % self.depth)
+        if not wanted:
+            return []
+        t = self._check_inputs(x, t, y)
+        h, c = self._embed(x, t, y)
+        keep: dict[int, torch.Tensor] = {}
+        for i, block in enumerate(self.blocks[: max(wanted) + 1]):
+            h = block(h, c)
+            if i in wanted:
+                keep[i] = h
+        return [keep[i] for i in wanted]
+
+
+def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
+                  num_classes, class_dropout_prob, learn_sigma, encoder_depth, z_dims, projector_dim,
+                  family) -> None:
+    """Raise ModelInputError on an inconsistent constructor configuration."""
+    def bad(msg: str) -> None:
+        raise ModelInputError(f"invalid DiffusionTransformer config: {msg}")
+
+    if family not in FAMILIES:
+        bad(f"family must be one of {FAMILIES}, got {family!r}")
+    for name, v in dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                        hidden_size=hidden_size, depth=depth, num_heads=num_heads).items():
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            bad(f"{name} must be a positive int, got {v!r}")
+    if input_size % patch_size:
+        bad(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+    if hidden_size % num_heads:
+        bad(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    if hidden_size % 4:
+        bad(f"hidden_size must be divisible by 4 (2-D sin-cos table), got {hidden_size}")
+    if mlp_ratio <= 0 or int(hidden_size * mlp_ratio) < 1:
+        bad(f"mlp_ratio must be positive, got {mlp_ratio}")
+    if num_classes < 0 or not 0.0 <= class_dropout_prob < 1.0:
+        bad(f"need num_classes >= 0 and 0 <= class_dropout_prob < 1, got {num_classes}, {class_dropout_prob}")
+    if num_classes + int(class_dropout_prob > 0) < 1:
+        bad("the label table would be empty (num_classes=0 and class_dropout_prob=0)")
+    if family == "REPA" and learn_sigma:
+        bad("family 'REPA' predicts velocity only: learn_sigma must be False")
+    if any(z < 1 for z in z_dims) or (z_dims and projector_dim < 1):
+        bad(f"z_dims and projector_dim must be positive, got {z_dims}, {projector_dim}")
+    if z_dims and not 1 <= encoder_depth <= depth:
+        bad(f"encoder_depth (1-based) must be in [1, depth={depth}], got {encoder_depth}")
