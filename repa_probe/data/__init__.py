@@ -1,0 +1,21 @@
+"""Datasets, sampler and loaders. Every dataset returns dicts::
+
+    image uint8 (3, H, W) | label int64 () | moments float32 (2C, h, w) (optional) | mask int64 (H, W) (optional)
+
+and exposes ``num_classes``, ``resolution``, ``__len__`` (and ``class_names`` where known).
+See :mod:`repa_probe.data.sampler` for the resume protocol.
+"""
+from .build import DATASET_NAMES, build_dataset
+from .common import CappedDataset, DatasetError, collate
+from .digits import DigitsDataset
+from .imagefolder import ImageFolderDataset, center_crop_arr
+from .repa_layout import REPAFeatureDataset
+from .sampler import ResumableSampler, infinite_loader
+from .shapes import SHAPE_NAMES, ShapesDataset
+from .shards import LatentShardDataset, write_latent_shards
+
+__all__ = [
+    "DATASET_NAMES", "build_dataset", "CappedDataset", "DatasetError", "collate", "DigitsDataset",
+    "ImageFolderDataset", "center_crop_arr", "REPAFeatureDataset", "ResumableSampler", "infinite_loader",
+    "SHAPE_NAMES", "ShapesDataset", "LatentShardDataset", "write_latent_shards",
+]
