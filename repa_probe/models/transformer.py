@@ -9,16 +9,15 @@ One network, three conventions (``family``):
 * ``"REPA"`` — sihyun-yu/REPA and this project's default: float t in [0, 1], t=0 data and t=1
   noise; ``learn_sigma`` must be False and C channels are returned.
 
-Parameter names and shapes match the official ``models.py`` / ``models/sit.py`` state dicts
-(``x_embedder.proj``, ``pos_embed``, ``t_embedder.mlp.{0,2}``, ``y_embedder.embedding_table``,
-``blocks.{i}.{attn.qkv,attn.proj,attn.q_norm,attn.k_norm,mlp.fc1,mlp.fc2,adaLN_modulation.1}``,
-``projectors.{k}.{0,2,4}``, ``final_layer.{linear,adaLN_modulation.1}``), so official checkpoints
-load strictly. The model never drops labels; label dropout is the objective's job.
+Parameter names and shapes match the official DiT ``models.py``, SiT ``models.py`` and REPA
+``models/sit.py`` state dicts, so their checkpoints load strictly. The model never drops labels
+(label dropout is the objective's job).
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Sequence
 
 import torch
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 FAMILIES = ("DiT", "SiT", "REPA")
 TIME_CONVENTIONS = {"DiT": "ddpm", "SiT": "sit", "REPA": "repa"}
 FREQUENCY_DIM = 256  # sinusoidal features fed to the timestep MLP
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class ModelInputError(ValueError):
@@ -209,24 +209,11 @@ class DiffusionTransformer(nn.Module):
     no projectors. ``config`` returns the constructor keywords (enough to rebuild the model).
     """
 
-    def __init__(
-        self,
-        input_size: int = 32,
-        patch_size: int = 2,
-        in_channels: int = 4,
-        hidden_size: int = 1152,
-        depth: int = 28,
-        num_heads: int = 16,
-        mlp_ratio: float = 4.0,
-        num_classes: int = 1000,
-        class_dropout_prob: float = 0.1,
-        learn_sigma: bool = False,
-        qk_norm: bool = False,
-        encoder_depth: int = 8,
-        z_dims: Sequence[int] = (),
-        projector_dim: int = 2048,
-        family: str = "REPA",
-    ):
+    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
+                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
+                 num_classes: int = 1000, class_dropout_prob: float = 0.1, learn_sigma: bool = False,
+                 qk_norm: bool = False, encoder_depth: int = 8, z_dims: Sequence[int] = (),
+                 projector_dim: int = 2048, family: str = "REPA"):
         super().__init__()
         z_dims = tuple(int(z) for z in z_dims)
         _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
@@ -300,8 +287,7 @@ class DiffusionTransformer(nn.Module):
         """Validate shapes/dtypes; returns ``t`` as a ``(B,)`` tensor (a 0-d t is broadcast)."""
         s = self.input_size
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] != s or x.shape[3] != s:
-            raise ModelInputError(
-                f"x must have shape (B, {self.in_channels}, {s}, {s}), got {tuple(x.shape)}")
+            raise ModelInputError(f"x must have shape (B, {self.in_channels}, {s}, {s}), got {tuple(x.shape)}")
         b = x.shape[0]
         if not torch.is_tensor(t):
             raise ModelInputError(f"t must be a tensor of shape ({b},), got {type(t).__name__}")
@@ -309,8 +295,7 @@ class DiffusionTransformer(nn.Module):
             t = t.expand(b)
         if t.shape != (b,):
             raise ModelInputError(f"t must have shape ({b},), got {tuple(t.shape)}")
-        if not torch.is_tensor(y) or y.shape != (b,) or y.is_floating_point() or y.is_complex() \
-                or y.dtype == torch.bool:
+        if not torch.is_tensor(y) or y.shape != (b,) or y.dtype not in _INT_DTYPES:
             got = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
             raise ModelInputError(f"y must be an integer tensor of shape ({b},), got {got}")
         if b and not torch.compiler.is_compiling():
@@ -326,7 +311,8 @@ class DiffusionTransformer(nn.Module):
         c = self.t_embedder(t) + self.y_embedder(y)
         return tokens, c
 
-    def _project(self, h: torch.Tensor) -> list[torch.Tensor]:
+    def project(self, h: torch.Tensor) -> list[torch.Tensor]:
+        """REPA projector outputs for block tokens ``h: (B, T, D)`` -> ``list[(B, T, z_dim)]``."""
         return [proj(h) for proj in self.projectors]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_hidden: bool = False):
@@ -353,7 +339,7 @@ class DiffusionTransformer(nn.Module):
             if return_hidden:
                 hidden.append(h)
             if i + 1 == self.encoder_depth and len(self.projectors):
-                zs = self._project(h)
+                zs = self.project(h)
         out = self.unpatchify(self.final_layer(h, c))
         if out.shape[1] != self.returned_channels:
             out = out[:, : self.returned_channels]
@@ -379,9 +365,13 @@ class DiffusionTransformer(nn.Module):
         else:
             wanted = []
             for layer in layers:
-                if isinstance(layer, bool) or not isinstance(layer, int) or not -self.depth <= layer < self.depth:
+                try:
+                    index = operator.index(layer)
+                except TypeError:
+                    index = None
+                if index is None or isinstance(layer, bool) or not -self.depth <= index < self.depth:
                     raise ModelInputError(f"layers must be ints in [-{self.depth}, {self.depth - 1}], got {layer!r}")
-                wanted.append(layer % self.depth)
+                wanted.append(index % self.depth)
         if not wanted:
             return []
         t = self._check_inputs(x, t, y)
@@ -398,30 +388,30 @@ def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_h
                   num_classes, class_dropout_prob, learn_sigma, encoder_depth, z_dims, projector_dim,
                   family) -> None:
     """Raise ModelInputError on an inconsistent constructor configuration."""
-    def bad(msg: str) -> None:
-        raise ModelInputError(f"invalid DiffusionTransformer config: {msg}")
-
-    if family not in FAMILIES:
-        bad(f"family must be one of {FAMILIES}, got {family!r}")
-    for name, v in dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-                        hidden_size=hidden_size, depth=depth, num_heads=num_heads).items():
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            bad(f"{name} must be a positive int, got {v!r}")
-    if input_size % patch_size:
-        bad(f"input_size {input_size} is not divisible by patch_size {patch_size}")
-    if hidden_size % num_heads:
-        bad(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-    if hidden_size % 4:
-        bad(f"hidden_size must be divisible by 4 (2-D sin-cos table), got {hidden_size}")
-    if mlp_ratio <= 0 or int(hidden_size * mlp_ratio) < 1:
-        bad(f"mlp_ratio must be positive, got {mlp_ratio}")
-    if num_classes < 0 or not 0.0 <= class_dropout_prob < 1.0:
-        bad(f"need num_classes >= 0 and 0 <= class_dropout_prob < 1, got {num_classes}, {class_dropout_prob}")
-    if num_classes + int(class_dropout_prob > 0) < 1:
-        bad("the label table would be empty (num_classes=0 and class_dropout_prob=0)")
-    if family == "REPA" and learn_sigma:
-        bad("family 'REPA' predicts velocity only: learn_sigma must be False")
-    if any(z < 1 for z in z_dims) or (z_dims and projector_dim < 1):
-        bad(f"z_dims and projector_dim must be positive, got {z_dims}, {projector_dim}")
-    if z_dims and not 1 <= encoder_depth <= depth:
-        bad(f"encoder_depth (1-based) must be in [1, depth={depth}], got {encoder_depth}")
+    ints = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                hidden_size=hidden_size, depth=depth, num_heads=num_heads)
+    bad_int = [f"{k}={v!r}" for k, v in ints.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
+    checks = [
+        (family not in FAMILIES, f"family must be one of {FAMILIES}, got {family!r}"),
+        (bool(bad_int), f"these must be positive ints: {', '.join(bad_int)}"),
+    ]
+    if not bad_int:
+        checks += [
+            (input_size % patch_size != 0, f"input_size {input_size} is not divisible by patch_size {patch_size}"),
+            (hidden_size % num_heads != 0, f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}"),
+            (hidden_size % 4 != 0, f"hidden_size must be divisible by 4 (2-D sin-cos table), got {hidden_size}"),
+            (mlp_ratio <= 0 or int(hidden_size * mlp_ratio) < 1, f"mlp_ratio must be positive, got {mlp_ratio}"),
+            (z_dims and not 1 <= encoder_depth <= depth,
+             f"encoder_depth (1-based) must be in [1, depth={depth}], got {encoder_depth}"),
+        ]
+    checks += [
+        (num_classes < 0 or not 0.0 <= class_dropout_prob < 1.0,
+         f"need num_classes >= 0 and 0 <= class_dropout_prob < 1, got {num_classes}, {class_dropout_prob}"),
+        (num_classes + int(class_dropout_prob > 0) < 1, "the label table would be empty"),
+        (family == "REPA" and learn_sigma, "family 'REPA' predicts velocity only: learn_sigma must be False"),
+        (any(z < 1 for z in z_dims) or (bool(z_dims) and projector_dim < 1),
+         f"z_dims and projector_dim must be positive, got {z_dims}, {projector_dim}"),
+    ]
+    for failed, msg in checks:
+        if failed:
+            raise ModelInputError(f"invalid DiffusionTransformer config: {msg}")

@@ -1,0 +1,325 @@
+"""Tests for repa_probe.models: shapes, official conventions, init, hidden states, validation."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+from timm.layers import Mlp as TimmMlp
+from timm.models.vision_transformer import Attention as TimmAttention
+
+from repa_probe.models import (
+    MODEL_SIZES,
+    DiffusionTransformer,
+    ModelInputError,
+    create_model,
+    list_models,
+    model_kwargs,
+    model_name,
+    size_name,
+    timestep_embedding,
+)
+
+TINY = dict(depth=2, hidden_size=32, num_heads=2, input_size=16)
+
+
+def _randomize(model: nn.Module, seed: int = 0) -> None:
+    """Give every parameter (also the zero-initialised ones) non-trivial values."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+def _inputs(model: DiffusionTransformer, batch: int = 3, seed: int = 1, int_time: bool = False):
+    g = torch.Generator().manual_seed(seed)
+    s, c = model.input_size, model.in_channels
+    x = torch.randn(batch, c, s, s, generator=g)
+    t = torch.randint(0, 1000, (batch,), generator=g) if int_time else torch.rand(batch, generator=g)
+    y = torch.randint(0, model.num_classes + 1, (batch,), generator=g)
+    return x, t, y
+
+
+def _numpy_pos_embed(dim: int, grid: int) -> np.ndarray:
+    """The MAE/DiT 2-D sin-cos table written independently with numpy (first half: column index)."""
+    def axis(d, pos):
+        omega = 1.0 / 10000 ** (np.arange(d // 2, dtype=np.float64) / (d / 2.0))
+        out = np.outer(pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    cols, rows = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64))
+    return np.concatenate([axis(dim // 2, cols), axis(dim // 2, rows)], axis=1)
+
+
+# --------------------------------------------------------------------------------------------- registry
+
+def test_list_models_names():
+    names = list_models()
+    assert len(names) == 24
+    for prefix in ("SiT", "DiT"):
+        for size in ("S", "B", "L", "XL"):
+            for p in (2, 4, 8):
+                assert f"{prefix}-{size}/{p}" in names
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registered_name_builds_and_runs(name):
+    model = create_model(name, **TINY)
+    x, t, y = _inputs(model, batch=2, int_time=name.startswith("DiT"))
+    out, zs = model(x, t, y)
+    channels = 8 if name.startswith("DiT") else 4
+    assert out.shape == (2, channels, 16, 16)
+    assert zs == []
+    assert model.patch_size == int(name.split("/")[1])
+    assert model.num_tokens == (16 // model.patch_size) ** 2 == model.grid_size ** 2
+    assert model.family == ("DiT" if name.startswith("DiT") else "REPA")
+    # the real architecture (meta device: shapes only, no memory)
+    with torch.device("meta"):
+        full = create_model(name)
+    size = name.split("-")[1].split("/")[0]
+    assert (full.depth, full.hidden_size, full.num_heads) == tuple(
+        MODEL_SIZES[size][k] for k in ("depth", "hidden_size", "num_heads"))
+    assert size_name(full.config) == size and model_name(full.config) == name
+
+
+def _expected_params(depth, d, c, p, tokens, out_c, rows, z_dims=(), proj=2048, mlp=4):
+    """Parameter count written out from the official layer list."""
+    per_block = (3 * d * d + 3 * d) + (d * d + d) + (mlp * d * d + mlp * d) + (mlp * d * d + d) + (6 * d * d + 6 * d)
+    n = d * c * p * p + d + tokens * d + (256 * d + d) + (d * d + d) + rows * d + depth * per_block
+    n += (d * p * p * out_c + p * p * out_c) + (2 * d * d + 2 * d)
+    for z in z_dims:
+        n += (d * proj + proj) + (proj * proj + proj) + (proj * z + z)
+    return n
+
+
+def test_xl_parameter_counts_on_meta():
+    with torch.device("meta"):
+        dit = create_model("DiT-XL/2")
+        sit = create_model("SiT-XL/2", z_dims=(768,))
+    n_dit = sum(p.numel() for p in dit.parameters())
+    n_sit = sum(p.numel() for p in sit.parameters())
+    assert n_dit == 675_129_632  # the count DiT reports for DiT-XL/2
+    assert n_dit == _expected_params(28, 1152, 4, 2, 256, 8, 1001)
+    projector = 1152 * 2048 + 2048 + 2048 * 2048 + 2048 + 2048 * 768 + 768
+    assert abs(projector - 8.13e6) < 0.01e6
+    sigma_half = 1152 * 2 * 2 * 4 + 2 * 2 * 4
+    assert n_sit == n_dit - sigma_half + projector
+    assert n_sit == _expected_params(28, 1152, 4, 2, 256, 4, 1001, z_dims=(768,))
+
+
+def test_create_model_errors():
+    with pytest.raises(ModelInputError, match="SiT-XL/2"):
+        create_model("SiT-XXL/2")
+    with pytest.raises(ModelInputError, match="hidden_size"):
+        create_model("SiT-S/2", hiden_size=3)
+    with pytest.raises(ValueError, match="divisible"):
+        create_model("SiT-S/2", hidden_size=30, num_heads=4)
+    with pytest.raises(ValueError, match="encoder_depth"):
+        create_model("SiT-S/2", depth=2, z_dims=(16,))  # default encoder_depth 8 > depth 2
+    with pytest.raises(ValueError, match="learn_sigma"):
+        create_model("SiT-S/2", learn_sigma=True)  # REPA family predicts velocity only
+    with pytest.raises(ValueError, match="family"):
+        create_model("SiT-S/2", family="EDM")
+    assert model_kwargs("DiT-L/4") == dict(depth=24, hidden_size=1024, num_heads=16, patch_size=4,
+                                           family="DiT", learn_sigma=True)
+
+
+def test_config_rebuilds_identical_model():
+    model = create_model("SiT-B/4", **TINY, z_dims=(12, 20), encoder_depth=1, projector_dim=24, qk_norm=True)
+    _randomize(model)
+    cfg = model.config
+    assert cfg["z_dims"] == [12, 20] and cfg["family"] == "REPA" and cfg["qk_norm"] is True
+    cfg["z_dims"].append(5)  # config is a copy
+    assert model.config["z_dims"] == [12, 20]
+    clone = DiffusionTransformer(**model.config)
+    clone.load_state_dict(model.state_dict(), strict=True)
+    x, t, y = _inputs(model)
+    a, b = model(x, t, y), clone(x, t, y)
+    assert torch.equal(a[0], b[0]) and all(torch.equal(u, v) for u, v in zip(a[1], b[1]))
+
+
+# ------------------------------------------------------------------------------------ official semantics
+
+def test_init_matches_dit_recipe():
+    torch.manual_seed(0)
+    model = create_model("SiT-S/2", depth=2, hidden_size=64, num_heads=4, input_size=8, z_dims=(16,), encoder_depth=1)
+    np.testing.assert_allclose(model.pos_embed[0].numpy(), _numpy_pos_embed(64, 4), atol=1e-6)
+    assert not model.pos_embed.requires_grad
+    for blk in model.blocks:
+        assert blk.adaLN_modulation[1].weight.abs().sum() == 0 and blk.adaLN_modulation[1].bias.abs().sum() == 0
+        assert blk.attn.qkv.bias.abs().sum() == 0
+    for layer in (model.final_layer.linear, model.final_layer.adaLN_modulation[1]):
+        assert layer.weight.abs().sum() == 0 and layer.bias.abs().sum() == 0
+    table = model.y_embedder.embedding_table.weight
+    assert table.shape == (1001, 64) and abs(table.std().item() - 0.02) < 0.002
+    assert abs(model.t_embedder.mlp[0].weight.std().item() - 0.02) < 0.002
+    w = model.blocks[0].mlp.fc1.weight  # xavier uniform: bound sqrt(6 / (fan_in + fan_out))
+    bound = math.sqrt(6 / (64 + 256))
+    assert w.abs().max() <= bound and w.abs().max() > 0.9 * bound
+    pw = model.x_embedder.proj.weight
+    assert pw.abs().max() <= math.sqrt(6 / (64 + 4 * 2 * 2))
+    x, t, y = _inputs(model)
+    out, zs = model(x, t, y)
+    assert out.abs().sum() == 0  # adaLN-Zero: the untrained model outputs zeros
+    assert zs[0].shape == (3, 16, 16) and zs[0].abs().sum() > 0
+
+
+def test_timestep_embedding_order_and_int_time():
+    emb = timestep_embedding(torch.tensor([0.0, 3.0]))
+    assert emb.shape == (2, 256) and emb.dtype == torch.float32
+    assert torch.all(emb[0, :128] == 1) and torch.all(emb[0, 128:] == 0)  # [cos, sin]
+    freqs = torch.exp(-math.log(10000) * torch.arange(128) / 128)
+    torch.testing.assert_close(emb[1], torch.cat([torch.cos(3 * freqs), torch.sin(3 * freqs)]))
+    torch.testing.assert_close(timestep_embedding(torch.tensor([7, 999])), timestep_embedding(torch.tensor([7.0, 999.0])))
+
+
+class _TimmReference(nn.Module):
+    """Independent DiT forward built from timm's Attention/Mlp, reading our state dict."""
+
+    def __init__(self, sd, heads, qk_norm, patch, out_c):
+        super().__init__()
+        self.sd, self.patch, self.out_c = sd, patch, out_c
+        d = sd["pos_embed"].shape[-1]
+        self.attn = nn.ModuleList()
+        self.mlp = nn.ModuleList()
+        depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+        for i in range(depth):
+            a = TimmAttention(d, num_heads=heads, qkv_bias=True, qk_norm=qk_norm, norm_layer=nn.LayerNorm)
+            a.load_state_dict({k.split(".attn.")[1]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.attn.")})
+            m = TimmMlp(d, 4 * d, act_layer=lambda: nn.GELU(approximate="tanh"))
+            m.load_state_dict({k.split(".mlp.")[1]: v for k, v in sd.items() if k.startswith(f"blocks.{i}.mlp.")})
+            self.attn.append(a)
+            self.mlp.append(m)
+
+    def forward(self, x, t, y):
+        sd, p, F = self.sd, self.patch, torch.nn.functional
+        h = F.conv2d(x, sd["x_embedder.proj.weight"], sd["x_embedder.proj.bias"], stride=p)
+        h = h.flatten(2).transpose(1, 2) + sd["pos_embed"]
+        half = 128
+        freqs = torch.exp(-math.log(10000) * torch.arange(half) / half)
+        ang = t.float()[:, None] * freqs
+        tf = torch.cat([ang.cos(), ang.sin()], 1)
+        temb = F.linear(F.silu(F.linear(tf, sd["t_embedder.mlp.0.weight"], sd["t_embedder.mlp.0.bias"])),
+                        sd["t_embedder.mlp.2.weight"], sd["t_embedder.mlp.2.bias"])
+        c = temb + sd["y_embedder.embedding_table.weight"][y]
+        ln = lambda z: F.layer_norm(z, z.shape[-1:], eps=1e-6)  # noqa: E731
+        hidden = []
+        for i, (a, m) in enumerate(zip(self.attn, self.mlp)):
+            mod = F.linear(F.silu(c), sd[f"blocks.{i}.adaLN_modulation.1.weight"], sd[f"blocks.{i}.adaLN_modulation.1.bias"])
+            s1, sc1, g1, s2, sc2, g2 = [u[:, None] for u in mod.chunk(6, 1)]
+            h = h + g1 * a(ln(h) * (1 + sc1) + s1)
+            h = h + g2 * m(ln(h) * (1 + sc2) + s2)
+            hidden.append(h)
+        mod = F.linear(F.silu(c), sd["final_layer.adaLN_modulation.1.weight"], sd["final_layer.adaLN_modulation.1.bias"])
+        s, sc = [u[:, None] for u in mod.chunk(2, 1)]
+        o = F.linear(ln(h) * (1 + sc) + s, sd["final_layer.linear.weight"], sd["final_layer.linear.bias"])
+        n, g = o.shape[0], int(o.shape[1] ** 0.5)
+        img = o.reshape(n, g, g, p, p, self.out_c).permute(0, 5, 1, 3, 2, 4).reshape(n, self.out_c, g * p, g * p)
+        return img, hidden
+
+
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_forward_matches_timm_reference(qk_norm):
+    model = create_model("DiT-S/4", depth=3, hidden_size=48, num_heads=3, input_size=16, qk_norm=qk_norm)
+    _randomize(model)
+    ref = _TimmReference({k: v.detach() for k, v in model.state_dict().items()}, 3, qk_norm, 4, 8)
+    x, t, y = _inputs(model, int_time=True)
+    with torch.no_grad():
+        out, _, hidden = model(x, t, y, return_hidden=True)
+        ref_out, ref_hidden = ref(x, t, y)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    for a, b in zip(hidden, ref_hidden):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_family_output_channels():
+    dit = create_model("DiT-S/2", **TINY)
+    _randomize(dit)
+    sit = DiffusionTransformer(**{**dit.config, "family": "SiT"})
+    sit.load_state_dict(dit.state_dict())
+    x, t, y = _inputs(dit)
+    full, _ = dit(x, t, y)
+    cut, _ = sit(x, t, y)
+    assert full.shape[1] == 8 and cut.shape[1] == 4
+    torch.testing.assert_close(cut, full[:, :4])
+    assert (sit.time_convention, dit.time_convention, create_model("SiT-S/2", **TINY).time_convention) == \
+        ("sit", "ddpm", "repa")
+
+
+def test_hidden_states_projectors_and_forward_features():
+    model = create_model("SiT-S/2", depth=4, hidden_size=32, num_heads=2, input_size=8,
+                         z_dims=(8, 24), encoder_depth=2, projector_dim=16)
+    _randomize(model)
+    x, t, y = _inputs(model)
+    out, zs, hidden = model(x, t, y, return_hidden=True)
+    assert len(hidden) == 4 and all(h.shape == (3, 16, 32) for h in hidden)
+    assert [z.shape for z in zs] == [(3, 16, 8), (3, 16, 24)]
+    out2, zs2 = model(x, t, y)
+    assert torch.equal(out, out2) and torch.equal(zs[0], zs2[0])
+    # projectors read block encoder_depth (1-based) = hidden[1]
+    torch.testing.assert_close(zs[1], model.projectors[1](hidden[1]))
+    torch.testing.assert_close(model.project(hidden[1])[0], zs[0])
+    # the last hidden state determines the output
+    c = model.t_embedder(t) + model.y_embedder(y)
+    torch.testing.assert_close(model.unpatchify(model.final_layer(hidden[-1], c)), out)
+    # forward_features stops after the deepest requested block
+    calls = []
+    hooks = [b.register_forward_hook(lambda m, i, o, k=k: calls.append(k)) for k, b in enumerate(model.blocks)]
+    feats = model.forward_features(x, t, y, layers=[2, 0, np.int64(-4)])
+    for h in hooks:
+        h.remove()
+    assert calls == [0, 1, 2]
+    assert torch.equal(feats[0], hidden[2]) and torch.equal(feats[1], hidden[0]) and torch.equal(feats[2], hidden[0])
+    assert len(model.forward_features(x, t, y)) == 4
+    with pytest.raises(ModelInputError, match="layers"):
+        model.forward_features(x, t, y, layers=[4])
+
+
+def test_unpatchify_inverts_patch_layout():
+    model = create_model("SiT-S/4", **TINY)
+    img = torch.randn(2, 3, 16, 16)
+    p, g = 4, 4
+    tokens = img.reshape(2, 3, g, p, g, p).permute(0, 2, 4, 3, 5, 1).reshape(2, g * g, p * p * 3)
+    assert torch.equal(model.unpatchify(tokens), img)
+    with pytest.raises(ModelInputError):
+        model.unpatchify(torch.randn(2, 15, 48))
+
+
+def test_input_validation():
+    model = create_model("SiT-S/2", **TINY, num_classes=10)
+    x, t, y = _inputs(model, batch=2)
+    bad = [
+        (torch.randn(2, 3, 16, 16), t, y, "x must have shape"),
+        (torch.randn(2, 4, 8, 8), t, y, "x must have shape"),
+        (torch.randn(4, 16, 16), t, y, "x must have shape"),
+        (x, torch.rand(3), y, "t must have shape"),
+        (x, 0.5, y, "t must be a tensor"),
+        (x, t, y.float(), "y must be an integer"),
+        (x, t, torch.tensor([0, 11]), r"labels must be in \[0, 10\]"),
+        (x, t, torch.tensor([-1, 0]), "labels must be"),
+    ]
+    for xb, tb, yb, msg in bad:
+        with pytest.raises(ModelInputError, match=msg):
+            model(xb, tb, yb)
+    out, _ = model(x, torch.tensor(0.3), torch.tensor([10, 0]))  # 0-d t broadcasts; 10 = null class
+    assert out.shape == (2, 4, 16, 16)
+    no_null = create_model("SiT-S/2", **TINY, num_classes=10, class_dropout_prob=0.0)
+    with pytest.raises(ModelInputError, match=r"\[0, 9\]"):
+        no_null(x, t, torch.tensor([10, 0]))
+
+
+def test_bf16_autocast_and_backward():
+    model = create_model("SiT-S/2", **TINY, z_dims=(8,), encoder_depth=1, projector_dim=16)
+    _randomize(model)
+    x, t, y = _inputs(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, zs, hidden = model(x, t, y, return_hidden=True)
+    assert out.shape == (3, 4, 16, 16) and torch.isfinite(out.float()).all()
+    ref, _ = model(x, t, y)
+    assert (out.float() - ref).abs().max() < 0.1 * ref.abs().max() + 1e-3
+    (out.float().square().mean() + zs[0].float().mean()).backward()
+    assert model.pos_embed.grad is None
+    assert model.blocks[0].attn.qkv.weight.grad is not None
+    assert model.projectors[0][0].weight.grad is not None
