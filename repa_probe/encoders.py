@@ -1,0 +1,408 @@
+"""Frozen target encoders for REPA (DINOv2 and a tiny test ViT).
+
+``load_encoder(name, ...)`` returns a :class:`TargetEncoder`: a frozen, eval-mode wrapper around a timm
+ViT that takes uint8 images ``(B, 3, H, W)`` and returns final-norm patch tokens ``(B, T, D)``.
+
+Preprocessing follows REPA (``preprocess_raw_image``): ``x / 255`` -> ImageNet mean/std -> bicubic resize
+(``F.interpolate``, ``align_corners=False``, no antialias) to ``input_size``. For patch-14 encoders
+``input_size = 224 * resolution // 256`` (16x16 tokens at 256 px, 32x32 at 512 px).
+
+Weights come from exactly one of (first match wins):
+  1. ``weights=`` a ``.pth``/``.pt``/``.safetensors`` file in the official DINOv2 hub key layout
+     (``mask_token``, ``register_tokens``, ``mlp.w12``...) or in timm's layout;
+  2. the torch hub cache, ``<torch.hub.get_dir()>/checkpoints/dinov2_vitb14[_reg4]_pretrain.pth``
+     (the file ``torch.hub.load('facebookresearch/dinov2', ...)`` downloads);
+  3. the Hugging Face cache for timm's ``timm/vit_base_patch14_dinov2.lvd142m`` (downloaded only when
+     the hub is online and reachable).
+All three end in the same timm architecture; ``pos_embed`` is resampled to the target token grid the way
+REPA does it (``timm.layers.resample_abs_pos_embed``, bicubic, timm's default antialias). Random weights
+only with ``pretrained=False``; missing weights raise :class:`EncoderWeightsError` naming the config key.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PREPROCESS_VERSION = "prep-v1"  # bump when preprocessing changes: invalidates on-disk feature caches
+
+
+class EncoderWeightsError(RuntimeError):
+    """Weights for a target encoder cannot be found or do not fit the architecture (one-line message)."""
+
+
+class EncoderInputError(ValueError):
+    """Bad arguments or images passed to a target encoder (one-line message)."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """How to build one target encoder.
+
+    ``resize_from_256``: input size is ``224 * resolution // 256`` (REPA's rule for patch-14 models);
+    otherwise the input size equals the image resolution. ``hub_file``: the official checkpoint file name
+    in the torch hub cache; ``hf_repo``: timm's Hugging Face repo id; ``None`` = no pretrained source.
+    """
+
+    name: str
+    timm_name: str | None
+    patch_size: int
+    embed_dim: int
+    resize_from_256: bool
+    hub_file: str | None = None
+    hf_repo: str | None = None
+    timm_kwargs: tuple = ()
+
+
+# Registry: CLIP / MoCo v3 / MAE / I-JEPA / SigLIP can be added here later behind the same interface.
+ENCODERS: dict[str, EncoderSpec] = {}
+ALIASES: dict[str, str] = {}
+
+
+def register_encoder(spec: EncoderSpec, aliases: tuple[str, ...] = ()) -> None:
+    """Add ``spec`` (and optional alternative spellings) to the registry."""
+    ENCODERS[spec.name] = spec
+    for alias in aliases:
+        ALIASES[alias] = spec.name
+
+
+_DINOV2 = {"s": ("small", 384), "b": ("base", 768), "l": ("large", 1024), "g": ("giant", 1536)}
+for _size, (_timm_size, _dim) in _DINOV2.items():
+    for _reg in (False, True):
+        _name = f"dinov2_vit{_size}14" + ("_reg" if _reg else "")
+        _timm = f"vit_{_timm_size}_patch14_" + ("reg4_" if _reg else "") + "dinov2"
+        _hub = f"dinov2_vit{_size}14" + ("_reg4" if _reg else "") + "_pretrain.pth"
+        register_encoder(
+            EncoderSpec(_name, _timm, 14, _dim, True, hub_file=_hub, hf_repo=f"timm/{_timm}.lvd142m"),
+            aliases=(f"dinov2-vit-{_size}" + ("-reg" if _reg else ""),),  # REPA's --enc-type spelling
+        )
+register_encoder(EncoderSpec(
+    "tiny_vit", None, 4, 64, False, timm_kwargs=(("embed_dim", 64), ("depth", 2), ("num_heads", 2))))
+
+
+def list_encoders() -> list[str]:
+    """Registered encoder names (aliases excluded)."""
+    return sorted(ENCODERS)
+
+
+def resolve_encoder_name(name: str) -> EncoderSpec:
+    """Spec for ``name`` or an alias such as REPA's ``dinov2-vit-b``."""
+    spec = ENCODERS.get(ALIASES.get(name, name))
+    if spec is None:
+        raise EncoderInputError(f"unknown encoder {name!r}; known: {', '.join(list_encoders())}")
+    return spec
+
+
+def default_input_size(spec: EncoderSpec, resolution: int) -> int:
+    """Encoder input size for images of side ``resolution`` (REPA: 224 * res // 256 for patch 14)."""
+    size = 224 * resolution // 256 if spec.resize_from_256 else resolution
+    if size <= 0 or size % spec.patch_size:
+        raise EncoderInputError(
+            f"{spec.name}: input size {size} (from resolution {resolution}) is not a positive multiple of "
+            f"patch size {spec.patch_size}; pass input_size= explicitly")
+    return size
+
+
+def preprocess(images: torch.Tensor, input_size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """REPA's encoder preprocessing.
+
+    images: (B, 3, H, W) uint8 or float in [0, 255]; mean, std: (1, 3, 1, 1) on the same device.
+    Returns (B, 3, input_size, input_size) float32: ``((x / 255) - mean) / std``, then bicubic resize
+    (``align_corners=False``, no antialias) when H, W differ from ``input_size``.
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise EncoderInputError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+    if images.dtype == torch.uint8:
+        x = images.to(torch.float32)
+    elif images.is_floating_point():
+        lo, hi = torch.aminmax(images)
+        if lo < 0 or hi > 255:
+            raise EncoderInputError(
+                f"float images must lie in [0, 255], got [{lo.item():.3g}, {hi.item():.3g}]")
+        x = images.to(torch.float32)
+    else:
+        raise EncoderInputError(f"images must be uint8 or float in [0, 255], got {images.dtype}")
+    x = (x / 255.0 - mean) / std
+    if x.shape[-2:] != (input_size, input_size):
+        x = F.interpolate(x, size=(input_size, input_size), mode="bicubic", align_corners=False)
+    return x
+
+
+class TargetEncoder(nn.Module):
+    """A frozen encoder returning patch tokens.
+
+    Attributes: ``name``, ``embed_dim`` (D), ``patch_size``, ``input_size``, ``grid_size``
+    (= input_size // patch_size), ``num_tokens`` (= grid_size**2, T), ``resolution``, ``source``
+    (``file:<path>``, ``hub:<path>``, ``hf:<path>`` or ``random``) and ``cache_key``.
+    Always in eval mode (``train()`` is a no-op), parameters have ``requires_grad=False`` and every
+    forward runs under ``torch.no_grad()`` (outputs are plain tensors, usable as targets in training).
+    """
+
+    def __init__(self, backbone: nn.Module, spec: EncoderSpec, input_size: int, resolution: int,
+                 source: str, weights_path: Path | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.name = spec.name
+        self.embed_dim = spec.embed_dim
+        self.patch_size = spec.patch_size
+        self.input_size = input_size
+        self.resolution = resolution
+        self.grid_size = input_size // spec.patch_size
+        self.num_tokens = self.grid_size ** 2
+        self.source = source
+        self._weights_path = weights_path
+        self._cache_key: str | None = None
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "TargetEncoder":
+        """Target encoders stay in eval mode whatever the caller asks."""
+        return super().train(False)
+
+    @property
+    def cache_key(self) -> str:
+        """``name|weights id|res|input size|preprocessing version``; the weights id is a sha256 prefix
+        of the weights file, or of the parameters for random init (computed once, lazily)."""
+        if self._cache_key is None:
+            if self._weights_path is not None:
+                weights_id = "sha256:" + _file_sha256(self._weights_path)[:16]
+            else:
+                h = hashlib.sha256()
+                for k, v in self.backbone.state_dict().items():
+                    h.update(k.encode())
+                    h.update(v.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+                weights_id = "random:" + h.hexdigest()[:16]
+            self._cache_key = (f"{self.name}|{weights_id}|res{self.resolution}|"
+                               f"in{self.input_size}|{PREPROCESS_VERSION}")
+        return self._cache_key
+
+    def _all_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> (B, P + T, D): final-norm tokens, P = prefix (CLS + registers)."""
+        if images.device != self.mean.device:
+            raise EncoderInputError(
+                f"images are on {images.device} but encoder {self.name} is on {self.mean.device}")
+        with torch.no_grad():
+            x = preprocess(images, self.input_size, self.mean.float(), self.std.float())
+            # the backbone may have been cast (e.g. .to(torch.bfloat16)): feed it its own dtype
+            x = x.to(self.backbone.patch_embed.proj.weight.dtype)
+            return self.backbone.forward_features(x)
+
+    def features(self, images: torch.Tensor, kind: str = "patch") -> torch.Tensor:
+        """``patch``: (B, T, D) patch tokens (no CLS, no registers); ``cls``: (B, D) CLS token;
+        ``mean_patch``: (B, D) mean of the patch tokens."""
+        if kind not in ("patch", "cls", "mean_patch"):
+            raise EncoderInputError(f"kind must be 'patch', 'cls' or 'mean_patch', got {kind!r}")
+        tokens = self._all_tokens(images)
+        if kind == "cls":
+            return tokens[:, 0]
+        patch = tokens[:, self.backbone.num_prefix_tokens:]
+        return patch if kind == "patch" else patch.mean(dim=1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, H, W) uint8 (or float in [0, 255]) -> (B, T, D) final-norm patch tokens."""
+        return self.features(images, "patch")
+
+    def cls(self, images: torch.Tensor) -> torch.Tensor:
+        """images: (B, 3, H, W) -> (B, D) final-norm CLS token."""
+        return self.features(images, "cls")
+
+    def extra_repr(self) -> str:
+        return (f"name={self.name}, input_size={self.input_size}, grid={self.grid_size}, "
+                f"dim={self.embed_dim}, source={self.source}")
+
+
+def build_backbone(spec: EncoderSpec, input_size: int) -> nn.Module:
+    """Randomly initialised timm ViT for ``spec`` at ``input_size`` (no classifier head)."""
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    if spec.timm_name is None:
+        return VisionTransformer(img_size=input_size, patch_size=spec.patch_size, num_classes=0,
+                                 **dict(spec.timm_kwargs))
+    return timm.create_model(spec.timm_name, pretrained=False, img_size=input_size, num_classes=0,
+                             **dict(spec.timm_kwargs))
+
+
+def load_encoder(name: str, weights: str | os.PathLike | None = None, pretrained: bool = True,
+                 resolution: int = 256, source: str = "auto", **kw) -> TargetEncoder:
+    """Build a frozen :class:`TargetEncoder`.
+
+    name: a registered name (``dinov2_vitb14``, ``dinov2_vitl14_reg``, ``tiny_vit``...) or REPA's
+    spelling (``dinov2-vit-b``). weights: a checkpoint file (official DINOv2 or timm layout); it wins over
+    everything else. pretrained: ``False`` gives random weights (logged as a warning) when no file is given.
+    resolution: image side in pixels. source: ``auto`` | ``hub`` | ``timm`` (where to look for pretrained
+    weights when no file is given). kw: ``input_size`` overrides the encoder input size.
+    """
+    spec = resolve_encoder_name(name)
+    input_size = kw.pop("input_size", None)
+    if kw:
+        raise EncoderInputError(f"load_encoder: unexpected keyword(s) {sorted(kw)}")
+    if source not in ("auto", "hub", "timm"):
+        raise EncoderInputError(f"source must be 'auto', 'hub' or 'timm', got {source!r}")
+    input_size = default_input_size(spec, resolution) if input_size is None else int(input_size)
+    if input_size <= 0 or input_size % spec.patch_size:
+        raise EncoderInputError(f"{spec.name}: input_size {input_size} is not a multiple of {spec.patch_size}")
+
+    if weights is not None:
+        path, where = Path(weights).expanduser(), "file"
+        if not path.is_file():
+            raise EncoderWeightsError(f"encoder.weights={path} does not exist (encoder {spec.name})")
+    elif not pretrained:
+        path, where = None, "random"
+    else:
+        path, where = find_pretrained_weights(spec, source)
+
+    if path is None:
+        backbone = build_backbone(spec, input_size)
+        log.warning("encoder %s: RANDOM weights (encoder.pretrained=false); alignment targets are noise",
+                    spec.name)
+    else:
+        state = read_state_dict(path)
+        with torch.device("meta"):  # skip the (slow, wasted) random init: every tensor comes from the file
+            backbone = build_backbone(spec, input_size)
+        load_strict(backbone, convert_state_dict(state, backbone), path)
+        log.info("encoder %s: weights from %s (%s)", spec.name, path, where)
+    return TargetEncoder(backbone, spec, input_size, resolution,
+                         source=where if path is None else f"{where}:{path}", weights_path=path)
+
+
+def _hub_offline() -> bool:
+    """True when HF_HUB_OFFLINE is set or huggingface.co cannot be reached within ~1.5 s."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "huggingface.co")).split("/")[0]
+    try:
+        socket.create_connection((host.split(":")[0], 443), timeout=1.5).close()
+        return False
+    except OSError:
+        return True
+
+
+def find_pretrained_weights(spec: EncoderSpec, source: str = "auto") -> tuple[Path, str]:
+    """Local (or, when online, downloaded) weights file for ``spec``: ``(path, 'hub' | 'hf')``."""
+    looked = []
+    if source in ("auto", "hub") and spec.hub_file:
+        path = Path(torch.hub.get_dir()) / "checkpoints" / spec.hub_file
+        if path.is_file():
+            return path, "hub"
+        looked.append(str(path))
+    if source in ("auto", "timm") and spec.hf_repo:
+        import huggingface_hub as hf
+
+        for fname in ("model.safetensors", "pytorch_model.bin"):
+            cached = hf.try_to_load_from_cache(spec.hf_repo, fname)
+            if isinstance(cached, str) and os.path.isfile(cached):
+                return Path(cached), "hf"
+        looked.append(f"HF cache {spec.hf_repo}")
+        if not _hub_offline():
+            try:
+                return Path(hf.hf_hub_download(spec.hf_repo, "model.safetensors")), "hf"
+            except Exception as e:  # noqa: BLE001 - reported below as one line
+                looked.append(f"download failed: {type(e).__name__}")
+        else:
+            looked.append("hub offline")
+    example = spec.hub_file or f"{spec.name}.pth"
+    raise EncoderWeightsError(
+        f"no pretrained weights for encoder {spec.name} (looked: {'; '.join(looked) or 'none available'}); "
+        f"set encoder.weights=/path/to/{example} or encoder.pretrained=false for random init")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors from a ``.safetensors`` or torch file (``weights_only=True``); unwraps ``model``/``state_dict``."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path), device="cpu")
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - turned into a one-line error
+        raise EncoderWeightsError(f"{path}: cannot read weights ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from e
+    for key in ("model", "state_dict"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise EncoderWeightsError(f"{path}: not a state dict of tensors")
+    if state and all(k.startswith("module.") for k in state):
+        state = {k[len("module."):]: v for k, v in state.items()}
+    return state
+
+
+def convert_state_dict(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """Official DINOv2 keys -> timm keys (if needed), then resample ``pos_embed`` to the backbone grid.
+
+    Official layout: ``cls_token``, ``pos_embed`` (1, 1 + N, D) incl. the CLS position, ``mask_token``,
+    ``register_tokens`` (1, R, D), ``blocks.i.mlp.w12/w3`` for the SwiGLU giant. timm's register models
+    use ``no_embed_class``: the CLS position is folded into ``cls_token`` and ``pos_embed`` is (1, N, D).
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    state = dict(state)
+    if "mask_token" in state or "register_tokens" in state:
+        state.pop("mask_token", None)
+        if "register_tokens" in state:
+            state["reg_token"] = state.pop("register_tokens")
+            state["cls_token"] = state["cls_token"] + state["pos_embed"][:, :1]
+            state["pos_embed"] = state["pos_embed"][:, 1:]
+        state = {re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k)): v
+                 for k, v in state.items()}
+    pos = state.get("pos_embed")
+    target = getattr(backbone, "pos_embed", None)
+    if pos is not None and target is not None and pos.ndim == 3:
+        prefix = 0 if getattr(backbone, "no_embed_class", False) else backbone.num_prefix_tokens
+        old = pos.shape[1] - prefix
+        side = math.isqrt(max(old, 0))
+        new_grid = list(backbone.patch_embed.grid_size)
+        if side * side == old and side > 0 and [side, side] != new_grid:
+            state["pos_embed"] = resample_abs_pos_embed(
+                pos.float(), new_size=new_grid, old_size=[side, side], num_prefix_tokens=prefix,
+                interpolation="bicubic", antialias=True).to(pos.dtype)
+    return state
+
+
+def load_strict(backbone: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
+    """``load_state_dict(strict=True, assign=True)`` (works for a backbone built on the meta device) with a
+    one-line :class:`EncoderWeightsError` on any key or shape mismatch."""
+    expected = backbone.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+
+    def few(items):
+        return ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
+
+    problems = [f"{label}: {few(items)}" for label, items in
+                (("missing", missing), ("unexpected", unexpected), ("shape (file vs model)", shapes)) if items]
+    if problems:
+        raise EncoderWeightsError(f"{path}: weights do not fit the encoder ({'; '.join(problems)})")
+    # weights keep the model's dtype (float32), whatever the file stores
+    state = {k: v.to(expected[k].dtype).contiguous() for k, v in state.items()}
+    backbone.load_state_dict(state, strict=True, assign=True)
+    leftover = [n for n, t in list(backbone.named_parameters()) + list(backbone.named_buffers()) if t.is_meta]
+    if leftover:
+        raise EncoderWeightsError(f"{path}: tensors not covered by the weights: {', '.join(leftover[:3])}")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
