@@ -38,7 +38,7 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
     arr = np.asarray(img)
     top = (arr.shape[0] - image_size) // 2
     left = (arr.shape[1] - image_size) // 2
-    return arr[top: top + image_size, left: left + image_size]
+    return arr[top: top + image_size, left: left + image_size].copy()  # writable
 
 
 class ImageFolderDataset(Dataset):
