@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -124,10 +125,10 @@ def load_vae(name_or_path: str | os.PathLike | None, device: torch.device | str 
     ``stabilityai/sd-vae-ft-mse`` | ``-ema`` (or ``mse`` / ``ema``), any diffusers repo id or a local
     diffusers folder -> :class:`LatentVAE`, moved to ``device`` when given. Offline and not cached ->
     :class:`VAEWeightsError`."""
-    from diffusers import AutoencoderKL
-
     if name_or_path is None or str(name_or_path).lower() == "none":
         return None
+    from diffusers import AutoencoderKL
+
     name = SD_VAE_ALIASES.get(str(name_or_path), str(name_or_path))
     if name == "random:tiny":
         vae = AutoencoderKL(**TINY_VAE_CONFIG)
@@ -150,7 +151,9 @@ def load_vae(name_or_path: str | os.PathLike | None, device: torch.device | str 
 def _from_hub(cls, repo: str):
     """Cached copy first; download only when the hub is reachable."""
     try:
-        return cls.from_pretrained(repo, local_files_only=True, low_cpu_mem_usage=False)
+        with warnings.catch_warnings():  # diffusers passes a deprecated hub argument; not our concern
+            warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+            return cls.from_pretrained(repo, local_files_only=True, low_cpu_mem_usage=False)
     except Exception:  # noqa: BLE001 - not cached (or broken cache): maybe download below
         pass
     if _hub_offline():
