@@ -26,6 +26,7 @@ import math
 import os
 import re
 import socket
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -286,11 +287,21 @@ def _hub_offline() -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
         return True
     host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "huggingface.co")).split("/")[0]
-    try:
-        socket.create_connection((host.split(":")[0], 443), timeout=1.5).close()
-        return False
-    except OSError:
-        return True
+
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host.split(":")[0], 443), timeout=1.5).close()
+            result.append(True)
+        except OSError:
+            pass
+
+    # DNS lookups ignore socket time-outs: bound the whole probe with a daemon thread
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(timeout=2.0)
+    return not result
 
 
 def find_pretrained_weights(spec: EncoderSpec, source: str = "auto") -> tuple[Path, str]:

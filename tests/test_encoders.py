@@ -1,6 +1,5 @@
 """Target encoders: shapes, REPA preprocessing, official DINOv2 checkpoint loading, offline errors."""
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
