@@ -1,0 +1,294 @@
+"""Linear classification probe on frozen features: ``fit_linear_probe``.
+
+Protocol (both backends):
+
+1. Features are standardised with the per-column mean / std of the TRAINING split only (constant columns
+   map to 0). The test split never influences the probe.
+2. A stratified held-out part of the training split (``val_fraction``, default 20%) picks the
+   hyper-parameters from a small grid; the probe is then refit on the whole training split with the chosen
+   values and evaluated once on the test split.
+3. Top-1 and top-k accuracy on the test split, k = min(5, num_classes) (so "top5" is 1.0 by
+   construction when there are 5 classes or fewer; ``ProbeResult.topk`` records k).
+
+Backends:
+
+- ``"sklearn"``: multinomial logistic regression (L-BFGS), sweeping the inverse regularisation ``C``.
+  Needs the (standardised) training matrix in memory.
+- ``"torch"``: a linear head trained with AdamW (cosine schedule, mini-batches, zero init) sweeping
+  learning rate x weight decay; every grid point trains in the same pass over the data. Streams
+  mini-batches from the feature array, so ``np.memmap`` inputs work at ImageNet scale; runs on the GPU
+  when one is available (``device=None``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import numbers
+import time
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .common import (Array, ProbeInputError, channel_stats, check_features, check_finite, check_labels, chunks,
+                     gather, resolve_device, rows_per_chunk)
+
+BACKENDS = ("sklearn", "torch")
+
+
+@dataclasses.dataclass
+class ProbeResult:
+    """Outcome of :func:`fit_linear_probe`.
+
+    ``top1`` / ``top5``: test accuracies in [0, 1] (``top5`` is top-``topk``); ``hparams``: the chosen
+    hyper-parameters plus how they were chosen (``selection``: "held-out", "fixed" or "default");
+    ``val_top1``: held-out accuracy of the chosen point (None without a sweep); ``sweep``: one dict per grid
+    point with its held-out top-1.
+    """
+
+    top1: float
+    top5: float
+    topk: int
+    hparams: dict
+    val_top1: float | None
+    sweep: list
+    backend: str
+    num_train: int
+    num_test: int
+    num_classes: int
+    fit_seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def stratified_holdout(y: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split indices ``0..N-1`` into (fit, held-out), taking ``floor(fraction * n_c)`` random samples of each
+    class c into the held-out part. ``y: (N,)`` int64 >= 0. Returns two sorted int64 tensors."""
+    n = y.shape[0]
+    gen = torch.Generator().manual_seed(int(seed))
+    perm = torch.randperm(n, generator=gen)
+    order = torch.argsort(y[perm], stable=True)
+    p, ys = perm[order], y[perm][order]
+    counts = torch.bincount(ys)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(n) - starts[ys]
+    n_val = torch.floor(counts.double() * fraction).long()
+    val = rank < n_val[ys]
+    return p[~val].sort().values, p[val].sort().values
+
+
+def _topk_correct(scores: torch.Tensor, y: torch.Tensor, k: int) -> tuple[int, int]:
+    """scores: (B, K), y: (B,) → (number correct at top-1, number correct at top-k)."""
+    top = scores.topk(k, dim=1).indices
+    hit = top == y[:, None]
+    return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
+
+
+def _select(sweep: list[dict], candidates: list[dict]) -> dict:
+    """The grid point with the best held-out top-1 (the earliest in grid order on ties)."""
+    best = max(range(len(sweep)), key=lambda i: (sweep[i]["val_top1"], -i))
+    return dict(candidates[best])
+
+
+# ----------------------------------------------------------------------------------------------- sklearn
+def _standardised_numpy(x: Array, mean: torch.Tensor, std: torch.Tensor) -> np.ndarray:
+    out = np.empty(x.shape, dtype=np.float32)
+    cpu = torch.device("cpu")
+    m, s = mean.to(cpu), std.to(cpu)
+    for idx in chunks(x.shape[0], rows_per_chunk(x)):
+        out[idx[0]: idx[-1] + 1] = ((gather(x, idx, cpu) - m) / s).numpy()
+    return out
+
+
+def _sk_fit(x: np.ndarray, y: np.ndarray, c: float, max_iter: int, seed: int):
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    clf = LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter, random_state=seed)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        clf.fit(x, y)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    return clf, converged
+
+
+def _sk_scores(clf, x: np.ndarray, num_classes: int) -> torch.Tensor:
+    """(B, num_classes) logits (``decision_function``; a binary fit gives ``[0, d]``); classes never seen in
+    training get -inf."""
+    d = torch.from_numpy(np.asarray(clf.decision_function(x), dtype=np.float64))
+    if d.ndim == 1:
+        d = torch.stack([torch.zeros_like(d), d], dim=1)
+    out = torch.full((x.shape[0], num_classes), -math.inf, dtype=torch.float64)
+    out[:, torch.as_tensor(clf.classes_, dtype=torch.long)] = d
+    return out
+
+
+def _fit_sklearn(tx, ty, vx, vy, split, num_classes, k, seed, Cs, max_iter):
+    candidates = [{"C": float(c)} for c in Cs]
+    sweep: list[dict] = []
+    fit_idx, val_idx = split
+    if fit_idx is not None:
+        for cand in candidates:
+            clf, conv = _sk_fit(tx[fit_idx], ty[fit_idx], cand["C"], max_iter, seed)
+            acc = _topk_correct(_sk_scores(clf, tx[val_idx], num_classes), torch.from_numpy(ty[val_idx]), 1)[0]
+            sweep.append({**cand, "val_top1": acc / len(val_idx), "converged": conv})
+    chosen = _select(sweep, candidates) if sweep else dict(candidates[len(candidates) // 2])
+    clf, conv = _sk_fit(tx, ty, chosen["C"], max_iter, seed)
+    top1, topk = _topk_correct(_sk_scores(clf, vx, num_classes), torch.from_numpy(vy), k)
+    return top1, topk, {**chosen, "max_iter": max_iter, "converged": conv}, sweep
+
+
+# ----------------------------------------------------------------------------------------------- torch
+def train_linear_heads(x: Array, y: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+                       num_classes: int, configs: Sequence[dict], epochs: int, batch_size: int,
+                       device: torch.device, seed: int) -> list[torch.nn.Linear]:
+    """Train one zero-initialised ``nn.Linear(D, num_classes)`` per config (``lr``, ``weight_decay``) on rows
+    ``idx`` of ``x: (N, D)`` (standardised on the fly with ``mean, std: (D,)``), all in the same pass over
+    shuffled mini-batches. AdamW (weight decay on the weights only) with a per-step cosine schedule."""
+    gen = torch.Generator().manual_seed(int(seed))
+    heads = [torch.nn.Linear(x.shape[1], num_classes, device=device) for _ in configs]
+    groups = []
+    for h, cfg in zip(heads, configs):
+        torch.nn.init.zeros_(h.weight)
+        torch.nn.init.zeros_(h.bias)
+        groups.append({"params": [h.weight], "lr": cfg["lr"], "weight_decay": cfg["weight_decay"]})
+        groups.append({"params": [h.bias], "lr": cfg["lr"], "weight_decay": 0.0})
+    opt = torch.optim.AdamW(groups)
+    steps_per_epoch = math.ceil(len(idx) / batch_size)
+    total = max(1, epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
+    for _ in range(epochs):
+        perm = idx[torch.randperm(len(idx), generator=gen)]
+        for start in range(0, len(perm), batch_size):
+            b = perm[start: start + batch_size].sort().values  # sorted rows read memory-mapped files faster
+            xb = (gather(x, b, device) - mean) / std
+            yb = y[b].to(device)
+            loss = sum(F.cross_entropy(h(xb), yb) for h in heads)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    return heads
+
+
+@torch.no_grad()
+def evaluate_linear_heads(heads, x: Array, y: torch.Tensor, idx: torch.Tensor, mean, std, k: int,
+                          device: torch.device) -> list[tuple[int, int]]:
+    """(top-1 correct, top-k correct) counts of every head on rows ``idx`` of ``x``."""
+    counts = [(0, 0)] * len(heads)
+    step = rows_per_chunk(x)
+    for start in range(0, len(idx), step):
+        b = idx[start: start + step]
+        xb = (gather(x, b, device) - mean) / std
+        yb = y[b].to(device)
+        counts = [(c1 + r1, c5 + r5) for (c1, c5), (r1, r5) in
+                  zip(counts, (_topk_correct(h(xb), yb, k) for h in heads))]
+    return counts
+
+
+def _fit_torch(train_x, train_y, test_x, test_y, split, mean, std, num_classes, k, seed, device,
+               lrs, weight_decays, epochs, batch_size):
+    candidates = [{"lr": float(lr), "weight_decay": float(wd)} for lr, wd in itertools.product(lrs, weight_decays)]
+    sweep: list[dict] = []
+    fit_idx, val_idx = split
+    if fit_idx is not None:
+        heads = train_linear_heads(train_x, train_y, fit_idx, mean, std, num_classes, candidates, epochs,
+                                   batch_size, device, seed)
+        counts = evaluate_linear_heads(heads, train_x, train_y, val_idx, mean, std, 1, device)
+        sweep = [{**c, "val_top1": n1 / len(val_idx)} for c, (n1, _) in zip(candidates, counts)]
+    chosen = _select(sweep, candidates) if sweep else dict(candidates[len(candidates) // 2])
+    all_idx = torch.arange(train_x.shape[0])
+    head = train_linear_heads(train_x, train_y, all_idx, mean, std, num_classes, [chosen], epochs, batch_size,
+                              device, seed)
+    (top1, topk), = evaluate_linear_heads(head, test_x, test_y, torch.arange(test_x.shape[0]), mean, std, k, device)
+    return top1, topk, {**chosen, "epochs": epochs, "batch_size": batch_size, "optimizer": "AdamW"}, sweep
+
+
+# ----------------------------------------------------------------------------------------------- entry point
+def fit_linear_probe(train_x: Array, train_y: Any, test_x: Array, test_y: Any, backend: str = "sklearn",
+                     num_classes: int | None = None, val_fraction: float = 0.2, seed: int = 0,
+                     device: Any = None, Cs: Sequence[float] = (0.01, 0.1, 1.0), max_iter: int = 1000,
+                     lrs: Sequence[float] = (1e-3, 1e-2), weight_decays: Sequence[float] = (1e-4, 1e-1),
+                     epochs: int = 30, batch_size: int = 256) -> ProbeResult:
+    """Fit a linear probe on ``train_x: (N, D)`` / ``train_y: (N,)`` and report test accuracy.
+
+    Args:
+        train_x, test_x: feature matrices ``(N, D)`` / ``(M, D)``: torch tensors or numpy arrays (memmaps
+            welcome), any floating dtype; computed on in float32.
+        train_y, test_y: integer class labels ``(N,)`` / ``(M,)``.
+        backend: "sklearn" (logistic regression, L-BFGS, grid ``Cs``) or "torch" (AdamW linear head, grid
+            ``lrs`` x ``weight_decays``, ``epochs``, ``batch_size``; ``device`` None = CUDA if available).
+        num_classes: the declared classes ``0..num_classes-1``; None = ``max(label) + 1`` over both splits.
+        val_fraction: share of each class held out of the training split to choose the hyper-parameters.
+            With a single grid point, or when the held-out part would be empty or leave fewer than two
+            classes to fit on, the grid's middle point is used without a sweep (``hparams["selection"]``).
+        seed: seeds the held-out split and the torch backend's shuffling.
+
+    Raises:
+        ProbeInputError: empty splits, NaN / inf features, mismatched lengths or widths, non-integer labels,
+            labels outside the declared classes, a training split with a single class, unknown backend.
+    """
+    if backend not in BACKENDS:
+        raise ProbeInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ProbeInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    grids = {"Cs": Cs} if backend == "sklearn" else {"lrs": lrs, "weight_decays": weight_decays}
+    for name, grid in grids.items():
+        if len(grid) == 0 or any(not (isinstance(v, numbers.Real) and v >= 0) for v in grid):
+            raise ProbeInputError(f"{name} must be a non-empty sequence of non-negative numbers, got {grid!r}")
+    if epochs < 1 or batch_size < 1:
+        raise ProbeInputError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+    train_x = check_features(train_x, "train_x", (2,))
+    test_x = check_features(test_x, "test_x", (2,))
+    if train_x.shape[1] != test_x.shape[1]:
+        raise ProbeInputError(f"train_x has {train_x.shape[1]} features per row but test_x has {test_x.shape[1]}")
+    ty = check_labels(train_y, train_x.shape[0], "train_y")
+    vy = check_labels(test_y, test_x.shape[0], "test_y")
+    if num_classes is None:
+        lo = min(int(ty.min()), int(vy.min()))
+        if lo < 0:
+            raise ProbeInputError(f"labels must be >= 0, got {lo}")
+        num_classes = max(int(ty.max()), int(vy.max())) + 1
+    if num_classes < 2:
+        raise ProbeInputError(f"num_classes must be >= 2, got {num_classes}")
+    check_labels(ty, train_x.shape[0], "train_y", num_classes)
+    check_labels(vy, test_x.shape[0], "test_y", num_classes)
+    present = int((torch.bincount(ty, minlength=num_classes) > 0).sum())
+    if present < 2:
+        raise ProbeInputError(f"train_y has a single class ({int(ty[0])}); a probe needs at least two")
+
+    t0 = time.perf_counter()
+    dev = resolve_device(device) if backend == "torch" else torch.device("cpu")
+    mean, std = channel_stats(train_x, "train_x", 1, dev)
+    check_finite(test_x, "test_x", dev)
+    k = min(5, num_classes)
+    n_grid = len(Cs) if backend == "sklearn" else len(lrs) * len(weight_decays)
+    split: tuple = (None, None)
+    selection = "fixed" if n_grid == 1 else "default"
+    if n_grid > 1 and val_fraction > 0:
+        fit_idx, val_idx = stratified_holdout(ty, val_fraction, seed)
+        if len(val_idx) > 0 and len(torch.unique(ty[fit_idx])) >= 2:
+            split, selection = (fit_idx, val_idx), "held-out"
+
+    if backend == "sklearn":
+        tx, vx = _standardised_numpy(train_x, mean, std), _standardised_numpy(test_x, mean, std)
+        sk_split = tuple(None if s is None else s.numpy() for s in split)
+        top1, topk, hparams, sweep = _fit_sklearn(tx, ty.numpy(), vx, vy.numpy(), sk_split, num_classes, k, seed,
+                                                  Cs, max_iter)
+    else:
+        top1, topk, hparams, sweep = _fit_torch(train_x, ty, test_x, vy, split, mean, std, num_classes, k, seed,
+                                                dev, lrs, weight_decays, epochs, batch_size)
+    hparams["selection"] = selection
+    if split[0] is not None:
+        hparams["val_fraction"] = val_fraction
+    chosen_val = next((s["val_top1"] for s in sweep if all(s.get(key) == hparams[key] for key in
+                                                          (("C",) if backend == "sklearn" else ("lr", "weight_decay")))),
+                      None)
+    m = test_x.shape[0]
+    return ProbeResult(top1=top1 / m, top5=topk / m, topk=k, hparams=hparams, val_top1=chosen_val, sweep=sweep,
+                       backend=backend, num_train=int(train_x.shape[0]), num_test=int(m), num_classes=num_classes,
+                       fit_seconds=time.perf_counter() - t0)

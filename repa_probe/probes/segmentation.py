@@ -1,0 +1,231 @@
+"""Linear segmentation probe on frozen patch tokens (DINOv2 "lin." protocol) and mIoU.
+
+Probe: per-channel standardisation with training-split statistics, optional BatchNorm without affine
+(DINOv2 "lin."), then a 1x1 convolution (a linear map per patch) to class logits ``(B, K, h, w)``, which are
+bilinearly upsampled to the mask resolution ``(H, W)`` and trained with per-pixel cross-entropy (pixels
+equal to ``ignore_index`` do not count) using AdamW with a cosine schedule. Evaluation takes the arg-max of
+the upsampled logits.
+
+mIoU convention (the mmsegmentation one): from the confusion matrix over all valid test pixels (target !=
+``ignore_index``), IoU_c = TP_c / (TP_c + FP_c + FN_c). A class that appears neither in the target nor in
+the prediction has an undefined IoU (NaN, ``None`` in ``SegResult.per_class_iou``) and is left out of the
+mean; a class that is predicted but absent from the ground truth has IoU 0 and counts. Pixel accuracy is
+TP summed over classes / number of valid pixels.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .common import (Array, ProbeInputError, channel_stats, check_features, check_num_classes, chunks, gather,
+                     resolve_device, rows_per_chunk)
+
+
+# ----------------------------------------------------------------------------------------------- mIoU
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
+                     ignore_index: int | None = 255) -> torch.Tensor:
+    """``(num_classes, num_classes)`` int64 counts, rows = target class, columns = predicted class.
+
+    ``pred`` and ``target``: integer tensors of the same shape (any shape). Pixels whose target equals
+    ``ignore_index`` are skipped. Predictions must lie in ``0..num_classes-1``; targets too, apart from
+    ``ignore_index`` (else :class:`ProbeInputError`).
+    """
+    num_classes = check_num_classes(num_classes)
+    for name, v in (("pred", pred), ("target", target)):
+        if not isinstance(v, torch.Tensor) or v.dtype.is_floating_point or v.dtype == torch.bool:
+            raise ProbeInputError(f"{name} must be an integer torch.Tensor, got "
+                                  f"{v.dtype if isinstance(v, torch.Tensor) else type(v).__name__}")
+    if pred.shape != target.shape:
+        raise ProbeInputError(f"pred has shape {tuple(pred.shape)} but target has shape {tuple(target.shape)}")
+    pred, target = pred.reshape(-1).long(), target.reshape(-1).long().to(pred.device)
+    valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
+    t, p = target[valid], pred[valid]
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+        bad = int(t[(t < 0) | (t >= num_classes)][0])
+        raise ProbeInputError(f"target contains class {bad}, outside 0..{num_classes - 1} "
+                              f"(ignore_index={ignore_index})")
+    if p.numel() and (int(p.min()) < 0 or int(p.max()) >= num_classes):
+        bad = int(p[(p < 0) | (p >= num_classes)][0])
+        raise ProbeInputError(f"pred contains class {bad}, outside 0..{num_classes - 1}")
+    return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def iou_from_confusion(conf: torch.Tensor) -> tuple[float, float, list]:
+    """``conf: (K, K)`` (rows = target) → (mIoU, pixel accuracy, per-class IoU list with None for classes
+    absent from both target and prediction). Raises :class:`ProbeInputError` if ``conf`` counts no pixel."""
+    conf = conf.double().cpu()
+    total = float(conf.sum())
+    if total == 0:
+        raise ProbeInputError("no valid pixels to score (every target pixel is ignore_index)")
+    tp = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
+    present = ~torch.isnan(iou)
+    return (float(iou[present].mean()), float(tp.sum()) / total,
+            [float(v) if ok else None for v, ok in zip(iou.tolist(), present.tolist())])
+
+
+def miou(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int | None = 255) -> float:
+    """Mean intersection-over-union of integer label maps ``pred`` and ``target`` (same shape), over the
+    classes present in the target or the prediction (module docstring: mmseg convention)."""
+    return iou_from_confusion(confusion_matrix(pred, target, num_classes, ignore_index))[0]
+
+
+# ----------------------------------------------------------------------------------------------- probe
+@dataclasses.dataclass
+class SegResult:
+    """Outcome of :func:`fit_segmentation_probe`: test ``miou`` and ``pixel_acc`` in [0, 1],
+    ``per_class_iou`` (None = class absent from both test targets and predictions), ``hparams``."""
+
+    miou: float
+    pixel_acc: float
+    per_class_iou: list
+    hparams: dict
+    num_train: int
+    num_test: int
+    num_classes: int
+    token_grid: tuple
+    mask_size: tuple
+    fit_seconds: float
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _grid(tokens: Array, name: str) -> tuple[int, int, int, int]:
+    """(channel axis, D, h, w) of ``(N, T, D)`` tokens (square grid) or ``(N, D, h, w)`` maps."""
+    if tokens.ndim == 4:
+        return 1, int(tokens.shape[1]), int(tokens.shape[2]), int(tokens.shape[3])
+    t = int(tokens.shape[1])
+    side = math.isqrt(t)
+    if side * side != t:
+        raise ProbeInputError(f"{name} has {t} tokens per sample, not a square grid; pass (N, D, h, w) maps")
+    return 2, int(tokens.shape[2]), side, side
+
+
+def _maps(b: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """A gathered batch ``(B, T, D)`` or ``(B, D, h, w)`` → ``(B, D, h, w)``."""
+    return b.transpose(1, 2).reshape(b.shape[0], -1, h, w) if b.ndim == 3 else b
+
+
+def _gather_masks(m: Array, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+    rows = m[idx.to(m.device)] if isinstance(m, torch.Tensor) else torch.from_numpy(np.asarray(m[idx.numpy()]))
+    return rows.to(device=device, dtype=torch.int64)
+
+
+def _check_masks(m: Any, n: int, name: str, num_classes: int, ignore_index: int) -> Array:
+    if not isinstance(m, (torch.Tensor, np.ndarray)):
+        raise ProbeInputError(f"{name} must be a torch.Tensor or numpy array, got {type(m).__name__}")
+    integer = (not m.dtype.is_floating_point and m.dtype != torch.bool) if isinstance(m, torch.Tensor) \
+        else np.issubdtype(m.dtype, np.integer)
+    if not integer:
+        raise ProbeInputError(f"{name} must hold integer class indices, got dtype {m.dtype}")
+    if m.ndim != 3:
+        raise ProbeInputError(f"{name} must be (N, H, W), got shape {tuple(m.shape)}")
+    if m.shape[0] != n:
+        raise ProbeInputError(f"{name} has {m.shape[0]} masks but its tokens have {n} samples")
+    for idx in chunks(n, rows_per_chunk(m)):
+        b = _gather_masks(m, idx, torch.device("cpu"))
+        bad = ((b < 0) | (b >= num_classes)) & (b != ignore_index)
+        if bool(bad.any()):
+            raise ProbeInputError(f"{name} contains class {int(b[bad][0])}, outside the declared classes "
+                                  f"0..{num_classes - 1} and ignore_index={ignore_index}")
+    return m
+
+
+class _Head(torch.nn.Module):
+    """Optional BatchNorm2d (no affine, cumulative running statistics) + 1x1 conv: (B, D, h, w) → (B, K, h, w)."""
+
+    def __init__(self, dim: int, num_classes: int, batchnorm: bool):
+        super().__init__()
+        self.bn = torch.nn.BatchNorm2d(dim, affine=False, momentum=None) if batchnorm else torch.nn.Identity()
+        self.conv = torch.nn.Conv2d(dim, num_classes, kernel_size=1)
+        torch.nn.init.zeros_(self.conv.weight)
+        torch.nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(self.bn(x))
+
+
+def fit_segmentation_probe(train_tokens: Array, train_masks: Array, test_tokens: Array, test_masks: Array,
+                           num_classes: int, ignore_index: int = 255, batchnorm: bool = True, epochs: int = 20,
+                           lr: float = 1e-2, weight_decay: float = 1e-4, batch_size: int = 16,
+                           device: Any = None, seed: int = 0) -> SegResult:
+    """Train a linear segmentation probe and score it on the test split.
+
+    Args:
+        train_tokens, test_tokens: ``(N, T, D)`` patch tokens on a square grid (T = h * w, row-major) or
+            ``(N, D, h, w)`` feature maps; torch tensors or numpy arrays (memmaps welcome), any float dtype.
+        train_masks, test_masks: ``(N, H, W)`` integer class maps (values ``0..num_classes-1`` or
+            ``ignore_index``); the logits are bilinearly upsampled from ``(h, w)`` to ``(H, W)``.
+        num_classes: number of classes K. ``batchnorm``: DINOv2 "lin." BatchNorm without affine.
+        epochs, lr, weight_decay, batch_size: AdamW schedule (cosine decay per step); ``device`` None = CUDA
+            when available; ``seed`` fixes the batch order.
+
+    Raises:
+        ProbeInputError: empty inputs, NaN / inf tokens, mismatched sample counts or widths, non-integer
+            masks, mask classes outside ``0..num_classes-1`` other than ``ignore_index``, non-square grids.
+    """
+    num_classes = check_num_classes(num_classes)
+    if epochs < 1 or batch_size < 1 or lr <= 0 or weight_decay < 0:
+        raise ProbeInputError(f"need epochs >= 1, batch_size >= 1, lr > 0, weight_decay >= 0; got {epochs}, "
+                              f"{batch_size}, {lr}, {weight_decay}")
+    train_tokens = check_features(train_tokens, "train_tokens", (3, 4))
+    test_tokens = check_features(test_tokens, "test_tokens", (3, 4))
+    ch, dim, h, w = _grid(train_tokens, "train_tokens")
+    ch_t, dim_t, h_t, w_t = _grid(test_tokens, "test_tokens")
+    if dim_t != dim:
+        raise ProbeInputError(f"train_tokens have {dim} channels but test_tokens have {dim_t}")
+    n, m = int(train_tokens.shape[0]), int(test_tokens.shape[0])
+    _check_masks(train_masks, n, "train_masks", num_classes, ignore_index)
+    _check_masks(test_masks, m, "test_masks", num_classes, ignore_index)
+
+    t0 = time.perf_counter()
+    dev = resolve_device(device)
+    mean, std = channel_stats(train_tokens, "train_tokens", ch, dev)
+    channel_stats(test_tokens, "test_tokens", ch_t, dev)  # finiteness check of the test split only
+    mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
+    gen = torch.Generator().manual_seed(int(seed))
+    head = _Head(dim, num_classes, batchnorm).to(dev)
+    decay = [head.conv.weight]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                             {"params": [head.conv.bias], "weight_decay": 0.0}], lr=lr)
+    total = max(1, epochs * math.ceil(n / batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
+    head.train()
+    for _ in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        for start in range(0, n, batch_size):
+            b = perm[start: start + batch_size].sort().values
+            x = (_maps(gather(train_tokens, b, dev), h, w) - mean) / std
+            y = _gather_masks(train_masks, b, dev)
+            if batchnorm and x.shape[0] * h * w == 1:
+                continue  # BatchNorm cannot normalise a single value per channel (1x1 grid, last batch of 1)
+            logits = F.interpolate(head(x), size=y.shape[-2:], mode="bilinear", align_corners=False)
+            loss = F.cross_entropy(logits, y, ignore_index=ignore_index)
+            opt.zero_grad(set_to_none=True)
+            if torch.isfinite(loss):  # a batch of only ignored pixels gives NaN: nothing to learn from it
+                loss.backward()
+                opt.step()
+            sched.step()
+
+    head.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=dev)
+    with torch.no_grad():
+        for idx in chunks(m, max(1, batch_size)):
+            x = (_maps(gather(test_tokens, idx, dev), h_t, w_t) - mean) / std
+            y = _gather_masks(test_masks, idx, dev)
+            pred = F.interpolate(head(x), size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+            conf += confusion_matrix(pred, y, num_classes, ignore_index)
+    score, acc, per_class = iou_from_confusion(conf)
+    hparams = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
+               "batchnorm": batchnorm, "optimizer": "AdamW", "upsample": "bilinear"}
+    return SegResult(miou=score, pixel_acc=acc, per_class_iou=per_class, hparams=hparams, num_train=n, num_test=m,
+                     num_classes=num_classes, token_grid=(h, w), mask_size=tuple(int(s) for s in test_masks.shape[1:]),
+                     fit_seconds=time.perf_counter() - t0)
