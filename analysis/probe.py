@@ -1,0 +1,137 @@
+"""`python -m analysis.probe`: linear classification probes on the hidden states of diffusion transformers.
+
+Thin command line over :func:`repa_probe.probing.run_probes`; see `--help`. `analysis.segment` reuses
+this parser for the segmentation probe.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+DESCRIPTIONS = {
+    "linear": """\
+Linear classification probes on every block of a diffusion transformer, per noise level.
+
+For each checkpoint, block and timestep t, the block output on the noisy image x_t (model fed its null
+class) is mean-pooled over tokens, standardised with training-split statistics, and a linear classifier
+is fitted on the train split (hyper-parameters chosen on a held-out 20% of it) and scored on the test
+split: top-1 and top-5 accuracy. --encoder-reference adds the target encoder's own CLS and mean-patch
+features as dashed reference lines.
+""",
+    "segmentation": """\
+Linear segmentation probes (DINOv2 "lin.") on every block of a diffusion transformer, per noise level.
+
+For each checkpoint, block and timestep t, the patch tokens of the noisy image x_t (model fed its null
+class) go through BatchNorm (no affine) and a 1x1 convolution; the logits are bilinearly upsampled to the
+mask resolution and trained with per-pixel cross-entropy (255 = ignored). Scored by mIoU (classes absent
+from both prediction and ground truth excluded, mmseg convention) and pixel accuracy on the test split.
+--encoder-reference adds the target encoder's patch tokens as a dashed reference line.
+""",
+}
+COMMON = """
+Time convention: t = 0 is clean data, t = 1 is pure noise (REPA's). Our / REPA models receive t, official
+SiT models receive 1 - t, DiT models the DDPM step round(t * 999) (an integer > 1 is a step).
+
+With only --ckpt and --out, dataset, VAE, encoder and objective come from our checkpoint's training
+config. Official checkpoints need --data (and --encoder for --encoder-reference).
+"""
+DATASETS = {"linear": "shapes | digits | imagefolder DIR (ImageNet layout: DIR/train, DIR/val)",
+            "segmentation": "shapes | voc DIR (Pascal VOC 2012) | ade20k DIR (ADEChallengeData2016)"}
+PROGS = {"linear": "analysis.probe", "segmentation": "analysis.segment"}
+EXAMPLES = {
+    "linear": """\
+examples:
+  python -m analysis.probe --ckpt runs/tiny/checkpoints/0000300.pt --out results/probe
+  python -m analysis.probe --ckpt runs/repa_sit_b --ckpt runs/sit_b --layers 2,4,6,8 --timesteps 0,0.5 \\
+      --data imagefolder /data/imagenet --num-train 50000 --backend torch --encoder-reference --out results/lin
+""",
+    "segmentation": """\
+examples:
+  python -m analysis.segment --ckpt runs/tiny/checkpoints/0000300.pt --out results/seg
+  python -m analysis.segment --ckpt runs/repa_sit_b/checkpoints/0400000.pt --data voc /data/VOCdevkit \\
+      --layers 4,8,12 --timesteps 0,0.25 --encoder-reference --out results/voc
+""",
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <message>`` on stderr, exit code 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser(task: str = "linear") -> argparse.ArgumentParser:
+    p = _Parser(prog=f"python -m {PROGS[task]}", description=DESCRIPTIONS[task] + COMMON, epilog=EXAMPLES[task],
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
+                   help="checkpoint file (ours, or official DiT/SiT/REPA), or a run directory (every checkpoint). "
+                        "Repeat to overlay several checkpoints.")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", nargs="+", metavar=("NAME", "DIR"), help=f"{DATASETS[task]}; default: the training "
+                   "config's dataset")
+    g.add_argument("--data-root", metavar="DIR", help="dataset folder (same as the DIR of --data)")
+    g.add_argument("--num-train", type=int, metavar="N", help="training images for the probe (default: the whole "
+                   "train split; shapes 2000)")
+    g.add_argument("--num-test", type=int, metavar="N", help="test images (default: the whole held-out split; "
+                   "shapes 500)")
+    g.add_argument("--vae", metavar="NAME", help="VAE of latent models; default: the training config's")
+    g.add_argument("--family", choices=("DiT", "SiT", "REPA"), help="family of official files that cannot be "
+                   "told apart")
+    g = p.add_argument_group("what to probe")
+    g.add_argument("--layers", default="all", help="'all' or 1-based block numbers, e.g. 1,4,8")
+    g.add_argument("--timesteps", default="0,0.25,0.5", help="comma list of t in [0, 1] (default: %(default)s)")
+    if task == "linear":
+        g.add_argument("--backend", default="sklearn", choices=("sklearn", "torch"),
+                       help="sklearn: logistic regression (L-BFGS, C sweep); torch: AdamW linear head (lr x weight "
+                            "decay sweep, streams mini-batches, GPU when available)")
+    g.add_argument("--epochs", type=int, metavar="E", help="training epochs of the torch / segmentation probe")
+    g.add_argument("--encoder-reference", action="store_true", help="also probe the target encoder's own features "
+                   "(dashed line)")
+    g.add_argument("--encoder", metavar="NAME", help="reference encoder (dinov2_vitb14, tiny_vit, ...); default: the "
+                   "training config's encoder")
+    g.add_argument("--encoder-weights", metavar="FILE", help="local weights of --encoder")
+    g.add_argument("--random-encoder", action="store_true", help="random-initialised --encoder (tests only)")
+    g = p.add_argument_group("running")
+    g.add_argument("--seed", type=int, default=0, help="noise and probe seed (default 0)")
+    g.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    g.add_argument("--max-feature-gb", type=float, default=4.0, help="features held in memory per extraction pass "
+                   "(default 4; more layers take more passes)")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    return p
+
+
+def main(argv: Optional[List[str]] = None, task: str = "linear") -> int:
+    p = build_parser(task)
+    args = p.parse_args(argv)
+    if args.data and len(args.data) > 2:
+        p.error(f"--data takes a name and at most one directory, got {' '.join(args.data)}")
+    data, root = (args.data + [None])[:2] if args.data else (None, None)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
+                        stream=sys.stdout)
+    from repa_probe.errors import one_line_errors
+    from repa_probe.probing import run_probes
+
+    with one_line_errors(args.verbose):
+        summary = run_probes(
+            task, args.ckpt, args.out, data=data, data_root=root or args.data_root, layers=args.layers,
+            timesteps=args.timesteps, backend=getattr(args, "backend", "sklearn"), num_train=args.num_train,
+            num_test=args.num_test, encoder_reference=args.encoder_reference, encoder=args.encoder,
+            encoder_weights=args.encoder_weights, random_encoder=args.random_encoder, vae=args.vae,
+            family=args.family, device=args.device, batch_size=args.batch_size, seed=args.seed,
+            probe_options={"epochs": args.epochs} if args.epochs is not None else None,
+            max_feature_gb=args.max_feature_gb, progress=not args.quiet)
+    print(f"wrote {os.path.join(args.out, summary['files']['csv'])}, {summary['files']['csv'][:-4]}.json and "
+          f"{len(summary['files']['figures'])} figure files")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
