@@ -5,7 +5,6 @@ import logging
 from typing import Optional, Tuple
 
 import torch
-from torch.utils.data import DataLoader
 
 from .config import Config, ConfigError
 from .launch import DistInfo
@@ -17,8 +16,9 @@ def build_dataset(cfg: Config, split: str = "train"):
     from .data import build_dataset as _build
 
     d = cfg.data
+    extra = {"random_flip": True} if d.flip else {}
     return _build(d.name, root=d.root, split=split, resolution=d.resolution, num_samples=d.num_samples,
-                  seed=cfg.run.seed, flip=d.flip)
+                  seed=cfg.run.seed, **extra)
 
 
 def build_objective(cfg: Config):
@@ -55,20 +55,22 @@ def latent_shape(cfg: Config, vae) -> Tuple[int, int]:
 def build_model(cfg: Config, batches: "Batches", enc):
     """The diffusion transformer for this config (REPA projector when an encoder is given)."""
     from .models import create_model
+    from .models.registry import model_kwargs
 
     m, r = cfg.model, cfg.repa
     channels, side = latent_shape(cfg, batches.vae)
     overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")
                  if getattr(m, k) is not None}
+    depth = overrides.get("depth", model_kwargs(m.name)["depth"])
+    if r.encoder_depth > depth:
+        raise ConfigError(f"repa.encoder_depth={r.encoder_depth} is larger than the model depth {depth}; "
+                          f"set repa.encoder_depth to at most {depth}")
     ddpm = cfg.objective.kind == "ddpm"
     model = create_model(m.name, input_size=side, in_channels=channels, num_classes=batches.num_classes,
                          class_dropout_prob=m.class_dropout_prob, qk_norm=m.qk_norm,
                          learn_sigma=ddpm and cfg.objective.learn_sigma, family="DiT" if ddpm else "REPA",
                          encoder_depth=r.encoder_depth, projector_dim=r.projector_dim,
                          z_dims=(enc.embed_dim,) if enc is not None else (), **overrides)
-    if r.encoder_depth > model.depth:
-        raise ConfigError(f"repa.encoder_depth={r.encoder_depth} is larger than the model depth "
-                          f"{model.depth}; set repa.encoder_depth to at most {model.depth}")
     if enc is not None:
         eg, mg = enc.grid_size, model.grid_size
         if eg != mg:
@@ -79,8 +81,8 @@ def build_model(cfg: Config, batches: "Batches", enc):
 class Batches:
     """Dataset + VAE + resumable sharded sampler, yielding local batches forever.
 
-    The position counts CONSUMED samples (``consumed()`` after each optimiser step), so a checkpoint
-    resumes at the first batch that did not train, whatever the DataLoader had prefetched.
+    The sampler position counts the batches handed out (not those prefetched by workers); a checkpoint is
+    written after the step that used the batch, so a resume starts with the first batch that did not train.
     """
 
     def __init__(self, cfg: Config, dist: DistInfo, split: str = "train"):
@@ -94,31 +96,20 @@ class Batches:
         if len(self.dataset) < cfg.train.batch_size:
             raise ConfigError(f"dataset has {len(self.dataset)} samples, fewer than train.batch_size="
                               f"{cfg.train.batch_size}")
-        self.sampler = ResumableSampler(len(self.dataset), shuffle=True, seed=cfg.run.seed, rank=dist.rank,
-                                        world_size=dist.world_size, drop_last=True)
+        self.sampler = ResumableSampler(len(self.dataset), batch_size=self.local_batch, shuffle=True,
+                                        seed=cfg.run.seed, rank=dist.rank, world_size=dist.world_size,
+                                        drop_last=True)
         self.num_workers = cfg.data.num_workers
         self._it = None
 
-    def _loader(self):
-        from .data import collate
-
-        return iter(DataLoader(self.dataset, batch_size=self.local_batch, sampler=self.sampler,
-                               num_workers=self.num_workers, collate_fn=collate, drop_last=True,
-                               pin_memory=torch.cuda.is_available(),
-                               persistent_workers=False))
-
     def next(self) -> dict:
+        """The next local batch; the sampler position counts it as consumed (see data.sampler)."""
         if self._it is None:
-            self._it = self._loader()
-        try:
-            return next(self._it)
-        except StopIteration:
-            self.sampler.set_epoch(self.sampler.epoch + 1)
-            self._it = self._loader()
-            return next(self._it)
+            from .data import infinite_loader
 
-    def consumed(self) -> None:
-        self.sampler.advance(self.local_batch)
+            self._it = infinite_loader(self.dataset, self.sampler, self.local_batch,
+                                       num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+        return next(self._it)
 
     def state_dict(self) -> dict:
         return self.sampler.state_dict()

@@ -137,7 +137,7 @@ def _train(cfg: Config, dist: DistInfo) -> Path:
     ema.requires_grad_(False).eval()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                            weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps)
+                            weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=True)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.train.precision == "fp16")
     gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
 
@@ -204,7 +204,6 @@ def _train(cfg: Config, dist: DistInfo) -> Path:
             scaler.step(opt)
             scaler.update()
             update_ema(ema, model, cfg.train.ema_decay)
-            batches.consumed()
             step += 1
             bar.update(1)
             logs.update(total=loss.detach(), grad_norm=gnorm.detach())

@@ -1,0 +1,194 @@
+"""End-to-end tests of the trainer on tiny configs (CPU, seconds each)."""
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from repa_probe import rundir
+from repa_probe.checkpoint import safe_load
+from repa_probe.config import Config, load_config, to_dict
+from repa_probe.trainer import TrainingDiverged, train
+from train.cli import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["train.log_every=2", "data.num_samples=64", "train.batch_size=16", "train.tensorboard=false",
+        "model.depth=3", "model.hidden_size=32", "model.num_heads=2", "repa.projector_dim=32"]
+
+
+def cfg_for(tmp_path, *extra, name="r"):
+    return load_config(None, [f"run.out_dir={tmp_path}", f"run.name={name}", *FAST, *extra])
+
+
+def states_equal(a: dict, b: dict) -> bool:
+    if a.keys() != b.keys():
+        return False
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_tiny_yaml_is_the_embedded_default():
+    assert to_dict(load_config(str(ROOT / "configs/tiny.yaml"))) == to_dict(Config())
+
+
+@pytest.mark.parametrize("name", ["repa_sit", "repa_dit", "sit_baseline", "dit_baseline", "tiny"])
+def test_shipped_configs_load(name):
+    cfg = load_config(str(ROOT / f"configs/{name}.yaml"))
+    if name != "tiny":
+        assert cfg.train.batch_size == 256 and cfg.optim.lr == 1e-4 and cfg.train.ema_decay == 0.9999
+        assert cfg.repa.proj_coeff == (0.0 if "baseline" in name else 0.5)
+        assert cfg.repa.encoder_depth == 8 and cfg.model.name.endswith("XL/2")
+
+
+def test_cli_trains_and_writes_run_dir(tmp_path, capsys):
+    rc = train_main([f"run.out_dir={tmp_path}", "run.name=cli", *FAST, "train.steps=4", "train.ckpt_every=2"])
+    assert rc == 0
+    run = tmp_path / "cli"
+    steps = [s for s, _ in rundir.list_checkpoints(run / "checkpoints")]
+    assert steps == [2, 4]
+    assert (run / "config.yaml").is_file() and (run / "train.log").is_file()
+    rows = rundir.read_metrics(run)
+    assert [r["step"] for r in rows] == [2, 4]
+    for key in ("loss", "denoise", "repa", "cos", "grad_norm", "images_per_s"):
+        assert key in rows[0]
+    assert -1.0 <= rows[-1]["repa"] <= 1.0
+    ckpt = safe_load(run / "checkpoints/0000004.pt")
+    assert ckpt["step"] == 4 and ckpt["config"]["run"]["name"] == "cli"
+    # EMA starts as an exact copy and moves slowly; the online model moved more
+    assert set(ckpt["ema"]) == set(ckpt["model"])
+
+
+def test_resume_is_exact(tmp_path):
+    common = ["train.ckpt_every=3", "train.keep_last=5"]
+    train(cfg_for(tmp_path, "train.steps=6", *common, name="straight"))
+    train(cfg_for(tmp_path, "train.steps=3", *common, name="split"))
+    train(cfg_for(tmp_path, "train.steps=6", *common, name="split"))  # resume=auto from step 3
+    a = safe_load(tmp_path / "straight/checkpoints/0000006.pt")
+    b = safe_load(tmp_path / "split/checkpoints/0000006.pt")
+    assert states_equal(a["model"], b["model"])
+    assert states_equal(a["ema"], b["ema"])
+    assert a["data"] == b["data"]
+    assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])
+    # resumed run logged steps 3 → 6 only once each
+    steps = [r["step"] for r in rundir.read_metrics(tmp_path / "split")]
+    assert steps == [2, 3, 4, 6]
+
+
+def test_vanilla_has_no_projector_and_ddpm_dit_trains(tmp_path):
+    run = train(cfg_for(tmp_path, "train.steps=2", "train.ckpt_every=2", "repa.proj_coeff=0", name="vanilla"))
+    ckpt = safe_load(run / "checkpoints/0000002.pt")
+    assert not any(k.startswith("projectors") for k in ckpt["model"])
+    run = train(cfg_for(tmp_path, "train.steps=2", "train.ckpt_every=2", "model.name=DiT-S/4",
+                        "objective.kind=ddpm", name="dit"))
+    ckpt = safe_load(run / "checkpoints/0000002.pt")
+    assert ckpt["model_config"]["learn_sigma"] and ckpt["model_config"]["family"] == "DiT"
+    assert any(k.startswith("projectors.0") for k in ckpt["model"])
+    rows = rundir.read_metrics(run)
+    assert {"mse", "vb", "repa"} <= set(rows[-1])
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    from repa_probe.objectives import FlowMatching
+
+    original = FlowMatching.loss
+    calls = {"n": 0}
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        out = original(self, *args, **kwargs)
+        if calls["n"] == 3:
+            out = {k: v * float("nan") for k, v in out.items()}
+        return out
+
+    monkeypatch.setattr(FlowMatching, "loss", poisoned)
+    with pytest.raises(TrainingDiverged, match="non-finite loss at step 3"):
+        train(cfg_for(tmp_path, "train.steps=6", "train.ckpt_every=2", name="nan"))
+    assert [s for s, _ in rundir.list_checkpoints(tmp_path / "nan/checkpoints")] == [2]
+
+
+def test_signal_saves_and_stops(tmp_path, monkeypatch):
+    from repa_probe.objectives import FlowMatching
+
+    original = FlowMatching.loss
+    calls = {"n": 0}
+
+    def signalling(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FlowMatching, "loss", signalling)
+    train(cfg_for(tmp_path, "train.steps=50", "train.ckpt_every=100", name="sig"))
+    assert [s for s, _ in rundir.list_checkpoints(tmp_path / "sig/checkpoints")] == [3]
+
+
+def test_corrupt_latest_checkpoint_falls_back_loudly(tmp_path, caplog):
+    train(cfg_for(tmp_path, "train.steps=4", "train.ckpt_every=2", name="c"))
+    latest = tmp_path / "c/checkpoints/0000004.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated
+    caplog.set_level("WARNING", logger="repa_probe")
+    train(cfg_for(tmp_path, "train.steps=6", "train.ckpt_every=2", name="c"))
+    assert "0000004.pt cannot be loaded" in caplog.text
+    assert safe_load(tmp_path / "c/checkpoints/0000006.pt")["step"] == 6
+
+
+def test_keep_last_and_keep_every(tmp_path):
+    train(cfg_for(tmp_path, "train.steps=8", "train.ckpt_every=1", "train.keep_last=2", "train.keep_every=4",
+                  "train.log_every=8", name="keep"))
+    assert [s for s, _ in rundir.list_checkpoints(tmp_path / "keep/checkpoints")] == [4, 7, 8]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train.stepz=3"], "valid keys at train: steps"),
+    (["train.steps=three"], "train.steps"),
+    (["--cfg", "configs/nope.yaml"], "config file not found"),
+    (["repa.encoder_depth=9"], "repa.encoder_depth=9 is larger than the model depth"),
+    (["encoder.name=dinov2_vits14", "encoder.pretrained=true"], "encoder.weights"),
+    (["vae.name=stabilityai/sd-vae-ft-mse", "data.resolution=64"], "vae.name"),
+])
+def test_bad_input_is_one_line_error(tmp_path, capsys, args, expected):
+    with pytest.raises(SystemExit) as exc:
+        train_main([f"run.out_dir={tmp_path}", *FAST, "train.steps=1", *args])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and expected in err
+
+
+def test_unwritable_out_dir(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit) as exc:
+        train_main([f"run.out_dir={blocker}/sub", *FAST, "train.steps=1"])
+    assert exc.value.code == 2 and "not writable" in capsys.readouterr().err
+
+
+def test_help_lists_every_key(capsys):
+    with pytest.raises(SystemExit):
+        train_main(["--help"])
+    out = capsys.readouterr().out
+    for key in ("run.out_dir", "train.steps", "repa.proj_coeff", "launch.slurm.partition", "encoder.weights"):
+        assert key in out
+
+
+def test_submitit_local_executor(tmp_path):
+    rc = train_main([f"run.out_dir={tmp_path}", "run.name=sub", *FAST, "train.steps=2", "train.ckpt_every=2",
+                     "launch.mode=submitit_local", "--wait"])
+    assert rc == 0
+    assert (tmp_path / "sub/checkpoints/0000002.pt").is_file()
+
+
+def test_torchrun_ddp_matches_single_process(tmp_path):
+    common = [*FAST, "train.steps=3", "train.ckpt_every=3", "train.log_every=3", "data.num_workers=0"]
+    train(load_config(None, [f"run.out_dir={tmp_path}", "run.name=single", *common]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+           "-m", "train", f"run.out_dir={tmp_path}", "run.name=ddp", *common]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    a = safe_load(tmp_path / "single/checkpoints/0000003.pt")["model"]
+    b = safe_load(tmp_path / "ddp/checkpoints/0000003.pt")["model"]
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
