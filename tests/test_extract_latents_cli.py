@@ -1,0 +1,37 @@
+"""`python -m train.extract_latents` writes REPA's layout, and the trainer trains on it (data.name=repa)."""
+import numpy as np
+import pytest
+
+from repa_probe import rundir
+from repa_probe.config import load_config
+from repa_probe.data import REPAFeatureDataset
+from repa_probe.trainer import train
+from train.extract_latents import main
+
+
+def test_extract_then_train_on_repa_layout(tmp_path):
+    out = tmp_path / "latents"
+    rc = main(["--data", "shapes", "--resolution", "32", "--num-samples", "32", "--out", str(out),
+               "--vae", "random:tiny", "--batch-size", "16", "--num-workers", "0", "--device", "cpu"])
+    assert rc == 0
+    ds = REPAFeatureDataset(str(out))
+    assert len(ds) == 32 and ds[0]["moments"].shape == (8, 4, 4)
+    files = sorted((out / "vae-sd").rglob("img-mean-std-*.npy"))
+    assert len(files) == 32 and np.load(files[0]).shape == (8, 4, 4)
+    run = train(load_config(None, [f"run.out_dir={tmp_path}", "run.name=latent", "data.name=repa",
+                                   f"data.root={out}", "data.num_samples=null", "vae.name=random:tiny",
+                                   "model.patch_size=2", "model.depth=2", "model.hidden_size=32",
+                                   "model.num_heads=2", "repa.encoder_depth=1", "repa.projector_dim=32",
+                                   "encoder.input_size=8", "train.steps=2", "train.batch_size=16",
+                                   "train.ckpt_every=2", "train.log_every=1", "train.tensorboard=false"]))
+    rows = rundir.read_metrics(run)
+    assert len(rows) == 2 and np.isfinite(rows[-1]["loss"])
+
+
+def test_missing_vae_is_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--data", "shapes", "--resolution", "32", "--num-samples", "4", "--out", str(tmp_path / "o"),
+              "--vae", "not-a-real-org/not-a-vae", "--device", "cpu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1

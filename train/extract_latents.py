@@ -1,0 +1,63 @@
+"""`python -m train.extract_latents`: encode an image dataset with the SD-VAE into REPA's preprocessed layout.
+
+Writes ``OUT/images/{idx[:5]}/img{idx:08d}.png`` and ``OUT/vae-sd/{idx[:5]}/img-mean-std-{idx:08d}.npy``
+(posterior mean ‖ std, float32, 8×h×w) with ``dataset.json`` label files: the layout REPA's ``train.py`` reads,
+and what ``data.name=repa data.root=OUT`` trains on (the posterior is re-sampled at every step).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m train.extract_latents", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="imagefolder",
+                   help="dataset name: imagefolder (ImageNet layout, ADM centre crop), shapes or digits")
+    p.add_argument("--data-root", default=None, help="image folder root (for imagefolder)")
+    p.add_argument("--split", default="train", help="dataset split (root/<split> is used when it exists)")
+    p.add_argument("--resolution", type=int, default=256, help="image side after the centre crop (pixels)")
+    p.add_argument("--num-samples", type=int, default=None, help="cap on the number of images (default: all)")
+    p.add_argument("--out", required=True, help="output directory (gets images/ and vae-sd/)")
+    p.add_argument("--vae", default="stabilityai/sd-vae-ft-mse",
+                   help="VAE: a diffusers repo id in the local HF cache, a local directory, or random:tiny")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward pass")
+    p.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes")
+    p.add_argument("--flip", action="store_true", help="also store horizontally flipped copies (2N items)")
+    p.add_argument("--no-images", action="store_true", help="do not write the PNGs (latents only)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory's files")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
+                        stream=sys.stdout)
+    import torch
+
+    from repa_probe.data import build_dataset
+    from repa_probe.errors import one_line_errors
+    from repa_probe.vae import extract_latents, load_vae
+
+    with one_line_errors(args.verbose):
+        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
+            ("cpu" if args.device == "auto" else args.device)
+        dataset = build_dataset(args.data, root=args.data_root, split=args.split, resolution=args.resolution,
+                                num_samples=args.num_samples)
+        vae = load_vae(args.vae, device=device)
+        if vae is None:
+            raise ValueError("--vae none has no latents to extract; name a VAE")
+        out = extract_latents(dataset, vae, args.out, batch_size=args.batch_size, flip=args.flip,
+                              save_images=not args.no_images, num_workers=args.num_workers,
+                              overwrite=args.overwrite)
+    print(f"done: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
