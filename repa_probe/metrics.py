@@ -10,8 +10,9 @@ those of minyoungg/platonic-rep ``metrics.AlignmentMetrics`` and agree with it t
 * CKNNA masks the raw kernels with the asymmetric row mask ``M = M_K ∘ M_L`` and compares them with the
   unbiased HSIC of Song et al. (2012, Eq. 5), transpose included; ``+1e-6`` in every denominator.
 
-Nothing of size N×N is ever formed. kNN lists come from Gram rows computed ``chunk_size`` rows at a time
-(``torch.topk`` per chunk, on the inputs' device and in their dtype), and the masked HSIC is evaluated
+Nothing of size N×N is ever formed. kNN lists come from ``chunk_size × chunk_size`` Gram blocks of the
+upper block triangle (the Gram is symmetric, so each block serves its rows and, transposed, its columns;
+``torch.topk`` per block merged into a running top-k, on the inputs' device and in their dtype), and the masked HSIC is evaluated
 in O(N·k) from the N·k masked entries, accumulated in float64:
 ``Σ(K̃∘L̃ᵀ)`` by looking each entry's transpose up in the sorted entry keys, ``ΣK̃``, ``ΣL̃`` directly, and
 ``Σ(K̃L̃) = Σ_m colsum(K̃)_m · rowsum(L̃)_m``. Linear CKA uses the feature-space form (D_a×D_b products
@@ -85,18 +86,38 @@ def _knn(x: torch.Tensor, k: int, exclude_self: bool, chunk_size: int | None):
     """Inner-product kNN of every row of ``x: (N, D)``.
 
     Returns ``values: (N, k)`` (``x_i · x_j``, dtype of x) and ``indices: (N, k)`` int64, descending.
-    Gram rows are formed ``chunk_size`` at a time; with ``exclude_self`` the diagonal is set to -inf first.
+    The Gram matrix is visited in ``c × c`` blocks (``c = chunk_size``; default: N when N <= 4096, else
+    ``N/8`` capped by the memory budget) of the upper block triangle only: block ``(I, J)`` gives candidates to the rows of
+    ``I`` and, transposed, to the rows of ``J``; a running top-k is merged per block. With ``exclude_self``
+    the diagonal is -inf.
     """
     n = x.shape[0]
-    rows = _rows_per_chunk(n, chunk_size)
-    values = torch.empty(n, k, dtype=x.dtype, device=x.device)
-    indices = torch.empty(n, k, dtype=torch.long, device=x.device)
-    for start in range(0, n, rows):
-        stop = min(start + rows, n)
-        gram = x[start:stop] @ x.T                                   # (c, N)
-        if exclude_self:
-            gram.diagonal(offset=start).fill_(float("-inf"))          # entries (i, i) of this chunk
-        values[start:stop], indices[start:stop] = torch.topk(gram, k, dim=1)
+    if chunk_size is None:                 # one block for small N; >= 8 blocks per side for large N
+        c = n if n <= 4096 else min(-(-n // 8), math.isqrt(_CHUNK_ELEMENTS))
+    else:
+        c = _rows_per_chunk(n, chunk_size)
+    values = torch.full((n, k), float("-inf"), dtype=x.dtype, device=x.device)
+    indices = torch.zeros(n, k, dtype=torch.long, device=x.device)
+
+    def merge(start, stop, cand_v, cand_i):
+        v = torch.cat([values[start:stop], cand_v], dim=1)
+        top_v, pos = torch.topk(v, k, dim=1)
+        values[start:stop] = top_v
+        indices[start:stop] = torch.gather(torch.cat([indices[start:stop], cand_i], dim=1), 1, pos)
+
+    starts = list(range(0, n, c))
+    for bi, si in enumerate(starts):
+        ei = min(si + c, n)
+        for sj in starts[bi:]:
+            ej = min(sj + c, n)
+            gram = x[si:ei] @ x[sj:ej].T                              # (c_i, c_j)
+            if sj == si and exclude_self:
+                gram.diagonal().fill_(float("-inf"))
+            v, i = torch.topk(gram, min(k, ej - sj), dim=1)
+            merge(si, ei, v, i + sj)
+            if sj != si:                                              # the transposed block (J, I)
+                v, i = torch.topk(gram, min(k, ei - si), dim=0)
+                merge(sj, ej, v.T, i.T + si)
     return values, indices
 
 
@@ -153,7 +174,7 @@ def cknna(a, b, topk: int = 10, unbiased: bool = True, *, chunk_size: int | None
     ``sim(K, L) = HSIC(M∘K, M∘L)`` with ``M = M_K ∘ M_L`` the (asymmetric) rows' top-``topk`` masks;
     result ``sim(K, L) / (sqrt(sim(K, K)·sim(L, L)) + 1e-6)``. ``unbiased=True`` (default) excludes self from
     the kNN and uses the unbiased HSIC; ``unbiased=False`` includes self and uses the biased HSIC (dominated
-    by the diagonal, ~0.7 for independent data: not recommended). ``chunk_size``: Gram rows per chunk.
+    by the diagonal, ~0.7 for independent data: not recommended). ``chunk_size``: Gram block size (rows).
     """
     a, b = _check_pair(a, b, topk, min_topk=2, min_n=4 if unbiased else 2)
     n = a.shape[0]
