@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.distributed as torch_dist
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from . import rundir
 from .checkpoint import atomic_save, safe_load
@@ -175,7 +176,9 @@ def _train(cfg: Config, dist: DistInfo) -> Path:
     sums, count, t_last = None, 0, time.perf_counter()
     bar = tqdm(total=cfg.train.steps, initial=step, desc=cfg.run.name, disable=not dist.is_main,
                dynamic_ncols=True, mininterval=1.0)
+    redirect = logging_redirect_tqdm()
     try:
+        redirect.__enter__()
         while step < cfg.train.steps:
             batch = batches.next()
             x0, z_enc, y = model_inputs(batch, vae, enc, device, gen, dist, cfg, model.grid_size)
@@ -219,6 +222,7 @@ def _train(cfg: Config, dist: DistInfo) -> Path:
                 log.warning("stopped by signal at step %d; resume with train.resume=auto", step)
                 break
     finally:
+        redirect.__exit__(None, None, None)
         bar.close()
         stop.restore()
         if metrics is not None:
@@ -265,8 +269,7 @@ def _log(step, sums, count, t_last, cfg: Config, dist: DistInfo, metrics, bar):
     values["images_per_s"] = count * cfg.train.batch_size / max(now - t_last, 1e-9)
     if dist.is_main:
         line = " ".join(f"{k}={v:.4g}" for k, v in values.items())
-        bar.write(f"step {step:>7d} {line}")
-        log.debug("step %d %s", step, line)
+        log.info("step %7d %s", step, line)
         metrics.log(step, values)
     return None, 0, now
 
