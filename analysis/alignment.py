@@ -1,0 +1,138 @@
+"""`python -m analysis.alignment`: CKNNA (and friends) between diffusion-transformer blocks and a frozen encoder.
+
+Thin command line over :func:`repa_probe.alignment.run_alignment`; see `--help`.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+DESCRIPTION = """\
+Measure how well each block of a diffusion transformer (our checkpoints, official DiT / SiT / REPA
+files, or every checkpoint of a run) aligns with a frozen target encoder, per block and noise level.
+
+For each checkpoint, block and timestep t, the block output on the noisy image x_t is averaged over
+tokens and compared with the encoder's representation of the clean image (platonic-rep preparation on
+both sides: outlier clamp at the 0.95 quantile, row L2 norm; CKNNA with k=10 by default). The noise of
+each image is fixed by (--seed, dataset index), so all checkpoints see identical inputs.
+
+Time convention: t = 0 is clean data, t = 1 is pure noise (REPA's). Our / REPA models receive t, official
+SiT models (t=0 noise) receive 1 - t, DiT models receive the DDPM step round(t * 999); for DiT an integer
+> 1 (e.g. 250) is a step. Labels in the outputs are the values you give.
+
+With only --ckpt and --out, dataset, encoder, VAE and objective come from our checkpoint's training config
+(the dataset's held-out 'val' split when it has one). Official checkpoints need --data and --encoder.
+
+Outputs in --out: alignment.csv (checkpoint, step, layer, timestep, metric, value, ci_low, ci_high, n),
+summary.json (best block per checkpoint/timestep/metric, settings, versions) and figures/ (PDF + PNG).
+"""
+
+EXAMPLES = """\
+examples:
+  python -m analysis.alignment --ckpt runs/tiny/checkpoints/0000300.pt --out results/align
+  python -m analysis.alignment --ckpt runs/repa_sit_b --ckpt runs/sit_b --timesteps 0,0.5 --out results/cmp
+  python -m analysis.alignment --ckpt SiT-XL-2-256.pt --family SiT --data imagefolder \\
+      --data-root /data/imagenet --encoder dinov2_vitb14 --num-samples 10000 --out results/sit_xl
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: ``error: <message>`` on stderr, exit code 2."""
+
+    def error(self, message):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from repa_probe.alignment import METRICS, TARGET_KINDS
+
+    p = _Parser(prog="python -m analysis.alignment", description=DESCRIPTION, epilog=EXAMPLES,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
+                   help="checkpoint file (ours, or official DiT/SiT/REPA), or a run directory / its checkpoints/ "
+                        "folder (every checkpoint, by step: alignment over training). Repeat to compare.")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
+    g = p.add_argument_group("data and target")
+    g.add_argument("--data", metavar="NAME|DIR", help="dataset name (shapes, digits, imagefolder, repa, shards) or "
+                   "an image directory; default: the training config's dataset")
+    g.add_argument("--data-root", metavar="DIR", help="dataset root for --data imagefolder/repa/shards")
+    g.add_argument("--split", default="auto", choices=("auto", "train", "val", "test"),
+                   help="dataset split; auto = 'val' (held out) when the dataset has it, else 'train'")
+    g.add_argument("--num-samples", type=int, metavar="N",
+                   help="images to use (default: min(10000, dataset size); procedural shapes: 512)")
+    g.add_argument("--encoder", metavar="NAME", help="target encoder (dinov2_vitb14, dinov2_vitl14_reg, tiny_vit, "
+                   "...); default: the training config's encoder")
+    g.add_argument("--encoder-weights", metavar="FILE", help="local encoder weights (.pth/.safetensors); without it "
+                   "the torch hub / HF caches are searched (offline: an error names what to set)")
+    g.add_argument("--random-encoder", action="store_true",
+                   help="random-initialised --encoder seeded with --seed (tests / baselines only)")
+    g.add_argument("--target-kind", default="cls", choices=TARGET_KINDS,
+                   help="encoder representation: cls (final-norm CLS token, platonic-rep's vision feature; "
+                        "default) or mean_patch (mean of the final-norm patch tokens)")
+    g.add_argument("--vae", metavar="NAME", help="VAE for latent models (stabilityai/sd-vae-ft-ema, a local dir, "
+                   "none); default: the training config's, else sd-vae-ft-ema for 4-channel official models")
+    g.add_argument("--family", choices=("DiT", "SiT", "REPA"),
+                   help="family of official files that cannot be told apart (a plain SiT state dict needs SiT)")
+    g.add_argument("--weights", default="auto", choices=("auto", "ema", "model"),
+                   help="which weights of a training checkpoint: ema, model, or auto (EMA unless it still "
+                        "weighs the initialisation by more than half: ema_decay**step > 0.5)")
+    g.add_argument("--labels", default="null", choices=("null", "true"),
+                   help="class fed to the model: null (unconditional, default) or the dataset's true labels")
+    g = p.add_argument_group("what to measure")
+    g.add_argument("--layers", default="all", help="'all' or 1-based block numbers, e.g. 1,4,8 (8 = REPA's "
+                   "encoder_depth 8)")
+    g.add_argument("--timesteps", default="0,0.25,0.5,0.75,1",
+                   help="comma list of t in [0, 1] (0 = clean, 1 = noise); DiT: integers > 1 are DDPM steps "
+                        "(default: %(default)s)")
+    g.add_argument("--metric", default="cknna", help=f"one or more of {', '.join(METRICS)} (comma list; default "
+                   "cknna)")
+    g.add_argument("--topk", type=int, default=10, help="k of the kNN metrics (default 10, platonic-rep's)")
+    g.add_argument("--bootstrap", type=int, default=0, metavar="B", help="half-sampling replicates for 95%% "
+                   "intervals (0 = off; e.g. 100)")
+    g.add_argument("--seed", type=int, default=0, help="noise seed (and random-encoder seed); default 0")
+    g = p.add_argument_group("running")
+    g.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    g.add_argument("--plot-timestep", metavar="T", help="timestep of the cross-checkpoint figures (default: the "
+                   "one nearest 0.5)")
+    g.add_argument("--cache-dir", default=os.environ.get("REPA_PROBE_CACHE", "~/.cache/repa_probe/features"),
+                   help="where encoder features are cached across runs (default: $REPA_PROBE_CACHE or "
+                        "%(default)s)")
+    g.add_argument("--no-cache", action="store_true", help="do not read or write the encoder-feature cache")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    g.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
+                        stream=sys.stdout)
+    from repa_probe.alignment import parse_timestep_list, run_alignment
+    from repa_probe.errors import one_line_errors
+
+    with one_line_errors(args.verbose):
+        summary = run_alignment(
+            args.ckpt, args.out, timesteps=args.timesteps, layers=args.layers, metric=args.metric, topk=args.topk,
+            bootstrap=args.bootstrap, num_samples=args.num_samples, batch_size=args.batch_size, device=args.device,
+            seed=args.seed, cache_dir=None if args.no_cache else os.path.expanduser(args.cache_dir),
+            plot_timestep=None if args.plot_timestep is None else parse_timestep_list(args.plot_timestep)[0],
+            progress=not args.quiet, data=args.data, data_root=args.data_root, split=args.split,
+            encoder=args.encoder, encoder_weights=args.encoder_weights, random_encoder=args.random_encoder,
+            target_kind=args.target_kind, vae=args.vae, labels=args.labels, family=args.family,
+            weights=args.weights)
+    plot_t = summary["settings"]["plot_timestep"]
+    for b in (b for b in summary["best"] if b["timestep"] == plot_t):
+        print(f"{b['checkpoint']}  t={b['timestep']}  {b['metric']}: best block {b['best_layer']} "
+              f"({b['value']:.4f})")
+    print(f"wrote {os.path.join(args.out, 'alignment.csv')}, summary.json and {len(summary['files']['figures'])} "
+          f"figure files")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

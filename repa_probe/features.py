@@ -1,0 +1,413 @@
+"""Hidden states of a diffusion transformer and frozen-encoder targets, for alignment analysis.
+
+Time convention (user-facing, REPA's): ``t = 0`` is clean data and ``t = 1`` pure noise. Each model
+family receives its own time (:func:`model_time_for`): our / REPA models get ``t`` itself, official
+SiT models (``t = 0`` noise, ``t = 1`` data) get ``1 - t``, and DiT models get the DDPM step chosen by
+``GaussianDiffusion.parse_timesteps`` (floats in [0, 1] are fractions of the schedule, ints are steps).
+
+Determinism: the noise of sample ``i`` depends only on ``(seed, dataset index i)`` (a counter-based
+generator, :func:`seeded_noise`), so every checkpoint, timestep, batch size and device sees the same
+noise for the same image. VAE latents are the posterior mean (scaled), not a sample.
+
+Shapes: N samples, C/H/W model input, T tokens, D width.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+log = logging.getLogger("repa_probe")
+
+POOLS = ("mean", "tokens", "projector")
+LABEL_MODES = ("null", "true")
+ENCODER_KINDS = ("cls", "mean_patch", "patch")
+CACHE_VERSION = "features-v1"  # bump when cached encoder features change meaning
+_M32 = 0xFFFFFFFF
+
+
+class FeatureError(ValueError):
+    """Bad input to feature extraction (layers, pooling, labels, devices, shapes); one-line message."""
+
+
+# ----------------------------------------------------------------------------------------- seeded noise
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """``(x * c) mod 2**32`` for int64 ``x`` in [0, 2**32) without int64 overflow (16-bit halves of c)."""
+    lo, hi = c & 0xFFFF, c >> 16
+    return (x * lo + (((x * hi) & 0xFFFF) << 16)) & _M32
+
+
+def _hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixer (``lowbias32``) applied elementwise to int64 ``x`` in [0, 2**32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+_COUNTERS: dict = {}
+
+
+def _counter_hashes(numel: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hashes of the element counters ``2j`` and ``2j + 1`` (``(numel,)`` int64), cached per device."""
+    key = (numel, str(device))
+    if key not in _COUNTERS:
+        j = torch.arange(numel, device=device, dtype=torch.int64)
+        _COUNTERS.clear()
+        _COUNTERS[key] = (_hash32((2 * j) & _M32), _hash32((2 * j + 1) & _M32))
+    return _COUNTERS[key]
+
+
+def seeded_noise(seed: int, indices: torch.Tensor, shape: Sequence[int], device=None,
+                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Standard normal noise ``(B, *shape)`` whose row ``b`` depends only on ``(seed, indices[b])``.
+
+    A counter-based generator: element ``j`` of sample ``i`` is Box-Muller applied to two 32-bit hashes
+    of ``(seed, i, j)``. Vectorised (no loop over samples), identical on every device and for every
+    batch composition. ``indices: (B,)`` integer dataset indices.
+    """
+    idx = torch.as_tensor(indices, device=device).to(torch.int64).reshape(-1)
+    if idx.numel() and int(idx.min()) < 0:
+        raise FeatureError("seeded_noise: dataset indices must be >= 0")
+    numel = math.prod(int(s) for s in shape)
+    key = _hash32(torch.tensor(int(seed) & _M32, device=idx.device, dtype=torch.int64) ^ 0x5BD1E995)
+    base = _hash32(_hash32(key ^ (idx & _M32)) ^ ((idx >> 32) & _M32))          # (B,)
+    c1, c2 = _counter_hashes(numel, idx.device)                                  # (numel,) each
+    u1 = (_hash32(base[:, None] ^ c1).double() + 0.5) / 2.0 ** 32                  # (B, numel) in (0, 1)
+    u2 = (_hash32(base[:, None] ^ c2).double() + 0.5) / 2.0 ** 32
+    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+    return z.reshape(idx.numel(), *shape).to(dtype)
+
+
+def check_compatible(model, objective) -> None:
+    """Raise :class:`FeatureError` unless the objective's time matches the model family."""
+    conv = getattr(objective, "time_convention", None)
+    fam = getattr(model, "family", "REPA")
+    if (fam == "DiT") != (conv == "ddpm"):
+        raise FeatureError(f"model family {fam!r} does not fit objective {objective!r}: DiT models need "
+                           "GaussianDiffusion, SiT/REPA models need FlowMatching")
+
+
+def model_time_for(model, objective, t: torch.Tensor) -> torch.Tensor:
+    """What the network's time embedder receives for objective times ``t: (B,)``.
+
+    ``objective.model_time(t)``, flipped to ``1 - t`` for official SiT models (t=0 noise, t=1 data).
+    """
+    mt = objective.model_time(t)
+    return 1.0 - mt if getattr(model, "family", "REPA") == "SiT" else mt
+
+
+def noise_inputs(x0: torch.Tensor, t_value, objective, seed: int, indices: torch.Tensor) -> torch.Tensor:
+    """Noisy inputs ``x_t: (B, C, H, W)`` for clean ``x0: (B, C, H, W)`` at one objective time.
+
+    ``t_value``: a model-space time from ``objective.parse_timesteps`` (float REPA time, or int DDPM step).
+    ``indices: (B,)`` dataset indices; the noise comes from :func:`seeded_noise` (``seed``, index), so
+    the same image always gets the same noise.
+    """
+    t_value = torch.as_tensor(t_value)
+    dtype = torch.int64 if not t_value.is_floating_point() else torch.float32
+    t = torch.full((x0.shape[0],), t_value.item(), dtype=dtype, device=x0.device)
+    noise = seeded_noise(seed, indices, x0.shape[1:], device=x0.device, dtype=x0.dtype)
+    return objective.add_noise(x0, t, noise)
+
+
+# ------------------------------------------------------------------------------------------- model inputs
+@dataclasses.dataclass
+class ModelInputs:
+    """Clean inputs of N samples, computed once and reused for every checkpoint and timestep.
+
+    ``data``: uint8 images ``(N, 3, H, W)`` when ``pixel`` (mapped to [-1, 1] per batch) or float32
+    latents ``(N, C, h, w)`` (VAE posterior mean * scale + bias); ``labels: (N,)`` int64;
+    ``indices: (N,)`` int64 dataset indices (they key the noise).
+    """
+
+    data: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    pixel: bool
+    _noise: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    #: the noise of the whole dataset is memoised (per seed) up to this many bytes, else recomputed per batch
+    max_cached_noise_bytes = 2 ** 31
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    def noise(self, start: int, stop: int, seed: int, device) -> torch.Tensor:
+        """:func:`seeded_noise` for rows ``start:stop``, float32 ``(b, C, H, W)`` on ``device``."""
+        shape = self.data.shape[1:]
+        if len(self) * math.prod(shape) * 4 > self.max_cached_noise_bytes:
+            return seeded_noise(seed, self.indices[start:stop], shape, device=device)
+        if seed not in self._noise:
+            self._noise.clear()
+            self._noise[seed] = torch.cat([seeded_noise(seed, self.indices[i:i + 1024], shape)
+                                           for i in range(0, len(self), 1024)])
+        return self._noise[seed][start:stop].to(device)
+
+    def x0(self, start: int, stop: int, device) -> torch.Tensor:
+        """Rows ``start:stop`` as float32 model inputs ``(b, C, H, W)`` on ``device``."""
+        x = self.data[start:stop].to(device)
+        return x.float() / 127.5 - 1.0 if self.pixel else x.float()
+
+
+def _loader(data, batch_size: int, num_workers: int) -> DataLoader:
+    from .data import collate
+
+    if isinstance(data, DataLoader):
+        return data
+    return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
+
+
+@torch.no_grad()
+def prepare_inputs(data, vae=None, batch_size: int = 64, num_workers: int = 0,
+                   progress: bool = True) -> ModelInputs:
+    """Clean model inputs for every sample of ``data`` (a Dataset of dicts, or an unshuffled DataLoader).
+
+    Pixel space (``vae=None``): the uint8 images are kept. Latent space: the posterior mean of the
+    stored ``moments`` (or of ``vae.encode_moments`` on the VAE's device), times ``vae.scale`` plus
+    ``vae.bias``, as float32 on the CPU. Indices are positions in iteration order.
+    """
+    chunks, labels = [], []
+    for batch in tqdm(_loader(data, batch_size, num_workers), desc="inputs", disable=not progress, leave=False):
+        images = batch["image"]
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise FeatureError(f"dataset images must be uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        if vae is None:
+            chunks.append(images)
+        else:
+            moments = batch["moments"] if "moments" in batch else vae.encode_moments(images.to(vae.device))
+            mean = moments.float().chunk(2, dim=1)[0]
+            chunks.append((mean * vae.scale + vae.bias).cpu())
+        labels.append(torch.as_tensor(batch["label"]).reshape(-1).to(torch.int64))
+    if not chunks:
+        raise FeatureError("the dataset is empty")
+    x = torch.cat(chunks)
+    return ModelInputs(x, torch.cat(labels), torch.arange(x.shape[0], dtype=torch.int64), pixel=vae is None)
+
+
+# ------------------------------------------------------------------------------------------ extraction
+@dataclasses.dataclass
+class FeatureSet:
+    """Features of N samples per (layer, timestep).
+
+    ``features[(layer, t)]``: ``(N, D)`` pooled or ``(N, T, D)`` tokens, on the CPU; ``layers`` 1-based
+    block numbers; ``timesteps`` the user's values; ``model_times`` what the objective made of them;
+    ``labels: (N,)``; ``indices: (N,)``.
+    """
+
+    features: dict
+    layers: list
+    timesteps: list
+    model_times: list
+    labels: torch.Tensor
+    indices: torch.Tensor
+    pool: str
+
+    def get(self, layer: int, t) -> torch.Tensor:
+        """Features of block ``layer`` (1-based) at user timestep ``t``: ``(N, D)`` or ``(N, T, D)``."""
+        try:
+            return self.features[(layer, t)]
+        except KeyError:
+            raise FeatureError(f"no features for layer {layer} at t={t}; have layers {self.layers}, "
+                               f"timesteps {self.timesteps}") from None
+
+
+def resolve_layers(model, layers) -> list[int]:
+    """``"all"``/None or an iterable of 1-based block numbers -> sorted unique list, validated."""
+    depth = model.depth
+    if layers is None or layers == "all":
+        return list(range(1, depth + 1))
+    out = sorted({int(v) for v in layers})
+    if not out:
+        raise FeatureError("no layers requested")
+    bad = [v for v in out if not 1 <= v <= depth]
+    if bad:
+        raise FeatureError(f"layers {bad} are outside 1..{depth} (1-based block numbers; the model has {depth} blocks)")
+    return out
+
+
+def _labels(model, inputs: ModelInputs, mode: str) -> torch.Tensor:
+    """Class labels fed to the model: the null class (unconditional) or the dataset's labels."""
+    if mode not in LABEL_MODES:
+        raise FeatureError(f"labels must be one of {LABEL_MODES}, got {mode!r}")
+    rows, n_cls = model.y_embedder.num_rows, model.num_classes
+    if mode == "null":
+        if rows <= n_cls:
+            raise FeatureError("the model has no null class (class_dropout_prob = 0): use labels='true'")
+        return torch.full_like(inputs.labels, n_cls)
+    if len(inputs.labels) and (int(inputs.labels.min()) < 0 or int(inputs.labels.max()) >= n_cls):
+        raise FeatureError(f"dataset labels span [{int(inputs.labels.min())}, {int(inputs.labels.max())}] "
+                           f"but the model has {n_cls} classes: use labels='null'")
+    return inputs.labels
+
+
+@torch.no_grad()
+def extract_features(model, objective, data, timesteps, layers="all", pool: str = "mean", vae=None,
+                     device=None, batch_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32,
+                     labels: str = "null", num_workers: int = 0, progress: bool = True) -> FeatureSet:
+    """Hidden states of ``model`` for every sample of ``data`` at each timestep.
+
+    One forward pass per (batch, timestep) captures every requested block (the model's early-stopping
+    ``forward_features``: blocks after the deepest requested one are not run). bf16 autocast on CUDA,
+    fp32 on the CPU; features are stored on the CPU as ``dtype`` (float32 or float16).
+
+    Args:
+        model: a DiffusionTransformer, already on ``device`` (default: its own device), eval mode.
+        objective: FlowMatching or GaussianDiffusion matching the model family (see module docstring).
+        data: a Dataset of dicts, an unshuffled DataLoader or :class:`ModelInputs`.
+        timesteps: user values (list of numbers), parsed by ``objective.parse_timesteps``.
+        layers: ``"all"`` or 1-based block numbers (block 8 = REPA's encoder_depth 8).
+        pool: ``"mean"`` -> ``(N, D)`` token mean; ``"tokens"`` -> ``(N, T, D)``; ``"projector"`` ->
+            ``(N, z_dim)`` token mean of the first REPA projector's output (layer = encoder_depth only).
+        labels: ``"null"`` (unconditional class) or ``"true"`` (dataset labels).
+    """
+    if pool not in POOLS:
+        raise FeatureError(f"pool must be one of {POOLS}, got {pool!r}")
+    if dtype not in (torch.float32, torch.float16):
+        raise FeatureError(f"dtype must be float32 or float16, got {dtype}")
+    check_compatible(model, objective)
+    layer_list = resolve_layers(model, layers)
+    if pool == "projector":
+        if not len(model.projectors):
+            raise FeatureError("pool='projector' needs a model with REPA projectors")
+        if layer_list != [model.encoder_depth]:
+            if layers not in (None, "all"):
+                raise FeatureError(f"pool='projector' reads block {model.encoder_depth} only, got layers {layer_list}")
+            layer_list = [model.encoder_depth]
+    user_t = list(timesteps)
+    model_t = objective.parse_timesteps(user_t)
+    param = next(model.parameters())
+    device = param.device if device is None else torch.device(device)
+    if param.device != device:
+        raise FeatureError(f"the model is on {param.device} but device={device}: move the model first")
+    inputs = data if isinstance(data, ModelInputs) else prepare_inputs(data, vae, batch_size, num_workers, progress)
+    y_all = _labels(model, inputs, labels)
+    n = len(inputs)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    feats: dict = {}
+    steps = range(0, n, batch_size)
+    bar = tqdm(total=len(steps) * len(user_t), desc="features", disable=not progress, leave=False)
+    for start in steps:
+        stop = min(start + batch_size, n)
+        x0 = inputs.x0(start, stop, device)
+        y = y_all[start:stop].to(device)
+        noise = inputs.noise(start, stop, seed, device)
+        for t_user, t_model in zip(user_t, model_t):
+            tt = torch.full((stop - start,), t_model.item(), dtype=t_model.dtype, device=device)
+            x_t = objective.add_noise(x0, tt, noise)
+            with autocast:
+                hidden = model.forward_features(x_t, model_time_for(model, objective, tt), y,
+                                                layers=[v - 1 for v in layer_list])
+                if pool == "projector":
+                    hidden = [model.project(hidden[0])[0]]
+            for layer, h in zip(layer_list, hidden):
+                out = h.float().mean(dim=1) if pool in ("mean", "projector") else h.float()
+                key = (layer, t_user)
+                if key not in feats:
+                    feats[key] = torch.empty((n, *out.shape[1:]), dtype=dtype)
+                feats[key][start:stop] = out.to(dtype).cpu()
+            bar.update(1)
+    bar.close()
+    return FeatureSet(feats, layer_list, user_t, model_t.tolist(), inputs.labels, inputs.indices, pool)
+
+
+# ---------------------------------------------------------------------------------------- encoder targets
+def _unwrap(dataset):
+    """The innermost dataset under CappedDataset (``base``) / torch Subset (``dataset``) views."""
+    while True:
+        inner = next((d for d in (getattr(dataset, "base", None), getattr(dataset, "dataset", None))
+                      if isinstance(d, Dataset)), None)
+        if inner is None:
+            return dataset
+        dataset = inner
+
+
+def dataset_identity(dataset) -> dict:
+    """What identifies ``dataset`` for caching: class, root, resolution, split, num_samples, seed, length,
+    the subset indices of a capped view, and a fingerprint of the first, middle and last images."""
+    core = _unwrap(dataset)
+    ident: dict[str, Any] = {"class": type(core).__name__, "len": len(dataset)}
+    for attr in ("root", "data_dir", "resolution", "split", "num_samples", "seed", "num_classes"):
+        value = getattr(core, attr, None)
+        if isinstance(value, (str, int, float, bool, Path)):
+            ident[attr] = str(value) if isinstance(value, Path) else value
+    subset = getattr(dataset, "indices", None)
+    if subset is not None and dataset is not core:
+        ident["subset_sha"] = hashlib.sha256(torch.as_tensor(subset).numpy().tobytes()).hexdigest()[:16]
+    n = len(dataset)
+    h = hashlib.sha256()
+    for i in sorted({0, n // 2, n - 1}) if n else []:
+        h.update(dataset[i]["image"].contiguous().numpy().tobytes())
+    ident["content_sha"] = h.hexdigest()[:16]
+    return ident
+
+
+def encoder_cache_key(encoder, dataset, kind: str) -> str:
+    """sha256 of ``encoder.cache_key``, :func:`dataset_identity`, N and ``kind``."""
+    blob = json.dumps({"v": CACHE_VERSION, "encoder": encoder.cache_key, "data": dataset_identity(dataset),
+                       "n": len(dataset), "kind": kind}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _read_cache(path: Path, key: str, n: int):
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a broken cache file is recomputed, not fatal
+        log.warning("ignoring unreadable feature cache %s (%s)", path, type(exc).__name__)
+        return None
+    feats = obj.get("features") if isinstance(obj, dict) else None
+    if not torch.is_tensor(feats) or obj.get("key") != key or feats.shape[0] != n:
+        log.warning("ignoring feature cache %s: it does not match this encoder/dataset", path)
+        return None
+    return feats
+
+
+@torch.no_grad()
+def encoder_features(encoder, dataset, kind: str = "cls", cache_dir=None, batch_size: int = 64, device=None,
+                     num_workers: int = 0, progress: bool = True) -> torch.Tensor:
+    """Target features of every sample of ``dataset``: ``cls`` / ``mean_patch`` -> ``(N, D)``, ``patch``
+    -> ``(N, T, D)``, float32 on the CPU.
+
+    With ``cache_dir`` the result is stored as ``{cache_dir}/{kind}-{key}.pt`` (``torch.save`` of a dict of
+    tensors and strings, read back with ``weights_only=True``) under :func:`encoder_cache_key`, and a
+    later call with the same encoder, dataset and N loads it instead of running the encoder.
+    ``device``: where the encoder is (default: its own device); images are moved there batch by batch.
+    """
+    if kind not in ENCODER_KINDS:
+        raise FeatureError(f"encoder feature kind must be one of {ENCODER_KINDS}, got {kind!r}")
+    n = len(dataset)
+    path = key = None
+    if cache_dir is not None:
+        key = encoder_cache_key(encoder, dataset, kind)
+        path = Path(cache_dir) / f"{kind}-{key[:32]}.pt"
+        if path.is_file():
+            cached = _read_cache(path, key, n)
+            if cached is not None:
+                log.info("encoder features: cache hit %s", path)
+                return cached
+    enc_device = next(encoder.parameters()).device
+    device = enc_device if device is None else torch.device(device)
+    if device != enc_device:
+        raise FeatureError(f"the encoder is on {enc_device} but device={device}: move the encoder first")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    out = []
+    for batch in tqdm(_loader(dataset, batch_size, num_workers), desc=f"encoder {kind}", disable=not progress,
+                      leave=False):
+        with autocast:
+            out.append(encoder.features(batch["image"].to(device), kind).float().cpu())
+    feats = torch.cat(out)
+    if path is not None:
+        from .checkpoint import atomic_save
+
+        atomic_save({"key": key, "kind": kind, "encoder": encoder.cache_key, "features": feats}, path)
+    return feats
