@@ -119,6 +119,32 @@ def test_segment_cli_on_voc_folder(tiny_ckpt, tmp_path):
     assert summary["details"][0]["mask_size"] == [32, 32]  # cropped to the model resolution
 
 
+def _image_folder(root, classes, per_class=6):
+    rng = np.random.default_rng(1)
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+
+
+def test_probe_cli_on_image_folder(tiny_ckpt, tmp_path, capsys):
+    _image_folder(tmp_path / "ok" / "train", ["ant", "bee", "cat"])
+    _image_folder(tmp_path / "ok" / "val", ["ant", "bee", "cat"], per_class=2)
+    out = tmp_path / "out"
+    assert probe_main(["--ckpt", tiny_ckpt, "--out", str(out), "--data", "imagefolder", str(tmp_path / "ok"),
+                       "--layers", "1", "--timesteps", "0", "-q"]) == 0
+    summary = json.loads((out / "probe.json").read_text())
+    assert (summary["settings"]["num_train"], summary["settings"]["num_test"]) == (18, 6)
+    assert summary["settings"]["num_classes"] == 3
+    # a val split whose class folders differ would silently shift the labels: refused
+    _image_folder(tmp_path / "bad" / "train", ["ant", "bee"])
+    _image_folder(tmp_path / "bad" / "val", ["ant", "cow"])
+    with pytest.raises(SystemExit) as info:
+        probe_main(["--ckpt", tiny_ckpt, "--out", str(tmp_path / "o2"), "--data", "imagefolder",
+                    str(tmp_path / "bad"), "--layers", "1", "--timesteps", "0", "-q"])
+    assert info.value.code == 2 and "different classes" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("args,match", [
     (["--ckpt", "/nonexistent.pt"], "no such file"),
     (["--layers", "1,99"], "outside 1..6"),

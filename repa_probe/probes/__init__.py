@@ -1,7 +1,7 @@
 """Probes on frozen features: linear classification (top-1 / top-5) and linear segmentation (mIoU).
 
 - :func:`fit_linear_probe` — ``(N, D)`` features + labels → :class:`ProbeResult` (sklearn or torch backend).
-- :func:`fit_segmentation_probe` — ``(N, T, D)`` / ``(N, D, h, w)`` tokens + ``(N, H, W)`` masks → :class:`SegResult`.
+- :func:`fit_segmentation_probe` — ``(N, T, D)`` or ``(N, D, h, w)`` tokens + ``(N, H, W)`` masks → :class:`SegResult`.
 - :func:`miou`, :func:`confusion_matrix`, :func:`iou_from_confusion` — the segmentation metric.
 - :class:`VOCSegmentation`, :class:`ADE20KSegmentation` — segmentation datasets from local folders.
 

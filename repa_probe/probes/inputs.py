@@ -129,6 +129,11 @@ def resolve_probe_data(entries: Sequence, task: str, data=None, data_root=None, 
                                   "unconditionally (feeding the true class would leak the probe's target)")
     train = probe_split(task, data, data_root, "train", resolution, data_seed, num_train, shapes_classes)
     test = probe_split(task, data, data_root, "test", resolution, data_seed, num_test, shapes_classes)
+    names = [getattr(d, "class_names", None) for d in (train, test)]
+    if None not in names and list(names[0]) != list(names[1]):
+        extra = sorted(set(names[0]) ^ set(names[1]))[:3]
+        raise ProbeSetupError(f"the train and test splits of {data} have different classes (e.g. {extra}): their "
+                              "labels would not mean the same thing")
     if task == "segmentation":
         num_classes = int(getattr(train, "num_mask_classes", getattr(train, "num_classes", 0)))
         ignore = int(getattr(train, "ignore_index", 255))

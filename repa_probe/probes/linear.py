@@ -88,10 +88,13 @@ def _topk_correct(scores: torch.Tensor, y: torch.Tensor, k: int) -> tuple[int, i
     return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
 
 
-def _select(sweep: list[dict], candidates: list[dict]) -> dict:
-    """The grid point with the best held-out top-1 (the earliest in grid order on ties)."""
+def _select(sweep: list[dict], candidates: list[dict]) -> tuple[dict, float | None]:
+    """(grid point, its held-out top-1): the best held-out top-1, the earliest in grid order on ties; without a
+    sweep, the middle of the grid and None."""
+    if not sweep:
+        return dict(candidates[len(candidates) // 2]), None
     best = max(range(len(sweep)), key=lambda i: (sweep[i]["val_top1"], -i))
-    return dict(candidates[best])
+    return dict(candidates[best]), sweep[best]["val_top1"]
 
 
 # ----------------------------------------------------------------------------------------------- sklearn
@@ -136,10 +139,10 @@ def _fit_sklearn(tx, ty, vx, vy, split, num_classes, k, seed, Cs, max_iter):
             clf, conv = _sk_fit(tx[fit_idx], ty[fit_idx], cand["C"], max_iter, seed)
             acc = _topk_correct(_sk_scores(clf, tx[val_idx], num_classes), torch.from_numpy(ty[val_idx]), 1)[0]
             sweep.append({**cand, "val_top1": acc / len(val_idx), "converged": conv})
-    chosen = _select(sweep, candidates) if sweep else dict(candidates[len(candidates) // 2])
+    chosen, val = _select(sweep, candidates)
     clf, conv = _sk_fit(tx, ty, chosen["C"], max_iter, seed)
     top1, topk = _topk_correct(_sk_scores(clf, vx, num_classes), torch.from_numpy(vy), k)
-    return top1, topk, {**chosen, "max_iter": max_iter, "converged": conv}, sweep
+    return top1, topk, {**chosen, "max_iter": max_iter, "converged": conv}, sweep, val
 
 
 # ----------------------------------------------------------------------------------------------- torch
@@ -200,12 +203,12 @@ def _fit_torch(train_x, train_y, test_x, test_y, split, mean, std, num_classes, 
                                    batch_size, device, seed)
         counts = evaluate_linear_heads(heads, train_x, train_y, val_idx, mean, std, 1, device)
         sweep = [{**c, "val_top1": n1 / len(val_idx)} for c, (n1, _) in zip(candidates, counts)]
-    chosen = _select(sweep, candidates) if sweep else dict(candidates[len(candidates) // 2])
+    chosen, val = _select(sweep, candidates)
     all_idx = torch.arange(train_x.shape[0])
     head = train_linear_heads(train_x, train_y, all_idx, mean, std, num_classes, [chosen], epochs, batch_size,
                               device, seed)
     (top1, topk), = evaluate_linear_heads(head, test_x, test_y, torch.arange(test_x.shape[0]), mean, std, k, device)
-    return top1, topk, {**chosen, "epochs": epochs, "batch_size": batch_size, "optimizer": "AdamW"}, sweep
+    return top1, topk, {**chosen, "epochs": epochs, "batch_size": batch_size, "optimizer": "AdamW"}, sweep, val
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -277,17 +280,14 @@ def fit_linear_probe(train_x: Array, train_y: Any, test_x: Array, test_y: Any, b
     if backend == "sklearn":
         tx, vx = _standardised_numpy(train_x, mean, std), _standardised_numpy(test_x, mean, std)
         sk_split = tuple(None if s is None else s.numpy() for s in split)
-        top1, topk, hparams, sweep = _fit_sklearn(tx, ty.numpy(), vx, vy.numpy(), sk_split, num_classes, k, seed,
-                                                  Cs, max_iter)
+        top1, topk, hparams, sweep, chosen_val = _fit_sklearn(tx, ty.numpy(), vx, vy.numpy(), sk_split,
+                                                              num_classes, k, seed, Cs, max_iter)
     else:
-        top1, topk, hparams, sweep = _fit_torch(train_x, ty, test_x, vy, split, mean, std, num_classes, k, seed,
-                                                dev, lrs, weight_decays, epochs, batch_size)
+        top1, topk, hparams, sweep, chosen_val = _fit_torch(train_x, ty, test_x, vy, split, mean, std, num_classes,
+                                                            k, seed, dev, lrs, weight_decays, epochs, batch_size)
     hparams["selection"] = selection
     if split[0] is not None:
         hparams["val_fraction"] = val_fraction
-    chosen_val = next((s["val_top1"] for s in sweep if all(s.get(key) == hparams[key] for key in
-                                                          (("C",) if backend == "sklearn" else ("lr", "weight_decay")))),
-                      None)
     m = test_x.shape[0]
     return ProbeResult(top1=top1 / m, top5=topk / m, topk=k, hparams=hparams, val_top1=chosen_val, sweep=sweep,
                        backend=backend, num_train=int(train_x.shape[0]), num_test=int(m), num_classes=num_classes,
