@@ -17,6 +17,7 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 DPI = 200
 METRIC_NAMES = {"cknna": "CKNNA", "mutual_knn": "Mutual k-NN", "cka": "Linear CKA", "unbiased_cka": "Unbiased CKA",
@@ -24,6 +25,7 @@ METRIC_NAMES = {"cknna": "CKNNA", "mutual_knn": "Mutual k-NN", "cka": "Linear CK
 TIME_LABEL = "t (0 = clean, 1 = noise)"
 LAYER_LABEL = "Block (1-based)"
 MAX_STEP_LINES = 6  # layers drawn in the training-step plot (evenly spaced), plus the best layer
+MAX_BANDS = 5  # CI bands are drawn when a plot has at most this many lines (more would hide each other)
 
 
 @contextmanager
@@ -72,13 +74,20 @@ def _palette(n: int, ordered: bool):
     return sns.color_palette("viridis", n + 1)[:n] if n > 1 else sns.color_palette("viridis", 1)
 
 
-def _lines(ax, df: pd.DataFrame, x: str, group: str, colours, label_fmt=str) -> None:
-    """One line per ``group`` value (sorted), markers, and a CI band where ci_low/ci_high exist."""
-    for colour, (key, g) in zip(colours, sorted(df.groupby(group), key=lambda kv: kv[0])):
+def _band(ax, g: pd.DataFrame, x: str, colour) -> None:
+    if g["ci_low"].notna().all() and g["ci_high"].notna().all():
+        ax.fill_between(g[x], g["ci_low"], g["ci_high"], color=colour, alpha=0.18, linewidth=0)
+
+
+def _lines(ax, df: pd.DataFrame, x: str, group: str, colours, label_fmt=str, bands: bool = True) -> None:
+    """One line per ``group`` value (sorted), markers, and a CI band where ci_low/ci_high exist (only
+    with ``bands`` and at most :data:`MAX_BANDS` lines)."""
+    groups = sorted(df.groupby(group), key=lambda kv: kv[0])
+    for colour, (key, g) in zip(colours, groups):
         g = g.sort_values(x)
         ax.plot(g[x], g["value"], marker="o", markersize=4, linewidth=1.8, color=colour, label=label_fmt(key))
-        if g["ci_low"].notna().all() and g["ci_high"].notna().all():
-            ax.fill_between(g[x], g["ci_low"], g["ci_high"], color=colour, alpha=0.2, linewidth=0)
+        if bands and len(groups) <= MAX_BANDS:
+            _band(ax, g, x, colour)
 
 
 def _legend(ax, title: str, n: int) -> None:
@@ -152,14 +161,24 @@ def by_step(rows, timestep, metric: str, stem: Path, checkpoints: Iterable[str] 
     with _style():
         fig, ax = _figure(6.5, 4.0)
         _lines(ax, df[df.layer.isin(layers)], "step", "layer", _palette(len(layers), ordered=True),
-               lambda v: f"block {v}")
+               lambda v: f"block {v}", bands=False)
         best = df.loc[df.groupby("step")["value"].idxmax()].sort_values("step")
         ax.plot(best.step, best.value, linestyle="--", color="black", linewidth=1.5, label="best block")
+        _band(ax, best, "step", "black")
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=6, integer=True))
+        ax.xaxis.set_major_formatter(FuncFormatter(_step_label))
         ax.set_xlabel("Training step")
         ax.set_ylabel(METRIC_NAMES.get(metric, metric))
         ax.set_title(f"t = {float(timestep):g}")
         _legend(ax, None, len(layers) + 1)
         return save_figure(fig, stem)
+
+
+def _step_label(x, _pos=None) -> str:
+    """Training-step tick labels: 2500, 50k, 1.2M."""
+    if abs(x) >= 1e6:
+        return f"{x / 1e6:g}M"
+    return f"{x / 1e3:g}k" if abs(x) >= 1e4 else f"{x:g}"
 
 
 def make_figures(rows, out_dir, plot_timestep, runs: dict | None = None) -> list[Path]:
