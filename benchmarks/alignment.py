@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from repa_probe.metrics import cknna
 
 D_A, D_B, TOPK = 1152, 768, 10
-DENSE_BUFFERS = 10          # N×N buffers alive at the dense baselines' peak (K, L, 3 masks, 2 masked, 2 zero-diag, 1 temp)
+DENSE_BUFFERS = 10   # N×N buffers alive at the dense peak: K, L, 3 masks, 2 masked kernels, products
 
 
 def make_features(n: int, device: str, seed: int = 0):
@@ -151,7 +151,8 @@ def main() -> None:
             r = run_one(method, n, args.device, repeats)
             print(f"{n:>7} {method:>9} {r['first_s']:>9.3f} {r['best_s']:>9.3f} {r['peak_bytes'] / 2 ** 20:>10.1f} "
                   f"{r['value']:>12.8f} {r['best_s'] / fast['best_s']:>8.1f}x  "
-                  f"(|Δ| = {abs(r['value'] - fast['value']):.1e}, memory {r['peak_bytes'] / max(fast['peak_bytes'], 1):.0f}x)",
+                  f"(|Δ| = {abs(r['value'] - fast['value']):.1e}, "
+                  f"memory {r['peak_bytes'] / max(fast['peak_bytes'], 1):.0f}x)",
                   flush=True)
 
 

@@ -12,8 +12,8 @@ those of minyoungg/platonic-rep ``metrics.AlignmentMetrics`` and agree with it t
 
 Nothing of size N×N is ever formed. kNN lists come from ``chunk_size × chunk_size`` Gram blocks of the
 upper block triangle (the Gram is symmetric, so each block serves its rows and, transposed, its columns;
-``torch.topk`` per block merged into a running top-k, on the inputs' device and in their dtype), and the masked HSIC is evaluated
-in O(N·k) from the N·k masked entries, accumulated in float64:
+``torch.topk`` per block merged into a running top-k, on the inputs' device and in their dtype), and the
+masked HSIC is evaluated in O(N·k) from the N·k masked entries, accumulated in float64:
 ``Σ(K̃∘L̃ᵀ)`` by looking each entry's transpose up in the sorted entry keys, ``ΣK̃``, ``ΣL̃`` directly, and
 ``Σ(K̃L̃) = Σ_m colsum(K̃)_m · rowsum(L̃)_m``. Linear CKA uses the feature-space form (D_a×D_b products
 accumulated in float64 over row chunks) when that is cheaper than the N×N Gram matrices.
@@ -87,9 +87,9 @@ def _knn(x: torch.Tensor, k: int, exclude_self: bool, chunk_size: int | None):
 
     Returns ``values: (N, k)`` (``x_i · x_j``, dtype of x) and ``indices: (N, k)`` int64, descending.
     The Gram matrix is visited in ``c × c`` blocks (``c = chunk_size``; default: N when N <= 4096, else
-    ``N/8`` capped by the memory budget) of the upper block triangle only: block ``(I, J)`` gives candidates to the rows of
-    ``I`` and, transposed, to the rows of ``J``; a running top-k is merged per block. With ``exclude_self``
-    the diagonal is -inf.
+    ``N/8`` capped by the memory budget) of the upper block triangle only: block ``(I, J)`` gives
+    candidates to the rows of ``I`` and, transposed, to the rows of ``J``; a running top-k is merged per
+    block. With ``exclude_self`` the diagonal is -inf. Exact ties are broken by ``torch.topk``.
     """
     n = x.shape[0]
     if chunk_size is None:                 # one block for small N; >= 8 blocks per side for large N
