@@ -30,16 +30,22 @@ def build_objective(cfg: Config):
     return GaussianDiffusion(num_timesteps=o.num_timesteps, learn_sigma=o.learn_sigma)
 
 
-def build_encoder(cfg: Config, device: torch.device):
-    """The frozen REPA target encoder, or None when ``repa.proj_coeff == 0`` (vanilla baseline)."""
-    if cfg.repa.proj_coeff == 0:
+def build_encoder(cfg: Config, device: torch.device, required: bool = False):
+    """The frozen REPA target encoder of ``cfg`` (None for the vanilla baseline unless ``required``).
+
+    Random weights (``encoder.pretrained=false``) are drawn from a generator seeded with ``run.seed`` alone,
+    without touching the global RNG, so the analysis of a run rebuilds exactly the encoder it trained against.
+    """
+    if cfg.repa.proj_coeff == 0 and not required:
         return None
     from .encoders import load_encoder
 
     e = cfg.encoder
     kw = {"input_size": e.input_size} if e.input_size is not None else {}
-    enc = load_encoder(e.name, weights=e.weights, pretrained=e.pretrained, resolution=cfg.data.resolution,
-                       source=e.source, **kw)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.run.seed)
+        enc = load_encoder(e.name, weights=e.weights, pretrained=e.pretrained, resolution=cfg.data.resolution,
+                           source=e.source, **kw)
     return enc.to(device)
 
 

@@ -96,7 +96,7 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 300  # total optimiser steps
     batch_size: int = 32  # GLOBAL batch size (divided over processes)
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.99  # EMA of the weights (paper: 0.9999; the tiny run is too short for that)
     precision: str = "bf16"  # bf16, fp16 or fp32 autocast on GPU; the CPU always runs fp32
     tf32: bool = True  # allow TF32 matmuls on GPU
     compile: bool = False  # torch.compile the model
