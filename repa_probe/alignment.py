@@ -171,18 +171,12 @@ def run_alignment(ckpts: Sequence, out_dir, timesteps=DEFAULT_TIMESTEPS, layers=
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise AlignmentError(f"--batch-size must be a positive integer, got {batch_size!r}")
     dev = resolve_device(device)
-    out = Path(out_dir)
-    try:
-        (out / "figures").mkdir(parents=True, exist_ok=True)
-        (out / ".write_test").write_text("ok")
-        (out / ".write_test").unlink()
-    except OSError as exc:
-        raise AlignmentError(f"--out {out} is not writable ({exc.strerror or exc})") from None
+    if num_samples is not None and (isinstance(num_samples, bool) or int(num_samples) < 1):
+        raise AlignmentError(f"--num-samples must be a positive integer, got {num_samples!r}")
     if plot_timestep is not None and plot_timestep not in timesteps:
         raise AlignmentError(f"--plot-timestep {plot_timestep} is not one of --timesteps {timesteps}")
 
     entries = load_entries(checkpoint_paths(ckpts), family=context.get("family"), weights=weights)
-    ctx = resolve_context(entries, num_samples=num_samples, seed=seed, **context)
     objectives = {}
     for e in entries:
         obj = objectives[e.label] = objective_for(e)
@@ -195,8 +189,16 @@ def run_alignment(ckpts: Sequence, out_dir, timesteps=DEFAULT_TIMESTEPS, layers=
             resolve_layers(model_view, layer_spec)
         except FeatureError as exc:
             raise AlignmentError(f"{e.label}: --layers: {exc}") from None
+    ctx = resolve_context(entries, num_samples=num_samples, seed=seed, **context)
     n = len(ctx.dataset)
     check_metric_settings(metrics, n, topk, bootstrap)
+    out = Path(out_dir)
+    try:
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+        (out / ".write_test").write_text("ok")
+        (out / ".write_test").unlink()
+    except OSError as exc:
+        raise AlignmentError(f"--out {out} is not writable ({exc.strerror or exc})") from None
 
     # ---- heavy work from here on
     vae = ctx.vae.to(dev) if ctx.vae is not None else None

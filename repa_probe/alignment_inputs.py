@@ -100,8 +100,8 @@ def checkpoint_paths(items: Sequence) -> list[Path]:
             raise AlignmentError(f"--ckpt {p}: no such file or directory")
     if not out:
         raise AlignmentError("no checkpoints given (--ckpt PATH)")
-    if len(set(map(str, out))) != len(out):
-        raise AlignmentError("the same checkpoint is listed twice")
+    if len({q.resolve() for q in out}) != len(out):
+        raise AlignmentError("the same checkpoint is listed twice in --ckpt")
     return out
 
 

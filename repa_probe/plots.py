@@ -90,11 +90,9 @@ def _lines(ax, df: pd.DataFrame, x: str, group: str, colours, label_fmt=str, ban
             _band(ax, g, x, colour)
 
 
-def _legend(ax, title: str, n: int) -> None:
-    if n > 6:
-        ax.legend(title=title, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
-    else:
-        ax.legend(title=title, frameon=True, fontsize="small")
+def _legend(ax, title: str | None) -> None:
+    """Legend outside the axes on the right, so that it never hides a line."""
+    ax.legend(title=title, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize="small")
 
 
 def heatmap(rows, checkpoint: str, metric: str, stem: Path) -> list[Path]:
@@ -119,13 +117,13 @@ def by_layer(rows, checkpoint: str, metric: str, stem: Path) -> list[Path]:
     df = df[(df.checkpoint == checkpoint) & (df.metric == metric)]
     n = df.timestep.nunique()
     with _style():
-        fig, ax = _figure(6.5 if n > 6 else 6.0, 4.0)
+        fig, ax = _figure(6.5, 4.0)
         _lines(ax, df, "layer", "timestep", _palette(n, ordered=True), lambda t: f"{float(t):g}")
         ax.set_xlabel(LAYER_LABEL)
         ax.set_ylabel(METRIC_NAMES.get(metric, metric))
         ax.set_title(checkpoint)
         ax.xaxis.get_major_locator().set_params(integer=True)
-        _legend(ax, "t", n)
+        _legend(ax, "t")
         return save_figure(fig, stem)
 
 
@@ -138,13 +136,13 @@ def by_layer_checkpoints(rows, timestep, metric: str, stem: Path) -> list[Path]:
     n = len(order)
     labels = {i: c for c, i in order.items()}
     with _style():
-        fig, ax = _figure(7.0 if n > 6 else 6.0, 4.0)
+        fig, ax = _figure(7.5, 4.0)
         _lines(ax, df, "layer", "_order", _palette(n, ordered=n > 10), lambda i: labels[i])
         ax.set_xlabel(LAYER_LABEL)
         ax.set_ylabel(METRIC_NAMES.get(metric, metric))
         ax.set_title(f"t = {float(timestep):g}")
         ax.xaxis.get_major_locator().set_params(integer=True)
-        _legend(ax, "checkpoint", n)
+        _legend(ax, "checkpoint")
         return save_figure(fig, stem)
 
 
@@ -170,7 +168,7 @@ def by_step(rows, timestep, metric: str, stem: Path, checkpoints: Iterable[str] 
         ax.set_xlabel("Training step")
         ax.set_ylabel(METRIC_NAMES.get(metric, metric))
         ax.set_title(f"t = {float(timestep):g}")
-        _legend(ax, None, len(layers) + 1)
+        _legend(ax, None)
         return save_figure(fig, stem)
 
 
