@@ -71,8 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-encoder", action="store_true",
                    help="random-initialised --encoder seeded with --seed (tests / baselines only)")
     g.add_argument("--target-kind", default="cls", choices=TARGET_KINDS,
-                   help="encoder representation: cls (final-norm CLS token, platonic-rep's vision feature; "
-                        "default) or mean_patch (mean of the final-norm patch tokens)")
+                   help="encoder representation: cls (final-norm CLS token, default: platonic-rep compares "
+                        "vision models by their CLS token) or mean_patch (mean of the final-norm patch tokens)")
     g.add_argument("--vae", metavar="NAME", help="VAE for latent models (stabilityai/sd-vae-ft-ema, a local dir, "
                    "none); default: the training config's, else sd-vae-ft-ema for 4-channel official models")
     g.add_argument("--family", choices=("DiT", "SiT", "REPA"),

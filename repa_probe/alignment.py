@@ -1,8 +1,9 @@
 """Alignment analysis: how similar a diffusion transformer's hidden states are to a frozen encoder's.
 
 For every checkpoint × block × timestep: mean-pooled block output of the noisy input (REPA's pooled
-hidden state) against the encoder's representation of the clean image (``cls`` by default: the
-platonic-rep vision feature is the CLS token; ``mean_patch`` as an option), both prepared the
+hidden state) against the encoder's representation of the clean image (``cls`` by default: platonic-rep
+compares vision models by their CLS token (of every block, maximised over layer pairs); here the final-norm
+CLS, the output REPA aligns to; ``mean_patch`` as an option), both prepared the
 platonic-rep way (outlier clamp at the 0.95 quantile, then row L2 norm, per layer and timestep), then
 CKNNA with k = 10 (or mutual_knn, cka, unbiased_cka, cycle_knn), optionally with half-sampling CIs.
 REPA's own CKNNA code is unreleased (REPA issue #54), so this follows platonic-rep; it is our choice.
