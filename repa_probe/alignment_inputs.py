@@ -205,16 +205,11 @@ def _agreed(entries, what: str, fields: Callable) -> Any:
 
 
 def build_config_encoder(cfg):
-    """The training run's target encoder, rebuilt as the trainer builds it (random weights are drawn right
-    after ``torch.manual_seed(run.seed)``, as in the trainer), without touching the global RNG state."""
-    from .encoders import load_encoder
+    """The training run's target encoder on the CPU, rebuilt exactly (random weights are seeded by
+    ``run.seed`` alone, see :func:`repa_probe.builders.build_encoder`), also for a vanilla run."""
+    from .builders import build_encoder
 
-    e = cfg.encoder
-    kw = {"input_size": e.input_size} if e.input_size is not None else {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.run.seed)
-        return load_encoder(e.name, weights=e.weights, pretrained=e.pretrained, resolution=cfg.data.resolution,
-                            source=e.source, **kw)
+    return build_encoder(cfg, torch.device("cpu"), required=True)
 
 
 def build_analysis_dataset(name: str, root=None, split: str = "auto", resolution=None, seed: int = 0,
