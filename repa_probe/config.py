@@ -33,8 +33,8 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     name: str = "SiT-S/4"  # registry name: SiT-{S,B,L,XL}/{2,4,8} or DiT-{S,B,L,XL}/{2,4,8}
-    depth: Optional[int] = 6  # overrides of the named size (null = keep the size's value)
-    hidden_size: Optional[int] = 128
+    depth: Optional[int] = 4  # overrides of the named size (null = keep the size's value)
+    hidden_size: Optional[int] = 96
     num_heads: Optional[int] = 4
     patch_size: Optional[int] = None
     qk_norm: bool = False  # REPA's --qk-norm
@@ -94,7 +94,7 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300  # total optimiser steps
+    steps: int = 200  # total optimiser steps
     batch_size: int = 32  # GLOBAL batch size (divided over processes)
     ema_decay: float = 0.99  # EMA of the weights (paper: 0.9999; the tiny run is too short for that)
     precision: str = "bf16"  # bf16, fp16 or fp32 autocast on GPU; the CPU always runs fp32
