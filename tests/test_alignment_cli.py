@@ -137,7 +137,7 @@ def test_bad_inputs_fail_in_one_line_before_heavy_work(run, tmp_path, capsys, mo
         "no pretrained weights for encoder dinov2_vits14": base + ["--encoder", "dinov2_vits14"],
         "more than": base + ["--data", "digits", "--num-samples", "5000"],
         "must lie in [0, 1]": base + ["--timesteps", "0,1.5"],
-        "layers [7] are outside 1..6": base + ["--layers", "2,7"],
+        "layers [7] are outside 1..4": base + ["--layers", "2,7"],
         "--topk 10 must be smaller than the number of samples N = 8": base + ["--num-samples", "8"],
         "must exceed --topk": base + ["--num-samples", "16", "--bootstrap", "10"],
         "pass --data and --encoder": ["--ckpt", str(official), "--out", str(tmp_path / "o")],

@@ -43,12 +43,12 @@ def _rows(path):
 def test_probe_cli_end_to_end(tiny_ckpt, tmp_path):
     out = tmp_path / "probe"
     assert probe_main(["--ckpt", tiny_ckpt, "--out", str(out), "--num-train", "64", "--num-test", "32",
-                       "--layers", "1,6", "--timesteps", "0,1", "--encoder-reference", "-q"]) == 0
+                       "--layers", "1,4", "--timesteps", "0,1", "--encoder-reference", "-q"]) == 0
     rows = _rows(out / "probe.csv")
     model = [r for r in rows if r["source"] == "model"]
     refs = [r for r in rows if r["source"] != "model"]
     assert len(model) == 2 * 2 * 2  # layers x timesteps x (top1, top5)
-    assert {(r["layer"], r["timestep"]) for r in model} == {("1", "0.0"), ("6", "0.0"), ("1", "1.0"), ("6", "1.0")}
+    assert {(r["layer"], r["timestep"]) for r in model} == {("1", "0.0"), ("4", "0.0"), ("1", "1.0"), ("4", "1.0")}
     assert {r["source"] for r in refs} == {"encoder:cls", "encoder:mean_patch"} and len(refs) == 4
     assert all(r["checkpoint"] == "tiny/0000002" and r["step"] == "2" for r in model)
     assert all(0.0 <= float(r["value"]) <= 1.0 for r in rows)
@@ -147,7 +147,7 @@ def test_probe_cli_on_image_folder(tiny_ckpt, tmp_path, capsys):
 
 @pytest.mark.parametrize("args,match", [
     (["--ckpt", "/nonexistent.pt"], "no such file"),
-    (["--layers", "1,99"], "outside 1..6"),
+    (["--layers", "1,99"], "outside 1..4"),
     (["--timesteps", "2.5"], r"\[0, 1\]"),
     (["--data", "voc"], "needs a directory"),
     (["--data", "imagefolder", "/nonexistent"], "not a directory"),
