@@ -34,8 +34,8 @@ class RunConfig:
 class ModelConfig:
     name: str = "SiT-S/4"  # registry name: SiT-{S,B,L,XL}/{2,4,8} or DiT-{S,B,L,XL}/{2,4,8}
     depth: Optional[int] = 4  # overrides of the named size (null = keep the size's value)
-    hidden_size: Optional[int] = 96
-    num_heads: Optional[int] = 4
+    hidden_size: Optional[int] = 128
+    num_heads: Optional[int] = 2
     patch_size: Optional[int] = None
     qk_norm: bool = False  # REPA's --qk-norm
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (0 = no null class)

@@ -69,9 +69,9 @@ def test_cli_end_to_end_on_a_run(run, tmp_path, capsys):
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == CSV_COLUMNS
         rows = list(reader)
-    assert len(rows) == 2 * 6 * 3                                    # checkpoints x blocks x timesteps
+    assert len(rows) == 2 * 4 * 3                                    # checkpoints x blocks x timesteps
     assert {(r["checkpoint"], r["step"]) for r in rows} == {("tiny/0000001", "1"), ("tiny/0000002", "2")}
-    assert {r["layer"] for r in rows} == {str(i) for i in range(1, 7)}
+    assert {r["layer"] for r in rows} == {str(i) for i in range(1, 5)}
     assert {float(r["timestep"]) for r in rows} == {0.0, 0.5, 1.0}
     assert {r["metric"] for r in rows} == {"cknna"} and {r["n"] for r in rows} == {"48"}
     for r in rows:
