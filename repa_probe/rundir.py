@@ -31,9 +31,9 @@ def prepare(out_dir: str, name: str) -> Path:
     run = Path(out_dir) / name
     try:
         (run / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = run / ".write_test"
+        probe = run / f".write_test.{os.getpid()}"  # one per process: DDP ranks check at the same time
         probe.write_text("ok")
-        probe.unlink()
+        probe.unlink(missing_ok=True)
     except OSError as exc:
         raise RunDirError(f"output directory {run} is not writable ({exc.strerror or exc}); "
                           f"set run.out_dir to a writable path") from None
