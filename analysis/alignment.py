@@ -5,10 +5,10 @@ Thin command line over :func:`repa_probe.alignment.run_alignment`; see `--help`.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
 from typing import List, Optional
+
+from repa_probe.errors import OneLineParser, setup_logging
 
 DESCRIPTION = """\
 Measure how well each block of a diffusion transformer (our checkpoints, official DiT / SiT / REPA
@@ -39,18 +39,10 @@ examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``error: <message>`` on stderr, exit code 2."""
-
-    def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from repa_probe.alignment import METRICS, TARGET_KINDS
 
-    p = _Parser(prog="python -m analysis.alignment", description=DESCRIPTION, epilog=EXAMPLES,
+    p = OneLineParser(prog="python -m analysis.alignment", description=DESCRIPTION, epilog=EXAMPLES,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
                    help="checkpoint file (ours, or official DiT/SiT/REPA), or a run directory / its checkpoints/ "
@@ -110,8 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
-                        stream=sys.stdout)
+    setup_logging(args.verbose)
     from repa_probe.alignment import parse_timestep_list, run_alignment
     from repa_probe.errors import one_line_errors
 

@@ -6,10 +6,10 @@ this parser for the segmentation probe.
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import sys
 from typing import List, Optional
+
+from repa_probe.errors import OneLineParser, setup_logging
 
 DESCRIPTIONS = {
     "linear": """\
@@ -57,16 +57,8 @@ examples:
 }
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: ``error: <message>`` on stderr, exit code 2."""
-
-    def error(self, message):
-        print(f"error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def build_parser(task: str = "linear") -> argparse.ArgumentParser:
-    p = _Parser(prog=f"python -m {PROGS[task]}", description=DESCRIPTIONS[task] + COMMON, epilog=EXAMPLES[task],
+    p = OneLineParser(prog=f"python -m {PROGS[task]}", description=DESCRIPTIONS[task] + COMMON, epilog=EXAMPLES[task],
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
                    help="checkpoint file (ours, or official DiT/SiT/REPA), or a run directory (every checkpoint). "
@@ -114,8 +106,7 @@ def main(argv: Optional[List[str]] = None, task: str = "linear") -> int:
     if args.data and len(args.data) > 2:
         p.error(f"--data takes a name and at most one directory, got {' '.join(args.data)}")
     data, root = (args.data + [None])[:2] if args.data else (None, None)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
-                        stream=sys.stdout)
+    setup_logging(args.verbose)
     from repa_probe.errors import one_line_errors
     from repa_probe.probing import run_probes
 

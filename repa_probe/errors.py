@@ -1,6 +1,7 @@
 """How command-line tools report bad input: one line on stderr and a non-zero exit code."""
 from __future__ import annotations
 
+import argparse
 import logging
 import sys
 from contextlib import contextmanager
@@ -27,3 +28,16 @@ def one_line_errors(verbose: bool = False):
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
         print(f"error: {exc.__class__.__name__}: {msg}", file=sys.stderr)
         raise CLIExit(EXIT_USER_ERROR) from None
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line too: ``error: <message> (see --help)``, exit code 2."""
+
+    def error(self, message):  # noqa: D401 - argparse hook
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(EXIT_USER_ERROR)
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """Log lines of the command-line tools: plain messages on stdout (debug level with ``verbose``)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stdout)

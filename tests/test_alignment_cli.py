@@ -106,7 +106,7 @@ def test_cli_end_to_end_on_a_run(run, tmp_path, capsys):
                             timesteps=[0.5], checkpoint="x", batch_size=16, progress=False)
     csv_values = {int(r["layer"]): float(r["value"]) for r in rows
                   if r["checkpoint"] == "tiny/0000002" and float(r["timestep"]) == 0.5}
-    assert len(table) == 6
+    assert len(table) == 4
     for r in table:
         assert r["ci_low"] is None and r["value"] == pytest.approx(csv_values[r["layer"]], abs=1e-5)
 

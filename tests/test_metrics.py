@@ -1,7 +1,6 @@
 """Tests for repa_probe.metrics: platonic-rep reference numbers, a dense re-derivation, invariances, errors."""
 import functools
 import json
-import math
 from pathlib import Path
 
 import numpy as np

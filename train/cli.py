@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from typing import List, Optional
+
+from repa_probe.errors import OneLineParser, setup_logging
 
 EPILOG = """\
 overrides:
@@ -26,7 +26,7 @@ config keys (default = the embedded tiny CPU run):
 def build_parser() -> argparse.ArgumentParser:
     from repa_probe.config import describe
 
-    p = argparse.ArgumentParser(
+    p = OneLineParser(
         prog="python -m train",
         description="Train a SiT or DiT diffusion transformer, with or without REPA. Without --cfg, trains "
                     "the embedded tiny default (a small SiT + REPA on the built-in shapes dataset, one CPU, "
@@ -44,8 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
-                        stream=sys.stdout)
+    setup_logging(args.verbose)
     from repa_probe import launch
     from repa_probe.config import load_config, to_yaml
     from repa_probe.errors import one_line_errors

@@ -7,13 +7,13 @@ and what ``data.name=repa data.root=OUT`` trains on (the posterior is re-sampled
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 from typing import List, Optional
+
+from repa_probe.errors import OneLineParser, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m train.extract_latents", description=__doc__,
+    p = OneLineParser(prog="python -m train.extract_latents", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="imagefolder",
                    help="dataset name: imagefolder (ImageNet layout, ADM centre crop), shapes or digits")
@@ -36,8 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s",
-                        stream=sys.stdout)
+    setup_logging(args.verbose)
     import torch
 
     from repa_probe.data import build_dataset
