@@ -195,12 +195,12 @@ class Context:
         return dict(target_kind=self.target_kind, labels=self.labels, **self.info)
 
 
-def _agreed(entries, what: str, fields: Callable) -> Any:
-    """The common value of ``fields(cfg)`` over our checkpoints, else an error naming the option to pass."""
+def agreed(entries, what: str, fields: Callable, error: type = None) -> Any:
+    """The common value of ``fields(cfg)`` over our checkpoints, else ``error`` naming the option to pass."""
     values = {json.dumps(fields(e.cfg), sort_keys=True, default=str): e.label for e in entries}
     if len(values) > 1:
-        raise AlignmentError(f"the checkpoints were trained with different {what} ({'; '.join(values)}); "
-                             f"pass --{what} to compare them on the same one")
+        raise (error or AlignmentError)(f"the checkpoints were trained with different {what} "
+                                        f"({'; '.join(values)}); pass --{what} to analyse them on the same one")
     return fields(entries[0].cfg)
 
 
@@ -261,13 +261,13 @@ def resolve_context(entries: Sequence[CheckpointEntry], data=None, data_root=Non
                              "and --encoder")
     first = entries[0].info.config
     if vae is None:
-        vae = _agreed(ours, "vae", lambda c: c.vae.name) if ours else ("stabilityai/sd-vae-ft-ema"
+        vae = agreed(ours, "vae", lambda c: c.vae.name) if ours else ("stabilityai/sd-vae-ft-ema"
                                                                          if first["in_channels"] == 4 else "none")
     vae_model = load_vae(vae)
     factor = vae_model.downsample_factor if vae_model is not None else 1
     channels = vae_model.latent_channels if vae_model is not None else 3
     if data is None:
-        d = _agreed(ours, "data", lambda c: dict(name=c.data.name, root=c.data.root, res=c.data.resolution,
+        d = agreed(ours, "data", lambda c: dict(name=c.data.name, root=c.data.root, res=c.data.resolution,
                                                  seed=c.run.seed))
         data, data_root, resolution, data_seed = d["name"], d["root"], d["res"], d["seed"]
     else:
@@ -289,7 +289,7 @@ def resolve_context(entries: Sequence[CheckpointEntry], data=None, data_root=Non
             raise AlignmentError(f"{e.label}: dataset has {n_cls} classes, the model {c['num_classes']}; "
                                  "use --labels null")
     if encoder is None:
-        _agreed(ours, "encoder", lambda c: dict(name=c.encoder.name, weights=c.encoder.weights,
+        agreed(ours, "encoder", lambda c: dict(name=c.encoder.name, weights=c.encoder.weights,
                                                 pretrained=c.encoder.pretrained, source=c.encoder.source,
                                                 size=c.encoder.input_size, seed=c.run.seed))
         enc = build_config_encoder(ours[0].cfg)

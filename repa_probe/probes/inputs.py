@@ -8,11 +8,12 @@ so they need ``data`` (and ``encoder`` for a reference row). Errors are one-line
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import torch
+
+from ..alignment_inputs import agreed
 
 log = logging.getLogger("repa_probe")
 
@@ -40,15 +41,6 @@ class ProbeData:
     resolution: int
     vae: Any
     info: dict
-
-
-def _agreed(entries, what: str, fields: Callable) -> Any:
-    """The common value of ``fields(cfg)`` over our checkpoints, else an error naming the option to pass."""
-    values = {json.dumps(fields(e.cfg), sort_keys=True, default=str): e.label for e in entries}
-    if len(values) > 1:
-        raise ProbeSetupError(f"the checkpoints were trained with different {what} ({'; '.join(values)}); "
-                              f"pass --{what} to probe them on the same one")
-    return fields(entries[0].cfg)
 
 
 def _capped(ds, n: int | None, what: str):
@@ -102,15 +94,15 @@ def resolve_probe_data(entries: Sequence, task: str, data=None, data_root=None, 
         raise ProbeSetupError(f"official checkpoint(s) {', '.join(official)} store no training config: pass --data")
     first = entries[0].info.config
     if vae is None:
-        vae = _agreed(ours, "vae", lambda c: c.vae.name) if ours else ("stabilityai/sd-vae-ft-ema"
+        vae = agreed(ours, "vae", lambda c: c.vae.name, ProbeSetupError) if ours else ("stabilityai/sd-vae-ft-ema"
                                                                          if first["in_channels"] == 4 else "none")
     vae_model = load_vae(vae)
     factor = vae_model.downsample_factor if vae_model is not None else 1
     channels = vae_model.latent_channels if vae_model is not None else 3
     shapes_classes = None
     if data is None:
-        d = _agreed(ours, "data", lambda c: dict(name=c.data.name, root=c.data.root, res=c.data.resolution,
-                                                 seed=c.run.seed, classes=c.data.num_classes))
+        d = agreed(ours, "data", lambda c: dict(name=c.data.name, root=c.data.root, res=c.data.resolution,
+                                                 seed=c.run.seed, classes=c.data.num_classes), ProbeSetupError)
         data, data_root, resolution, data_seed = d["name"], d["root"], d["res"], d["seed"]
         shapes_classes = d["classes"] if data == "shapes" else None
         if data not in TASK_DATASETS[task]:
@@ -158,9 +150,9 @@ def resolve_reference_encoder(entries: Sequence, resolution: int, encoder=None, 
     ours = [e for e in entries if e.cfg is not None]
     if not ours:
         raise ProbeSetupError("--encoder-reference with official checkpoints only: pass --encoder NAME")
-    _agreed(ours, "encoder", lambda c: dict(name=c.encoder.name, weights=c.encoder.weights,
+    agreed(ours, "encoder", lambda c: dict(name=c.encoder.name, weights=c.encoder.weights,
                                             pretrained=c.encoder.pretrained, source=c.encoder.source,
-                                            size=c.encoder.input_size, seed=c.run.seed))
+                                            size=c.encoder.input_size, seed=c.run.seed), ProbeSetupError)
     from ..alignment_inputs import build_config_encoder
 
     return build_config_encoder(ours[0].cfg)
