@@ -16,6 +16,8 @@ def build_dataset(cfg: Config, split: str = "train"):
     from .data import build_dataset as _build
 
     d = cfg.data
+    if d.root is None and d.name not in ("shapes", "digits"):
+        raise ConfigError(f"data.name={d.name} reads files: set data.root=/path/to/dataset")
     extra = {"random_flip": True} if d.flip else {}
     return _build(d.name, root=d.root, split=split, resolution=d.resolution, num_samples=d.num_samples,
                   seed=cfg.run.seed, **extra)

@@ -143,6 +143,7 @@ def test_keep_last_and_keep_every(tmp_path):
 
 @pytest.mark.parametrize("args, expected", [
     (["train.stepz=3"], "valid keys at train: steps"),
+    (["data.name=repa"], "set data.root="),
     (["train.steps=three"], "train.steps"),
     (["--cfg", "configs/nope.yaml"], "config file not found"),
     (["repa.encoder_depth=9"], "repa.encoder_depth=9 is larger than the model depth"),
