@@ -1,0 +1,417 @@
+"""Full training-step throughput: data → VAE posterior sample → encoder → model + REPA → AdamW → EMA.
+
+Our step is built from the library exactly as ``repa_probe.trainer`` builds it (``load_config`` overrides,
+``builders.Batches`` / ``build_encoder`` / ``build_model`` / ``build_objective`` / ``model_inputs``, the
+trainer's ``objective_noise``, ``_autocast`` and ``update_ema``, AdamW as the trainer configures it, grad
+clip 1.0) and runs the body of the trainer's loop. Data: a small dataset in REPA's preprocessed layout
+written to a temp dir (256-px PNGs + random posterior moments (8, 32, 32)), so the model sees 32×32×4
+latents (256 tokens at patch 2) and the encoder sees the 256-px images resized to 224 px (16×16 tokens).
+The VAE is never run (moments come from the dataset, as in REPA's training).
+
+Variants, timed interleaved in ONE process (rounds A B C, C B A, ... after warm-up, same threads); the
+table gives median / min / max s/step, and ratios are medians of per-round ratios (robust to a shared,
+loaded machine):
+  ours       our SiT + REPA step (DINOv2-B/14 target, random weights: same compute);
+  vanilla    our step with ``repa.proj_coeff=0`` (no encoder, no projector) → REPA overhead;
+  official   with ``--reference-repo /tmp/REPA`` (a checkout of sihyun-yu/REPA): their ``models/sit.py``
+             SiT and ``loss.py`` SILoss, their data class ``dataset.CustomDataset``, and their train.py
+             step rewritten here without accelerate (fp32 on CPU, as ``mixed_precision=no``):
+             sample_posterior, preprocess_raw_image (bicubic to 224), encoder under no_grad,
+             ``loss.mean() + proj_coeff * proj_loss.mean()``, backward, clip_grad_norm_ 1.0, default AdamW,
+             their per-parameter EMA update. Their encoder (``torch.hub`` DINOv2, needs network) is replaced
+             by the very same timm DINOv2 module our side uses (identical encoder compute).
+
+FLOPs are analytic (2 per multiply-add): 3× the model's forward (``benchmarks/model_step.forward_flops``)
+plus the encoder's forward (no backward). MFU = achieved / ``--peak-tflops``.
+
+    python benchmarks/train_step.py                                    # ours vs vanilla, SiT-B/2, batch 8, CPU
+    python benchmarks/train_step.py --reference-repo /tmp/REPA         # + the official step, side by side
+    python benchmarks/train_step.py --device cuda --model SiT-XL/2 --batch 256 --bf16 --encoder-depth 8
+    python benchmarks/train_step.py --model SiT-S/2 --batch 2 --encoder tiny_vit --rounds 1   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_step import _sync, forward_flops  # noqa: E402  (benchmarks/model_step.py)
+
+from repa_probe.builders import Batches, build_encoder, build_model, build_objective, model_inputs  # noqa: E402
+from repa_probe.config import load_config  # noqa: E402
+from repa_probe.launch import DistInfo  # noqa: E402
+from repa_probe.objectives import repa_loss  # noqa: E402
+from repa_probe.trainer import _autocast, objective_noise, update_ema  # noqa: E402
+
+LATENT_CHANNELS = 4  # SD-VAE
+
+
+class BenchmarkError(RuntimeError):
+    """Bad benchmark arguments or an unusable reference checkout (one-line message)."""
+
+
+# ----------------------------------------------------------------------------------------------- data
+def write_repa_dataset(root: Path, num: int, resolution: int, num_classes: int = 1000, seed: int = 0) -> Path:
+    """Write ``num`` samples in REPA's preprocessed layout under ``root`` and return ``root``.
+
+    ``images/00000/img{i:08d}.png``: random uint8 RGB (resolution²); ``vae-sd/00000/img-mean-std-{i:08d}.npy``:
+    float32 (2·4, resolution/8, resolution/8) = posterior mean ‖ std (std > 0); both ``dataset.json`` files.
+    """
+    rng = np.random.default_rng(seed)
+    side = resolution // 8
+    img_labels, feat_labels = [], []
+    for sub in ("images/00000", "vae-sd/00000"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    for i in range(num):
+        label = int(rng.integers(num_classes))
+        img = rng.integers(0, 256, (resolution, resolution, 3), dtype=np.uint8)
+        Image.fromarray(img).save(root / f"images/00000/img{i:08d}.png", compress_level=1)
+        mean = rng.standard_normal((LATENT_CHANNELS, side, side), dtype=np.float32) * 5
+        std = rng.uniform(0.01, 0.2, (LATENT_CHANNELS, side, side)).astype(np.float32)
+        np.save(root / f"vae-sd/00000/img-mean-std-{i:08d}.npy", np.concatenate([mean, std]))
+        img_labels.append([f"00000/img{i:08d}.png", label])
+        feat_labels.append([f"00000/img-mean-std-{i:08d}.npy", label])
+    (root / "images/dataset.json").write_text(json.dumps({"labels": img_labels}))
+    (root / "vae-sd/dataset.json").write_text(json.dumps({"labels": feat_labels}))
+    return root
+
+
+# ----------------------------------------------------------------------------------------------- ours
+def our_config(a: argparse.Namespace, data_root: Path, proj_coeff: float):
+    """The library config for this benchmark (what ``python -m train`` would resolve)."""
+    overrides = [
+        f"model.name={a.model}", "model.depth=null", "model.hidden_size=null", "model.num_heads=null",
+        f"repa.proj_coeff={proj_coeff}", f"repa.encoder_depth={a.encoder_depth}",
+        f"repa.projector_dim={a.projector_dim}", f"encoder.name={a.encoder}", "encoder.pretrained=false",
+        "vae.name=random:tiny", "data.name=repa", f"data.root={data_root}", f"data.resolution={a.resolution}",
+        "data.num_samples=null", "data.num_classes=1000", f"data.num_workers={a.num_workers}",
+        f"train.batch_size={a.batch}", f"train.device={a.device}", f"train.precision={'bf16' if a.bf16 else 'fp32'}",
+        "optim.lr=1e-4", "optim.grad_clip=1.0",
+    ]
+    return load_config(None, overrides)
+
+
+class OurStep:
+    """One training step of ``repa_probe.trainer`` (the body of its loop, minus logging and checkpoints)."""
+
+    def __init__(self, cfg, device: torch.device):
+        self.cfg, self.device, self.dist = cfg, device, DistInfo()
+        torch.manual_seed(cfg.run.seed)
+        self.batches = Batches(cfg, self.dist)
+        self.enc = build_encoder(cfg, device)
+        self.model = build_model(cfg, self.batches, self.enc).to(device)
+        self.objective = build_objective(cfg)
+        self.vae = self.batches.vae.to(device)
+        self.ema = build_model(cfg, self.batches, self.enc).to(device)
+        self.ema.load_state_dict(self.model.state_dict())
+        self.ema.requires_grad_(False).eval()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        o = cfg.optim
+        self.opt = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                                     eps=o.eps, fused=True)
+        self.gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
+        self.model.train()
+
+    def __call__(self) -> float:
+        cfg, model = self.cfg, self.model
+        batch = self.batches.next()
+        x0, z_enc, y = model_inputs(batch, self.vae, self.enc, self.device, self.gen, self.dist, cfg, model.grid_size)
+        t, noise, y = objective_noise(self.objective, x0, y, self.gen, self.dist, cfg, self.batches.num_classes)
+        x_t = self.objective.add_noise(x0, t, noise)
+        with _autocast(cfg, self.device):
+            out, zs_tilde = model(x_t, self.objective.model_time(t), y)
+        loss = self.objective.loss(out.float(), x0, x_t, noise, t)["loss"].mean()
+        if z_enc is not None:
+            proj_loss, _ = repa_loss(zs_tilde, [z_enc])
+            loss = loss + cfg.repa.proj_coeff * proj_loss
+        if not torch.isfinite(loss).item():
+            raise BenchmarkError("our step produced a non-finite loss")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
+        self.opt.step()
+        update_ema(self.ema, model, cfg.train.ema_decay)
+        return loss.item()
+
+
+# ----------------------------------------------------------------------------------------------- theirs
+def check_reference(repo: Path) -> None:
+    """Raise BenchmarkError unless ``repo`` looks like a sihyun-yu/REPA checkout."""
+    for f in ("models/sit.py", "loss.py", "dataset.py"):
+        if not (repo / f).is_file():
+            raise BenchmarkError(f"--reference-repo {repo}: no {f} (expected a checkout of sihyun-yu/REPA)")
+
+
+def _import_reference(repo: Path):
+    """(SiT_models, SILoss, CustomDataset) imported from a sihyun-yu/REPA checkout (never copied here)."""
+    check_reference(repo)
+    sys.path.insert(0, str(repo))
+    try:
+        from dataset import CustomDataset
+        from loss import SILoss
+        from models.sit import SiT_models
+    finally:
+        sys.path.remove(str(repo))
+    return SiT_models, SILoss, CustomDataset
+
+
+def _their_preprocess_dinov2(x: torch.Tensor) -> torch.Tensor:
+    """train.py ``preprocess_raw_image`` for dinov2: /255, ImageNet Normalize, bicubic to 224·(res//256)."""
+    resolution = x.shape[-1]
+    x = x / 255.0
+    mean = torch.tensor([0.485, 0.456, 0.406], device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225], device=x.device).view(1, 3, 1, 1)
+    x = (x - mean) / std  # torchvision Normalize does sub_(mean).div_(std)
+    return F.interpolate(x, 224 * (resolution // 256), mode="bicubic")
+
+
+class TheirStep:
+    """The official train.py step (accelerate removed); see the module docstring."""
+
+    def __init__(self, repo: Path, a: argparse.Namespace, data_root: Path, backbone: torch.nn.Module,
+                 device: torch.device):
+        SiT_models, SILoss, CustomDataset = _import_reference(repo)
+        if a.model not in SiT_models:
+            raise BenchmarkError(f"the official code has no {a.model}; it has {', '.join(SiT_models)}")
+        self.device, self.bf16, self.proj_coeff = device, a.bf16 and device.type == "cuda", 0.5
+        self.backbone, self.num_prefix = backbone, getattr(backbone, "num_prefix_tokens", 1)
+        torch.manual_seed(0)
+        kw = dict(input_size=a.resolution // 8, num_classes=1000, use_cfg=True, z_dims=[backbone.embed_dim],
+                  encoder_depth=a.encoder_depth, projector_dim=a.projector_dim, fused_attn=True, qk_norm=False)
+        self.model = SiT_models[a.model](**kw).to(device)
+        self.ema = SiT_models[a.model](**kw).to(device)  # train.py: deepcopy(model); synced by update_ema(decay=0)
+        self.ema.requires_grad_(False)
+        self._update_ema(decay=0.0)
+        self.model.train()
+        self.ema.eval()
+        self.latents_scale = torch.tensor([0.18215] * 4, device=device).view(1, 4, 1, 1)
+        self.latents_bias = torch.zeros(1, 4, 1, 1, device=device)
+        self.loss_fn = SILoss(prediction="v", path_type="linear", weighting="uniform", encoders=[backbone],
+                              latents_scale=self.latents_scale, latents_bias=self.latents_bias)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0,
+                                     eps=1e-8)
+        self.dataset = CustomDataset(str(data_root))
+        self.loader = torch.utils.data.DataLoader(self.dataset, batch_size=a.batch, shuffle=True,
+                                                  num_workers=a.num_workers, pin_memory=device.type == "cuda",
+                                                  drop_last=True)
+        self._it = (batch for _ in itertools.count() for batch in self.loader)  # epoch after epoch, as train.py
+
+    @torch.no_grad()
+    def _update_ema(self, decay: float = 0.9999) -> None:
+        """train.py ``update_ema``: per named parameter, ``ema.mul_(decay).add_(param, alpha=1 - decay)``."""
+        ema_params = OrderedDict(self.ema.named_parameters())
+        for name, param in self.model.named_parameters():
+            ema_params[name].mul_(decay).add_(param.data, alpha=1 - decay)
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.bf16 else contextlib.nullcontext()
+
+    def _forward(self, x, t, y):
+        """The model as accelerate prepares it: autocast forward, outputs converted to fp32."""
+        with self._autocast():
+            out, zs = self.model(x, t, y=y)
+        return out.float(), [z.float() for z in zs]
+
+    def __call__(self) -> float:
+        raw_image, x, y = next(self._it)
+        raw_image, x, y = raw_image.to(self.device), x.squeeze(dim=1).to(self.device), y.to(self.device)
+        with torch.no_grad():
+            mean, std = torch.chunk(x, 2, dim=1)  # train.py sample_posterior
+            x = (mean + std * torch.randn_like(mean)) * self.latents_scale + self.latents_bias
+            with self._autocast():
+                z = self.backbone.forward_features(_their_preprocess_dinov2(raw_image))
+                zs = [z[:, self.num_prefix:]]  # = DINOv2 hub's x_norm_patchtokens
+        loss, proj_loss = self.loss_fn(self._forward, x, dict(y=y), zs=zs)
+        loss_mean, proj_loss_mean = loss.mean(), proj_loss.mean()
+        loss = loss_mean + proj_loss_mean * self.proj_coeff
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self._update_ema()
+        for v in (loss_mean, proj_loss_mean, grad_norm):  # train.py logs these with .item() every step
+            v.detach().item()
+        return loss.item()
+
+
+# ----------------------------------------------------------------------------------------------- flops, timing
+def encoder_forward_flops(enc) -> float:
+    """Analytic forward FLOPs per image of a timm ViT target encoder (2 FLOPs per multiply-add)."""
+    bb = enc.backbone
+    d, depth = enc.embed_dim, len(bb.blocks)
+    t = enc.num_tokens + bb.num_prefix_tokens
+    mlp = bb.blocks[0].mlp.fc1.out_features
+    macs = enc.num_tokens * 3 * enc.patch_size ** 2 * d  # patch embedding
+    macs += depth * (t * (4 * d * d + 2 * d * mlp) + 2 * t * t * d)
+    return 2.0 * macs
+
+
+def step_flops(model, enc, batch: int) -> float:
+    """Training-step FLOPs: forward + backward (3× forward) of the model, forward of the encoder."""
+    return batch * (3 * forward_flops(model) + (encoder_forward_flops(enc) if enc is not None else 0.0))
+
+
+def interleaved_times(steps: dict, warmup: int, rounds: int, device: torch.device) -> dict:
+    """Seconds per step for each named step: ``warmup`` untimed rounds, then ``rounds`` timed ones.
+
+    Round r runs every step once, in the given order for even r and reversed for odd r (A B C, C B A, ...),
+    so a load that drifts during a round does not favour one step. Returns ``{name: [s, ...]}``.
+    """
+    times: dict = {name: [] for name in steps}
+    names = list(steps)
+    for r in range(warmup + rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            _sync(device)
+            start = time.perf_counter()
+            steps[name]()
+            _sync(device)
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+        if r < warmup:
+            print(f"  warm-up round {r + 1}/{warmup} done", flush=True)
+        else:
+            print(f"  round {r - warmup + 1}/{rounds}: " + "  ".join(f"{n} {v[-1]:.2f}s" for n, v in times.items()),
+                  flush=True)
+    return times
+
+
+def paired_ratio(slow: list, fast: list) -> float:
+    """Median over rounds of slow_i / fast_i (each pair ran in the same round, under the same load)."""
+    return statistics.median(s / f for s, f in zip(slow, fast))
+
+
+# ----------------------------------------------------------------------------------------------- main
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="SiT-B/2")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU only; the CPU runs fp32)")
+    ap.add_argument("--encoder", default="dinov2_vitb14", help="target encoder (random weights)")
+    ap.add_argument("--encoder-depth", type=int, default=4, help="REPA block (4 for B/2, 8 for L and XL)")
+    ap.add_argument("--projector-dim", type=int, default=2048)
+    ap.add_argument("--resolution", type=int, default=256, help="image side; latents are resolution/8")
+    ap.add_argument("--rounds", type=int, default=3, help="timed interleaved rounds")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds after the first step (the allocator settles)")
+    ap.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 0 CPU, 8 GPU)")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
+    ap.add_argument("--no-vanilla", action="store_true", help="skip the vanilla (proj_coeff=0) step")
+    ap.add_argument("--reference-repo", type=Path, default=None,
+                    help="checkout of sihyun-yu/REPA: also time the official step side by side")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="peak for MFU (default: 989 on GPU = H100 dense bf16; none on CPU)")
+    ap.add_argument("--data-dir", type=Path, default=None, help="keep the synthetic dataset here (default: temp)")
+    a = ap.parse_args(argv)
+    if a.num_workers is None:
+        a.num_workers = 8 if a.device == "cuda" else 0
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise BenchmarkError("--device cuda but no CUDA device is available")
+    if a.reference_repo is not None:
+        check_reference(a.reference_repo)
+        if a.resolution % 256:
+            raise BenchmarkError("the official preprocessing needs --resolution 256 or 512")
+    if a.peak_tflops is None and a.device == "cuda":
+        a.peak_tflops = 989.0
+    return a
+
+
+def _row(name: str, secs: list, batch: int, flops: float, peak, ratio) -> str:
+    med = statistics.median(secs)
+    tflops = flops / med / 1e12
+    mfu = f"{100 * tflops / peak:.1f}%" if peak else "-"
+    return (f"{name:<10}{med:>9.3f}{min(secs):>9.3f}{max(secs):>9.3f}{batch / med:>10.2f}"
+            f"{flops / batch / 1e9:>11.1f}{tflops:>9.3f}{mfu:>7}{ratio:>12}")
+
+
+def build_steps(a: argparse.Namespace, data_root: Path, device: torch.device) -> tuple[dict, dict, str]:
+    """The steps to time ({name: callable}), their FLOPs per step, and a FLOP breakdown line."""
+    steps, flops = {}, {}
+    ours = OurStep(our_config(a, data_root, 0.5), device)
+    steps["ours"], flops["ours"] = ours, step_flops(ours.model, ours.enc, a.batch)
+    if not a.no_vanilla:
+        van = OurStep(our_config(a, data_root, 0.0), device)
+        steps["vanilla"], flops["vanilla"] = van, step_flops(van.model, None, a.batch)
+    if a.reference_repo is not None:
+        steps["official"], flops["official"] = TheirStep(a.reference_repo, a, data_root, ours.enc.backbone,
+                                                         device), flops["ours"]
+    c = ours.model.config
+    proj = 3 * 2.0 * ours.model.num_tokens * sum(
+        c["hidden_size"] * c["projector_dim"] + c["projector_dim"] ** 2 + c["projector_dim"] * z for z in c["z_dims"])
+    model = 3 * forward_flops(ours.model)
+    enc = encoder_forward_flops(ours.enc)
+    note = (f"GFLOP/img: model fwd+bwd {model / 1e9:.1f} (REPA projector {proj / 1e9:.1f} of it), encoder fwd "
+            f"{enc / 1e9:.1f}; REPA adds {100 * (proj + enc) / (model - proj):.1f}% FLOPs over vanilla")
+    return steps, flops, note
+
+
+def main(argv=None) -> dict:
+    """Run the benchmark; returns ``{step name: median seconds per step}``."""
+    a = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # the trainer's train.tf32 default
+        torch.backends.cudnn.allow_tf32 = True
+    if a.reference_repo is None:
+        print("official step skipped: pass --reference-repo /path/to/sihyun-yu/REPA to time it side by side")
+    with tempfile.TemporaryDirectory(prefix="repa_train_step_") as tmp:
+        data_root = write_repa_dataset(a.data_dir or Path(tmp) / "data", max(2 * a.batch, 16), a.resolution)
+        while True:  # on a GPU: batch 256, or the largest power-of-two fraction of it that fits
+            try:
+                steps, flops, note = build_steps(a, data_root, device)
+                first = {name: step() for name, step in steps.items()}  # untimed: allocations, OOM check
+                break
+            except torch.cuda.OutOfMemoryError:
+                if device.type != "cuda" or a.batch == 1:
+                    raise
+                steps = None
+                torch.cuda.empty_cache()
+                a.batch //= 2
+                print(f"out of GPU memory: retrying with batch {a.batch}", flush=True)
+        dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
+        prec = "bf16 autocast" if a.bf16 and device.type == "cuda" else "fp32"
+        print(f"{a.model} + REPA (block {a.encoder_depth}, projector {a.projector_dim}, {a.encoder} random "
+              f"weights), batch {a.batch}, {a.resolution}px images -> {a.resolution // 8}x{a.resolution // 8}x4 "
+              f"latents, {prec}; {dev}; torch {torch.__version__}; {a.warmup} warm-up + {a.rounds} timed "
+              f"interleaved rounds", flush=True)
+        print("first-step loss: " + ", ".join(f"{n} {v:.4f}" for n, v in first.items()), flush=True)
+        times = interleaved_times(steps, a.warmup, a.rounds, device)
+    print(f"{'step':<10}{'median s':>9}{'min s':>9}{'max s':>9}{'images/s':>10}{'GFLOP/img':>11}{'TFLOP/s':>9}"
+          f"{'MFU':>7}{'vs official':>12}")
+    for name, secs in times.items():
+        ratio = f"{paired_ratio(times['official'], secs):.2f}x" if "official" in times and name != "official" else ""
+        print(_row(name, secs, a.batch, flops[name], a.peak_tflops, ratio))
+    print(note)
+    result = {name: statistics.median(secs) for name, secs in times.items()}
+    if "vanilla" in times:
+        print(f"REPA overhead over vanilla: {100 * (paired_ratio(times['ours'], times['vanilla']) - 1):.1f}% "
+              f"of step time (median of per-round ratios)")
+    if "official" in times:
+        ratio = paired_ratio(times["official"], times["ours"])
+        medians = result["official"] / result["ours"]
+        print(f"ours vs official throughput: {ratio:.2f}x (median of per-round ratios; ratio of medians "
+              f"{medians:.2f}x); target >= 1.2x: {'met' if ratio >= 1.2 else 'NOT met'}")
+    return result
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BenchmarkError as exc:
+        sys.exit(f"error: {exc}")
