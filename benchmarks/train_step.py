@@ -51,11 +51,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_step import _sync, forward_flops  # noqa: E402  (benchmarks/model_step.py)
 
-from repa_probe.builders import Batches, build_encoder, build_model, build_objective, model_inputs  # noqa: E402
 from repa_probe.config import load_config  # noqa: E402
 from repa_probe.launch import DistInfo  # noqa: E402
-from repa_probe.objectives import repa_loss  # noqa: E402
-from repa_probe.trainer import _autocast, objective_noise, update_ema  # noqa: E402
+from repa_probe.trainer import TrainState, TrainingDiverged, train_step  # noqa: E402
 
 LATENT_CHANNELS = 4  # SD-VAE
 
@@ -106,46 +104,19 @@ def our_config(a: argparse.Namespace, data_root: Path, proj_coeff: float):
 
 
 class OurStep:
-    """One training step of ``repa_probe.trainer`` (the body of its loop, minus logging and checkpoints)."""
+    """One training step of ``repa_probe.trainer``: its own ``TrainState`` and ``train_step``."""
 
     def __init__(self, cfg, device: torch.device):
-        self.cfg, self.device, self.dist = cfg, device, DistInfo()
-        torch.manual_seed(cfg.run.seed)
-        self.batches = Batches(cfg, self.dist)
-        self.enc = build_encoder(cfg, device)
-        self.model = build_model(cfg, self.batches, self.enc).to(device)
-        self.objective = build_objective(cfg)
-        self.vae = self.batches.vae.to(device)
-        self.ema = build_model(cfg, self.batches, self.enc).to(device)
-        self.ema.load_state_dict(self.model.state_dict())
-        self.ema.requires_grad_(False).eval()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        o = cfg.optim
-        self.opt = torch.optim.AdamW(self.params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
-                                     eps=o.eps, fused=True)
-        self.gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
-        self.model.train()
+        self.cfg, self.dist = cfg, DistInfo()
+        self.state = TrainState.build(cfg, self.dist, device)
+        self.model, self.enc = self.state.model, self.state.enc
 
     def __call__(self) -> float:
-        cfg, model = self.cfg, self.model
-        batch = self.batches.next()
-        x0, z_enc, y = model_inputs(batch, self.vae, self.enc, self.device, self.gen, self.dist, cfg, model.grid_size)
-        t, noise, y = objective_noise(self.objective, x0, y, self.gen, self.dist, cfg, self.batches.num_classes)
-        x_t = self.objective.add_noise(x0, t, noise)
-        with _autocast(cfg, self.device):
-            out, zs_tilde = model(x_t, self.objective.model_time(t), y)
-        loss = self.objective.loss(out.float(), x0, x_t, noise, t)["loss"].mean()
-        if z_enc is not None:
-            proj_loss, _ = repa_loss(zs_tilde, [z_enc])
-            loss = loss + cfg.repa.proj_coeff * proj_loss
-        if not torch.isfinite(loss).item():
-            raise BenchmarkError("our step produced a non-finite loss")
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, cfg.optim.grad_clip)
-        self.opt.step()
-        update_ema(self.ema, model, cfg.train.ema_decay)
-        return loss.item()
+        try:
+            logs = train_step(self.state, self.model, self.cfg, self.dist)
+        except TrainingDiverged as exc:
+            raise BenchmarkError(f"our step produced a non-finite loss ({exc})") from None
+        return logs["total"].item()
 
 
 # ----------------------------------------------------------------------------------------------- theirs

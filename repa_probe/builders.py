@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from typing import Optional, Tuple
 
 import torch
@@ -128,11 +129,12 @@ class Batches:
 
 
 def model_inputs(batch: dict, vae, enc, device: torch.device, gen: torch.Generator, dist: DistInfo,
-                 cfg: Config, grid: int):
+                 cfg: Config, grid: int, enc_autocast=None):
     """Turn a data batch into (x0, encoder tokens or None, labels) on ``device``.
 
     x0: (b, C, H, W) — VAE latents sampled from the posterior (stored moments or encoded on the fly), or
     pixels scaled to [-1, 1] when there is no VAE. The posterior noise is drawn for the global batch.
+    ``enc_autocast``: context for the frozen encoder (the training autocast on GPU, as in REPA).
     """
     images = batch["image"].to(device, non_blocking=True)
     y = batch["label"].to(device, non_blocking=True)
@@ -148,7 +150,7 @@ def model_inputs(batch: dict, vae, enc, device: torch.device, gen: torch.Generat
     if enc is not None:
         from .objectives import match_token_grid
 
-        with torch.no_grad():
+        with torch.no_grad(), (enc_autocast or nullcontext()):
             z = match_token_grid(enc(images), grid)
     return x0, z, y
 

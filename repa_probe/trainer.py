@@ -19,7 +19,9 @@ import logging
 import signal
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as torch_dist
@@ -101,6 +103,79 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+@dataclass
+class TrainState:
+    """Everything one training step touches; ``build`` makes it from a config exactly as ``train`` does."""
+
+    cfg: Config
+    device: torch.device
+    batches: Batches
+    enc: Optional[torch.nn.Module]
+    model: torch.nn.Module
+    ema: torch.nn.Module
+    objective: object
+    vae: Optional[torch.nn.Module]
+    params: list
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    gen: torch.Generator
+
+    @classmethod
+    def build(cls, cfg: Config, dist: DistInfo, device: torch.device) -> "TrainState":
+        torch.manual_seed(cfg.run.seed)
+        batches = Batches(cfg, dist)
+        enc = build_encoder(cfg, device)
+        model = build_model(cfg, batches, enc).to(device)
+        ema = build_model(cfg, batches, enc).to(device)
+        ema.load_state_dict(model.state_dict())  # the EMA starts as an exact copy
+        ema.requires_grad_(False).eval()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=True)
+        scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.train.precision == "fp16")
+        gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
+        vae = batches.vae.to(device) if batches.vae is not None else None
+        model.train()
+        return cls(cfg, device, batches, enc, model, ema, build_objective(cfg), vae, params, opt, scaler, gen)
+
+
+def train_step(s: TrainState, net: torch.nn.Module, cfg: Config, dist: DistInfo) -> dict:
+    """One optimiser step on the next batch; returns detached scalar logs (no host sync but the NaN check).
+
+    ``net`` is ``s.model`` or a wrapper of it (torch.compile, DDP). Raises TrainingDiverged on a non-finite
+    loss, before any weight changes.
+    """
+    from .objectives import repa_loss
+
+    device, obj = s.device, s.objective
+    batch = s.batches.next()
+    x0, z_enc, y = model_inputs(batch, s.vae, s.enc, device, s.gen, dist, cfg, s.model.grid_size,
+                                enc_autocast=_autocast(cfg, device))  # frozen encoder under autocast, as REPA
+    t, noise, y = objective_noise(obj, x0, y, s.gen, dist, cfg, s.batches.num_classes)
+    x_t = obj.add_noise(x0, t, noise)
+    with _autocast(cfg, device):
+        out, zs_tilde = net(x_t, obj.model_time(t), y)
+    terms = obj.loss(out.float(), x0, x_t, noise, t)
+    loss = terms["loss"].mean()
+    logs = {k: v.detach().mean() for k, v in terms.items()}
+    if z_enc is not None:
+        proj_loss, cos = repa_loss(zs_tilde, [z_enc])
+        loss = loss + cfg.repa.proj_coeff * proj_loss
+        logs.update(repa=proj_loss.detach(), cos=cos.detach())
+    if not torch.isfinite(loss).item():
+        raise TrainingDiverged(", ".join(f"{k}={v.item():.4g}" for k, v in logs.items()))
+    s.opt.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    s.scaler.unscale_(s.opt)
+    clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+    gnorm = torch.nn.utils.clip_grad_norm_(s.params, clip)
+    s.scaler.step(s.opt)
+    s.scaler.update()
+    update_ema(s.ema, s.model, cfg.train.ema_decay)
+    logs.update(total=loss.detach(), grad_norm=gnorm.detach())
+    return logs
+
+
 def train(cfg: Config) -> Path:
     """Train according to ``cfg``; returns the run directory. Raises on bad input or divergence."""
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
@@ -127,20 +202,8 @@ def _train(cfg: Config, dist: DistInfo) -> Path:
     if device.type == "cpu" and cfg.train.precision != "fp32":
         log.info("precision: train.precision=%s applies on GPU only; the CPU runs fp32", cfg.train.precision)
 
-    torch.manual_seed(cfg.run.seed)
-    batches = Batches(cfg, dist)
-    enc = build_encoder(cfg, device)
-    model = build_model(cfg, batches, enc).to(device)
-    objective = build_objective(cfg)
-    vae = batches.vae.to(device) if batches.vae is not None else None
-    ema = build_model(cfg, batches, enc).to(device)
-    ema.load_state_dict(model.state_dict())
-    ema.requires_grad_(False).eval()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                            weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=True)
-    scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg.train.precision == "fp16")
-    gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
+    s = TrainState.build(cfg, dist, device)
+    batches, enc, model, ema, opt, scaler, gen = s.batches, s.enc, s.model, s.ema, s.opt, s.scaler, s.gen
 
     step = 0
     resumed = _resume(cfg, ckpt_dir)
@@ -165,11 +228,10 @@ def _train(cfg: Config, dist: DistInfo) -> Path:
         log.info("nothing to do: already at step %d >= train.steps=%d", step, cfg.train.steps)
         return run
 
-    net = torch.compile(model) if cfg.train.compile else model
+    net = torch.compile(model) if cfg.train.compile else model  # what the step calls (model shares weights)
     if dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
-    model.train()
     metrics = rundir.MetricLogger(run, cfg.train.tensorboard) if dist.is_main else None
     stop = _StopFlag()
     stop.install()
@@ -180,36 +242,13 @@ def _train(cfg: Config, dist: DistInfo) -> Path:
     try:
         redirect.__enter__()
         while step < cfg.train.steps:
-            batch = batches.next()
-            x0, z_enc, y = model_inputs(batch, vae, enc, device, gen, dist, cfg, model.grid_size)
-            t, noise, y = objective_noise(objective, x0, y, gen, dist, cfg, batches.num_classes)
-            x_t = objective.add_noise(x0, t, noise)
-            with _autocast(cfg, device):
-                out, zs_tilde = net(x_t, objective.model_time(t), y)
-            terms = objective.loss(out.float(), x0, x_t, noise, t)
-            loss = terms["loss"].mean()
-            logs = {k: v.detach().mean() for k, v in terms.items()}
-            if z_enc is not None:
-                from .objectives import repa_loss
-
-                proj_loss, cos = repa_loss(zs_tilde, [z_enc])
-                loss = loss + cfg.repa.proj_coeff * proj_loss
-                logs.update(repa=proj_loss.detach(), cos=cos.detach())
-            if not torch.isfinite(loss).item():
-                raise TrainingDiverged(
-                    f"non-finite loss at step {step + 1} ({', '.join(f'{k}={v.item():.4g}' for k, v in logs.items())}); "
-                    f"stopping; the last good checkpoint is kept in {ckpt_dir}")
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.unscale_(opt)
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0
-                                                   else float("inf"))
-            scaler.step(opt)
-            scaler.update()
-            update_ema(ema, model, cfg.train.ema_decay)
+            try:
+                logs = train_step(s, net, cfg, dist)
+            except TrainingDiverged as exc:
+                raise TrainingDiverged(f"non-finite loss at step {step + 1} ({exc}); stopping; the last good "
+                                       f"checkpoint is kept in {ckpt_dir}") from None
             step += 1
             bar.update(1)
-            logs.update(total=loss.detach(), grad_norm=gnorm.detach())
             sums = {k: v.float() for k, v in logs.items()} if sums is None else \
                 {k: sums[k] + v.float() for k, v in logs.items()}
             count += 1
