@@ -154,7 +154,7 @@ class _Head(torch.nn.Module):
 
 
 def fit_segmentation_probe(train_tokens: Array, train_masks: Array, test_tokens: Array, test_masks: Array,
-                           num_classes: int, ignore_index: int = 255, batchnorm: bool = True, epochs: int = 20,
+                           num_classes: int, ignore_index: int = 255, batchnorm: bool = True, epochs: int = 10,
                            lr: float = 2e-2, weight_decay: float = 1e-4, batch_size: int = 64,
                            device: Any = None, seed: int = 0) -> SegResult:
     """Train a linear segmentation probe and score it on the test split.
