@@ -144,6 +144,7 @@ def test_keep_last_and_keep_every(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["train.stepz=3"], "valid keys at train: steps"),
     (["data.name=repa"], "set data.root="),
+    (["encoder.input_size=30"], "input_size 30 is not a multiple of 4"),
     (["train.steps=three"], "train.steps"),
     (["--cfg", "configs/nope.yaml"], "config file not found"),
     (["repa.encoder_depth=9"], "repa.encoder_depth=9 is larger than the model depth"),
@@ -193,3 +194,14 @@ def test_torchrun_ddp_matches_single_process(tmp_path):
     b = safe_load(tmp_path / "ddp/checkpoints/0000003.pt")["model"]
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_submitit_preemption_requeues_with_resume_auto():
+    from repa_probe.launch import SubmititTrainJob
+
+    cfg = to_dict(load_config(None, ["train.resume=none", "train.steps=7"]))
+    delayed = SubmititTrainJob(cfg).checkpoint()
+    job = delayed.function
+    assert isinstance(job, SubmititTrainJob)
+    assert job.cfg_dict["train"]["resume"] == "auto" and job.cfg_dict["train"]["steps"] == 7
+    assert cfg["train"]["resume"] == "none"  # the original job's config is untouched
