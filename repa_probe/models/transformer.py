@@ -22,8 +22,9 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .layers import (FREQUENCY_DIM, Attention, Block, Mlp, ModelInputError, FinalLayer, LabelEmbedder, PatchEmbed,  # noqa: F401 (re-exported)
-                     TimestepEmbedder, build_projector, modulate, sincos_pos_embed_2d, timestep_embedding)
+from .layers import (  # noqa: F401 (the building blocks are re-exported here)
+    FREQUENCY_DIM, Attention, Block, FinalLayer, LabelEmbedder, Mlp, ModelInputError, PatchEmbed, TimestepEmbedder,
+    build_projector, modulate, sincos_pos_embed_2d, timestep_embedding)
 
 FAMILIES = ("DiT", "SiT", "REPA")
 TIME_CONVENTIONS = {"DiT": "ddpm", "SiT": "sit", "REPA": "repa"}
