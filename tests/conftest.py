@@ -9,3 +9,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see train/__init__.py
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests on tiny tensors (no thread contention on a shared 2-core machine)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
