@@ -226,6 +226,9 @@ def _train(cfg: Config, dist: DistInfo) -> Path:
                  f"{cfg.encoder.name})" if enc is not None else "off", device, dist.world_size)
     if step >= cfg.train.steps:
         log.info("nothing to do: already at step %d >= train.steps=%d", step, cfg.train.steps)
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
         return run
 
     net = torch.compile(model) if cfg.train.compile else model  # what the step calls (model shares weights)
@@ -238,30 +241,28 @@ def _train(cfg: Config, dist: DistInfo) -> Path:
     sums, count, t_last = None, 0, time.perf_counter()
     bar = tqdm(total=cfg.train.steps, initial=step, desc=cfg.run.name, disable=not dist.is_main,
                dynamic_ncols=True, mininterval=1.0)
-    redirect = logging_redirect_tqdm()
     try:
-        redirect.__enter__()
-        while step < cfg.train.steps:
-            try:
-                logs = train_step(s, net, cfg, dist)
-            except TrainingDiverged as exc:
-                raise TrainingDiverged(f"non-finite loss at step {step + 1} ({exc}); stopping; the last good "
-                                       f"checkpoint is kept in {ckpt_dir}") from None
-            step += 1
-            bar.update(1)
-            sums = {k: v.float() for k, v in logs.items()} if sums is None else \
-                {k: sums[k] + v.float() for k, v in logs.items()}
-            count += 1
-            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                sums, count, t_last = _log(step, sums, count, t_last, cfg, dist, metrics, bar)
-            stopping = _agree(stop.raised, dist, device)
-            if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopping:
-                _save(step, model, ema, opt, scaler, gen, batches, cfg, ckpt_dir, dist)
-            if stopping:
-                log.warning("stopped by signal at step %d; resume with train.resume=auto", step)
-                break
+        with logging_redirect_tqdm():  # log lines print above the progress bar
+            while step < cfg.train.steps:
+                try:
+                    logs = train_step(s, net, cfg, dist)
+                except TrainingDiverged as exc:
+                    raise TrainingDiverged(f"non-finite loss at step {step + 1} ({exc}); stopping; the last good "
+                                           f"checkpoint is kept in {ckpt_dir}") from None
+                step += 1
+                bar.update(1)
+                sums = {k: v.float() for k, v in logs.items()} if sums is None else \
+                    {k: sums[k] + v.float() for k, v in logs.items()}
+                count += 1
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    sums, count, t_last = _log(step, sums, count, t_last, cfg, dist, metrics, bar)
+                stopping = _agree(stop.raised, dist, device)
+                if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopping:
+                    _save(step, model, ema, opt, scaler, gen, batches, cfg, ckpt_dir, dist)
+                if stopping:
+                    log.warning("stopped by signal at step %d; resume with train.resume=auto", step)
+                    break
     finally:
-        redirect.__exit__(None, None, None)
         bar.close()
         stop.restore()
         if metrics is not None:
