@@ -255,7 +255,7 @@ def _train(cfg: Config, dist: DistInfo) -> Path:
                     {k: sums[k] + v.float() for k, v in logs.items()}
                 count += 1
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    sums, count, t_last = _log(step, sums, count, t_last, cfg, dist, metrics, bar)
+                    sums, count, t_last = _log(step, sums, count, t_last, cfg, dist, metrics)
                 stopping = _agree(stop.raised, dist, device)
                 if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopping:
                     _save(step, model, ema, opt, scaler, gen, batches, cfg, ckpt_dir, dist)
@@ -299,7 +299,7 @@ def _agree(flag: bool, dist: DistInfo, device) -> bool:
     return bool(t.item() > 0)
 
 
-def _log(step, sums, count, t_last, cfg: Config, dist: DistInfo, metrics, bar):
+def _log(step, sums, count, t_last, cfg: Config, dist: DistInfo, metrics):
     vals = torch.stack(list(sums.values())) / count
     if dist.enabled:
         torch_dist.all_reduce(vals)
