@@ -22,11 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
-import re
-import socket
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,15 +30,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .encoder_weights import (  # noqa: F401 (re-exported: part of this module's public API)
+    EncoderWeightsError, _file_sha256, convert_state_dict, find_pretrained_weights, load_strict, read_state_dict)
+
 log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESS_VERSION = "prep-v1"  # bump when preprocessing changes: invalidates on-disk feature caches
-
-
-class EncoderWeightsError(RuntimeError):
-    """Weights for a target encoder cannot be found or do not fit the architecture (one-line message)."""
 
 
 class EncoderInputError(ValueError):
@@ -280,140 +275,3 @@ def load_encoder(name: str, weights: str | os.PathLike | None = None, pretrained
         log.info("encoder %s: weights from %s (%s)", spec.name, path, where)
     return TargetEncoder(backbone, spec, input_size, resolution,
                          source=where if path is None else f"{where}:{path}", weights_path=path)
-
-
-def _hub_offline() -> bool:
-    """True when HF_HUB_OFFLINE is set or huggingface.co cannot be reached within ~1.5 s."""
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return True
-    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "huggingface.co")).split("/")[0]
-
-    result: list[bool] = []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host.split(":")[0], 443), timeout=1.5).close()
-            result.append(True)
-        except OSError:
-            pass
-
-    # DNS lookups ignore socket time-outs: bound the whole probe with a daemon thread
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout=2.0)
-    return not result
-
-
-def find_pretrained_weights(spec: EncoderSpec, source: str = "auto") -> tuple[Path, str]:
-    """Local (or, when online, downloaded) weights file for ``spec``: ``(path, 'hub' | 'hf')``."""
-    looked = []
-    if source in ("auto", "hub") and spec.hub_file:
-        path = Path(torch.hub.get_dir()) / "checkpoints" / spec.hub_file
-        if path.is_file():
-            return path, "hub"
-        looked.append(str(path))
-    if source in ("auto", "timm") and spec.hf_repo:
-        import huggingface_hub as hf
-
-        for fname in ("model.safetensors", "pytorch_model.bin"):
-            cached = hf.try_to_load_from_cache(spec.hf_repo, fname)
-            if isinstance(cached, str) and os.path.isfile(cached):
-                return Path(cached), "hf"
-        looked.append(f"HF cache {spec.hf_repo}")
-        if not _hub_offline():
-            try:
-                return Path(hf.hf_hub_download(spec.hf_repo, "model.safetensors")), "hf"
-            except Exception as e:  # noqa: BLE001 - reported below as one line
-                looked.append(f"download failed: {type(e).__name__}")
-        else:
-            looked.append("hub offline")
-    example = spec.hub_file or f"{spec.name}.pth"
-    raise EncoderWeightsError(
-        f"no pretrained weights for encoder {spec.name} (looked: {'; '.join(looked) or 'none available'}); "
-        f"set encoder.weights=/path/to/{example} or encoder.pretrained=false for random init")
-
-
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """Tensors from a ``.safetensors`` or torch file (``weights_only=True``); unwraps ``model``/``state_dict``."""
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - turned into a one-line error
-        raise EncoderWeightsError(f"{path}: cannot read weights ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    for key in ("model", "state_dict"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise EncoderWeightsError(f"{path}: not a state dict of tensors")
-    if state and all(k.startswith("module.") for k in state):
-        state = {k[len("module."):]: v for k, v in state.items()}
-    return state
-
-
-def convert_state_dict(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """Official DINOv2 keys -> timm keys (if needed), then resample ``pos_embed`` to the backbone grid.
-
-    Official layout: ``cls_token``, ``pos_embed`` (1, 1 + N, D) incl. the CLS position, ``mask_token``,
-    ``register_tokens`` (1, R, D), ``blocks.i.mlp.w12/w3`` for the SwiGLU giant. timm's register models
-    use ``no_embed_class``: the CLS position is folded into ``cls_token`` and ``pos_embed`` is (1, N, D).
-    """
-    from timm.layers import resample_abs_pos_embed
-
-    state = dict(state)
-    if "mask_token" in state or "register_tokens" in state:
-        state.pop("mask_token", None)
-        if "register_tokens" in state:
-            state["reg_token"] = state.pop("register_tokens")
-            state["cls_token"] = state["cls_token"] + state["pos_embed"][:, :1]
-            state["pos_embed"] = state["pos_embed"][:, 1:]
-        state = {re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k)): v
-                 for k, v in state.items()}
-    pos = state.get("pos_embed")
-    target = getattr(backbone, "pos_embed", None)
-    if pos is not None and target is not None and pos.ndim == 3:
-        prefix = 0 if getattr(backbone, "no_embed_class", False) else backbone.num_prefix_tokens
-        old = pos.shape[1] - prefix
-        side = math.isqrt(max(old, 0))
-        new_grid = list(backbone.patch_embed.grid_size)
-        if side * side == old and side > 0 and [side, side] != new_grid:
-            state["pos_embed"] = resample_abs_pos_embed(
-                pos.float(), new_size=new_grid, old_size=[side, side], num_prefix_tokens=prefix,
-                interpolation="bicubic", antialias=True).to(pos.dtype)
-    return state
-
-
-def load_strict(backbone: nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
-    """``load_state_dict(strict=True, assign=True)`` (works for a backbone built on the meta device) with a
-    one-line :class:`EncoderWeightsError` on any key or shape mismatch."""
-    expected = backbone.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-              if k in state and state[k].shape != v.shape]
-
-    def few(items):
-        return ", ".join(items[:3]) + (f" (+{len(items) - 3} more)" if len(items) > 3 else "")
-
-    problems = [f"{label}: {few(items)}" for label, items in
-                (("missing", missing), ("unexpected", unexpected), ("shape (file vs model)", shapes)) if items]
-    if problems:
-        raise EncoderWeightsError(f"{path}: weights do not fit the encoder ({'; '.join(problems)})")
-    # weights keep the model's dtype (float32), whatever the file stores
-    state = {k: v.to(expected[k].dtype).contiguous() for k, v in state.items()}
-    backbone.load_state_dict(state, strict=True, assign=True)
-    leftover = [n for n, t in list(backbone.named_parameters()) + list(backbone.named_buffers()) if t.is_meta]
-    if leftover:
-        raise EncoderWeightsError(f"{path}: tensors not covered by the weights: {', '.join(leftover[:3])}")
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
