@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     from repa_probe.alignment import METRICS, TARGET_KINDS
 
     p = OneLineParser(prog="python -m analysis.alignment", description=DESCRIPTION, epilog=EXAMPLES,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
                    help="checkpoint file (ours, or official DiT/SiT/REPA), or a run directory / its checkpoints/ "
                         "folder (every checkpoint, by step: alignment over training). Repeat to compare.")

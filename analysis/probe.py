@@ -59,7 +59,7 @@ examples:
 
 def build_parser(task: str = "linear") -> argparse.ArgumentParser:
     p = OneLineParser(prog=f"python -m {PROGS[task]}", description=DESCRIPTIONS[task] + COMMON, epilog=EXAMPLES[task],
-                formatter_class=argparse.RawDescriptionHelpFormatter)
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
                    help="checkpoint file (ours, or official DiT/SiT/REPA), or a run directory (every checkpoint). "
                         "Repeat to overlay several checkpoints.")

@@ -137,8 +137,8 @@ def load_entries(paths: Sequence[Path], family: str | None = None, weights: str 
                 raise CheckpointError(f"{p}: stored training config is invalid ({exc})") from None
             if cfg is None:
                 raise CheckpointError(f"{p}: repa-probe checkpoint without a 'config' dict")
+        model, info = load_model(p, family=family, prefer_ema=_use_ema(weights, cfg, step), loaded=raw)
         del raw
-        model, info = load_model(p, family=family, prefer_ema=_use_ema(weights, cfg, step))
         if weights == "auto" and cfg is not None and not info.ema:
             log.info("%s: using the raw model weights (EMA decay %g has not warmed up after %s steps; "
                      "--weights ema to override)", p, cfg.train.ema_decay, step)

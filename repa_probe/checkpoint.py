@@ -283,7 +283,7 @@ def _check_against_model(config: dict, sd: Mapping[str, torch.Tensor]) -> None:
 
 
 def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema: bool = True,
-               family: str | None = None) -> tuple[DiffusionTransformer, ModelInfo]:
+               family: str | None = None, loaded: object = None) -> tuple[DiffusionTransformer, ModelInfo]:
     """Load a model from our or an official checkpoint (see the module docstring).
 
     Args:
@@ -292,6 +292,7 @@ def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema
         prefer_ema: take the ``ema`` weights when the file has them, else ``model``.
         family: "DiT" | "SiT" | "REPA" to override the detected family (needed for plain
             official SiT state dicts, which look like DiT ones).
+        loaded: the file's content when the caller already ``safe_load``-ed it (avoids reading it twice).
 
     Returns:
         ``(model, info)``: a float32 CPU model in eval mode, loaded strictly, and its ModelInfo.
@@ -299,7 +300,7 @@ def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema
     path = Path(path)
     if family is not None and family not in FAMILIES:
         raise CheckpointError(f"{path}: family must be one of {FAMILIES}, got {family!r}")
-    obj = safe_load(path)
+    obj = safe_load(path) if loaded is None else loaded
     try:
         args = None
         if isinstance(obj, Mapping) and str(obj.get("format", "")).startswith("repa-probe/"):
