@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import nullcontext
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
@@ -153,10 +153,3 @@ def model_inputs(batch: dict, vae, enc, device: torch.device, gen: torch.Generat
         with torch.no_grad(), (enc_autocast or nullcontext()):
             z = match_token_grid(enc(images), grid)
     return x0, z, y
-
-
-def to_model_space(images: torch.Tensor, vae, gen: Optional[torch.Generator] = None) -> torch.Tensor:
-    """uint8 images (B, 3, H, W) → what the model denoises: sampled VAE latents or pixels in [-1, 1]."""
-    if vae is None:
-        return images.float() / 127.5 - 1.0
-    return vae.sample(vae.encode_moments(images), generator=gen)
