@@ -27,6 +27,7 @@ plus the encoder's forward (no backward). MFU = achieved / ``--peak-tflops``.
     python benchmarks/train_step.py                                    # ours vs vanilla, SiT-B/2, batch 8, CPU
     python benchmarks/train_step.py --reference-repo /tmp/REPA         # + the official step, side by side
     python benchmarks/train_step.py --device cuda --model SiT-XL/2 --batch 256 --bf16 --encoder-depth 8
+    python benchmarks/train_step.py --device cuda --model SiT-XL/2 --batch 64 --bf16 --encoder-depth 8 --compile
     python benchmarks/train_step.py --model SiT-S/2 --batch 2 --encoder tiny_vit --rounds 1   # smoke test
 """
 from __future__ import annotations
@@ -98,7 +99,7 @@ def our_config(a: argparse.Namespace, data_root: Path, proj_coeff: float):
         "vae.name=random:tiny", "data.name=repa", f"data.root={data_root}", f"data.resolution={a.resolution}",
         "data.num_samples=null", "data.num_classes=1000", f"data.num_workers={a.num_workers}",
         f"train.batch_size={a.batch}", f"train.device={a.device}", f"train.precision={'bf16' if a.bf16 else 'fp32'}",
-        "optim.lr=1e-4", "optim.grad_clip=1.0",
+        "optim.lr=1e-4", "optim.grad_clip=1.0", f"train.compile={a.compile}",
     ]
     return load_config(None, overrides)
 
@@ -110,10 +111,11 @@ class OurStep:
         self.cfg, self.dist = cfg, DistInfo()
         self.state = TrainState.build(cfg, self.dist, device)
         self.model, self.enc = self.state.model, self.state.enc
+        self.net = torch.compile(self.model) if cfg.train.compile else self.model  # as trainer.train does
 
     def __call__(self) -> float:
         try:
-            logs = train_step(self.state, self.model, self.cfg, self.dist)
+            logs = train_step(self.state, self.net, self.cfg, self.dist)
         except TrainingDiverged as exc:
             raise BenchmarkError(f"our step produced a non-finite loss ({exc})") from None
         return logs["total"].item()
@@ -281,6 +283,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 0 CPU, 8 GPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     ap.add_argument("--no-vanilla", action="store_true", help="skip the vanilla (proj_coeff=0) step")
+    ap.add_argument("--compile", action="store_true", help="our steps with train.compile=true (torch.compile)")
     ap.add_argument("--reference-repo", type=Path, default=None,
                     help="checkout of sihyun-yu/REPA: also time the official step side by side")
     ap.add_argument("--peak-tflops", type=float, default=None,
@@ -342,7 +345,10 @@ def main(argv=None) -> dict:
     if a.reference_repo is None:
         print("official step skipped: pass --reference-repo /path/to/sihyun-yu/REPA to time it side by side")
     with tempfile.TemporaryDirectory(prefix="repa_train_step_") as tmp:
-        data_root = write_repa_dataset(a.data_dir or Path(tmp) / "data", max(2 * a.batch, 16), a.resolution)
+        # enough samples that no timed step starts a new epoch (a loader's first batch of an epoch waits for its
+        # workers; REPA's ImageNet epoch is 5,000 steps, so that wait is not part of a training step)
+        num = max(16, a.batch * (a.warmup + a.rounds + 2))
+        data_root = write_repa_dataset(a.data_dir or Path(tmp) / "data", num, a.resolution)
         while True:  # on a GPU: batch 256, or the largest power-of-two fraction of it that fits
             try:
                 steps, flops, note = build_steps(a, data_root, device)

@@ -251,6 +251,20 @@ def _labels(model, inputs: ModelInputs, mode: str) -> torch.Tensor:
     return inputs.labels
 
 
+def module_device(module: torch.nn.Module, device, what: str) -> torch.device:
+    """The device to run ``module`` on: its own when ``device`` is None, else ``device``, which must be where the
+    module is (``"cuda"`` means the current CUDA device, as ``Tensor.to("cuda")`` does)."""
+    own = next(module.parameters()).device
+    if device is None:
+        return own
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev != own:
+        raise FeatureError(f"the {what} is on {own} but device={device}: move the {what} first")
+    return dev
+
+
 @torch.no_grad()
 def extract_features(model, objective, data, timesteps, layers="all", pool: str = "mean", vae=None,
                      device=None, batch_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -286,10 +300,7 @@ def extract_features(model, objective, data, timesteps, layers="all", pool: str 
             layer_list = [model.encoder_depth]
     user_t = list(timesteps)
     model_t = objective.parse_timesteps(user_t)
-    param = next(model.parameters())
-    device = param.device if device is None else torch.device(device)
-    if param.device != device:
-        raise FeatureError(f"the model is on {param.device} but device={device}: move the model first")
+    device = module_device(model, device, "model")
     inputs = data if isinstance(data, ModelInputs) else prepare_inputs(data, vae, batch_size, num_workers, progress)
     y_all = _labels(model, inputs, labels)
     n = len(inputs)
@@ -395,10 +406,7 @@ def encoder_features(encoder, dataset, kind: str = "cls", cache_dir=None, batch_
             if cached is not None:
                 log.info("encoder features: cache hit %s", path)
                 return cached
-    enc_device = next(encoder.parameters()).device
-    device = enc_device if device is None else torch.device(device)
-    if device != enc_device:
-        raise FeatureError(f"the encoder is on {enc_device} but device={device}: move the encoder first")
+    device = module_device(encoder, device, "encoder")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     out = []
     for batch in tqdm(_loader(dataset, batch_size, num_workers), desc=f"encoder {kind}", disable=not progress,

@@ -1,5 +1,10 @@
-"""Test-wide settings: no hub network calls, deterministic CPU threads."""
+"""Test-wide settings: no hub network calls, deterministic CPU threads, CPU only."""
 import os
+
+# The suite is a CPU suite (bit-exact resume, DDP over gloo, numbers compared with CPU recomputations): on a
+# GPU machine "auto" devices would pick CUDA and bf16. Hide the GPUs unless REPA_PROBE_TEST_CUDA=1.
+if os.environ.get("REPA_PROBE_TEST_CUDA") != "1":
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -1,4 +1,6 @@
 """Tests for repa_probe.features: one-pass capture, seeded noise, model time per family, encoder cache."""
+import types
+
 import pytest
 import torch
 import torch.nn as nn
@@ -6,7 +8,7 @@ import torch.nn as nn
 from repa_probe.alignment import parse_timestep_list
 from repa_probe.data import ShapesDataset
 from repa_probe.encoders import load_encoder
-from repa_probe.features import (FeatureError, encoder_cache_key, encoder_features, extract_features,
+from repa_probe.features import (FeatureError, encoder_cache_key, encoder_features, extract_features, module_device,
                                  noise_inputs, prepare_inputs, seeded_noise)
 from repa_probe.models import DiffusionTransformer
 from repa_probe.objectives import FlowMatching, GaussianDiffusion
@@ -161,8 +163,28 @@ def test_bad_layers_pool_labels_and_device(shapes):
     true = extract_features(model, obj, shapes, [0.5], labels="true", batch_size=12, progress=False)
     null = extract_features(model, obj, shapes, [0.5], labels="null", batch_size=12, progress=False)
     assert not torch.allclose(true.get(1, 0.5), null.get(1, 0.5))  # the class embedding modulates the blocks
+    assert not true.get(1, 0.5).requires_grad  # extracted without autograd
     assert torch.equal(true.labels, torch.arange(12) % 4)
 
+
+
+def test_module_device_reads_plain_cuda_as_the_current_device(monkeypatch):
+    """``--device cuda`` must match a model on cuda:0 (it once failed: 'the model is on cuda:0 but device=cuda')."""
+
+    class OnCuda1(nn.Module):  # parameters() reports cuda:1 without needing a GPU
+        def parameters(self, recurse=True):
+            return iter([types.SimpleNamespace(device=torch.device("cuda", 1))])
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert module_device(OnCuda1(), "cuda", "model") == torch.device("cuda", 1)
+    assert module_device(OnCuda1(), "cuda:1", "model") == torch.device("cuda", 1)
+    assert module_device(OnCuda1(), None, "model") == torch.device("cuda", 1)
+    with pytest.raises(FeatureError, match="the model is on cuda:1 but device=cuda:0"):
+        module_device(OnCuda1(), "cuda:0", "model")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.raises(FeatureError, match="the encoder is on cuda:1 but device=cuda: move the encoder first"):
+        module_device(OnCuda1(), "cuda", "encoder")
+    assert module_device(nn.Linear(2, 2), "cpu", "model") == torch.device("cpu")
 
 class _CountingEncoder(nn.Module):
     """Wraps a TargetEncoder and counts ``features`` calls."""
