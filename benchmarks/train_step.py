@@ -12,6 +12,8 @@ Variants, timed interleaved in ONE process (rounds A B C, C B A, ... after warm-
 table gives median / min / max s/step, and ratios are medians of per-round ratios (robust to a shared,
 loaded machine):
   ours       our SiT + REPA step (DINOv2-B/14 target, random weights: same compute);
+  compiled   with ``--compile``: our step with ``train.compile=true`` (torch.compile of the model and of the
+             frozen encoder; same fp32 arithmetic, fused elementwise kernels);
   vanilla    our step with ``repa.proj_coeff=0`` (no encoder, no projector) → REPA overhead;
   official   with ``--reference-repo /tmp/REPA`` (a checkout of sihyun-yu/REPA): their ``models/sit.py``
              SiT and ``loss.py`` SILoss, their data class ``dataset.CustomDataset``, and their train.py
@@ -54,7 +56,7 @@ from model_step import _sync, forward_flops  # noqa: E402  (benchmarks/model_ste
 
 from repa_probe.config import load_config  # noqa: E402
 from repa_probe.launch import DistInfo  # noqa: E402
-from repa_probe.trainer import TrainState, TrainingDiverged, train_step  # noqa: E402
+from repa_probe.trainer import TrainState, TrainingDiverged, step_module, train_step  # noqa: E402
 
 LATENT_CHANNELS = 4  # SD-VAE
 
@@ -90,7 +92,7 @@ def write_repa_dataset(root: Path, num: int, resolution: int, num_classes: int =
 
 
 # ----------------------------------------------------------------------------------------------- ours
-def our_config(a: argparse.Namespace, data_root: Path, proj_coeff: float):
+def our_config(a: argparse.Namespace, data_root: Path, proj_coeff: float, compile_: bool = False):
     """The library config for this benchmark (what ``python -m train`` would resolve)."""
     overrides = [
         f"model.name={a.model}", "model.depth=null", "model.hidden_size=null", "model.num_heads=null",
@@ -99,7 +101,7 @@ def our_config(a: argparse.Namespace, data_root: Path, proj_coeff: float):
         "vae.name=random:tiny", "data.name=repa", f"data.root={data_root}", f"data.resolution={a.resolution}",
         "data.num_samples=null", "data.num_classes=1000", f"data.num_workers={a.num_workers}",
         f"train.batch_size={a.batch}", f"train.device={a.device}", f"train.precision={'bf16' if a.bf16 else 'fp32'}",
-        "optim.lr=1e-4", "optim.grad_clip=1.0", f"train.compile={a.compile}",
+        "optim.lr=1e-4", "optim.grad_clip=1.0", f"train.compile={compile_}",
     ]
     return load_config(None, overrides)
 
@@ -111,7 +113,7 @@ class OurStep:
         self.cfg, self.dist = cfg, DistInfo()
         self.state = TrainState.build(cfg, self.dist, device)
         self.model, self.enc = self.state.model, self.state.enc
-        self.net = torch.compile(self.model) if cfg.train.compile else self.model  # as trainer.train does
+        self.net = step_module(self.state, cfg)  # as trainer.train does
 
     def __call__(self) -> float:
         try:
@@ -283,7 +285,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--num-workers", type=int, default=None, help="DataLoader workers (default 0 CPU, 8 GPU)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     ap.add_argument("--no-vanilla", action="store_true", help="skip the vanilla (proj_coeff=0) step")
-    ap.add_argument("--compile", action="store_true", help="our steps with train.compile=true (torch.compile)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also time our step with train.compile=true (torch.compile of the model and the encoder)")
     ap.add_argument("--reference-repo", type=Path, default=None,
                     help="checkout of sihyun-yu/REPA: also time the official step side by side")
     ap.add_argument("--peak-tflops", type=float, default=None,
@@ -316,6 +319,9 @@ def build_steps(a: argparse.Namespace, data_root: Path, device: torch.device) ->
     steps, flops = {}, {}
     ours = OurStep(our_config(a, data_root, 0.5), device)
     steps["ours"], flops["ours"] = ours, step_flops(ours.model, ours.enc, a.batch)
+    if a.compile:
+        comp = OurStep(our_config(a, data_root, 0.5, compile_=True), device)
+        steps["compiled"], flops["compiled"] = comp, flops["ours"]
     if not a.no_vanilla:
         van = OurStep(our_config(a, data_root, 0.0), device)
         steps["vanilla"], flops["vanilla"] = van, step_flops(van.model, None, a.batch)

@@ -139,6 +139,16 @@ class TrainState:
         return cls(cfg, device, batches, enc, model, ema, build_objective(cfg), vae, params, opt, scaler, gen)
 
 
+def step_module(s: TrainState, cfg: Config) -> torch.nn.Module:
+    """What ``train_step`` calls: ``s.model``, or with ``train.compile`` a ``torch.compile`` of it (sharing its
+    weights, so checkpoints keep the plain key names); the frozen target encoder is then compiled in place."""
+    if not cfg.train.compile:
+        return s.model
+    if s.enc is not None:
+        s.enc.compile()
+    return torch.compile(s.model)
+
+
 def train_step(s: TrainState, net: torch.nn.Module, cfg: Config, dist: DistInfo) -> dict:
     """One optimiser step on the next batch; returns detached scalar logs (no host sync but the NaN check).
 
@@ -231,7 +241,7 @@ def _train(cfg: Config, dist: DistInfo) -> Path:
             handler.close()
         return run
 
-    net = torch.compile(model) if cfg.train.compile else model  # what the step calls (model shares weights)
+    net = step_module(s, cfg)
     if dist.enabled:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[device.index] if device.type == "cuda" else None)
