@@ -31,8 +31,8 @@ from . import metrics as M
 from .alignment_inputs import (DEFAULT_TIMESTEPS, METRICS, TARGET_KINDS, AlignmentError, checkpoint_paths, load_entries,
                                meta_model, objective_for, parse_layer_list, parse_metric_list,
                                parse_timestep_list, reload_model, resolve_context, resolve_device)
-from .features import (FeatureError, ModelInputs, dataset_identity, encoder_features, extract_features,
-                       prepare_inputs, resolve_layers)
+from .features import FeatureError, ModelInputs, extract_features, prepare_inputs, resolve_layers
+from .targets import dataset_identity, encoder_features
 
 __all__ = ["alignment_table", "run_alignment", "best_layers", "write_csv", "metric_function",
            "check_metric_settings", "AlignmentError", "DEFAULT_TIMESTEPS", "METRICS", "KNN_METRICS",

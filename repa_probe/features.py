@@ -1,4 +1,4 @@
-"""Hidden states of a diffusion transformer and frozen-encoder targets, for alignment analysis.
+"""Hidden states of a diffusion transformer, for alignment analysis and probes (encoder targets: ``targets``).
 
 Time convention (user-facing, REPA's): ``t = 0`` is clean data and ``t = 1`` pure noise. Each model
 family receives its own time (:func:`model_time_for`): our / REPA models get ``t`` itself, official
@@ -14,24 +14,19 @@ Shapes: N samples, C/H/W model input, T tokens, D width.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 from contextlib import nullcontext
-from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 log = logging.getLogger("repa_probe")
 
 POOLS = ("mean", "tokens", "projector")
 LABEL_MODES = ("null", "true")
-ENCODER_KINDS = ("cls", "mean_patch", "patch")
-CACHE_VERSION = "features-v1"  # bump when cached encoder features change meaning
 _M32 = 0xFFFFFFFF
 
 
@@ -160,7 +155,7 @@ class ModelInputs:
         return x.float() / 127.5 - 1.0 if self.pixel else x.float()
 
 
-def _loader(data, batch_size: int, num_workers: int) -> DataLoader:
+def batch_loader(data, batch_size: int, num_workers: int) -> DataLoader:
     from .data import collate
 
     if isinstance(data, DataLoader):
@@ -178,7 +173,7 @@ def prepare_inputs(data, vae=None, batch_size: int = 64, num_workers: int = 0,
     ``vae.bias``, as float32 on the CPU. Indices are positions in iteration order.
     """
     chunks, labels = [], []
-    for batch in tqdm(_loader(data, batch_size, num_workers), desc="inputs", disable=not progress, leave=False):
+    for batch in tqdm(batch_loader(data, batch_size, num_workers), desc="inputs", disable=not progress, leave=False):
         images = batch["image"]
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise FeatureError(f"dataset images must be uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
@@ -330,92 +325,3 @@ def extract_features(model, objective, data, timesteps, layers="all", pool: str 
             bar.update(1)
     bar.close()
     return FeatureSet(feats, layer_list, user_t, model_t.tolist(), inputs.labels, inputs.indices, pool)
-
-
-# ---------------------------------------------------------------------------------------- encoder targets
-def _unwrap(dataset):
-    """The innermost dataset under CappedDataset (``base``) / torch Subset (``dataset``) views."""
-    while True:
-        inner = next((d for d in (getattr(dataset, "base", None), getattr(dataset, "dataset", None))
-                      if isinstance(d, Dataset)), None)
-        if inner is None:
-            return dataset
-        dataset = inner
-
-
-def dataset_identity(dataset) -> dict:
-    """What identifies ``dataset`` for caching: class, root, resolution, split, num_samples, seed, length,
-    the subset indices of a capped view, and a fingerprint of the first, middle and last images."""
-    core = _unwrap(dataset)
-    ident: dict[str, Any] = {"class": type(core).__name__, "len": len(dataset)}
-    for attr in ("root", "data_dir", "resolution", "split", "num_samples", "seed", "num_classes"):
-        value = getattr(core, attr, None)
-        if isinstance(value, (str, int, float, bool, Path)):
-            ident[attr] = str(value) if isinstance(value, Path) else value
-    subset = getattr(dataset, "indices", None)
-    if subset is not None and dataset is not core:
-        ident["subset_sha"] = hashlib.sha256(torch.as_tensor(subset).numpy().tobytes()).hexdigest()[:16]
-    n = len(dataset)
-    h = hashlib.sha256()
-    for i in sorted({0, n // 2, n - 1}) if n else []:
-        h.update(dataset[i]["image"].contiguous().numpy().tobytes())
-    ident["content_sha"] = h.hexdigest()[:16]
-    return ident
-
-
-def encoder_cache_key(encoder, dataset, kind: str) -> str:
-    """sha256 of ``encoder.cache_key``, :func:`dataset_identity`, N and ``kind``."""
-    blob = json.dumps({"v": CACHE_VERSION, "encoder": encoder.cache_key, "data": dataset_identity(dataset),
-                       "n": len(dataset), "kind": kind}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
-
-
-def _read_cache(path: Path, key: str, n: int):
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a broken cache file is recomputed, not fatal
-        log.warning("ignoring unreadable feature cache %s (%s)", path, type(exc).__name__)
-        return None
-    feats = obj.get("features") if isinstance(obj, dict) else None
-    if not torch.is_tensor(feats) or obj.get("key") != key or feats.shape[0] != n:
-        log.warning("ignoring feature cache %s: it does not match this encoder/dataset", path)
-        return None
-    return feats
-
-
-@torch.no_grad()
-def encoder_features(encoder, dataset, kind: str = "cls", cache_dir=None, batch_size: int = 64, device=None,
-                     num_workers: int = 0, progress: bool = True) -> torch.Tensor:
-    """Target features of every sample of ``dataset``: ``cls`` / ``mean_patch`` -> ``(N, D)``, ``patch``
-    -> ``(N, T, D)``, float32 on the CPU.
-
-    With ``cache_dir`` the result is stored as ``{cache_dir}/{kind}-{key}.pt`` (``torch.save`` of a dict of
-    tensors and strings, read back with ``weights_only=True``) under :func:`encoder_cache_key`, and a
-    later call with the same encoder, dataset and N loads it instead of running the encoder.
-    ``device``: where the encoder is (default: its own device); images are moved there batch by batch.
-    """
-    if kind not in ENCODER_KINDS:
-        raise FeatureError(f"encoder feature kind must be one of {ENCODER_KINDS}, got {kind!r}")
-    n = len(dataset)
-    path = key = None
-    if cache_dir is not None:
-        key = encoder_cache_key(encoder, dataset, kind)
-        path = Path(cache_dir) / f"{kind}-{key[:32]}.pt"
-        if path.is_file():
-            cached = _read_cache(path, key, n)
-            if cached is not None:
-                log.info("encoder features: cache hit %s", path)
-                return cached
-    device = module_device(encoder, device, "encoder")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    out = []
-    for batch in tqdm(_loader(dataset, batch_size, num_workers), desc=f"encoder {kind}", disable=not progress,
-                      leave=False):
-        with autocast:
-            out.append(encoder.features(batch["image"].to(device), kind).float().cpu())
-    feats = torch.cat(out)
-    if path is not None:
-        from .checkpoint import atomic_save
-
-        atomic_save({"key": key, "kind": kind, "encoder": encoder.cache_key, "features": feats}, path)
-    return feats

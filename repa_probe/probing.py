@@ -32,10 +32,11 @@ import torch
 
 from .alignment_inputs import (checkpoint_paths, load_entries, meta_model, objective_for, parse_layer_list,
                                parse_timestep_list, reload_model, resolve_device)
-from .features import encoder_features, extract_features, prepare_inputs, resolve_layers
+from .features import extract_features, prepare_inputs, resolve_layers
 from .probes import fit_linear_probe, fit_segmentation_probe
 from .probes.inputs import ProbeSetupError, collect_masks, resolve_probe_data, resolve_reference_encoder
 from .probes.plots import make_probe_figures
+from .targets import encoder_features
 
 log = logging.getLogger("repa_probe")
 
