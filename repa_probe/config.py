@@ -96,6 +96,7 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 200  # total optimiser steps
     batch_size: int = 32  # GLOBAL batch size (divided over processes)
+    grad_accum: int = 1  # micro-batches per step (gradients summed): the same batch with 1/k of the activation memory
     ema_decay: float = 0.99  # EMA of the weights (paper: 0.9999; the tiny run is too short for that)
     precision: str = "bf16"  # bf16, fp16 or fp32 autocast on GPU; the CPU always runs fp32
     tf32: bool = True  # allow TF32 matmuls on GPU
@@ -236,6 +237,7 @@ def validate(cfg: Config) -> None:
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not one of: {', '.join(allowed)}")
     positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
+                "train.grad_accum": cfg.train.grad_accum,
                 "train.log_every": cfg.train.log_every, "train.ckpt_every": cfg.train.ckpt_every,
                 "repa.encoder_depth": cfg.repa.encoder_depth, "data.resolution": cfg.data.resolution}
     for key, value in positive.items():

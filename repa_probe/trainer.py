@@ -7,7 +7,7 @@ One step (global batch B over W processes, each with B/W samples)::
     t, ε, label dropout  (drawn for the GLOBAL batch from one seeded generator; each rank keeps rows rank::W)
     x_t = objective.add_noise(x0, t, ε);  out, zs~ = model(x_t, objective.model_time(t), y)
     loss = objective.loss(out, ...).mean() + proj_coeff · repa_loss(zs~, [z])
-    backward → clip → AdamW → EMA
+    backward → clip → AdamW → EMA        (train.grad_accum = k: forward/backward over k micro-batches first)
 
 Drawing the randomness for the global batch makes a W-process run match the one-process run on the same
 global batch (up to the order of floating-point reduction), and together with the stored generator states and
@@ -152,8 +152,10 @@ def step_module(s: TrainState, cfg: Config) -> torch.nn.Module:
 def train_step(s: TrainState, net: torch.nn.Module, cfg: Config, dist: DistInfo) -> dict:
     """One optimiser step on the next batch; returns detached scalar logs (no host sync but the NaN check).
 
-    ``net`` is ``s.model`` or a wrapper of it (torch.compile, DDP). Raises TrainingDiverged on a non-finite
-    loss, before any weight changes.
+    ``net`` is ``s.model`` or a wrapper of it (torch.compile, DDP). With ``train.grad_accum = k`` the batch runs
+    as k equal micro-batches whose gradients add up to the full batch's (same samples, noise and labels as
+    k = 1; DDP reduces once, on the last). Raises TrainingDiverged on a non-finite loss, before any weight
+    changes.
     """
     from .objectives import repa_loss
 
@@ -163,26 +165,37 @@ def train_step(s: TrainState, net: torch.nn.Module, cfg: Config, dist: DistInfo)
                                 enc_autocast=_autocast(cfg, device))  # frozen encoder under autocast, as REPA
     t, noise, y = objective_noise(obj, x0, y, s.gen, dist, cfg, s.batches.num_classes)
     x_t = obj.add_noise(x0, t, noise)
-    with _autocast(cfg, device):
-        out, zs_tilde = net(x_t, obj.model_time(t), y)
-    terms = obj.loss(out.float(), x0, x_t, noise, t)
-    loss = terms["loss"].mean()
-    logs = {k: v.detach().mean() for k, v in terms.items()}
-    if z_enc is not None:
-        proj_loss, cos = repa_loss(zs_tilde, [z_enc])
-        loss = loss + cfg.repa.proj_coeff * proj_loss
-        logs.update(repa=proj_loss.detach(), cos=cos.detach())
-    if not torch.isfinite(loss).item():
-        raise TrainingDiverged(", ".join(f"{k}={v.item():.4g}" for k, v in logs.items()))
+    k = cfg.train.grad_accum  # micro-batches: same samples and noise, gradients summed before the step
+    micro = x0.shape[0] // k
     s.opt.zero_grad(set_to_none=True)
-    s.scaler.scale(loss).backward()
+    sums: dict = {}
+    for i in range(k):
+        rows = slice(i * micro, (i + 1) * micro)
+        last = i == k - 1
+        sync = nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()  # DDP: reduce once
+        with sync:
+            with _autocast(cfg, device):
+                out, zs_tilde = net(x_t[rows], obj.model_time(t[rows]), y[rows])
+            terms = obj.loss(out.float(), x0[rows], x_t[rows], noise[rows], t[rows])
+            loss = terms["loss"].mean()
+            logs = {name: v.detach().mean() for name, v in terms.items()}
+            if z_enc is not None:
+                proj_loss, cos = repa_loss(zs_tilde, [z_enc[rows]])
+                loss = loss + cfg.repa.proj_coeff * proj_loss
+                logs.update(repa=proj_loss.detach(), cos=cos.detach())
+            if not torch.isfinite(loss).item():
+                raise TrainingDiverged(", ".join(f"{name}={v.item():.4g}" for name, v in logs.items()))
+            s.scaler.scale(loss / k if k > 1 else loss).backward()
+        logs["total"] = loss.detach()
+        sums = logs if not sums else {name: sums[name] + v for name, v in logs.items()}
+    logs = {name: v / k for name, v in sums.items()} if k > 1 else sums
     s.scaler.unscale_(s.opt)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     gnorm = torch.nn.utils.clip_grad_norm_(s.params, clip)
     s.scaler.step(s.opt)
     s.scaler.update()
     update_ema(s.ema, s.model, cfg.train.ema_decay)
-    logs.update(total=loss.detach(), grad_norm=gnorm.detach())
+    logs["grad_norm"] = gnorm.detach()
     return logs
 
 
@@ -201,9 +214,9 @@ def train(cfg: Config) -> Path:
 
 def _train(cfg: Config, dist: DistInfo) -> Path:
     device = _device(cfg, dist)
-    if cfg.train.batch_size % dist.world_size:
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the "
-                         f"{dist.world_size} processes")
+    if cfg.train.batch_size % (dist.world_size * cfg.train.grad_accum):
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {dist.world_size} "
+                         f"process(es) x train.grad_accum={cfg.train.grad_accum} micro-batches")
     run = rundir.prepare(cfg.run.out_dir, cfg.run.name)
     ckpt_dir = run / "checkpoints"
     handler = rundir.add_file_log(run) if dist.is_main else None

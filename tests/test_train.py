@@ -10,7 +10,7 @@ import torch
 
 from repa_probe import rundir
 from repa_probe.checkpoint import safe_load
-from repa_probe.config import Config, load_config, to_dict
+from repa_probe.config import Config, ConfigError, load_config, to_dict
 from repa_probe.trainer import TrainingDiverged, train
 from train.cli import main as train_main
 
@@ -115,6 +115,27 @@ def test_compile_wraps_model_and_encoder_and_matches_eager(tmp_path, monkeypatch
     s = trainer.TrainState.build(cfg_for(tmp_path, name="plain"), trainer.DistInfo(), torch.device("cpu"))
     assert trainer.step_module(s, s.cfg) is s.model  # train.compile=false: the model itself
 
+
+def test_grad_accum_matches_one_big_batch(tmp_path):
+    """train.grad_accum=4: same samples, noise and labels as one batch of 16, gradients summed over 4
+    micro-batches of 4 → the same weights (to rounding), the same logged losses; bad splits are refused."""
+    common = ["train.steps=3", "train.ckpt_every=3", "train.log_every=1"]
+    one = train(cfg_for(tmp_path, *common, name="one"))
+    four = train(cfg_for(tmp_path, *common, "train.grad_accum=4", name="four"))
+    a, b = (safe_load(r / "checkpoints/0000003.pt") for r in (one, four))
+    assert a["data"] == b["data"]
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert not states_equal(a["model"], safe_load(one / "checkpoints/0000003.pt")["ema"])  # weights moved
+    ra, rb = rundir.read_metrics(one), rundir.read_metrics(four)
+    for x, y in zip(ra, rb):
+        for key in ("loss", "repa", "total", "grad_norm"):
+            assert x[key] == pytest.approx(y[key], rel=1e-4), key
+    with pytest.raises(ValueError, match="not divisible by the 1 process"):
+        train(cfg_for(tmp_path, "train.grad_accum=3", name="bad"))
+    with pytest.raises(ConfigError, match="train.grad_accum must be positive"):
+        cfg_for(tmp_path, "train.grad_accum=0")
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     from repa_probe.objectives import FlowMatching
 
@@ -209,11 +230,13 @@ def test_submitit_local_executor(tmp_path):
 
 
 def test_torchrun_ddp_matches_single_process(tmp_path):
+    """2 gloo processes, each running its 8 samples as 2 micro-batches of 4 (DDP's no_sync on the first),
+    match one process on the same global batch of 16 without accumulation."""
     common = [*FAST, "train.steps=3", "train.ckpt_every=3", "train.log_every=3", "data.num_workers=0"]
     train(load_config(None, [f"run.out_dir={tmp_path}", "run.name=single", *common]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-           "-m", "train", f"run.out_dir={tmp_path}", "run.name=ddp", *common]
+           "-m", "train", f"run.out_dir={tmp_path}", "run.name=ddp", *common, "train.grad_accum=2"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     a = safe_load(tmp_path / "single/checkpoints/0000003.pt")["model"]
