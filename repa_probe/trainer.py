@@ -171,8 +171,7 @@ def train_step(s: TrainState, net: torch.nn.Module, cfg: Config, dist: DistInfo)
     sums: dict = {}
     for i in range(k):
         rows = slice(i * micro, (i + 1) * micro)
-        last = i == k - 1
-        sync = nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()  # DDP: reduce once
+        sync = nullcontext() if i == k - 1 or not hasattr(net, "no_sync") else net.no_sync()  # DDP: reduce once
         with sync:
             with _autocast(cfg, device):
                 out, zs_tilde = net(x_t[rows], obj.model_time(t[rows]), y[rows])
@@ -185,10 +184,10 @@ def train_step(s: TrainState, net: torch.nn.Module, cfg: Config, dist: DistInfo)
                 logs.update(repa=proj_loss.detach(), cos=cos.detach())
             if not torch.isfinite(loss).item():
                 raise TrainingDiverged(", ".join(f"{name}={v.item():.4g}" for name, v in logs.items()))
-            s.scaler.scale(loss / k if k > 1 else loss).backward()
+            s.scaler.scale(loss / k).backward()  # / 1 is exact: k = 1 is the plain step, bit for bit
         logs["total"] = loss.detach()
         sums = logs if not sums else {name: sums[name] + v for name, v in logs.items()}
-    logs = {name: v / k for name, v in sums.items()} if k > 1 else sums
+    logs = {name: v / k for name, v in sums.items()}
     s.scaler.unscale_(s.opt)
     clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
     gnorm = torch.nn.utils.clip_grad_norm_(s.params, clip)
