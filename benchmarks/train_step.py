@@ -29,7 +29,7 @@ plus the encoder's forward (no backward). MFU = achieved / ``--peak-tflops``.
     python benchmarks/train_step.py                                    # ours vs vanilla, SiT-B/2, batch 8, CPU
     python benchmarks/train_step.py --reference-repo /tmp/REPA         # + the official step, side by side
     python benchmarks/train_step.py --device cuda --model SiT-XL/2 --batch 256 --bf16 --encoder-depth 8
-    python benchmarks/train_step.py --device cuda --model SiT-XL/2 --batch 64 --bf16 --encoder-depth 8 --compile
+    python benchmarks/train_step.py --device cuda --model SiT-B/2 --batch 256 --bf16 --compile   # + train.compile
     python benchmarks/train_step.py --model SiT-S/2 --batch 2 --encoder tiny_vit --rounds 1   # smoke test
 """
 from __future__ import annotations

@@ -156,6 +156,7 @@ class ModelInputs:
 
 
 def batch_loader(data, batch_size: int, num_workers: int) -> DataLoader:
+    """``data`` itself when it is a DataLoader, else an unshuffled DataLoader of it (the datasets' collate)."""
     from .data import collate
 
     if isinstance(data, DataLoader):
