@@ -1,6 +1,6 @@
 """`python -m analysis.alignment`: CKNNA (and friends) between diffusion-transformer blocks and a frozen encoder.
 
-Thin command line over :func:`repa_probe.alignment.run_alignment`; see `--help`.
+Thin command line over :func:`repa_probe.analysis.alignment.run_alignment`; see `--help`.
 """
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from repa_probe.alignment import METRICS, TARGET_KINDS
+    from repa_probe.analysis.alignment import METRICS, TARGET_KINDS
 
     p = OneLineParser(prog="python -m analysis.alignment", description=DESCRIPTION, epilog=EXAMPLES,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from repa_probe.alignment import parse_timestep_list, run_alignment
+    from repa_probe.analysis.alignment import parse_timestep_list, run_alignment
     from repa_probe.errors import one_line_errors
 
     with one_line_errors(args.verbose):

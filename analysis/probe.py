@@ -1,6 +1,6 @@
 """`python -m analysis.probe`: linear classification probes on the hidden states of diffusion transformers.
 
-Thin command line over :func:`repa_probe.probing.run_probes`; see `--help`. `analysis.segment` reuses
+Thin command line over :func:`repa_probe.analysis.probing.run_probes`; see `--help`. `analysis.segment` reuses
 this parser for the segmentation probe.
 """
 from __future__ import annotations
@@ -108,7 +108,7 @@ def main(argv: Optional[List[str]] = None, task: str = "linear") -> int:
     data, root = (args.data + [None])[:2] if args.data else (None, None)
     setup_logging(args.verbose)
     from repa_probe.errors import one_line_errors
-    from repa_probe.probing import run_probes
+    from repa_probe.analysis.probing import run_probes
 
     with one_line_errors(args.verbose):
         summary = run_probes(

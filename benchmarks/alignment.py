@@ -1,4 +1,4 @@
-"""Benchmark CKNNA: repa_probe.metrics.cknna (chunked top-k + O(N·k) sparse HSIC) against dense N×N baselines.
+"""Benchmark CKNNA: repa_probe.analysis.metrics.cknna (chunked top-k + O(N·k) sparse HSIC) against dense N×N baselines.
 
 Features: a: (N, 1152) (DINOv2-g width) and b = a W + noise: (N, 768) (SiT-B width), float32, row
 L2-normalised (PRH convention), topk = 10, unbiased. Every (method, N) runs in a fresh subprocess so its
@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from repa_probe.metrics import cknna
+from repa_probe.analysis.metrics import cknna
 
 D_A, D_B, TOPK = 1152, 768, 10
 DENSE_BUFFERS = 10   # N×N buffers alive at the dense peak: K, L, 3 masks, 2 masked kernels, products

@@ -1,12 +1,12 @@
 """Probe throughput: feature extraction (images/s) and linear-probe fitting time.
 
-1. Extraction: :func:`repa_probe.features.extract_features` with every block captured (mean pooling and
+1. Extraction: :func:`repa_probe.analysis.features.extract_features` with every block captured (mean pooling and
    token features), random-initialised models, one timestep:
    - ``tiny``: the default training config's model (SiT-S/4 body, depth 6, width 128) on the built-in
      shapes at 32 px, pixel space (images rendered and prepared as in a probe run);
    - ``SiT-B/2``: on 32x32x4 latents (what a 256 px image becomes through the SD VAE). The VAE itself is
      not timed (no pretrained weights offline): the inputs are random latents in a ModelInputs.
-2. Fitting: :func:`repa_probe.probes.fit_linear_probe` on synthetic Gaussian-blob features (N train,
+2. Fitting: :func:`repa_probe.analysis.probes.fit_linear_probe` on synthetic Gaussian-blob features (N train,
    N/5 test, D = 768), both backends, default hyper-parameter grids (sklearn: C in {0.01, 0.1, 1} + refit;
    torch: 2 lr x 2 weight decays trained together, 30 epochs, + refit). 1000 classes is too large for a
    CPU run; the default class counts are 10 and 100.
@@ -24,9 +24,9 @@ import time
 
 import torch
 
-from repa_probe.features import ModelInputs, extract_features, prepare_inputs
+from repa_probe.analysis.features import ModelInputs, extract_features, prepare_inputs
 from repa_probe.objectives import FlowMatching
-from repa_probe.probes import fit_linear_probe
+from repa_probe.analysis.probes import fit_linear_probe
 
 
 def _model(name: str, device: torch.device):

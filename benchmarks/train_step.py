@@ -1,6 +1,6 @@
 """Full training-step throughput: data → VAE posterior sample → encoder → model + REPA → AdamW → EMA.
 
-Our step is built from the library exactly as ``repa_probe.trainer`` builds it (``load_config`` overrides,
+Our step is built from the library exactly as ``repa_probe.training.trainer`` builds it (``load_config`` overrides,
 ``builders.Batches`` / ``build_encoder`` / ``build_model`` / ``build_objective`` / ``model_inputs``, the
 trainer's ``objective_noise``, ``_autocast`` and ``update_ema``, AdamW as the trainer configures it, grad
 clip 1.0) and runs the body of the trainer's loop. Data: a small dataset in REPA's preprocessed layout
@@ -54,9 +54,9 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from model_step import _sync, forward_flops  # noqa: E402  (benchmarks/model_step.py)
 
-from repa_probe.config import load_config  # noqa: E402
-from repa_probe.launch import DistInfo  # noqa: E402
-from repa_probe.trainer import TrainState, TrainingDiverged, step_module, train_step  # noqa: E402
+from repa_probe.training.config import load_config  # noqa: E402
+from repa_probe.training.distributed import DistInfo  # noqa: E402
+from repa_probe.training.trainer import TrainState, TrainingDiverged, step_module, train_step  # noqa: E402
 
 LATENT_CHANNELS = 4  # SD-VAE
 
@@ -107,7 +107,7 @@ def our_config(a: argparse.Namespace, data_root: Path, proj_coeff: float, compil
 
 
 class OurStep:
-    """One training step of ``repa_probe.trainer``: its own ``TrainState`` and ``train_step``."""
+    """One training step of ``repa_probe.training.trainer``: its own ``TrainState`` and ``train_step``."""
 
     def __init__(self, cfg, device: torch.device):
         self.cfg, self.dist = cfg, DistInfo()

@@ -31,8 +31,8 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
-from .models.registry import size_name
-from .models.transformer import FAMILIES, TIME_CONVENTIONS, DiffusionTransformer
+from repa_probe.models.registry import size_name
+from repa_probe.models.transformer import FAMILIES, TIME_CONVENTIONS, DiffusionTransformer
 
 CHECKPOINT_FORMAT = "repa-probe/1"
 DEFAULT_ENCODER_DEPTH = 8

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import repa_probe.alignment as alignment
+import repa_probe.analysis.alignment as alignment
 from analysis.alignment import main
-from repa_probe.alignment import CSV_COLUMNS, alignment_table
-from repa_probe.alignment_inputs import build_analysis_dataset, build_config_encoder, load_entries, objective_for
+from repa_probe.analysis.alignment import CSV_COLUMNS, alignment_table
+from repa_probe.analysis.inputs import build_analysis_dataset, build_config_encoder, load_entries, objective_for
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,8 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A 2-step tiny run (checkpoints at steps 1 and 2) and the target encoder the trainer built."""
-    from repa_probe import trainer
-    from repa_probe.config import load_config
+    from repa_probe.training import trainer
+    from repa_probe.training.config import load_config
 
     out = tmp_path_factory.mktemp("runs")
     built = {}

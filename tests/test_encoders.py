@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from repa_probe import encoders as enc
-from repa_probe.encoders import (EncoderInputError, EncoderWeightsError, default_input_size, load_encoder,
+from repa_probe.encoders import target as enc
+from repa_probe.encoders.target import (EncoderInputError, EncoderWeightsError, default_input_size, load_encoder,
                                  preprocess, resolve_encoder_name)
 
 MEAN = np.array([0.485, 0.456, 0.406])

@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from repa_probe import rundir
-from repa_probe.config import load_config
+from repa_probe.training import rundir
+from repa_probe.training.config import load_config
 from repa_probe.data import REPAFeatureDataset
-from repa_probe.trainer import train
+from repa_probe.training.trainer import train
 from train.extract_latents import main
 
 

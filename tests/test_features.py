@@ -1,18 +1,18 @@
-"""Tests for repa_probe.features: one-pass capture, seeded noise, model time per family, encoder cache."""
+"""Tests for repa_probe.analysis.features: one-pass capture, seeded noise, model time per family, encoder cache."""
 import types
 
 import pytest
 import torch
 import torch.nn as nn
 
-from repa_probe.alignment import parse_timestep_list
+from repa_probe.analysis.alignment import parse_timestep_list
 from repa_probe.data import ShapesDataset
-from repa_probe.encoders import load_encoder
-from repa_probe.features import (FeatureError, extract_features, module_device, noise_inputs, prepare_inputs,
+from repa_probe.encoders.target import load_encoder
+from repa_probe.analysis.features import (FeatureError, extract_features, module_device, noise_inputs, prepare_inputs,
                                  seeded_noise)
 from repa_probe.models import DiffusionTransformer
 from repa_probe.objectives import FlowMatching, GaussianDiffusion
-from repa_probe.targets import encoder_cache_key, encoder_features
+from repa_probe.analysis.targets import encoder_cache_key, encoder_features
 
 TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=4, num_heads=2, num_classes=4,
             class_dropout_prob=0.1, encoder_depth=2, z_dims=(16,), projector_dim=24)

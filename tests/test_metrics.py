@@ -1,4 +1,4 @@
-"""Tests for repa_probe.metrics: platonic-rep reference numbers, a dense re-derivation, invariances, errors."""
+"""Tests for repa_probe.analysis.metrics: platonic-rep reference numbers, a dense re-derivation, invariances, errors."""
 import functools
 import json
 from pathlib import Path
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from repa_probe import metrics as M
-from repa_probe.metrics import MetricInputError
+from repa_probe.analysis import metrics as M
+from repa_probe.analysis.metrics import MetricInputError
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "platonic_reference.json").read_text())
 

@@ -8,13 +8,13 @@ from PIL import Image
 
 from analysis.probe import main as probe_main
 from analysis.segment import main as segment_main
-from repa_probe.probing import CSV_COLUMNS, layer_groups
+from repa_probe.analysis.probing import CSV_COLUMNS, layer_groups
 
 
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory):
-    from repa_probe.config import load_config
-    from repa_probe.trainer import train
+    from repa_probe.training.config import load_config
+    from repa_probe.training.trainer import train
 
     out = tmp_path_factory.mktemp("runs")
     run = train(load_config(None, [f"run.out_dir={out}", "train.steps=2", "train.ckpt_every=2", "train.log_every=2",

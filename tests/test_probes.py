@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from repa_probe.data import DatasetError, ShapesDataset
-from repa_probe.probes import (ADE20KSegmentation, ProbeInputError, VOCSegmentation, confusion_matrix,
+from repa_probe.analysis.probes import (ADE20KSegmentation, ProbeInputError, VOCSegmentation, confusion_matrix,
                                fit_linear_probe, fit_segmentation_probe, iou_from_confusion, miou,
                                stratified_holdout)
-from repa_probe.probes.common import channel_stats
+from repa_probe.analysis.probes.common import channel_stats
 
 K = 4
 

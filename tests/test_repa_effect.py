@@ -6,12 +6,12 @@ states and the encoder's mean patch tokens, on held-out shapes, must be clearly 
 """
 import torch
 
-from repa_probe.alignment import alignment_table
-from repa_probe.builders import build_encoder, build_objective
+from repa_probe.analysis.alignment import alignment_table
+from repa_probe.training.builders import build_encoder, build_objective
 from repa_probe.checkpoint import load_model
-from repa_probe.config import load_config
+from repa_probe.training.config import load_config
 from repa_probe.data import ShapesDataset
-from repa_probe.trainer import train
+from repa_probe.training.trainer import train
 
 STEPS = 150
 COMMON = [f"train.steps={STEPS}", f"train.ckpt_every={STEPS}", "train.log_every=1000", "train.tensorboard=false",

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from repa_probe import rundir
+from repa_probe.training import rundir
 from repa_probe.checkpoint import safe_load
-from repa_probe.config import Config, ConfigError, load_config, to_dict
-from repa_probe.trainer import TrainingDiverged, train
+from repa_probe.training.config import Config, ConfigError, load_config, to_dict
+from repa_probe.training.trainer import TrainingDiverged, train
 from train.cli import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +94,7 @@ def test_compile_wraps_model_and_encoder_and_matches_eager(tmp_path, monkeypatch
     """train.compile=true: torch.compile of the model and (in place) of the frozen encoder; the compiled step
     trains the same weights as the eager one, and checkpoints keep the plain key names. Dynamo's "eager"
     backend keeps the test fast (no C++ compile); the wiring and the traced graphs are the real ones."""
-    from repa_probe import trainer
+    from repa_probe.training import trainer
 
     real_compile, compiled = torch.compile, []
 
@@ -246,7 +246,7 @@ def test_torchrun_ddp_matches_single_process(tmp_path):
 
 
 def test_submitit_preemption_requeues_with_resume_auto():
-    from repa_probe.launch import SubmititTrainJob
+    from repa_probe.training.launch import SubmititTrainJob
 
     cfg = to_dict(load_config(None, ["train.resume=none", "train.steps=7"]))
     delayed = SubmititTrainJob(cfg).checkpoint()

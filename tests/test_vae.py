@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from repa_probe.vae import (SD_VAE_SCALE, LatentVAE, VAEInputError, VAEWeightsError, extract_latents,
+from repa_probe.encoders.vae import (SD_VAE_SCALE, LatentVAE, VAEInputError, VAEWeightsError, extract_latents,
                             load_vae, sample_posterior)
 
 
@@ -116,7 +116,7 @@ def test_extract_latents_repa_layout(vae, tmp_path):
 
 
 def test_extract_latents_flip_and_index_folders(vae, tmp_path, monkeypatch):
-    import repa_probe.vae as vae_mod
+    import repa_probe.encoders.vae as vae_mod
 
     ds = _Images(3)
     extract_latents(ds, vae, tmp_path, batch_size=2, flip=True, save_images=False, progress=False)

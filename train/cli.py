@@ -24,7 +24,7 @@ config keys (default = the embedded tiny CPU run):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from repa_probe.config import describe
+    from repa_probe.training.config import describe
 
     p = OneLineParser(
         prog="python -m train",
@@ -45,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from repa_probe import launch
-    from repa_probe.config import load_config, to_yaml
+    from repa_probe.training import launch
+    from repa_probe.training.config import load_config, to_yaml
     from repa_probe.errors import one_line_errors
 
     with one_line_errors(args.verbose):

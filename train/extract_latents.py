@@ -41,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from repa_probe.data import build_dataset
     from repa_probe.errors import one_line_errors
-    from repa_probe.vae import extract_latents, load_vae
+    from repa_probe.encoders.vae import extract_latents, load_vae
 
     with one_line_errors(args.verbose):
         device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \

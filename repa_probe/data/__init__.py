@@ -5,14 +5,14 @@
 and exposes ``num_classes``, ``resolution``, ``__len__`` (and ``class_names`` where known).
 See :mod:`repa_probe.data.sampler` for the resume protocol.
 """
-from .build import DATASET_NAMES, build_dataset
-from .common import CappedDataset, DatasetError, collate
-from .digits import DigitsDataset
-from .imagefolder import ImageFolderDataset, center_crop_arr
-from .repa_layout import REPAFeatureDataset
-from .sampler import ResumableSampler, infinite_loader
-from .shapes import SHAPE_NAMES, ShapesDataset
-from .shards import LatentShardDataset, write_latent_shards
+from repa_probe.data.build import DATASET_NAMES, build_dataset
+from repa_probe.data.common import CappedDataset, DatasetError, collate
+from repa_probe.data.digits import DigitsDataset
+from repa_probe.data.imagefolder import ImageFolderDataset, center_crop_arr
+from repa_probe.data.repa_layout import REPAFeatureDataset
+from repa_probe.data.sampler import ResumableSampler, infinite_loader
+from repa_probe.data.shapes import SHAPE_NAMES, ShapesDataset
+from repa_probe.data.shards import LatentShardDataset, write_latent_shards
 
 __all__ = [
     "DATASET_NAMES", "build_dataset", "CappedDataset", "DatasetError", "collate", "DigitsDataset",

@@ -8,12 +8,12 @@ from typing import Any, Callable
 
 from torch.utils.data import Dataset
 
-from .common import CappedDataset, DatasetError, check_split
-from .digits import DigitsDataset
-from .imagefolder import ImageFolderDataset
-from .repa_layout import REPAFeatureDataset
-from .shapes import ShapesDataset
-from .shards import LatentShardDataset
+from repa_probe.data.common import CappedDataset, DatasetError, check_split
+from repa_probe.data.digits import DigitsDataset
+from repa_probe.data.imagefolder import ImageFolderDataset
+from repa_probe.data.repa_layout import REPAFeatureDataset
+from repa_probe.data.shapes import ShapesDataset
+from repa_probe.data.shards import LatentShardDataset
 
 DATASET_NAMES = ("shapes", "digits", "imagefolder", "repa", "shards")
 # keys of a data config that belong to the loader, ignored here when a mapping is passed

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from .common import DatasetError, check_split
+from repa_probe.data.common import DatasetError, check_split
 
 
 class DigitsDataset(Dataset):

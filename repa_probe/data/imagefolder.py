@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .common import DatasetError
+from repa_probe.data.common import DatasetError
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from .common import DatasetError
-from .imagefolder import IMAGE_EXTENSIONS
+from repa_probe.data.common import DatasetError
+from repa_probe.data.imagefolder import IMAGE_EXTENSIONS
 
 _INDEX_RE = re.compile(r"(\d+)\.[A-Za-z0-9]+$")
 

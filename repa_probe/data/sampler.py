@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .common import DatasetError, collate
+from repa_probe.data.common import DatasetError, collate
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .common import SPLITS, DatasetError, check_split
+from repa_probe.data.common import SPLITS, DatasetError, check_split
 
 _SPLIT_IDS = {name: i for i, name in enumerate(SPLITS)}
 _NOISE_GRID = 4  # the smooth background noise is a bilinear upsampling of a 4x4 random colour grid

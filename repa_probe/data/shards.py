@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .common import DatasetError, collate
+from repa_probe.data.common import DatasetError, collate
 
 FORMAT = "repa-probe-shards/1"
 

@@ -1,7 +1,7 @@
 """SiT / DiT / REPA diffusion transformers (one architecture, three time and output conventions)."""
 
-from .registry import MODEL_SIZES, create_model, list_models, model_kwargs, model_name, size_name
-from .transformer import (
+from repa_probe.models.registry import MODEL_SIZES, create_model, list_models, model_kwargs, model_name, size_name
+from repa_probe.models.transformer import (
     FAMILIES,
     TIME_CONVENTIONS,
     DiffusionTransformer,

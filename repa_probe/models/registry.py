@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 
-from .transformer import DiffusionTransformer, ModelInputError
+from repa_probe.models.transformer import DiffusionTransformer, ModelInputError
 
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "S": dict(depth=12, hidden_size=384, num_heads=6),

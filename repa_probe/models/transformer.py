@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .layers import (  # noqa: F401 (the building blocks are re-exported here)
+from repa_probe.models.layers import (  # noqa: F401 (the building blocks are re-exported here)
     FREQUENCY_DIM, Attention, Block, FinalLayer, LabelEmbedder, Mlp, ModelInputError, PatchEmbed, TimestepEmbedder,
     build_projector, modulate, sincos_pos_embed_2d, timestep_embedding)
 

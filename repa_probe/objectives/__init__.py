@@ -8,11 +8,11 @@ The trainer composes these: sample t and noise, `add_noise`, run the model on `m
 `loss(...)["loss"].mean() + proj_coeff * repa_loss(zs_tilde, zs)[0]`.
 """
 
-from ._common import Objective, ObjectiveError, mean_flat
-from .ddpm import (GaussianDiffusion, approx_standard_normal_cdf, discretized_gaussian_log_likelihood, linear_betas,
+from repa_probe.objectives._common import Objective, ObjectiveError, mean_flat
+from repa_probe.objectives.ddpm import (GaussianDiffusion, approx_standard_normal_cdf, discretized_gaussian_log_likelihood, linear_betas,
                    normal_kl)
-from .flow import (FlowMatching, repa_time_to_sit, repa_velocity_to_sit, sit_time_to_repa, sit_velocity_to_repa)
-from .repa import drop_labels, match_token_grid, repa_loss
+from repa_probe.objectives.flow import (FlowMatching, repa_time_to_sit, repa_velocity_to_sit, sit_time_to_repa, sit_velocity_to_repa)
+from repa_probe.objectives.repa import drop_labels, match_token_grid, repa_loss
 
 __all__ = [
     "Objective", "ObjectiveError", "mean_flat",

@@ -19,7 +19,7 @@ import numbers
 
 import torch
 
-from ._common import (Objective, ObjectiveError, as_value_list, check_sample_args, check_same_shape, expand_time,
+from repa_probe.objectives._common import (Objective, ObjectiveError, as_value_list, check_sample_args, check_same_shape, expand_time,
                       mean_flat)
 
 BETA_SCHEDULES = ("linear",)

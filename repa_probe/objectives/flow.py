@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ._common import (Objective, ObjectiveError, as_value_list, check_sample_args, check_same_shape, expand_time,
+from repa_probe.objectives._common import (Objective, ObjectiveError, as_value_list, check_sample_args, check_same_shape, expand_time,
                       mean_flat)
 
 PATHS = ("linear", "cosine")

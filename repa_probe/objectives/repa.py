@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from ._common import ObjectiveError
+from repa_probe.objectives._common import ObjectiveError
 
 
 def repa_loss(zs_tilde: Sequence[torch.Tensor], zs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,50 +10,11 @@
 from __future__ import annotations
 
 import logging
-import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
-import torch.distributed as torch_dist
 
 log = logging.getLogger("repa_probe")
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed(device_type: str) -> DistInfo:
-    """Join the process group described by torchrun's environment variables (no-op for one process)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return DistInfo()
-    rank = int(os.environ["RANK"])
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if not torch_dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
-        if device_type == "cuda":
-            torch.cuda.set_device(local_rank)
-        torch_dist.init_process_group(backend=backend, rank=rank, world_size=world)
-    return DistInfo(rank=rank, world_size=world, local_rank=local_rank)
-
-
-def cleanup_distributed() -> None:
-    if torch_dist.is_available() and torch_dist.is_initialized():
-        torch_dist.destroy_process_group()
 
 
 class SubmititTrainJob:
@@ -65,8 +26,8 @@ class SubmititTrainJob:
     def __call__(self) -> str:
         import submitit
 
-        from .config import from_dict
-        from .trainer import train
+        from repa_probe.training.config import from_dict
+        from repa_probe.training.trainer import train
 
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
@@ -110,10 +71,10 @@ def submit(cfg, fn_cfg_dict: dict, wait: bool = False) -> str:
 
 def run(cfg, train_fn: Optional[Callable] = None, wait: bool = False):
     """Dispatch by ``cfg.launch.mode``; returns the run directory (local) or the job id (submitit)."""
-    from .config import to_dict
+    from repa_probe.training.config import to_dict
 
     if cfg.launch.mode in ("slurm", "submitit_local"):
         return submit(cfg, to_dict(cfg), wait=wait)
     if train_fn is None:
-        from .trainer import train as train_fn
+        from repa_probe.training.trainer import train as train_fn
     return train_fn(cfg)

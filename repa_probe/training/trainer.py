@@ -28,11 +28,11 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from . import rundir
-from .checkpoint import atomic_save, safe_load
-from .config import Config, to_dict, to_yaml
-from .launch import DistInfo, cleanup_distributed, init_distributed
-from .builders import Batches, build_encoder, build_model, build_objective, model_inputs
+from repa_probe.training import rundir
+from repa_probe.checkpoint import atomic_save, safe_load
+from repa_probe.training.config import Config, to_dict, to_yaml
+from repa_probe.training.distributed import DistInfo, cleanup_distributed, init_distributed
+from repa_probe.training.builders import Batches, build_encoder, build_model, build_objective, model_inputs
 
 log = logging.getLogger("repa_probe")
 CKPT_FORMAT = "repa-probe/1"
@@ -157,7 +157,7 @@ def train_step(s: TrainState, net: torch.nn.Module, cfg: Config, dist: DistInfo)
     k = 1; DDP reduces once, on the last). Raises TrainingDiverged on a non-finite loss, before any weight
     changes.
     """
-    from .objectives import repa_loss
+    from repa_probe.objectives import repa_loss
 
     device, obj = s.device, s.objective
     batch = s.batches.next()
@@ -300,7 +300,7 @@ def objective_noise(objective, x0, y, gen, dist: DistInfo, cfg: Config, null_cla
 
     x0: (b, C, H, W) local batch; y: (b,) labels. Returns t: (b,), noise: (b, C, H, W), y: (b,).
     """
-    from .objectives import drop_labels
+    from repa_probe.objectives import drop_labels
 
     W = dist.world_size
     B = x0.shape[0] * W

@@ -13,13 +13,12 @@ import re
 import socket
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 
-if TYPE_CHECKING:
-    from .encoders import EncoderSpec
+from repa_probe.encoders.registry import EncoderSpec
+
 
 log = logging.getLogger(__name__)
 

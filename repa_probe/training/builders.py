@@ -1,4 +1,4 @@
-"""Build library objects from a :class:`~repa_probe.config.Config` (shared by training and analysis)."""
+"""Build library objects from a :class:`~repa_probe.training.config.Config` (shared by training and analysis)."""
 from __future__ import annotations
 
 import logging
@@ -7,14 +7,14 @@ from typing import Tuple
 
 import torch
 
-from .config import Config, ConfigError
-from .launch import DistInfo
+from repa_probe.training.config import Config, ConfigError
+from repa_probe.training.distributed import DistInfo
 
 log = logging.getLogger("repa_probe")
 
 
 def build_dataset(cfg: Config, split: str = "train"):
-    from .data import build_dataset as _build
+    from repa_probe.data import build_dataset as _build
 
     d = cfg.data
     if d.root is None and d.name not in ("shapes", "digits"):
@@ -25,7 +25,7 @@ def build_dataset(cfg: Config, split: str = "train"):
 
 
 def build_objective(cfg: Config):
-    from .objectives import FlowMatching, GaussianDiffusion
+    from repa_probe.objectives import FlowMatching, GaussianDiffusion
 
     o = cfg.objective
     if o.kind == "flow":
@@ -41,7 +41,7 @@ def build_encoder(cfg: Config, device: torch.device, required: bool = False):
     """
     if cfg.repa.proj_coeff == 0 and not required:
         return None
-    from .encoders import load_encoder
+    from repa_probe.encoders.target import load_encoder
 
     e = cfg.encoder
     kw = {"input_size": e.input_size} if e.input_size is not None else {}
@@ -63,8 +63,8 @@ def latent_shape(cfg: Config, vae) -> Tuple[int, int]:
 
 def build_model(cfg: Config, batches: "Batches", enc):
     """The diffusion transformer for this config (REPA projector when an encoder is given)."""
-    from .models import create_model
-    from .models.registry import model_kwargs
+    from repa_probe.models import create_model
+    from repa_probe.models.registry import model_kwargs
 
     m, r = cfg.model, cfg.repa
     channels, side = latent_shape(cfg, batches.vae)
@@ -95,8 +95,8 @@ class Batches:
     """
 
     def __init__(self, cfg: Config, dist: DistInfo, split: str = "train"):
-        from .data import ResumableSampler
-        from .vae import load_vae
+        from repa_probe.data import ResumableSampler
+        from repa_probe.encoders.vae import load_vae
 
         self.dataset = build_dataset(cfg, split)
         self.vae = load_vae(cfg.vae.name)
@@ -114,7 +114,7 @@ class Batches:
     def next(self) -> dict:
         """The next local batch; the sampler position counts it as consumed (see data.sampler)."""
         if self._it is None:
-            from .data import infinite_loader
+            from repa_probe.data import infinite_loader
 
             self._it = infinite_loader(self.dataset, self.sampler, self.local_batch,
                                        num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
@@ -148,7 +148,7 @@ def model_inputs(batch: dict, vae, enc, device: torch.device, gen: torch.Generat
         x0 = (mean + std * eps) * vae.scale + vae.bias
     z = None
     if enc is not None:
-        from .objectives import match_token_grid
+        from repa_probe.objectives import match_token_grid
 
         with torch.no_grad(), (enc_autocast or nullcontext()):
             z = match_token_grid(enc(images), grid)

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..alignment_inputs import agreed
+from repa_probe.analysis.inputs import agreed
 
 log = logging.getLogger("repa_probe")
 
@@ -44,7 +44,7 @@ class ProbeData:
 
 
 def _capped(ds, n: int | None, what: str):
-    from ..data import CappedDataset
+    from repa_probe.data import CappedDataset
 
     if n is None or n == len(ds):
         return ds
@@ -60,8 +60,8 @@ def probe_split(task: str, name: str, root, split: str, resolution: int, seed: i
     ``test`` is the held-out split: shapes ``val``, digits ``test``, imagefolder ``root/val``, VOC ``val``,
     ADE20K ``validation``.
     """
-    from ..data import build_dataset
-    from .datasets import ADE20KSegmentation, VOCSegmentation
+    from repa_probe.data import build_dataset
+    from repa_probe.analysis.probes.datasets import ADE20KSegmentation, VOCSegmentation
 
     if name not in TASK_DATASETS[task]:
         raise ProbeSetupError(f"--data {name!r} is not a {task} probe dataset; choose from "
@@ -86,7 +86,7 @@ def probe_split(task: str, name: str, root, split: str, resolution: int, seed: i
 def resolve_probe_data(entries: Sequence, task: str, data=None, data_root=None, vae=None, num_train=None,
                        num_test=None, seed: int = 0) -> ProbeData:
     """Datasets and VAE for ``task`` ("linear" or "segmentation"), checked against every model's input."""
-    from ..vae import load_vae
+    from repa_probe.encoders.vae import load_vae
 
     ours = [e for e in entries if e.cfg is not None]
     official = [e.label for e in entries if e.cfg is None]
@@ -141,7 +141,7 @@ def resolve_reference_encoder(entries: Sequence, resolution: int, encoder=None, 
     """The encoder of the reference rows: ``encoder`` (a registered name) when given, else the target encoder
     of our checkpoints' training config (rebuilt as the trainer builds it; must agree across checkpoints)."""
     if encoder is not None:
-        from ..encoders import load_encoder
+        from repa_probe.encoders.target import load_encoder
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -153,7 +153,7 @@ def resolve_reference_encoder(entries: Sequence, resolution: int, encoder=None, 
     agreed(ours, "encoder", lambda c: dict(name=c.encoder.name, weights=c.encoder.weights,
                                             pretrained=c.encoder.pretrained, source=c.encoder.source,
                                             size=c.encoder.input_size, seed=c.run.seed), ProbeSetupError)
-    from ..alignment_inputs import build_config_encoder
+    from repa_probe.analysis.inputs import build_config_encoder
 
     return build_config_encoder(ours[0].cfg)
 
@@ -162,7 +162,7 @@ def collect_masks(dataset, batch_size: int = 64) -> torch.Tensor:
     """Every sample's ``mask`` as one int64 ``(N, H, W)`` tensor, checking that each mask has its image's size."""
     from torch.utils.data import DataLoader
 
-    from ..data import DatasetError, collate
+    from repa_probe.data import DatasetError, collate
 
     out = []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):

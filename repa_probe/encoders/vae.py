@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .encoder_weights import _hub_offline
+from repa_probe.encoders.weights import _hub_offline
 
 SD_VAE_SCALE = 0.18215
 SD_VAE_ALIASES = {"mse": "stabilityai/sd-vae-ft-mse", "ema": "stabilityai/sd-vae-ft-ema"}

@@ -83,7 +83,7 @@ class CheckpointEntry:
 
 def checkpoint_paths(items: Sequence) -> list[Path]:
     """Files as given; a directory means every checkpoint in it (or in its ``checkpoints/``), by step."""
-    from .rundir import list_checkpoints
+    from repa_probe.training.rundir import list_checkpoints
 
     out: list[Path] = []
     for item in items:
@@ -120,8 +120,8 @@ def _use_ema(weights: str, cfg, step) -> bool:
 
 def load_entries(paths: Sequence[Path], family: str | None = None, weights: str = "auto") -> list[CheckpointEntry]:
     """Load (and so validate) every checkpoint; keeps small models in memory. ``weights``: see :data:`WEIGHTS`."""
-    from .checkpoint import CheckpointError, load_model, safe_load
-    from .config import ConfigError, from_dict
+    from repa_probe.checkpoint import CheckpointError, load_model, safe_load
+    from repa_probe.training.config import ConfigError, from_dict
 
     if weights not in WEIGHTS:
         raise AlignmentError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
@@ -155,10 +155,10 @@ def load_entries(paths: Sequence[Path], family: str | None = None, weights: str 
 
 def objective_for(entry: CheckpointEntry):
     """Our checkpoints: the training objective; official DiT: DDPM (1000 steps); SiT/REPA: linear flow."""
-    from .objectives import FlowMatching, GaussianDiffusion
+    from repa_probe.objectives import FlowMatching, GaussianDiffusion
 
     if entry.cfg is not None:
-        from .builders import build_objective
+        from repa_probe.training.builders import build_objective
 
         return build_objective(entry.cfg)
     if entry.info.family == "DiT":
@@ -206,8 +206,8 @@ def agreed(entries, what: str, fields: Callable, error: type = None) -> Any:
 
 def build_config_encoder(cfg):
     """The training run's target encoder on the CPU, rebuilt exactly (random weights are seeded by
-    ``run.seed`` alone, see :func:`repa_probe.builders.build_encoder`), also for a vanilla run."""
-    from .builders import build_encoder
+    ``run.seed`` alone, see :func:`repa_probe.training.builders.build_encoder`), also for a vanilla run."""
+    from repa_probe.training.builders import build_encoder
 
     return build_encoder(cfg, torch.device("cpu"), required=True)
 
@@ -219,7 +219,7 @@ def build_analysis_dataset(name: str, root=None, split: str = "auto", resolution
     ``num_samples``: N (default min(10000, size); procedural shapes: 512); more than the dataset has is an
     error.
     Returns ``(dataset, split used)``."""
-    from .data import CappedDataset, DatasetError, build_dataset
+    from repa_probe.data import CappedDataset, DatasetError, build_dataset
 
     if Path(str(name)).is_dir():
         root, name = str(name), ("repa" if (Path(str(name)) / "images").is_dir() else "imagefolder")
@@ -247,8 +247,8 @@ def resolve_context(entries: Sequence[CheckpointEntry], data=None, data_root=Non
                     vae=None, labels: str = "null", family=None, num_samples=None, seed: int = 0) -> Context:
     """Dataset, target encoder and VAE shared by all checkpoints: from the options, else from our
     checkpoints' training config (which must agree). Validates compatibility; loads nothing heavy."""
-    from .features import LABEL_MODES
-    from .vae import load_vae
+    from repa_probe.analysis.features import LABEL_MODES
+    from repa_probe.encoders.vae import load_vae
 
     if target_kind not in TARGET_KINDS:
         raise AlignmentError(f"--target-kind must be one of {', '.join(TARGET_KINDS)}, got {target_kind!r}")
@@ -294,7 +294,7 @@ def resolve_context(entries: Sequence[CheckpointEntry], data=None, data_root=Non
                                                 size=c.encoder.input_size, seed=c.run.seed))
         enc = build_config_encoder(ours[0].cfg)
     else:
-        from .encoders import load_encoder
+        from repa_probe.encoders.target import load_encoder
 
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -305,13 +305,13 @@ def resolve_context(entries: Sequence[CheckpointEntry], data=None, data_root=Non
 
 
 def meta_model(entry: CheckpointEntry):
-    from .models import DiffusionTransformer
+    from repa_probe.models import DiffusionTransformer
 
     with torch.device("meta"):
         return DiffusionTransformer(**entry.info.config)
 
 
 def reload_model(entry: CheckpointEntry):
-    from .checkpoint import load_model
+    from repa_probe.checkpoint import load_model
 
     return load_model(entry.path, family=entry.info.family, prefer_ema=entry.info.ema)[0]

@@ -157,7 +157,7 @@ class ModelInputs:
 
 def batch_loader(data, batch_size: int, num_workers: int) -> DataLoader:
     """``data`` itself when it is a DataLoader, else an unshuffled DataLoader of it (the datasets' collate)."""
-    from .data import collate
+    from repa_probe.data import collate
 
     if isinstance(data, DataLoader):
         return data

@@ -1,11 +1,11 @@
 """Probe runs: checkpoints → hidden states → linear / segmentation probes → CSV, JSON and figures.
 
 For every checkpoint × block × timestep, the block output of the noisy input (user time t: 0 = clean,
-1 = noise; see :mod:`repa_probe.features`) is probed:
+1 = noise; see :mod:`repa_probe.analysis.features`) is probed:
 
-- ``task="linear"``: mean-pooled tokens ``(N, D)`` → :func:`~repa_probe.probes.fit_linear_probe` (top-1,
+- ``task="linear"``: mean-pooled tokens ``(N, D)`` → :func:`~repa_probe.analysis.probes.fit_linear_probe` (top-1,
   top-5) on the dataset's class labels;
-- ``task="segmentation"``: patch tokens ``(N, T, D)`` → :func:`~repa_probe.probes.fit_segmentation_probe`
+- ``task="segmentation"``: patch tokens ``(N, T, D)`` → :func:`~repa_probe.analysis.probes.fit_segmentation_probe`
   (mIoU, pixel accuracy) on the per-pixel masks.
 
 The model always receives its null class (unconditional features): feeding the true class would hand
@@ -30,13 +30,13 @@ from typing import Sequence
 
 import torch
 
-from .alignment_inputs import (checkpoint_paths, load_entries, meta_model, objective_for, parse_layer_list,
+from repa_probe.analysis.inputs import (checkpoint_paths, load_entries, meta_model, objective_for, parse_layer_list,
                                parse_timestep_list, reload_model, resolve_device)
-from .features import extract_features, prepare_inputs, resolve_layers
-from .probes import fit_linear_probe, fit_segmentation_probe
-from .probes.inputs import ProbeSetupError, collect_masks, resolve_probe_data, resolve_reference_encoder
-from .probes.plots import make_probe_figures
-from .targets import encoder_features
+from repa_probe.analysis.features import extract_features, prepare_inputs, resolve_layers
+from repa_probe.analysis.probes import fit_linear_probe, fit_segmentation_probe
+from repa_probe.analysis.probes.inputs import ProbeSetupError, collect_masks, resolve_probe_data, resolve_reference_encoder
+from repa_probe.analysis.probes.plots import make_probe_figures
+from repa_probe.analysis.targets import encoder_features
 
 log = logging.getLogger("repa_probe")
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import (Array, ProbeInputError, channel_stats, check_features, check_num_classes, chunks, gather,
+from repa_probe.analysis.probes.common import (Array, ProbeInputError, channel_stats, check_features, check_num_classes, chunks, gather,
                      resolve_device, rows_per_chunk)
 
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .features import FeatureError, batch_loader, module_device
+from repa_probe.analysis.features import FeatureError, batch_loader, module_device
 
 log = logging.getLogger("repa_probe")
 
@@ -108,7 +108,7 @@ def encoder_features(encoder, dataset, kind: str = "cls", cache_dir=None, batch_
             out.append(encoder.features(batch["image"].to(device), kind).float().cpu())
     feats = torch.cat(out)
     if path is not None:
-        from .checkpoint import atomic_save
+        from repa_probe.checkpoint import atomic_save
 
         atomic_save({"key": key, "kind": kind, "encoder": encoder.cache_key, "features": feats}, path)
     return feats

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .common import (Array, ProbeInputError, channel_stats, check_features, check_finite, check_labels, chunks,
+from repa_probe.analysis.probes.common import (Array, ProbeInputError, channel_stats, check_features, check_finite, check_labels, chunks,
                      gather, resolve_device, rows_per_chunk)
 
 BACKENDS = ("sklearn", "torch")

@@ -8,7 +8,7 @@ platonic-rep way (outlier clamp at the 0.95 quantile, then row L2 norm, per laye
 CKNNA with k = 10 (or mutual_knn, cka, unbiased_cka, cycle_knn), optionally with half-sampling CIs.
 REPA's own CKNNA code is unreleased (REPA issue #54), so this follows platonic-rep; it is our choice.
 
-User time: t = 0 clean data, t = 1 pure noise (REPA's convention); see :mod:`repa_probe.features`.
+User time: t = 0 clean data, t = 1 pure noise (REPA's convention); see :mod:`repa_probe.analysis.features`.
 
 :func:`alignment_table` works on in-memory objects and returns rows; :func:`run_alignment` goes from
 checkpoint files to ``alignment.csv``, ``summary.json`` and figures, validating every input first.
@@ -27,12 +27,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import metrics as M
-from .alignment_inputs import (DEFAULT_TIMESTEPS, METRICS, TARGET_KINDS, AlignmentError, checkpoint_paths, load_entries,
+from repa_probe.analysis import metrics as M
+from repa_probe.analysis.inputs import (DEFAULT_TIMESTEPS, METRICS, TARGET_KINDS, AlignmentError, checkpoint_paths, load_entries,
                                meta_model, objective_for, parse_layer_list, parse_metric_list,
                                parse_timestep_list, reload_model, resolve_context, resolve_device)
-from .features import FeatureError, ModelInputs, extract_features, prepare_inputs, resolve_layers
-from .targets import dataset_identity, encoder_features
+from repa_probe.analysis.features import FeatureError, ModelInputs, extract_features, prepare_inputs, resolve_layers
+from repa_probe.analysis.targets import dataset_identity, encoder_features
 
 __all__ = ["alignment_table", "run_alignment", "best_layers", "write_csv", "metric_function",
            "check_metric_settings", "AlignmentError", "DEFAULT_TIMESTEPS", "METRICS", "KNN_METRICS",
@@ -79,11 +79,11 @@ def alignment_table(model, objective, data, target, layers="all", timesteps=DEFA
 
     Args:
         model, objective: a DiffusionTransformer on ``device`` and its objective.
-        data: a Dataset of dicts, or :class:`~repa_probe.features.ModelInputs` (then ``target`` must be
+        data: a Dataset of dicts, or :class:`~repa_probe.analysis.features.ModelInputs` (then ``target`` must be
             a tensor).
         target: raw target features ``(N, D)`` (prepared here), or a TargetEncoder (its ``target_kind``
             features of ``data`` are computed, cached under ``cache_dir`` when given).
-        layers, timesteps, pool, labels, seed, batch_size: see :func:`~repa_probe.features.extract_features`.
+        layers, timesteps, pool, labels, seed, batch_size: see :func:`~repa_probe.analysis.features.extract_features`.
         metric: one name or several; ``topk`` for the kNN metrics; ``bootstrap`` replicates (0 = off).
     Returns:
         dicts with the :data:`CSV_COLUMNS` keys (``ci_low``/``ci_high`` None without bootstrap).
@@ -158,13 +158,13 @@ def run_alignment(ckpts: Sequence, out_dir, timesteps=DEFAULT_TIMESTEPS, layers=
     """Checkpoints -> ``out_dir/alignment.csv``, ``out_dir/summary.json`` and ``out_dir/figures/*``.
 
     ``ckpts``: our checkpoints, official DiT/SiT/REPA files, or run directories (every checkpoint, by
-    step). ``weights``: ``auto`` | ``ema`` | ``model`` (see :func:`~repa_probe.alignment_inputs.load_entries`).
-    ``context`` (see :func:`~repa_probe.alignment_inputs.resolve_context`): ``data``,
+    step). ``weights``: ``auto`` | ``ema`` | ``model`` (see :func:`~repa_probe.analysis.inputs.load_entries`).
+    ``context`` (see :func:`~repa_probe.analysis.inputs.resolve_context`): ``data``,
     ``data_root``, ``split``, ``encoder``, ``encoder_weights``, ``random_encoder``, ``target_kind``,
     ``vae``, ``labels``, ``family``. Every input is validated (one-line errors) before any feature is
     computed. Returns the summary dict (also written to ``summary.json``).
     """
-    from . import plots
+    from repa_probe.analysis import plots
 
     timesteps = parse_timestep_list(timesteps)
     layer_spec = parse_layer_list(layers)

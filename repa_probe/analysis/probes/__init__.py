@@ -5,12 +5,12 @@
 - :func:`miou`, :func:`confusion_matrix`, :func:`iou_from_confusion` — the segmentation metric.
 - :class:`VOCSegmentation`, :class:`ADE20KSegmentation` — segmentation datasets from local folders.
 
-Running probes on checkpoints (features, datasets, CSV/JSON/figures) lives in :mod:`repa_probe.probing`.
+Running probes on checkpoints (features, datasets, CSV/JSON/figures) lives in :mod:`repa_probe.analysis.probing`.
 """
-from .common import ProbeInputError
-from .datasets import ADE20KSegmentation, VOCSegmentation, crop_image_and_mask
-from .linear import BACKENDS, ProbeResult, fit_linear_probe, stratified_holdout
-from .segmentation import SegResult, confusion_matrix, fit_segmentation_probe, iou_from_confusion, miou
+from repa_probe.analysis.probes.common import ProbeInputError
+from repa_probe.analysis.probes.datasets import ADE20KSegmentation, VOCSegmentation, crop_image_and_mask
+from repa_probe.analysis.probes.linear import BACKENDS, ProbeResult, fit_linear_probe, stratified_holdout
+from repa_probe.analysis.probes.segmentation import SegResult, confusion_matrix, fit_segmentation_probe, iou_from_confusion, miou
 
 __all__ = [
     "ProbeInputError", "ProbeResult", "fit_linear_probe", "stratified_holdout", "BACKENDS",
