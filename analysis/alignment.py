@@ -8,7 +8,7 @@ import argparse
 import os
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, setup_logging
+from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
 
 DESCRIPTION = """\
 Measure how well each block of a diffusion transformer (our checkpoints, official DiT / SiT / REPA
@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "%(default)s)")
     g.add_argument("--no-cache", action="store_true", help="do not read or write the encoder-feature cache")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    g.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    add_debug_flags(g)
     return p
 
 
@@ -106,7 +106,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from repa_probe.analysis.alignment import parse_timestep_list, run_alignment
     from repa_probe.errors import one_line_errors
 
-    with one_line_errors(args.verbose):
+    with one_line_errors(args.debug):
         summary = run_alignment(
             args.ckpt, args.out, timesteps=args.timesteps, layers=args.layers, metric=args.metric, topk=args.topk,
             bootstrap=args.bootstrap, num_samples=args.num_samples, batch_size=args.batch_size, device=args.device,

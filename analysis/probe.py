@@ -9,7 +9,7 @@ import argparse
 import os
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, setup_logging
+from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
 
 DESCRIPTIONS = {
     "linear": """\
@@ -96,7 +96,7 @@ def build_parser(task: str = "linear") -> argparse.ArgumentParser:
     g.add_argument("--max-feature-gb", type=float, default=4.0, help="features held in memory per extraction pass "
                    "(default 4; more layers take more passes)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    g.add_argument("-v", "--verbose", action="store_true", help="debug logging and tracebacks")
+    add_debug_flags(g)
     return p
 
 
@@ -110,7 +110,7 @@ def main(argv: Optional[List[str]] = None, task: str = "linear") -> int:
     from repa_probe.errors import one_line_errors
     from repa_probe.analysis.probing import run_probes
 
-    with one_line_errors(args.verbose):
+    with one_line_errors(args.debug):
         summary = run_probes(
             task, args.ckpt, args.out, data=data, data_root=root or args.data_root, layers=args.layers,
             timesteps=args.timesteps, backend=getattr(args, "backend", "sklearn"), num_train=args.num_train,

@@ -33,6 +33,7 @@ import torch
 
 from repa_probe.models.registry import size_name
 from repa_probe.models.transformer import FAMILIES, TIME_CONVENTIONS, DiffusionTransformer
+from repa_probe.errors import ReproError
 
 CHECKPOINT_FORMAT = "repa-probe/1"
 DEFAULT_ENCODER_DEPTH = 8
@@ -42,7 +43,7 @@ _REQUIRED_KEYS = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_t
 _PREFIXES = ("module.", "_orig_mod.")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ReproError, RuntimeError):
     """A checkpoint cannot be read or does not fit the model (one-line message naming the file)."""
 
 

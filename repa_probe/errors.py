@@ -1,32 +1,67 @@
-"""How command-line tools report bad input: one line on stderr and a non-zero exit code."""
+"""How the project reports bad input: one error family, one line on stderr, a non-zero exit code.
+
+Every error that describes bad input (a config typo, a missing weights file, a corrupt checkpoint, a shape that
+does not fit, a diverged run) derives from :class:`ReproError`. The command-line tools print those as one line
+and exit with code 2; anything else is a bug (or the machine failing) and keeps its traceback. ``--debug`` or
+``REPA_PROBE_DEBUG=1`` shows the traceback of a user error too. Out-of-memory errors get one line that names
+the options that lower memory.
+"""
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from contextlib import contextmanager
 
-# Every library error that describes bad input derives from one of these (ConfigError, CheckpointError,
-# EncoderWeightsError, VAEWeightsError, DatasetError, RunDirError, TrainingDiverged, ...).
-USER_ERRORS = (ValueError, RuntimeError, OSError, KeyError)
-
 EXIT_USER_ERROR = 2
+EXIT_OUT_OF_MEMORY = 3
+DEBUG_ENV = "REPA_PROBE_DEBUG"
+MEMORY_HINT = "lower --batch-size (analysis) or train.batch_size / raise train.grad_accum (training)"
+
+
+class ReproError(Exception):
+    """Base class of every user-facing error of repa-probe: the message is one line that says what to fix."""
 
 
 class CLIExit(SystemExit):
     pass
 
 
+def debug_enabled(flag: bool = False) -> bool:
+    """True with ``--debug`` or ``REPA_PROBE_DEBUG`` set to a true value."""
+    return flag or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else exc.__class__.__name__
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    oom = getattr(__import__("torch"), "OutOfMemoryError", None) if "torch" in sys.modules else None
+    return (oom is not None and isinstance(exc, oom)) or isinstance(exc, MemoryError)
+
+
 @contextmanager
-def one_line_errors(verbose: bool = False):
-    """Turn library errors into ``error: <message>`` and exit code 2 (full traceback with ``verbose``)."""
+def one_line_errors(debug: bool = False):
+    """Print a :class:`ReproError` (or out-of-memory) as ``error: <Class>: <message>`` and exit non-zero.
+
+    Other exceptions propagate unchanged with their traceback. With ``debug`` (or ``REPA_PROBE_DEBUG=1``)
+    the traceback of a user error is logged before the one-line message.
+    """
     try:
         yield
-    except USER_ERRORS as exc:
-        if verbose:
+    except (ReproError, MemoryError, RuntimeError) as exc:
+        oom = _is_out_of_memory(exc)
+        if not oom and not isinstance(exc, ReproError):
+            raise
+        if debug_enabled(debug):
             logging.getLogger("repa_probe").exception("traceback")
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-        print(f"error: {exc.__class__.__name__}: {msg}", file=sys.stderr)
+        if oom:
+            print(f"error: out of memory ({_first_line(exc)}): {MEMORY_HINT}", file=sys.stderr)
+            raise CLIExit(EXIT_OUT_OF_MEMORY) from None
+        print(f"error: {exc.__class__.__name__}: {_first_line(exc)}", file=sys.stderr)
         raise CLIExit(EXIT_USER_ERROR) from None
 
 
@@ -36,6 +71,13 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message):  # noqa: D401 - argparse hook
         print(f"error: {message} (see --help)", file=sys.stderr)
         raise SystemExit(EXIT_USER_ERROR)
+
+
+def add_debug_flags(parser: argparse.ArgumentParser) -> None:
+    """``-v/--verbose`` (debug logging) and ``--debug`` (tracebacks of user errors too) for every CLI."""
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of user errors too (or set {DEBUG_ENV}=1)")
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, setup_logging
+from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
 
 EPILOG = """\
 overrides:
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: the embedded tiny config")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--wait", action="store_true", help="with launch.mode=slurm/submitit_local: wait for the job")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_debug_flags(p)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides")
     return p
 
@@ -49,7 +49,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from repa_probe.training.config import load_config, to_yaml
     from repa_probe.errors import one_line_errors
 
-    with one_line_errors(args.verbose):
+    with one_line_errors(args.debug):
         cfg = load_config(args.cfg, args.overrides)
         if args.print_config:
             print(to_yaml(cfg), end="")

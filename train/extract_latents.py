@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, setup_logging
+from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-images", action="store_true", help="do not write the PNGs (latents only)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory's files")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    add_debug_flags(p)
     return p
 
 
@@ -43,7 +43,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from repa_probe.errors import one_line_errors
     from repa_probe.encoders.vae import extract_latents, load_vae
 
-    with one_line_errors(args.verbose):
+    with one_line_errors(args.debug):
         device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
             ("cpu" if args.device == "auto" else args.device)
         dataset = build_dataset(args.data, root=args.data_root, split=args.split, resolution=args.resolution,

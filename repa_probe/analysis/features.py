@@ -23,6 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from repa_probe.errors import ReproError
+
 log = logging.getLogger("repa_probe")
 
 POOLS = ("mean", "tokens", "projector")
@@ -30,7 +32,7 @@ LABEL_MODES = ("null", "true")
 _M32 = 0xFFFFFFFF
 
 
-class FeatureError(ValueError):
+class FeatureError(ReproError, ValueError):
     """Bad input to feature extraction (layers, pooling, labels, devices, shapes); one-line message."""
 
 

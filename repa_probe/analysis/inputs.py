@@ -14,6 +14,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from repa_probe.errors import ReproError
+
 log = logging.getLogger("repa_probe")
 
 DEFAULT_TIMESTEPS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -24,7 +26,7 @@ DEFAULT_SHAPES_SAMPLES = 512  # procedural data has no natural size; enough for 
 KEEP_MODEL_PARAMS = 50_000_000  # models this small stay in memory between validation and analysis
 
 
-class AlignmentError(ValueError):
+class AlignmentError(ReproError, ValueError):
     """Bad input to the alignment analysis (one-line message)."""
 
 

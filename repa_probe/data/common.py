@@ -16,10 +16,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from repa_probe.errors import ReproError
+
 SPLITS = ("train", "val", "test")
 
 
-class DatasetError(ValueError):
+class DatasetError(ReproError, ValueError):
     """Bad dataset input: missing or empty folder, mismatched files, wrong resolution, unknown name."""
 
 

@@ -3,13 +3,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from repa_probe.errors import ReproError
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PREPROCESS_VERSION = "prep-v1"  # bump when preprocessing changes: invalidates on-disk feature caches
 
 
-class EncoderInputError(ValueError):
+class EncoderInputError(ReproError, ValueError):
     """Bad arguments or images passed to a target encoder (one-line message)."""
 
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from repa_probe.encoders.weights import _hub_offline
+from repa_probe.errors import ReproError
 
 SD_VAE_SCALE = 0.18215
 SD_VAE_ALIASES = {"mse": "stabilityai/sd-vae-ft-mse", "ema": "stabilityai/sd-vae-ft-ema"}
@@ -34,11 +35,11 @@ TINY_VAE_CONFIG = dict(  # random:tiny - 8x downsampling like SD-VAE, ~1M parame
     up_block_types=("UpDecoderBlock2D",) * 4, sample_size=32)
 
 
-class VAEWeightsError(RuntimeError):
+class VAEWeightsError(ReproError, RuntimeError):
     """The requested VAE cannot be loaded (one-line message naming the ``vae.name`` config key)."""
 
 
-class VAEInputError(ValueError):
+class VAEInputError(ReproError, ValueError):
     """Bad images / moments passed to a :class:`LatentVAE` (one-line message)."""
 
 

@@ -18,12 +18,13 @@ import torch
 import torch.nn as nn
 
 from repa_probe.encoders.registry import EncoderSpec
+from repa_probe.errors import ReproError
 
 
 log = logging.getLogger(__name__)
 
 
-class EncoderWeightsError(RuntimeError):
+class EncoderWeightsError(ReproError, RuntimeError):
     """Weights for a target encoder cannot be found or do not fit the architecture (one-line message)."""
 
 

@@ -8,10 +8,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from repa_probe.errors import ReproError
+
 FREQUENCY_DIM = 256  # sinusoidal features fed to the timestep MLP
 
 
-class ModelInputError(ValueError):
+class ModelInputError(ReproError, ValueError):
     """Invalid model configuration or input tensor (one-line message)."""
 
 

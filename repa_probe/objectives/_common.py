@@ -9,8 +9,10 @@ from typing import Iterable
 
 import torch
 
+from repa_probe.errors import ReproError
 
-class ObjectiveError(ValueError):
+
+class ObjectiveError(ReproError, ValueError):
     """Bad input to an objective (wrong shape, dtype, range or option); the message says what to fix."""
 
 

@@ -18,8 +18,10 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from repa_probe.errors import ReproError
 
-class ConfigError(ValueError):
+
+class ConfigError(ReproError, ValueError):
     """A configuration problem, reported in one line."""
 
 

@@ -17,12 +17,14 @@ import re
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from repa_probe.errors import ReproError
+
 log = logging.getLogger("repa_probe")
 
 CKPT_RE = re.compile(r"^(\d{7,})\.pt$")
 
 
-class RunDirError(RuntimeError):
+class RunDirError(ReproError, RuntimeError):
     """The run directory cannot be used (not writable, no loadable checkpoint, ...)."""
 
 

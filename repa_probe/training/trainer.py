@@ -33,12 +33,13 @@ from repa_probe.checkpoint import atomic_save, safe_load
 from repa_probe.training.config import Config, to_dict, to_yaml
 from repa_probe.training.distributed import DistInfo, cleanup_distributed, init_distributed
 from repa_probe.training.builders import Batches, build_encoder, build_model, build_objective, model_inputs
+from repa_probe.errors import ReproError
 
 log = logging.getLogger("repa_probe")
 CKPT_FORMAT = "repa-probe/1"
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(ReproError, RuntimeError):
     """The loss became NaN or infinite; the run stops and keeps its last good checkpoint."""
 
 

@@ -14,12 +14,14 @@ from typing import Any, Iterator, Union
 import numpy as np
 import torch
 
+from repa_probe.errors import ReproError
+
 Array = Union[torch.Tensor, np.ndarray]
 
 STD_EPS = 1e-6  # a column whose training std is below this is treated as constant (std set to 1)
 
 
-class ProbeInputError(ValueError):
+class ProbeInputError(ReproError, ValueError):
     """Bad input to a probe (shapes, dtypes, labels, non-finite values), reported in one line."""
 
 

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from repa_probe.analysis.inputs import agreed
+from repa_probe.errors import ReproError
 
 log = logging.getLogger("repa_probe")
 
@@ -22,7 +23,7 @@ NEEDS_ROOT = ("imagefolder", "voc", "ade20k")
 SHAPES_DEFAULT = {"train": 2000, "test": 500}  # shapes is procedural: pick a size when none is given
 
 
-class ProbeSetupError(ValueError):
+class ProbeSetupError(ReproError, ValueError):
     """Bad options for a probe run (one-line message)."""
 
 
