@@ -114,15 +114,21 @@ def test_compile_wraps_model_and_encoder_and_matches_eager(tmp_path, monkeypatch
     backward that leaves the run untouched: the compiled run trains the same weights as the eager one and
     checkpoints keep the plain key names. Dynamo's "eager" backend keeps the test fast (no C++ compile); the
     wiring and the traced graphs are the real ones."""
-    real_compile, compiled = torch.compile, []
+    real_compile, real_warm_up, compiled, graphs, after_warm_up = torch.compile, accel._warm_up, [], [], []
+
+    def eager_graphs(gm, example_inputs):  # Dynamo's "eager" backend, counting the graphs it is given
+        graphs.append(gm)
+        return gm.forward
 
     def eager_backend_compile(fn, **kwargs):
         compiled.append(type(fn).__name__)
-        return real_compile(fn, backend="eager")
+        return real_compile(fn, backend=eager_graphs)
 
     monkeypatch.setattr(torch, "compile", eager_backend_compile)
+    monkeypatch.setattr(accel, "_warm_up", lambda s: (real_warm_up(s), after_warm_up.append(len(graphs))))
     run = train(cfg_for(tmp_path, "train.steps=2", "train.ckpt_every=2", "train.compile=true", name="compiled"))
     assert sorted(compiled) == ["DiffusionTransformer", "TargetEncoder"]
+    assert after_warm_up[0] >= 2 and len(graphs) == after_warm_up[0]  # compiled in the warm-up, never again
     monkeypatch.setattr(torch, "compile", real_compile)
     eager = train(cfg_for(tmp_path, "train.steps=2", "train.ckpt_every=2", name="eager"))
     a, b = (safe_load(r / "checkpoints/0000002.pt") for r in (run, eager))

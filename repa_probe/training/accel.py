@@ -44,7 +44,8 @@ def _first_line(exc: BaseException) -> str:
 
 def _warm_up(s) -> None:
     """One forward + backward of ``s.net`` (and a forward of ``s.enc_net``) on zero inputs of the real
-    micro-batch shape: torch.compile compiles here. Draws nothing from the run's generators, leaves the
+    micro-batch shape, dtypes and grad modes: torch.compile compiles here, and the steps reuse the graphs
+    (no recompilation). Draws nothing from the run's generators, leaves the
     weights and the optimiser untouched and clears the gradients."""
     cfg, m, dev = s.cfg, s.model, s.device
     b = s.batches.local_batch // cfg.train.grad_accum
@@ -54,7 +55,8 @@ def _warm_up(s) -> None:
     with autocast_for(cfg, dev):
         if s.enc_net is not None:
             r = cfg.data.resolution
-            s.enc_net(torch.zeros(b, 3, r, r, dtype=torch.uint8, device=dev))
+            with torch.no_grad():  # as builders.model_inputs calls it (grad mode is part of the compiled graph)
+                s.enc_net(torch.zeros(b, 3, r, r, dtype=torch.uint8, device=dev))
         out, zs = s.net(x, t, y)
         loss = out.float().mean() + sum(z.float().mean() for z in zs)
     loss.backward()
