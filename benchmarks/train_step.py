@@ -1,17 +1,16 @@
 """Full training-step throughput: data → VAE posterior sample → encoder → model + REPA → AdamW → EMA.
 
-Our step is built from the library exactly as ``repa_probe.training.trainer`` builds it (``load_config`` overrides,
-``builders.Batches`` / ``build_encoder`` / ``build_model`` / ``build_objective`` / ``model_inputs``, the
-trainer's ``objective_noise``, ``_autocast`` and ``update_ema``, AdamW as the trainer configures it, grad
-clip 1.0) and runs the body of the trainer's loop. Data: a small dataset in REPA's preprocessed layout
-written to a temp dir (256-px PNGs + random posterior moments (8, 32, 32)), so the model sees 32×32×4
+Our step is the trainer's own: ``TrainState.build`` (``load_config`` overrides; data, encoder, model, EMA,
+fused AdamW as the trainer configures them), ``accel.prepare_step_modules`` (torch.compile per
+``train.compile``, as ``python -m train`` does) and ``train_step(state)`` (grad clip 1.0, foreach EMA).
+Data: a small dataset in REPA's preprocessed layout written to a temp dir (256-px PNGs + random posterior moments (8, 32, 32)), so the model sees 32×32×4
 latents (256 tokens at patch 2) and the encoder sees the 256-px images resized to 224 px (16×16 tokens).
 The VAE is never run (moments come from the dataset, as in REPA's training).
 
 Variants, timed interleaved in ONE process (rounds A B C, C B A, ... after warm-up, same threads); the
 table gives median / min / max s/step, and ratios are medians of per-round ratios (robust to a shared,
 loaded machine):
-  ours       our SiT + REPA step (DINOv2-B/14 target, random weights: same compute);
+  ours       our SiT + REPA step, eager (train.compile=false; DINOv2-B/14 target, random weights: same compute);
   compiled   with ``--compile``: our step with ``train.compile=true`` (torch.compile of the model and of the
              frozen encoder; same fp32 arithmetic, fused elementwise kernels);
   vanilla    our step with ``repa.proj_coeff=0`` (no encoder, no projector) → REPA overhead;
@@ -31,6 +30,7 @@ plus the encoder's forward (no backward). MFU = achieved / ``--peak-tflops``.
     python benchmarks/train_step.py --device cuda --model SiT-XL/2 --batch 256 --bf16 --encoder-depth 8
     python benchmarks/train_step.py --device cuda --model SiT-B/2 --batch 256 --bf16 --compile   # + train.compile
     python benchmarks/train_step.py --model SiT-S/2 --batch 2 --encoder tiny_vit --rounds 1   # smoke test
+    python benchmarks/train_step.py --ema --model SiT-XL/2            # EMA update only: foreach vs per-tensor loop
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import os
 import statistics
 import sys
@@ -56,7 +57,9 @@ from model_step import _sync, forward_flops  # noqa: E402  (benchmarks/model_ste
 
 from repa_probe.training.config import load_config  # noqa: E402
 from repa_probe.training.distributed import DistInfo  # noqa: E402
-from repa_probe.training.trainer import TrainState, TrainingDiverged, step_module, train_step  # noqa: E402
+from repa_probe.models import create_model  # noqa: E402
+from repa_probe.training.accel import prepare_step_modules  # noqa: E402
+from repa_probe.training.trainer import TrainState, train_step, update_ema  # noqa: E402
 
 LATENT_CHANNELS = 4  # SD-VAE
 
@@ -101,7 +104,7 @@ def our_config(a: argparse.Namespace, data_root: Path, proj_coeff: float, compil
         "vae.name=random:tiny", "data.name=repa", f"data.root={data_root}", f"data.resolution={a.resolution}",
         "data.num_samples=null", "data.num_classes=1000", f"data.num_workers={a.num_workers}",
         f"train.batch_size={a.batch}", f"train.device={a.device}", f"train.precision={'bf16' if a.bf16 else 'fp32'}",
-        "optim.lr=1e-4", "optim.grad_clip=1.0", f"train.compile={compile_}",
+        "optim.lr=1e-4", "optim.grad_clip=1.0", f"train.compile={'true' if compile_ else 'false'}",
     ]
     return load_config(None, overrides)
 
@@ -110,17 +113,15 @@ class OurStep:
     """One training step of ``repa_probe.training.trainer``: its own ``TrainState`` and ``train_step``."""
 
     def __init__(self, cfg, device: torch.device):
-        self.cfg, self.dist = cfg, DistInfo()
-        self.state = TrainState.build(cfg, self.dist, device)
+        self.state = TrainState.build(cfg, DistInfo(), device)
         self.model, self.enc = self.state.model, self.state.enc
-        self.net = step_module(self.state, cfg)  # as trainer.train does
+        prepare_step_modules(self.state)  # as trainer.train does (compiles here when train.compile=true)
 
     def __call__(self) -> float:
-        try:
-            logs = train_step(self.state, self.net, self.cfg, self.dist)
-        except TrainingDiverged as exc:
-            raise BenchmarkError(f"our step produced a non-finite loss ({exc})") from None
-        return logs["total"].item()
+        loss = train_step(self.state)["total"].item()  # the trainer reads it every log_every steps only
+        if not math.isfinite(loss):
+            raise BenchmarkError(f"our step produced a non-finite loss ({loss})")
+        return loss
 
 
 # ----------------------------------------------------------------------------------------------- theirs
@@ -269,6 +270,43 @@ def paired_ratio(slow: list, fast: list) -> float:
     return statistics.median(s / f for s, f in zip(slow, fast))
 
 
+# ----------------------------------------------------------------------------------------------- EMA only
+@torch.no_grad()
+def ema_per_tensor(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """The official update: a Python loop of ``mul_`` + ``add_`` per parameter (2 kernels per tensor)."""
+    for e, m in zip(ema.parameters(), model.parameters()):
+        e.mul_(decay).add_(m.detach(), alpha=1 - decay)
+
+
+def time_ema(a: argparse.Namespace, device: torch.device) -> dict:
+    """Median ms of one EMA update of ``a.model`` (+ projector): the trainer's ``update_ema`` (one
+    ``_foreach_lerp_`` over the parameter lists) vs :func:`ema_per_tensor`, interleaved; checks they agree."""
+    kw = dict(z_dims=(768,), encoder_depth=a.encoder_depth, projector_dim=a.projector_dim)
+    model, ema = (create_model(a.model, **kw).to(device) for _ in range(2))
+    ema.requires_grad_(False)
+    n = sum(p.numel() for p in model.parameters())
+    fns = {"foreach (trainer)": update_ema, "per-tensor loop": ema_per_tensor}
+    times: dict = {name: [] for name in fns}
+    for r in range(3 + 10 * a.rounds):
+        for name, fn in (fns.items() if r % 2 == 0 else reversed(fns.items())):
+            _sync(device)
+            start = time.perf_counter()
+            fn(ema, model, 0.9999)
+            _sync(device)
+            if r >= 3:
+                times[name].append(1e3 * (time.perf_counter() - start))
+    a_ema, b_ema = create_model(a.model, **kw).to(device), create_model(a.model, **kw).to(device)
+    b_ema.load_state_dict(a_ema.state_dict())
+    update_ema(a_ema, model, 0.9999)
+    ema_per_tensor(b_ema, model, 0.9999)
+    diff = max((x - y).abs().max().item() for x, y in zip(a_ema.parameters(), b_ema.parameters()))
+    print(f"EMA update of {a.model} + projector ({n / 1e6:.1f}M parameters, {len(list(model.parameters()))} "
+          f"tensors, fp32, {device}; max |difference| {diff:.1e}):")
+    for name, ms in times.items():
+        print(f"  {name:<18} median {statistics.median(ms):8.2f} ms  (min {min(ms):.2f}, max {max(ms):.2f})")
+    return {name: statistics.median(ms) for name, ms in times.items()}
+
+
 # ----------------------------------------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -292,6 +330,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="peak for MFU (default: 989 on GPU = H100 dense bf16; none on CPU)")
     ap.add_argument("--data-dir", type=Path, default=None, help="keep the synthetic dataset here (default: temp)")
+    ap.add_argument("--ema", action="store_true", help="time only the EMA update (foreach vs a per-tensor loop)")
     a = ap.parse_args(argv)
     if a.num_workers is None:
         a.num_workers = 8 if a.device == "cuda" else 0
@@ -348,6 +387,8 @@ def main(argv=None) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the trainer's train.tf32 default
         torch.backends.cudnn.allow_tf32 = True
+    if a.ema:
+        return time_ema(a, device)
     if a.reference_repo is None:
         print("official step skipped: pass --reference-repo /path/to/sihyun-yu/REPA to time it side by side")
     with tempfile.TemporaryDirectory(prefix="repa_train_step_") as tmp:

@@ -35,7 +35,7 @@ from repa_probe.models.registry import size_name
 from repa_probe.models.transformer import FAMILIES, TIME_CONVENTIONS, DiffusionTransformer
 from repa_probe.errors import ReproError
 
-CHECKPOINT_FORMAT = "repa-probe/1"
+CHECKPOINT_FORMAT = "repa-probe/1"  # the one definition: training.trainer writes it, load_model reads it
 DEFAULT_ENCODER_DEPTH = 8
 HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1152: 16}
 _REQUIRED_KEYS = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight",
@@ -66,11 +66,6 @@ class ModelInfo:
     ema: bool
     config: dict
     path: str
-
-
-def model_config_dict(model: DiffusionTransformer) -> dict:
-    """Constructor keywords of ``model`` as a plain dict, suitable for ``model_config``."""
-    return model.config
 
 
 def atomic_save(obj: Any, path: str | os.PathLike) -> None:
@@ -142,6 +137,15 @@ def safe_load(path: str | os.PathLike, extra_globals: Iterable[Any] = ()) -> Any
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - every loader failure becomes one CheckpointError
         raise CheckpointError(_describe_load_error(path, exc)) from exc
+
+
+def load_training_checkpoint(path: str | os.PathLike) -> dict:
+    """A training checkpoint written by ``TrainState.state_dict`` (``format == CHECKPOINT_FORMAT``), loaded
+    with :func:`safe_load`; anything else raises :class:`CheckpointError` naming the file."""
+    state = safe_load(path)
+    if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not a repa-probe training checkpoint (no format={CHECKPOINT_FORMAT!r})")
+    return dict(state)
 
 
 def _is_state_dict(obj: Any) -> bool:

@@ -13,7 +13,6 @@ from repa_probe.checkpoint import (
     atomic_save,
     infer_config,
     load_model,
-    model_config_dict,
     safe_load,
 )
 from repa_probe.models import create_model, list_models
@@ -200,7 +199,7 @@ def test_our_format_round_trip_is_bit_identical(tmp_path):
                 p.normal_(0, 0.1)
     ck = {"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "scaler": None,
           "rng": {"torch": torch.get_rng_state()}, "data": {"epoch": 0, "index": 5},
-          "config": {"train": {"lr": 1e-4}}, "model_config": model_config_dict(model), "step": 42,
+          "config": {"train": {"lr": 1e-4}}, "model_config": model.config, "step": 42,
           "format": CHECKPOINT_FORMAT}
     path = tmp_path / "ck.pt"
     atomic_save(ck, path)
@@ -218,7 +217,7 @@ def test_our_format_round_trip_is_bit_identical(tmp_path):
 
 def test_shape_mismatch_and_unknown_layout(tmp_path):
     model = create_model("SiT-S/2", **TINY)
-    cfg = model_config_dict(model)
+    cfg = model.config
     cfg["hidden_size"] = 128
     torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": cfg, "step": 1},
                tmp_path / "mismatch.pt")

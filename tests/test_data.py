@@ -1,10 +1,9 @@
-"""Tests for repa_probe.data: datasets, centre crop, REPA layout, shards, build_dataset, sampler."""
+"""Tests for repa_probe.data: datasets, centre crop, REPA layout, build_dataset, sampler, resumable flips."""
 from __future__ import annotations
 
 import json
 import logging
 import os
-import pickle
 
 import numpy as np
 import pytest
@@ -12,9 +11,9 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from repa_probe.data import (DATASET_NAMES, DatasetError, DigitsDataset, ImageFolderDataset, LatentShardDataset,
-                             REPAFeatureDataset, ResumableSampler, ShapesDataset, build_dataset, center_crop_arr,
-                             collate, infinite_loader, write_latent_shards)
+from repa_probe.data import (DATASET_NAMES, DatasetError, DigitsDataset, ImageFolderDataset, REPAFeatureDataset,
+                             ResumableSampler, ShapesDataset, build_dataset, center_crop_arr, collate, flip_coin,
+                             infinite_loader)
 
 
 def _digest(img: torch.Tensor) -> bytes:
@@ -256,28 +255,6 @@ def test_repa_layout_unpaired_and_unlabelled(tmp_path):
         REPAFeatureDataset(str(tmp_path))
 
 
-# ----------------------------------------------------------------------------- shards
-def test_latent_shards_roundtrip(tmp_path):
-    _make_repa(tmp_path / "repa", n=5)
-    src = REPAFeatureDataset(str(tmp_path / "repa"))
-    index = write_latent_shards(src, str(tmp_path / "shards"), shard_size=2, batch_size=3)
-    assert [s["count"] for s in index["shards"]] == [2, 2, 1]
-    ds = LatentShardDataset(str(tmp_path / "shards"))
-    assert len(ds) == 5 and ds.resolution == 16 and ds.num_classes == src.num_classes
-    for i in range(5):
-        a, b = ds[i], src[i]
-        assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
-        assert a["moments"].dtype == torch.float32
-        torch.testing.assert_close(a["moments"], b["moments"], rtol=1e-3, atol=1e-4)
-    assert ds._shard_maps()[0].dtype["moments"].base == np.float16
-    assert pickle.loads(pickle.dumps(ds))._maps is None
-    with pytest.raises(DatasetError, match="not empty"):
-        write_latent_shards(src, str(tmp_path / "shards"))
-    os.remove(tmp_path / "shards" / "index.json")
-    with pytest.raises(DatasetError, match="index.json"):
-        LatentShardDataset(str(tmp_path / "shards"))
-
-
 # ----------------------------------------------------------------------------- build_dataset
 def test_build_dataset_names_and_errors(tmp_path, image_root):
     with pytest.raises(DatasetError) as e:
@@ -286,7 +263,7 @@ def test_build_dataset_names_and_errors(tmp_path, image_root):
     ds = build_dataset("shapes", split="val", resolution=16, num_samples=12, seed=4, num_classes=3)
     assert isinstance(ds, ShapesDataset) and len(ds) == 12 and ds.num_classes == 3 and ds.split == "val"
     with pytest.raises(DatasetError, match="does not take"):
-        build_dataset("shapes", num_samples=4, random_flip=True)
+        build_dataset("imagefolder", root=str(image_root), random_flip=True)  # flips belong to the loader
     capped = build_dataset({"name": "digits", "num_samples": 100, "batch_size": 8}, split="test")
     assert len(capped) == 100 and capped.num_classes == 10 and len(set(capped.labels[capped.indices].tolist())) == 10
     img = build_dataset("imagefolder", root=str(image_root), resolution=8)
@@ -381,3 +358,55 @@ def test_collate_stacks_and_checks():
     assert b["image"].shape == (2, 3, 2, 2) and b["label"].tolist() == [1, 2]
     with pytest.raises(DatasetError, match="image"):
         collate([{"image": torch.zeros(3, 2, 2)}, {"image": torch.zeros(3, 4, 4)}])
+
+
+# ----------------------------------------------------------------------------- resumable flips
+def test_flip_coin_is_stateless_about_half_and_new_each_epoch():
+    idx = range(4000)
+    e0 = [flip_coin(3, 0, i) for i in idx]
+    assert 0.46 < sum(e0) / len(e0) < 0.54
+    assert e0 == [flip_coin(3, 0, i) for i in idx]  # no state: the same answer on every call
+    e1 = [flip_coin(3, 1, i) for i in idx]
+    assert 0.46 < sum(a != b for a, b in zip(e0, e1)) / len(e0) < 0.54  # independent across epochs
+    assert e0 != [flip_coin(4, 0, i) for i in idx]  # and across seeds
+
+
+class _AsymmetricDataset(Dataset):
+    """Sample i: image / moments / mask whose columns count up from i, so a flip along W is visible."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        ramp = torch.arange(4) + i
+        return {"image": ramp.to(torch.uint8).expand(3, 2, 4).clone(), "moments": ramp.float().expand(2, 2, 4).clone(),
+                "mask": ramp.expand(2, 4).clone(), "label": torch.tensor(i)}
+
+
+def test_loader_flips_all_spatial_keys_by_seed_epoch_index_and_resumes_exactly():
+    n, bs, seed = 24, 4, 5
+    ds = _AsymmetricDataset(n)
+    it = infinite_loader(ds, ResumableSampler(n, batch_size=bs, seed=seed), bs, num_workers=2, flip=True)
+    batches = [next(it) for _ in range(3 * n // bs)]  # 3 epochs
+    del it
+    flipped = {}
+    for k, b in enumerate(batches):
+        epoch = k // (n // bs)
+        for row, i in enumerate(b["label"].tolist()):
+            ramp = torch.arange(4) + i
+            f = flip_coin(seed, epoch, i)
+            want = ramp.flip(-1) if f else ramp
+            assert torch.equal(b["image"][row, 1, 1], want.to(torch.uint8))
+            assert torch.equal(b["moments"][row, 0, 1], want.float()) and torch.equal(b["mask"][row, 1], want)
+            flipped.setdefault(epoch, {})[i] = f
+    assert all(0.2 < sum(e.values()) / n < 0.8 for e in flipped.values())  # flips happen (about half) ...
+    assert flipped[0] != flipped[1] != flipped[2]  # ... and differ across epochs
+    resumed = ResumableSampler(n, batch_size=bs, seed=seed)  # after 7 batches (epoch 1, 1 batch in), new workers
+    resumed.load_state_dict({"epoch": 1, "position": bs})
+    rest = infinite_loader(ds, resumed, bs, num_workers=2, flip=True)
+    for b in batches[7:]:
+        r = next(rest)
+        assert all(torch.equal(r[key], b[key]) for key in b)

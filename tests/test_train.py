@@ -5,13 +5,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from repa_probe.training import rundir
-from repa_probe.checkpoint import safe_load
+from PIL import Image
+
+from repa_probe.checkpoint import CheckpointError, load_training_checkpoint, safe_load
+from repa_probe.training import accel, rundir
 from repa_probe.training.config import Config, ConfigError, load_config, to_dict
-from repa_probe.training.trainer import TrainingDiverged, train
+from repa_probe.training.distributed import DistInfo
+from repa_probe.training.trainer import TrainingDiverged, TrainState, train, train_step, update_ema
 from train.cli import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,10 +40,13 @@ def test_tiny_yaml_is_the_embedded_default():
 @pytest.mark.parametrize("name", ["repa_sit", "repa_dit", "sit_baseline", "dit_baseline", "tiny"])
 def test_shipped_configs_load(name):
     cfg = load_config(str(ROOT / f"configs/{name}.yaml"))
-    if name != "tiny":
-        assert cfg.train.batch_size == 256 and cfg.optim.lr == 1e-4 and cfg.train.ema_decay == 0.9999
-        assert cfg.repa.proj_coeff == (0.0 if "baseline" in name else 0.5)
-        assert cfg.repa.encoder_depth == 8 and cfg.model.name.endswith("XL/2")
+    if name == "tiny":  # the CPU demo: pixel space, built-in data, an explicitly random target
+        assert (cfg.data.name, cfg.vae.name, cfg.encoder.pretrained, cfg.train.steps) == ("shapes", "none", False, 200)
+        assert cfg.repa.proj_coeff == 0.5 and cfg.train.compile == "auto"
+        return
+    assert cfg.train.batch_size == 256 and cfg.optim.lr == 1e-4 and cfg.train.ema_decay == 0.9999
+    assert cfg.repa.proj_coeff == (0.0 if "baseline" in name else 0.5)
+    assert cfg.repa.encoder_depth == 8 and cfg.model.name.endswith("XL/2")
 
 
 def test_cli_trains_and_writes_run_dir(tmp_path, capsys):
@@ -56,8 +63,20 @@ def test_cli_trains_and_writes_run_dir(tmp_path, capsys):
     assert -1.0 <= rows[-1]["repa"] <= 1.0
     ckpt = safe_load(run / "checkpoints/0000004.pt")
     assert ckpt["step"] == 4 and ckpt["config"]["run"]["name"] == "cli"
-    # EMA starts as an exact copy and moves slowly; the online model moved more
-    assert set(ckpt["ema"]) == set(ckpt["model"])
+    # the EMA starts as an exact copy of the initial weights and trails the online model
+    init = TrainState.build(cfg_for(tmp_path, name="init"), DistInfo(), torch.device("cpu")).model.state_dict()
+    moved = {k: (ckpt["model"][k] - init[k]).norm() for k in init if k != "pos_embed"}
+    ema_moved = {k: (ckpt["ema"][k] - init[k]).norm() for k in moved}
+    assert sum(ema_moved.values()) > 0 and sum(ema_moved.values()) < 0.2 * sum(moved.values())
+    assert torch.equal(ckpt["ema"]["pos_embed"], init["pos_embed"])
+
+
+def test_update_ema_is_the_exponential_average():
+    ema, model = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    before = [p.detach().clone() for p in ema.parameters()]
+    update_ema(ema, model, 0.9)
+    for e, b, m in zip(ema.parameters(), before, model.parameters()):
+        torch.testing.assert_close(e, 0.9 * b + 0.1 * m.detach(), rtol=0, atol=1e-7)
 
 
 def test_resume_is_exact(tmp_path):
@@ -91,29 +110,84 @@ def test_vanilla_has_no_projector_and_ddpm_dit_trains(tmp_path):
 
 
 def test_compile_wraps_model_and_encoder_and_matches_eager(tmp_path, monkeypatch):
-    """train.compile=true: torch.compile of the model and (in place) of the frozen encoder; the compiled step
-    trains the same weights as the eager one, and checkpoints keep the plain key names. Dynamo's "eager"
-    backend keeps the test fast (no C++ compile); the wiring and the traced graphs are the real ones."""
-    from repa_probe.training import trainer
+    """train.compile=true: torch.compile of the model and of the frozen encoder, compiled on a warm-up forward +
+    backward that leaves the run untouched: the compiled run trains the same weights as the eager one and
+    checkpoints keep the plain key names. Dynamo's "eager" backend keeps the test fast (no C++ compile); the
+    wiring and the traced graphs are the real ones."""
+    real_compile, real_warm_up, compiled, graphs, after_warm_up = torch.compile, accel._warm_up, [], [], []
 
-    real_compile, compiled = torch.compile, []
+    def eager_graphs(gm, example_inputs):  # Dynamo's "eager" backend, counting the graphs it is given
+        graphs.append(gm)
+        return gm.forward
 
     def eager_backend_compile(fn, **kwargs):
-        compiled.append(type(getattr(fn, "__self__", fn)).__name__)
-        return real_compile(fn, backend="eager")
+        compiled.append(type(fn).__name__)
+        return real_compile(fn, backend=eager_graphs)
 
     monkeypatch.setattr(torch, "compile", eager_backend_compile)
+    monkeypatch.setattr(accel, "_warm_up", lambda s: (real_warm_up(s), after_warm_up.append(len(graphs))))
     run = train(cfg_for(tmp_path, "train.steps=2", "train.ckpt_every=2", "train.compile=true", name="compiled"))
     assert sorted(compiled) == ["DiffusionTransformer", "TargetEncoder"]
+    assert after_warm_up[0] >= 2 and len(graphs) == after_warm_up[0]  # compiled in the warm-up, never again
     monkeypatch.setattr(torch, "compile", real_compile)
     eager = train(cfg_for(tmp_path, "train.steps=2", "train.ckpt_every=2", name="eager"))
     a, b = (safe_load(r / "checkpoints/0000002.pt") for r in (run, eager))
     assert not any("_orig_mod" in k for k in a["model"])
-    assert a["model"].keys() == b["model"].keys()
+    assert a["model"].keys() == b["model"].keys() and a["data"] == b["data"]
+    assert torch.equal(a["rng"]["generator"], b["rng"]["generator"])  # the warm-up drew nothing
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-5, atol=1e-6)
-    s = trainer.TrainState.build(cfg_for(tmp_path, name="plain"), trainer.DistInfo(), torch.device("cpu"))
-    assert trainer.step_module(s, s.cfg) is s.model  # train.compile=false: the model itself
+
+
+def test_compile_auto_means_cuda_only_and_failure_falls_back_to_eager(tmp_path, monkeypatch, caplog):
+    cfg = cfg_for(tmp_path)
+    assert cfg.train.compile == "auto"
+    assert not accel.want_compile(cfg, torch.device("cpu")) and accel.want_compile(cfg, torch.device("cuda", 0))
+    assert not accel.want_compile(cfg_for(tmp_path, "train.compile=false"), torch.device("cuda", 0))
+    assert accel.want_compile(cfg_for(tmp_path, "train.compile=true"), torch.device("cpu"))
+
+    class Broken(torch.nn.Module):  # what a compiler failure looks like: the first call raises
+        def __init__(self, fn):
+            super().__init__()
+
+        def forward(self, *args):
+            raise RuntimeError("backend compiler failed\nlong traceback ...")
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: Broken(fn))
+    caplog.set_level("INFO", logger="repa_probe")
+    fell_back = train(cfg_for(tmp_path, "train.steps=2", "train.ckpt_every=2", "train.compile=true", name="fb"))
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(warnings) == 1 and "backend compiler failed" in warnings[0] and "\n" not in warnings[0]
+    eager = train(cfg_for(tmp_path, "train.steps=2", "train.ckpt_every=2", "train.compile=false", name="e"))
+    a, b = (safe_load(r / "checkpoints/0000002.pt") for r in (fell_back, eager))
+    assert states_equal(a["model"], b["model"]) and states_equal(a["ema"], b["ema"])
+
+
+def test_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """No .item() / bool() / float() / int() of a tensor inside train_step (each is a host sync on a GPU);
+    losses are summed on the device and a non-finite one is only recorded. Fused AdamW."""
+    s = TrainState.build(cfg_for(tmp_path, "model.class_dropout_prob=0.5"), DistInfo(), torch.device("cpu"))
+    assert s.opt.defaults["fused"] is True
+    s.batches.next()  # starts the CPU loader (which reads its seed once per epoch, on the host)
+    reads = []
+    for name in ("item", "__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _f=original: reads.append(_n) or _f(self, *a))
+    logs = [train_step(s) for _ in range(2)]
+    monkeypatch.undo()
+    assert reads == [] and s.step == 2 and int(s.first_bad) == 0
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in logs[-1].values())
+
+
+def test_label_range_check_never_reads_a_device_tensor():
+    """The model checks the label range on the CPU (free) but not on other devices (a host sync per forward):
+    on the meta device, which cannot be read back, the forward runs; REPA_PROBE_DEBUG=1 turns the check on."""
+    from repa_probe.models import create_model
+
+    with torch.device("meta"):
+        model = create_model("SiT-S/4", depth=1, hidden_size=32, num_heads=2, input_size=8, num_classes=3)
+        out, _ = model(torch.zeros(2, 4, 8, 8), torch.zeros(2), torch.zeros(2, dtype=torch.int64))
+    assert out.shape == (2, 4, 8, 8) and out.device.type == "meta"
 
 
 def test_grad_accum_matches_one_big_batch(tmp_path):
@@ -136,23 +210,80 @@ def test_grad_accum_matches_one_big_batch(tmp_path):
     with pytest.raises(ConfigError, match="train.grad_accum must be positive"):
         cfg_for(tmp_path, "train.grad_accum=0")
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+def _poison_loss(monkeypatch, at_call: int):
     from repa_probe.objectives import FlowMatching
 
-    original = FlowMatching.loss
-    calls = {"n": 0}
+    original, calls = FlowMatching.loss, {"n": 0}
 
     def poisoned(self, *args, **kwargs):
         calls["n"] += 1
         out = original(self, *args, **kwargs)
-        if calls["n"] == 3:
-            out = {k: v * float("nan") for k, v in out.items()}
-        return out
+        return {k: v * float("nan") for k, v in out.items()} if calls["n"] == at_call else out
 
     monkeypatch.setattr(FlowMatching, "loss", poisoned)
-    with pytest.raises(TrainingDiverged, match="non-finite loss at step 3"):
+
+
+def test_nan_loss_stops_at_the_next_check_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    _poison_loss(monkeypatch, at_call=3)
+    with pytest.raises(TrainingDiverged, match=r"non-finite loss at step 3 \(checked steps 3-4"):
         train(cfg_for(tmp_path, "train.steps=6", "train.ckpt_every=2", name="nan"))
     assert [s for s, _ in rundir.list_checkpoints(tmp_path / "nan/checkpoints")] == [2]
+
+
+def test_nan_is_checked_every_log_every_steps_not_every_step(tmp_path, monkeypatch, capsys):
+    """NaN at step 2, log_every=4: the run goes on to step 4 (no per-step read), then stops with one line that
+    names the step and the range checked, before logging or saving anything."""
+    _poison_loss(monkeypatch, at_call=2)
+    rc = None
+    with pytest.raises(SystemExit) as exc:
+        rc = train_main([f"run.out_dir={tmp_path}", "run.name=nan4", *FAST, "train.log_every=4",
+                         "train.ckpt_every=100", "train.steps=8"])
+    assert rc is None and exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "non-finite loss at step 2 (checked steps 1-4" in err[0]
+    err = err[0]
+    assert "train.log_every=4" in err and "last good checkpoint" in err
+    assert rundir.list_checkpoints(tmp_path / "nan4/checkpoints") == [] and rundir.read_metrics(tmp_path / "nan4") == []
+
+
+def _image_folder(root: Path, per_class: int = 16) -> Path:
+    """Two classes of small RGB images, each a left-to-right ramp (a flip changes it)."""
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            img = (np.linspace(0, 255, 40)[None, :, None] * rng.uniform(0.3, 1, (1, 1, 3))).astype(np.uint8)
+            Image.fromarray(np.broadcast_to(img, (36, 40, 3)).copy()).save(root / f"class{c}" / f"{i}.png")
+    return root
+
+
+@pytest.mark.slow
+def test_resume_is_exact_with_flips_and_workers_on_an_image_folder(tmp_path):
+    """data.flip=true, data.num_workers=2 (the paper configs' data path): 6 steps == 3 + resume + 3, bit for bit,
+    across epochs (32 images, batch 16: 2 steps per epoch)."""
+    root = _image_folder(tmp_path / "images")
+    common = [f"data.root={root}", "data.name=imagefolder", "data.num_samples=null", "data.flip=true",
+              "data.num_workers=2", "train.ckpt_every=3", "train.keep_last=5"]
+    train(cfg_for(tmp_path, "train.steps=6", *common, name="straight"))
+    train(cfg_for(tmp_path, "train.steps=3", *common, name="split"))
+    train(cfg_for(tmp_path, "train.steps=6", *common, name="split"))
+    a, b = (safe_load(tmp_path / f"{n}/checkpoints/0000006.pt") for n in ("straight", "split"))
+    assert states_equal(a["model"], b["model"]) and states_equal(a["ema"], b["ema"]) and a["data"] == b["data"]
+
+
+def test_state_dict_round_trip_and_format_check(tmp_path):
+    s = TrainState.build(cfg_for(tmp_path), DistInfo(), torch.device("cpu"))
+    train_step(s)
+    path, removed = rundir.save_checkpoint(tmp_path / "ck", s.step, s.state_dict(), keep_last=1, keep_every=0)
+    state = load_training_checkpoint(path)
+    assert path.name == "0000001.pt" and removed == []
+    assert state["format"] == "repa-probe/1" and state["step"] == 1 and state["model_config"] == s.model.config
+    other = TrainState.build(cfg_for(tmp_path), DistInfo(), torch.device("cpu"))
+    other.load_state_dict(state)
+    train_step(s), train_step(other)
+    assert other.step == 2 and states_equal(s.model.state_dict(), other.model.state_dict())
+    with pytest.raises(CheckpointError, match="not a repa-probe training checkpoint"):
+        other.load_state_dict({**state, "format": "other/1"})
 
 
 def test_signal_saves_and_stops(tmp_path, monkeypatch):
@@ -193,6 +324,7 @@ def test_keep_last_and_keep_every(tmp_path):
     (["data.name=repa"], "set data.root="),
     (["encoder.input_size=30"], "input_size 30 is not a multiple of 4"),
     (["train.steps=three"], "train.steps"),
+    (["train.compile=maybe"], "train.compile='maybe' is not one of: auto, true, false"),
     (["--cfg", "configs/nope.yaml"], "config file not found"),
     (["repa.encoder_depth=9"], "repa.encoder_depth=9 is larger than the model depth"),
     (["encoder.name=dinov2_vits14", "encoder.pretrained=true"], "encoder.weights"),

@@ -6,16 +6,15 @@ and exposes ``num_classes``, ``resolution``, ``__len__`` (and ``class_names`` wh
 See :mod:`repa_probe.data.sampler` for the resume protocol.
 """
 from repa_probe.data.build import DATASET_NAMES, build_dataset
-from repa_probe.data.common import CappedDataset, DatasetError, collate
+from repa_probe.data.common import CappedDataset, DatasetError, EpochFlipDataset, collate, flip_coin
 from repa_probe.data.digits import DigitsDataset
 from repa_probe.data.imagefolder import ImageFolderDataset, center_crop_arr
 from repa_probe.data.repa_layout import REPAFeatureDataset
 from repa_probe.data.sampler import ResumableSampler, infinite_loader
 from repa_probe.data.shapes import SHAPE_NAMES, ShapesDataset
-from repa_probe.data.shards import LatentShardDataset, write_latent_shards
 
 __all__ = [
     "DATASET_NAMES", "build_dataset", "CappedDataset", "DatasetError", "collate", "DigitsDataset",
     "ImageFolderDataset", "center_crop_arr", "REPAFeatureDataset", "ResumableSampler", "infinite_loader",
-    "SHAPE_NAMES", "ShapesDataset", "LatentShardDataset", "write_latent_shards",
+    "SHAPE_NAMES", "ShapesDataset", "EpochFlipDataset", "flip_coin",
 ]

@@ -13,9 +13,8 @@ from repa_probe.data.digits import DigitsDataset
 from repa_probe.data.imagefolder import ImageFolderDataset
 from repa_probe.data.repa_layout import REPAFeatureDataset
 from repa_probe.data.shapes import ShapesDataset
-from repa_probe.data.shards import LatentShardDataset
 
-DATASET_NAMES = ("shapes", "digits", "imagefolder", "repa", "shards")
+DATASET_NAMES = ("shapes", "digits", "imagefolder", "repa")
 # keys of a data config that belong to the loader, ignored here when a mapping is passed
 LOADER_KEYS = frozenset({"batch_size", "num_workers", "pin_memory", "prefetch_factor", "persistent_workers",
                          "drop_last", "shuffle"})
@@ -48,19 +47,20 @@ def _check_kwargs(cls: type, kwargs: dict[str, Any], used: set[str]) -> None:
 def build_dataset(name: str | Mapping, root: str | None = None, split: str = "train",
                   resolution: int | None = None, num_samples: int | None = None, seed: int = 0,
                   **kwargs: Any) -> Dataset:
-    """Build a dataset by name: ``shapes``, ``digits``, ``imagefolder``, ``repa`` or ``shards``.
+    """Build a dataset by name: ``shapes``, ``digits``, ``imagefolder`` or ``repa``.
 
     ``name`` may also be a mapping (e.g. ``cfg.data``) with a ``name`` key and any of the keywords
     below; loader keys (``batch_size``, ``num_workers``, ...) in it are ignored.
 
     - ``resolution``: None = the dataset's default (shapes/digits 32, imagefolder 256, repa from
-      the files; shards store theirs and reject a different value).
+      the files).
     - ``num_samples``: size of ``shapes`` (default 10000 train / 1000 val, test); for the other
       datasets, a cap: that many evenly spaced samples (keeps all classes of class-sorted data).
-    - ``root``: for ``imagefolder``, ``repa``, ``shards``: ``root/<split>`` is used when it exists,
+    - ``root``: for ``imagefolder`` and ``repa``: ``root/<split>`` is used when it exists,
       else ``root`` itself for the train split.
-    - extra ``kwargs`` go to the dataset class (e.g. ``num_classes`` for shapes, ``random_flip``
-      and ``strict`` for imagefolder); unknown ones raise :class:`DatasetError`.
+    - extra ``kwargs`` go to the dataset class (e.g. ``num_classes`` for shapes, ``strict`` for
+      imagefolder); unknown ones raise :class:`DatasetError`. Datasets never augment: the training
+      loader flips (``infinite_loader(flip=True)``).
     """
     if isinstance(name, Mapping) or hasattr(name, "items"):
         try:
@@ -90,17 +90,10 @@ def build_dataset(name: str | Mapping, root: str | None = None, split: str = "tr
         _check_kwargs(ImageFolderDataset, kwargs, {"root", "resolution"})
         folder = _split_dir(root, split, name, os.path.isdir)
         ds = ImageFolderDataset(folder, resolution=resolution or 256, **kwargs)
-    elif name == "repa":
+    else:  # repa
         _check_kwargs(REPAFeatureDataset, kwargs, {"data_dir", "resolution"})
         folder = _split_dir(root, split, name, lambda d: os.path.isdir(os.path.join(d, "images")))
         ds = REPAFeatureDataset(folder, resolution=resolution, **kwargs)
-    else:  # shards
-        _check_kwargs(LatentShardDataset, kwargs, {"root"})
-        folder = _split_dir(root, split, name, lambda d: os.path.isfile(os.path.join(d, "index.json")))
-        ds = LatentShardDataset(folder)
-        if resolution is not None and resolution != ds.resolution:
-            raise DatasetError(f"build_dataset('shards'): shards in {folder} are {ds.resolution}px, "
-                               f"resolution={resolution} requested")
     if num_samples is not None and num_samples != len(ds):
         ds = CappedDataset(ds, num_samples)
     return ds

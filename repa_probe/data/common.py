@@ -1,4 +1,5 @@
-"""Shared pieces of the data package: the error type, split names, ``collate`` and a capped view.
+"""Shared pieces of the data package: the error type, split names, ``collate``, a capped view and the
+resumable horizontal flip.
 
 Every dataset in :mod:`repa_probe.data` returns one dict per sample::
 
@@ -10,6 +11,7 @@ and exposes ``num_classes``, ``resolution`` and ``__len__`` (``class_names`` whe
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,6 +21,7 @@ from torch.utils.data import Dataset
 from repa_probe.errors import ReproError
 
 SPLITS = ("train", "val", "test")
+FLIP_KEYS = ("image", "moments", "mask")  # the spatial entries of a sample, flipped together along W
 
 
 class DatasetError(ReproError, ValueError):
@@ -82,3 +85,36 @@ class CappedDataset(Dataset):
         if name in ("base", "indices") or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.base, name)
+
+
+def flip_coin(seed: int, epoch: int, index: int) -> bool:
+    """Whether sample ``index`` is flipped in ``epoch``: one bit of a hash (BLAKE2b) of (seed, epoch, index).
+
+    Counter-based: no RNG state, the same answer in any process, worker or resumed run; about half the
+    samples are flipped, independently per epoch.
+    """
+    digest = hashlib.blake2b(f"hflip/{int(seed)}/{int(epoch)}/{int(index)}".encode(), digest_size=8).digest()
+    return bool(digest[0] & 1)
+
+
+class EpochFlipDataset(Dataset):
+    """``ds[(epoch, index)]`` is ``base[index]`` with its :data:`FLIP_KEYS` entries flipped along the last
+    (width) axis when :func:`flip_coin` says so.
+
+    The REPA layout's ``moments`` (VAE posterior of the unflipped image) are flipped with the image: the
+    latent of a flipped image is taken to be the flipped latent, an approximation (the SD-VAE is not exactly
+    flip-equivariant); ``python -m train.extract_latents --flip`` stores exactly encoded flipped copies instead.
+    """
+
+    def __init__(self, base: Dataset, seed: int):
+        self.base, self.seed = base, int(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        epoch, index = key
+        sample = self.base[index]
+        if not flip_coin(self.seed, epoch, index):
+            return sample
+        return {k: (v.flip(-1) if k in FLIP_KEYS and isinstance(v, torch.Tensor) else v) for k, v in sample.items()}

@@ -44,15 +44,12 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> np.ndarray:
 class ImageFolderDataset(Dataset):
     """Images under ``root/<class_name>/...`` (searched recursively), classes sorted by name.
 
-    Returns ``image`` uint8 (3, R, R) after :func:`center_crop_arr` and ``label`` int64.
+    Returns ``image`` uint8 (3, R, R) after :func:`center_crop_arr` and ``label`` int64. No augmentation
+    here: the training loader flips (``infinite_loader(flip=True)``, resumable).
 
     Args:
         root: folder whose sub-folders are the classes.
         resolution: output side R.
-        random_flip: horizontal flip with probability 0.5 (off by default, as in REPA; DiT uses it).
-            The coin comes from torch's global RNG of the loading process (DataLoader workers are
-            seeded from the loader's generator), so it is reproducible for a fixed loader seed but
-            not part of the resumable sampler state.
         strict: if True, an unreadable or corrupt image raises :class:`DatasetError`.
         extensions: accepted file suffixes (case-insensitive).
 
@@ -63,7 +60,7 @@ class ImageFolderDataset(Dataset):
     If every file is unreadable, :class:`DatasetError` is raised.
     """
 
-    def __init__(self, root: str, resolution: int = 256, random_flip: bool = False, strict: bool = False,
+    def __init__(self, root: str, resolution: int = 256, strict: bool = False,
                  extensions: tuple[str, ...] = IMAGE_EXTENSIONS):
         if not os.path.isdir(root):
             raise DatasetError(f"ImageFolderDataset: {root} is not a directory")
@@ -71,7 +68,6 @@ class ImageFolderDataset(Dataset):
             raise DatasetError(f"ImageFolderDataset: resolution must be >= 1, got {resolution}")
         self.root = root
         self.resolution = int(resolution)
-        self.random_flip = bool(random_flip)
         self.strict = bool(strict)
         exts = tuple(e.lower() for e in extensions)
         self.class_names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
@@ -124,7 +120,5 @@ class ImageFolderDataset(Dataset):
                     log.warning("skipping unreadable image %s (%s: %s)", self.samples[j][0], type(e).__name__, e)
                 continue
             img = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).contiguous()  # (3, R, R)
-            if self.random_flip and bool(torch.rand(()) < 0.5):
-                img = img.flip(-1)
             return {"image": img, "label": self.labels[j].clone()}
         raise DatasetError(f"ImageFolderDataset: no readable image in {self.root}")

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from repa_probe.data.common import DatasetError, collate
+from repa_probe.data.common import DatasetError, EpochFlipDataset, collate
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,21 @@ class ResumableSampler(Sampler[int]):
         self.epoch, self.position = epoch, position
 
 
+class _EpochKeys(Sampler):
+    """Iterates ``sampler`` as ``(epoch, index)`` keys (for :class:`EpochFlipDataset`); the epoch is the
+    sampler's when iteration starts, as is the position."""
+
+    def __init__(self, sampler: ResumableSampler):
+        self.sampler = sampler
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch, indices = self.sampler.epoch, iter(self.sampler)
+        return ((epoch, i) for i in indices)
+
+
 def _batch_len(batch: Any) -> int:
     if isinstance(batch, dict):
         batch = next(iter(batch.values()))
@@ -144,25 +159,33 @@ def _batch_len(batch: Any) -> int:
 def infinite_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, num_workers: int = 0,
                     pin_memory: bool = False, collate_fn: Callable = collate, drop_last: bool = True,
                     prefetch_factor: int | None = None, persistent_workers: bool | None = None,
-                    seed: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+                    seed: int | None = None, flip: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Yield batches forever, epoch after epoch, starting from ``sampler``'s state.
 
     Calls ``sampler.advance(len(batch))`` right before yielding each batch (see the module
     docstring: the caller must not call ``advance`` itself). An epoch ends when the loader is
     exhausted; a tail shorter than ``batch_size`` is dropped (``drop_last``) and the sampler moves
-    to the next epoch. Worker RNGs (used only by random augmentation such as flips) are seeded from
-    ``seed`` (default: ``sampler.seed``) and the rank.
+    to the next epoch.
+
+    ``flip``: random horizontal flip of image / moments / mask, decided per sample by a hash of
+    (``seed``, epoch, index) (:func:`~repa_probe.data.common.flip_coin`) in whichever worker loads it: no
+    RNG state, so a resumed loader flips exactly as an uninterrupted one, with any ``num_workers``.
+    ``seed`` defaults to ``sampler.seed``; it also seeds the DataLoader's worker RNGs (with the rank).
     """
     if len(dataset) != sampler.dataset_len:  # type: ignore[arg-type]
         raise DatasetError(f"infinite_loader: dataset has {len(dataset)} samples, "  # type: ignore[arg-type]
                            f"sampler expects {sampler.dataset_len}")
-    g = torch.Generator().manual_seed((sampler.seed if seed is None else seed) * 1000003 + sampler.rank)
+    seed = sampler.seed if seed is None else seed
+    g = torch.Generator().manual_seed(seed * 1000003 + sampler.rank)
+    order: Sampler = sampler
+    if flip:
+        dataset, order = EpochFlipDataset(dataset, seed), _EpochKeys(sampler)
     kwargs: dict[str, Any] = {}
     if num_workers > 0:
         kwargs["persistent_workers"] = True if persistent_workers is None else persistent_workers
         if prefetch_factor is not None:
             kwargs["prefetch_factor"] = prefetch_factor
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=num_workers,
                         pin_memory=pin_memory, collate_fn=collate_fn, drop_last=drop_last, generator=g, **kwargs)
     while True:
         epoch = sampler.epoch

@@ -22,6 +22,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from repa_probe.errors import debug_enabled
 from repa_probe.models.layers import (  # noqa: F401 (the building blocks are re-exported here)
     FREQUENCY_DIM, Attention, Block, FinalLayer, LabelEmbedder, Mlp, ModelInputError, PatchEmbed, TimestepEmbedder,
     build_projector, modulate, sincos_pos_embed_2d, timestep_embedding)
@@ -114,7 +115,8 @@ class DiffusionTransformer(nn.Module):
         return x.reshape(b, c, g * p, g * p)
 
     def _check_inputs(self, x: torch.Tensor, t, y: torch.Tensor) -> torch.Tensor:
-        """Validate shapes/dtypes; returns ``t`` as a ``(B,)`` tensor (a 0-d t is broadcast)."""
+        """Validate shapes/dtypes (and the label range on the CPU or in debug mode, see below); returns ``t``
+        as a ``(B,)`` tensor (a 0-d t is broadcast). Never reads a device tensor back to the host by default."""
         s = self.input_size
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] != s or x.shape[3] != s:
             raise ModelInputError(f"x must have shape (B, {self.in_channels}, {s}, {s}), got {tuple(x.shape)}")
@@ -128,8 +130,10 @@ class DiffusionTransformer(nn.Module):
         if not torch.is_tensor(y) or y.shape != (b,) or y.dtype not in _INT_DTYPES:
             got = tuple(y.shape) if torch.is_tensor(y) else type(y).__name__
             raise ModelInputError(f"y must be an integer tensor of shape ({b},), got {got}")
-        if b and not torch.compiler.is_compiling():
-            lo, hi = torch.stack([y.min(), y.max()]).tolist()  # one host sync
+        # label range: free on the CPU; on an accelerator reading it back would stall the host every call,
+        # so it runs there only with REPA_PROBE_DEBUG=1 (shapes and dtypes above are checked always)
+        if b and not torch.compiler.is_compiling() and (y.device.type == "cpu" or debug_enabled()):
+            lo, hi = torch.stack([y.min(), y.max()]).tolist()
             rows = self.y_embedder.num_rows
             if lo < 0 or hi >= rows:
                 raise ModelInputError(f"labels must be in [0, {rows - 1}], got range [{lo}, {hi}]")

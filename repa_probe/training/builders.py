@@ -19,9 +19,8 @@ def build_dataset(cfg: Config, split: str = "train"):
     d = cfg.data
     if d.root is None and d.name not in ("shapes", "digits"):
         raise ConfigError(f"data.name={d.name} reads files: set data.root=/path/to/dataset")
-    extra = {"random_flip": True} if d.flip else {}
     return _build(d.name, root=d.root, split=split, resolution=d.resolution, num_samples=d.num_samples,
-                  seed=cfg.run.seed, **extra)
+                  seed=cfg.run.seed)  # no augmentation here: data.flip is applied by the training loader
 
 
 def build_objective(cfg: Config):
@@ -92,9 +91,12 @@ class Batches:
 
     The sampler position counts the batches handed out (not those prefetched by workers); a checkpoint is
     written after the step that used the batch, so a resume starts with the first batch that did not train.
+    ``data.flip``: each sample is flipped or not by a hash of (run.seed, epoch, index), in whichever worker
+    loads it, so a resumed run flips exactly as the uninterrupted one (``data.infinite_loader``).
+    ``pin_memory``: page-locked batches (on CUDA), copied with ``non_blocking=True`` by ``model_inputs``.
     """
 
-    def __init__(self, cfg: Config, dist: DistInfo, split: str = "train"):
+    def __init__(self, cfg: Config, dist: DistInfo, split: str = "train", pin_memory: bool = False):
         from repa_probe.data import ResumableSampler
         from repa_probe.encoders.vae import load_vae
 
@@ -108,7 +110,7 @@ class Batches:
         self.sampler = ResumableSampler(len(self.dataset), batch_size=self.local_batch, shuffle=True,
                                         seed=cfg.run.seed, rank=dist.rank, world_size=dist.world_size,
                                         drop_last=True)
-        self.num_workers = cfg.data.num_workers
+        self.num_workers, self.flip, self.pin_memory = cfg.data.num_workers, cfg.data.flip, pin_memory
         self._it = None
 
     def next(self) -> dict:
@@ -117,7 +119,7 @@ class Batches:
             from repa_probe.data import infinite_loader
 
             self._it = infinite_loader(self.dataset, self.sampler, self.local_batch,
-                                       num_workers=self.num_workers, pin_memory=torch.cuda.is_available())
+                                       num_workers=self.num_workers, pin_memory=self.pin_memory, flip=self.flip)
         return next(self._it)
 
     def state_dict(self) -> dict:
@@ -141,7 +143,7 @@ def model_inputs(batch: dict, vae, enc, device: torch.device, gen: torch.Generat
     if vae is None:
         x0 = images.float() / 127.5 - 1.0
     else:
-        moments = batch["moments"].to(device) if "moments" in batch else vae.encode_moments(images)
+        moments = batch["moments"].to(device, non_blocking=True) if "moments" in batch else vae.encode_moments(images)
         W = dist.world_size
         mean, std = moments.float().chunk(2, dim=1)
         eps = torch.randn((mean.shape[0] * W, *mean.shape[1:]), generator=gen, device=device)[dist.rank::W]

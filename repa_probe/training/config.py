@@ -102,7 +102,7 @@ class TrainConfig:
     ema_decay: float = 0.99  # EMA of the weights (paper: 0.9999; the tiny run is too short for that)
     precision: str = "bf16"  # bf16, fp16 or fp32 autocast on GPU; the CPU always runs fp32
     tf32: bool = True  # allow TF32 matmuls on GPU
-    compile: bool = False  # torch.compile the model
+    compile: str = "auto"  # torch.compile model + encoder: auto (on CUDA; eager on CPU), true or false
     device: str = "auto"  # auto, cpu or cuda
     log_every: int = 50  # log line every N steps
     ckpt_every: int = 100  # checkpoint every N steps (and at the end)
@@ -155,6 +155,7 @@ CHOICES = {
     "train.device": ("auto", "cpu", "cuda"),
     "launch.mode": ("local", "slurm", "submitit_local"),
     "encoder.source": ("auto", "hub", "timm"),
+    "train.compile": ("auto", "true", "false"),
 }
 
 
@@ -233,6 +234,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
 
 def validate(cfg: Config) -> None:
     """Check value ranges and choices that the types cannot express."""
+    cfg.train.compile = str(cfg.train.compile).lower()  # YAML true/false arrive as "True"/"False"
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)

@@ -1,4 +1,7 @@
-"""The run directory: resolved config, checkpoints (listing, retention, resume), metric logs.
+"""The run directory: resolved config, checkpoint policy (naming, retention, latest / fallback), metric logs.
+
+Policy only: what a checkpoint holds is ``TrainState.state_dict`` (training.trainer); how a file is written
+and read is ``repa_probe.checkpoint`` (``atomic_save``, ``load_training_checkpoint``).
 
 Layout of ``{run.out_dir}/{run.name}/``::
 
@@ -17,6 +20,7 @@ import re
 from pathlib import Path
 from typing import List, Optional, Tuple
 
+from repa_probe.checkpoint import atomic_save
 from repa_probe.errors import ReproError
 
 log = logging.getLogger("repa_probe")
@@ -56,6 +60,17 @@ def list_checkpoints(ckpt_dir: Path) -> List[Tuple[int, Path]]:
 
 def checkpoint_path(ckpt_dir: Path, step: int) -> Path:
     return ckpt_dir / f"{step:07d}.pt"
+
+
+def save_checkpoint(ckpt_dir: Path, step: int, state: dict, keep_last: int, keep_every: int
+                    ) -> Tuple[Path, List[Path]]:
+    """Write ``state`` atomically as ``{step:07d}.pt``, then apply the retention policy (:func:`prune`).
+
+    Returns (path written, paths removed).
+    """
+    path = checkpoint_path(ckpt_dir, step)
+    atomic_save(state, path)
+    return path, prune(ckpt_dir, keep_last, keep_every)
 
 
 def prune(ckpt_dir: Path, keep_last: int, keep_every: int) -> List[Path]:

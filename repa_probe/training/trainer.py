@@ -12,6 +12,12 @@ One step (global batch B over W processes, each with B/W samples)::
 Drawing the randomness for the global batch makes a W-process run match the one-process run on the same
 global batch (up to the order of floating-point reduction), and together with the stored generator states and
 data position makes resume exact: N steps ≡ N/2 steps + resume + N/2 steps, bit for bit on the CPU.
+
+The step never reads a value back to the host: losses are summed on the device and a non-finite loss is
+recorded there (the first such step); :func:`check_finite` reads it every ``train.log_every`` steps and
+before every checkpoint, and stops the run naming the step. :class:`TrainState` owns everything a step
+touches and its checkpoint (``state_dict`` / ``load_state_dict``); ``training.rundir`` decides where
+checkpoints go and which are kept; ``repa_probe.checkpoint`` writes and reads the files.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import logging
 import signal
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -28,15 +34,15 @@ import torch.distributed as torch_dist
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from repa_probe.training import rundir
-from repa_probe.checkpoint import atomic_save, safe_load
-from repa_probe.training.config import Config, to_dict, to_yaml
-from repa_probe.training.distributed import DistInfo, cleanup_distributed, init_distributed
-from repa_probe.training.builders import Batches, build_encoder, build_model, build_objective, model_inputs
+from repa_probe.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_training_checkpoint
 from repa_probe.errors import ReproError
+from repa_probe.training import rundir
+from repa_probe.training.accel import autocast_for, check_flash_attention, prepare_step_modules
+from repa_probe.training.builders import Batches, build_encoder, build_model, build_objective, model_inputs
+from repa_probe.training.config import Config, to_dict, to_yaml
+from repa_probe.training.distributed import DistInfo, agree, cleanup_distributed, init_distributed
 
 log = logging.getLogger("repa_probe")
-CKPT_FORMAT = "repa-probe/1"
 
 
 class TrainingDiverged(ReproError, RuntimeError):
@@ -52,33 +58,11 @@ def _device(cfg: Config, dist: DistInfo) -> torch.device:
     return torch.device("cpu")
 
 
-def _autocast(cfg: Config, device: torch.device):
-    if device.type != "cuda" or cfg.train.precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
-
-
-def _rng_state(gen: torch.Generator) -> dict:
-    state = {"generator": gen.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(gen: torch.Generator, state: dict) -> None:
-    gen.set_state(state["generator"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    """ema ← decay·ema + (1 − decay)·model over all parameters (frozen pos_embed included, as REPA)."""
-    e = [p for p in ema.parameters()]
-    m = [p.detach() for p in model.parameters()]
-    torch._foreach_lerp_(e, m, 1.0 - decay)
+    """ema ← decay·ema + (1 − decay)·model over all parameters (frozen pos_embed included, as REPA):
+    one ``torch._foreach_lerp_`` over the parameter lists (a few fused kernels, no per-tensor Python loop)."""
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
 
 
 class _StopFlag:
@@ -106,9 +90,16 @@ class _StopFlag:
 
 @dataclass
 class TrainState:
-    """Everything one training step touches; ``build`` makes it from a config exactly as ``train`` does."""
+    """Everything one training step touches, and its checkpoint.
+
+    ``build`` makes it from a config exactly as ``train`` does; ``net`` / ``enc_net`` are what the step calls
+    (the model and encoder themselves, compiled, or DDP-wrapped: ``accel.prepare_step_modules``).
+    ``first_bad``: 0-d int64 on the device, the first step whose loss was not finite (0 = none yet);
+    ``checked``: the last step :func:`check_finite` looked at.
+    """
 
     cfg: Config
+    dist: DistInfo
     device: torch.device
     batches: Batches
     enc: Optional[torch.nn.Module]
@@ -120,11 +111,17 @@ class TrainState:
     opt: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     gen: torch.Generator
+    net: Optional[torch.nn.Module] = None
+    enc_net: Optional[torch.nn.Module] = None
+    step: int = 0
+    checked: int = 0
+    first_bad: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
     @classmethod
     def build(cls, cfg: Config, dist: DistInfo, device: torch.device) -> "TrainState":
+        """Data, encoder, model, EMA (an exact copy), fused AdamW, scaler and generator; eager step modules."""
         torch.manual_seed(cfg.run.seed)
-        batches = Batches(cfg, dist)
+        batches = Batches(cfg, dist, pin_memory=device.type == "cuda")
         enc = build_encoder(cfg, device)
         model = build_model(cfg, batches, enc).to(device)
         ema = build_model(cfg, batches, enc).to(device)
@@ -137,56 +134,85 @@ class TrainState:
         gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
         vae = batches.vae.to(device) if batches.vae is not None else None
         model.train()
-        return cls(cfg, device, batches, enc, model, ema, build_objective(cfg), vae, params, opt, scaler, gen)
+        return cls(cfg, dist, device, batches, enc, model, ema, build_objective(cfg), vae, params, opt, scaler,
+                   gen, net=model, enc_net=enc, first_bad=torch.zeros((), dtype=torch.int64, device=device))
+
+    def _rng_state(self) -> dict:
+        state = {"generator": self.gen.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def state_dict(self) -> dict:
+        """The training checkpoint: model, EMA, optimiser, scaler, RNG, data position, step, config,
+        model_config (constructor keywords, for ``checkpoint.load_model``) and ``format``."""
+        return {"format": CHECKPOINT_FORMAT, "step": self.step, "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+                "rng": self._rng_state(), "data": self.batches.state_dict(), "config": to_dict(self.cfg),
+                "model_config": self.model.config}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` saved (in place: compiled / DDP wrappers keep working)."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise CheckpointError(f"not a repa-probe training checkpoint (format {state.get('format')!r}, "
+                                  f"expected {CHECKPOINT_FORMAT!r})")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        rng = state["rng"]
+        self.gen.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.batches.load_state_dict(state["data"])
+        self.step = self.checked = int(state["step"])
 
 
-def step_module(s: TrainState, cfg: Config) -> torch.nn.Module:
-    """What ``train_step`` calls: ``s.model``, or with ``train.compile`` a ``torch.compile`` of it (sharing its
-    weights, so checkpoints keep the plain key names); the frozen target encoder is then compiled in place."""
-    if not cfg.train.compile:
-        return s.model
-    if s.enc is not None:
-        s.enc.compile()
-    return torch.compile(s.model)
-
-
-def train_step(s: TrainState, net: torch.nn.Module, cfg: Config, dist: DistInfo) -> dict:
-    """One optimiser step on the next batch; returns detached scalar logs (no host sync but the NaN check).
-
-    ``net`` is ``s.model`` or a wrapper of it (torch.compile, DDP). With ``train.grad_accum = k`` the batch runs
-    as k equal micro-batches whose gradients add up to the full batch's (same samples, noise and labels as
-    k = 1; DDP reduces once, on the last). Raises TrainingDiverged on a non-finite loss, before any weight
-    changes.
-    """
+def _micro_loss(s: TrainState, x_t, t, y, x0, noise, z_enc) -> tuple:
+    """Loss of one micro-batch (rows of the step's tensors) and its detached log terms."""
     from repa_probe.objectives import repa_loss
 
-    device, obj = s.device, s.objective
+    obj = s.objective
+    with autocast_for(s.cfg, s.device):
+        out, zs_tilde = s.net(x_t, obj.model_time(t), y)
+    terms = obj.loss(out.float(), x0, x_t, noise, t)
+    loss = terms["loss"].mean()
+    logs = {name: v.detach().mean() for name, v in terms.items()}
+    if z_enc is not None:
+        proj_loss, cos = repa_loss(zs_tilde, [z_enc])
+        loss = loss + s.cfg.repa.proj_coeff * proj_loss
+        logs.update(repa=proj_loss.detach(), cos=cos.detach())
+    logs["total"] = loss.detach()
+    return loss, logs
+
+
+def train_step(s: TrainState) -> dict:
+    """One optimiser step on the next batch; returns detached scalar logs on the device (no host sync).
+
+    Calls ``s.net`` (the model, compiled or DDP-wrapped). With ``train.grad_accum = k`` the batch runs as k
+    equal micro-batches whose gradients add up to the full batch's (same samples, noise and labels as k = 1;
+    DDP reduces once, on the last). A non-finite loss is recorded in ``s.first_bad`` (read by
+    :func:`check_finite`); the step itself never stops on it.
+    """
+    cfg, obj = s.cfg, s.objective
     batch = s.batches.next()
-    x0, z_enc, y = model_inputs(batch, s.vae, s.enc, device, s.gen, dist, cfg, s.model.grid_size,
-                                enc_autocast=_autocast(cfg, device))  # frozen encoder under autocast, as REPA
-    t, noise, y = objective_noise(obj, x0, y, s.gen, dist, cfg, s.batches.num_classes)
+    x0, z_enc, y = model_inputs(batch, s.vae, s.enc_net, s.device, s.gen, s.dist, cfg, s.model.grid_size,
+                                enc_autocast=autocast_for(cfg, s.device))  # frozen encoder under autocast, as REPA
+    t, noise, y = objective_noise(obj, x0, y, s.gen, s.dist, cfg, s.batches.num_classes)
     x_t = obj.add_noise(x0, t, noise)
     k = cfg.train.grad_accum  # micro-batches: same samples and noise, gradients summed before the step
     micro = x0.shape[0] // k
     s.opt.zero_grad(set_to_none=True)
     sums: dict = {}
     for i in range(k):
-        rows = slice(i * micro, (i + 1) * micro)
-        sync = nullcontext() if i == k - 1 or not hasattr(net, "no_sync") else net.no_sync()  # DDP: reduce once
+        r = slice(i * micro, (i + 1) * micro)
+        sync = nullcontext() if i == k - 1 or not hasattr(s.net, "no_sync") else s.net.no_sync()  # DDP: reduce once
         with sync:
-            with _autocast(cfg, device):
-                out, zs_tilde = net(x_t[rows], obj.model_time(t[rows]), y[rows])
-            terms = obj.loss(out.float(), x0[rows], x_t[rows], noise[rows], t[rows])
-            loss = terms["loss"].mean()
-            logs = {name: v.detach().mean() for name, v in terms.items()}
-            if z_enc is not None:
-                proj_loss, cos = repa_loss(zs_tilde, [z_enc[rows]])
-                loss = loss + cfg.repa.proj_coeff * proj_loss
-                logs.update(repa=proj_loss.detach(), cos=cos.detach())
-            if not torch.isfinite(loss).item():
-                raise TrainingDiverged(", ".join(f"{name}={v.item():.4g}" for name, v in logs.items()))
+            loss, logs = _micro_loss(s, x_t[r], t[r], y[r], x0[r], noise[r], None if z_enc is None else z_enc[r])
             s.scaler.scale(loss / k).backward()  # / 1 is exact: k = 1 is the plain step, bit for bit
-        logs["total"] = loss.detach()
         sums = logs if not sums else {name: sums[name] + v for name, v in logs.items()}
     logs = {name: v / k for name, v in sums.items()}
     s.scaler.unscale_(s.opt)
@@ -195,8 +221,26 @@ def train_step(s: TrainState, net: torch.nn.Module, cfg: Config, dist: DistInfo)
     s.scaler.step(s.opt)
     s.scaler.update()
     update_ema(s.ema, s.model, cfg.train.ema_decay)
+    s.step += 1
+    ok = torch.isfinite(logs["total"]) | (s.first_bad > 0)
+    s.first_bad = torch.where(ok, s.first_bad, s.step)  # first non-finite step, recorded on the device
     logs["grad_norm"] = gnorm.detach()
     return logs
+
+
+def check_finite(s: TrainState) -> None:
+    """Raise TrainingDiverged if a loss since the last check was not finite (one host read; DDP ranks agree)."""
+    first = s.first_bad
+    if s.dist.enabled:
+        never = torch.iinfo(torch.int64).max
+        first = torch.where(first > 0, first, never).reshape(1)
+        torch_dist.all_reduce(first, op=torch_dist.ReduceOp.MIN)
+        first = torch.where(first == never, 0, first)
+    bad, lo = int(first.item()), s.checked + 1
+    s.checked = s.step
+    if bad:
+        raise TrainingDiverged(f"non-finite loss at step {bad} (checked steps {lo}-{s.step}: the loss is checked "
+                               f"every train.log_every={s.cfg.train.log_every} steps and before each checkpoint)")
 
 
 def train(cfg: Config) -> Path:
@@ -212,88 +256,86 @@ def train(cfg: Config) -> Path:
         cleanup_distributed()
 
 
-def _train(cfg: Config, dist: DistInfo) -> Path:
+def _start(cfg: Config, dist: DistInfo) -> tuple:
+    """Run directory, file log, state (resumed when a checkpoint exists). Returns (run, handler, state)."""
     device = _device(cfg, dist)
     if cfg.train.batch_size % (dist.world_size * cfg.train.grad_accum):
         raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {dist.world_size} "
                          f"process(es) x train.grad_accum={cfg.train.grad_accum} micro-batches")
     run = rundir.prepare(cfg.run.out_dir, cfg.run.name)
-    ckpt_dir = run / "checkpoints"
     handler = rundir.add_file_log(run) if dist.is_main else None
     if dist.is_main:
         (run / "config.yaml").write_text(to_yaml(cfg))
     if device.type == "cpu" and cfg.train.precision != "fp32":
         log.info("precision: train.precision=%s applies on GPU only; the CPU runs fp32", cfg.train.precision)
-
     s = TrainState.build(cfg, dist, device)
-    batches, enc, model, ema, opt, scaler, gen = s.batches, s.enc, s.model, s.ema, s.opt, s.scaler, s.gen
-
-    step = 0
-    resumed = _resume(cfg, ckpt_dir)
+    resumed = _resume(cfg, run / "checkpoints")
     if resumed is not None:
         path, state = resumed
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        opt.load_state_dict(state["opt"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        _set_rng_state(gen, state["rng"])
-        batches.load_state_dict(state["data"])
-        step = int(state["step"])
-        log.info("resumed from %s at step %d", path, step)
+        s.load_state_dict(state)
+        log.info("resumed from %s at step %d", path, s.step)
     if dist.is_main:
-        n = sum(p.numel() for p in model.parameters())
+        n = sum(p.numel() for p in s.model.parameters())
         log.info("model %s: %.2fM parameters, family %s, %d tokens; REPA %s; device %s; %d process(es)",
-                 cfg.model.name, n / 1e6, model.family, model.num_tokens,
+                 cfg.model.name, n / 1e6, s.model.family, s.model.num_tokens,
                  f"on (coeff {cfg.repa.proj_coeff}, block {cfg.repa.encoder_depth}, encoder "
-                 f"{cfg.encoder.name})" if enc is not None else "off", device, dist.world_size)
-    if step >= cfg.train.steps:
-        log.info("nothing to do: already at step %d >= train.steps=%d", step, cfg.train.steps)
+                 f"{cfg.encoder.name})" if s.enc is not None else "off", device, dist.world_size)
+    return run, handler, s
+
+
+def _train(cfg: Config, dist: DistInfo) -> Path:
+    run, handler, s = _start(cfg, dist)
+    try:
+        if s.step >= cfg.train.steps:
+            log.info("nothing to do: already at step %d >= train.steps=%d", s.step, cfg.train.steps)
+            return run
+        check_flash_attention(cfg, s.model, s.device)
+        prepare_step_modules(s)
+        _loop(s, run / "checkpoints", rundir.MetricLogger(run, cfg.train.tensorboard) if dist.is_main else None)
+    finally:
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
-        return run
+    return run
 
-    net = step_module(s, cfg)
-    if dist.enabled:
-        net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device.index] if device.type == "cuda" else None)
-    metrics = rundir.MetricLogger(run, cfg.train.tensorboard) if dist.is_main else None
+
+def _loop(s: TrainState, ckpt_dir: Path, metrics) -> None:
+    """Steps until ``train.steps`` or a stop signal: log, check the loss, checkpoint."""
+    cfg = s.cfg
     stop = _StopFlag()
     stop.install()
     sums, count, t_last = None, 0, time.perf_counter()
-    bar = tqdm(total=cfg.train.steps, initial=step, desc=cfg.run.name, disable=not dist.is_main,
+    bar = tqdm(total=cfg.train.steps, initial=s.step, desc=cfg.run.name, disable=not s.dist.is_main,
                dynamic_ncols=True, mininterval=1.0)
     try:
         with logging_redirect_tqdm():  # log lines print above the progress bar
-            while step < cfg.train.steps:
-                try:
-                    logs = train_step(s, net, cfg, dist)
-                except TrainingDiverged as exc:
-                    raise TrainingDiverged(f"non-finite loss at step {step + 1} ({exc}); stopping; the last good "
-                                           f"checkpoint is kept in {ckpt_dir}") from None
-                step += 1
+            while s.step < cfg.train.steps:
+                logs = train_step(s)
                 bar.update(1)
                 sums = {k: v.float() for k, v in logs.items()} if sums is None else \
                     {k: sums[k] + v.float() for k, v in logs.items()}
                 count += 1
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    sums, count, t_last = _log(step, sums, count, t_last, cfg, dist, metrics)
-                stopping = _agree(stop.raised, dist, device)
-                if step % cfg.train.ckpt_every == 0 or step == cfg.train.steps or stopping:
-                    _save(step, model, ema, opt, scaler, gen, batches, cfg, ckpt_dir, dist)
+                last, stopping = s.step == cfg.train.steps, agree(stop.raised, s.dist)
+                do_log = s.step % cfg.train.log_every == 0 or last
+                do_save = s.step % cfg.train.ckpt_every == 0 or last or stopping
+                if do_log or do_save:
+                    try:
+                        check_finite(s)
+                    except TrainingDiverged as exc:
+                        raise TrainingDiverged(f"{exc}; stopping; the last good checkpoint is kept in "
+                                               f"{ckpt_dir}") from None
+                if do_log:
+                    sums, count, t_last = _log(s.step, sums, count, t_last, cfg, s.dist, metrics)
+                if do_save:
+                    _save(s, ckpt_dir)
                 if stopping:
-                    log.warning("stopped by signal at step %d; resume with train.resume=auto", step)
+                    log.warning("stopped by signal at step %d; resume with train.resume=auto", s.step)
                     break
     finally:
         bar.close()
         stop.restore()
         if metrics is not None:
             metrics.close()
-        if handler is not None:
-            log.removeHandler(handler)
-            handler.close()
-    return run
 
 
 def objective_noise(objective, x0, y, gen, dist: DistInfo, cfg: Config, null_class):
@@ -314,14 +356,6 @@ def objective_noise(objective, x0, y, gen, dist: DistInfo, cfg: Config, null_cla
     return t, noise, y
 
 
-def _agree(flag: bool, dist: DistInfo, device) -> bool:
-    if not dist.enabled:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch_dist.all_reduce(t)
-    return bool(t.item() > 0)
-
-
 def _log(step, sums, count, t_last, cfg: Config, dist: DistInfo, metrics):
     vals = torch.stack(list(sums.values())) / count
     if dist.enabled:
@@ -338,30 +372,20 @@ def _log(step, sums, count, t_last, cfg: Config, dist: DistInfo, metrics):
 
 
 def _resume(cfg: Config, ckpt_dir: Path):
+    """(path, state) of the checkpoint to resume from per ``train.resume``, or None to start fresh."""
     mode = cfg.train.resume
     if mode == "none":
         return None
     if mode == "auto":
-        return rundir.load_latest(ckpt_dir, _load_train_ckpt)
-    return Path(mode), _load_train_ckpt(Path(mode))
+        return rundir.load_latest(ckpt_dir, load_training_checkpoint)
+    return Path(mode), load_training_checkpoint(mode)
 
 
-def _load_train_ckpt(path: Path) -> dict:
-    state = safe_load(path)
-    if not isinstance(state, dict) or state.get("format") != CKPT_FORMAT:
-        raise ValueError(f"{path}: not a repa-probe training checkpoint (no format={CKPT_FORMAT!r})")
-    return state
-
-
-def _save(step, model, ema, opt, scaler, gen, batches, cfg, ckpt_dir: Path, dist: DistInfo):
-    if dist.is_main:
-        state = {"format": CKPT_FORMAT, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                 "opt": opt.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                 "rng": _rng_state(gen), "data": batches.state_dict(), "config": to_dict(cfg),
-                 "model_config": dict(model.config)}
-        path = rundir.checkpoint_path(ckpt_dir, step)
-        atomic_save(state, path)
-        removed = rundir.prune(ckpt_dir, cfg.train.keep_last, cfg.train.keep_every)
+def _save(s: TrainState, ckpt_dir: Path) -> None:
+    """Rank 0 writes the checkpoint of ``s`` (retention per train.keep_last / keep_every); all ranks wait."""
+    if s.dist.is_main:
+        path, removed = rundir.save_checkpoint(ckpt_dir, s.step, s.state_dict(), s.cfg.train.keep_last,
+                                               s.cfg.train.keep_every)
         log.info("saved checkpoint %s%s", path, f" (pruned {len(removed)})" if removed else "")
-    if dist.enabled:
+    if s.dist.enabled:
         torch_dist.barrier()
