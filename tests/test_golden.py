@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from repa_probe.analysis import metrics as M
-from repa_probe.checkpoint import CheckpointError, load_model, safe_load
+from repa_probe.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_model, safe_load
 from repa_probe.models import DiffusionTransformer
 from repa_probe.objectives import FlowMatching, GaussianDiffusion, repa_loss
 
@@ -57,6 +57,7 @@ def test_forward_hidden_states_and_projections_match_official(name, how):
     io = _golden(f"{name}_io.pt")
     model, info = _load(name, how)
     assert info.family == FAMILY[name] and info.source_format == "official-state-dict"
+    assert info.ema is False and info.step is None and not model.training
     with torch.no_grad():
         out, zs, hidden = model(io["x"], io["t"], io["y"], return_hidden=True)
     _close(out, io["out"], f"{name} output")
@@ -102,6 +103,10 @@ def test_repa_encoder_depth_is_not_guessed_silently(caplog, tmp_path):
         _close(model(io["x"], io["t"], io["y"])[1][1], io["zs"][1], "projector 1 (depth from args)")
     with pytest.raises(CheckpointError, match="contradicts"):
         load_model(path, num_heads=4, encoder_depth=5)
+    ours = {"format": CHECKPOINT_FORMAT, "model": sd, "model_config": info.config, "step": 1}
+    assert load_model(path, loaded=ours, encoder_depth=4)[1].config["encoder_depth"] == 4
+    with pytest.raises(CheckpointError, match="contradicts"):
+        load_model(path, loaded=ours, encoder_depth=8)
 
 
 # ------------------------------------------------------------------------------------------------ losses
