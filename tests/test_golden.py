@@ -174,9 +174,28 @@ def test_metrics_match_platonic_rep(key, expected):
     for side, raw, ref in (("a", feats[f"{case}/a"], a), ("b", feats[f"{case}/b"], b)):
         ours = M.prepare_features(raw, clip_quantile=clip, exact=prep == "clipexact+l2")
         torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12, msg=lambda m: f"prepare {side}: {m}")
-    ours = {"cka": M.cka(a, b), "unbiased_cka": M.unbiased_cka(a, b), "cknna_biased_k10": M.cknna(a, b, 10, unbiased=False)}
+    ours = {"cka": M.cka(a, b), "unbiased_cka": M.unbiased_cka(a, b),
+            "cknna_biased_k10": M.cknna(a, b, 10, unbiased=False)}
     for k in (5, 10):
         ours.update({f"cknna_k{k}": M.cknna(a, b, k), f"mutual_knn_k{k}": M.mutual_knn(a, b, k),
                      f"cycle_knn_k{k}": M.cycle_knn(a, b, k)})
     for name, value in ours.items():
-        assert value == pytest.approx(expected[name], abs=1e-5), f"{key} {name}: ours {value}, platonic-rep {expected[name]}"
+        assert value == pytest.approx(expected[name], abs=1e-5), \
+            f"{key} {name}: ours {value}, platonic-rep {expected[name]}"
+
+
+# --------------------------------------------------------------------------------------------------- tool
+def test_tool_discovers_parts_and_skips_missing_repos(tmp_path, monkeypatch, caplog):
+    """The generator runs whatever parts exist and skips, with a notice, what lacks a checkout."""
+    from tools.golden import __main__ as cli
+
+    parts = cli.discover(cli.PARTS)
+    assert {"models", "losses", "metrics"} <= set(parts)
+    assert all(callable(m.write) for m in parts.values())
+    monkeypatch.setattr("sys.argv", ["tools.golden"])
+    with caplog.at_level(logging.INFO, logger="tools.golden"):
+        assert cli.main(["--out", str(tmp_path), "--commit", "repa=abc123"]) == 0
+    assert "no checkout given for dit" in caplog.text and "no checkout given for platonic" in caplog.text
+    readme = (tmp_path / "README.md").read_text()
+    assert "github.com/sihyun-yu/REPA | `abc123`" in readme
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md"]

@@ -16,6 +16,8 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")  # the official code runs on t
 
 import argparse  # noqa: E402
 import importlib  # noqa: E402
+import importlib.metadata  # noqa: E402
+import importlib.util  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
@@ -38,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m tools.golden", description=__doc__.split("\n\n")[0])
     for key, name in REPOS.items():
         p.add_argument(f"--{key}", type=Path, default=None, metavar="PATH",
-                       help=f"checkout of github.com/{name} (outside this repository); parts needing it are skipped without it")
+                       help=f"checkout of github.com/{name} (outside this repository); parts that need it "
+                            "are skipped without it")
     p.add_argument("--out", type=Path, default=Path("tests/data/golden"), help="output folder (default: %(default)s)")
     p.add_argument("--commit", action="append", default=[], metavar="KEY=SHA",
                    help="commit of a checkout that is not a git work tree (e.g. made with git archive), for README.md")
@@ -75,8 +78,9 @@ def commit_of(path: Path | None, given: dict[str, str], key: str) -> str:
 
 def readme(args, repos, commits, written: dict[str, list[Path]]) -> str:
     """README.md text for the output folder."""
-    import timm  # their models are built from timm layers: its version matters
-
+    timm_spec = importlib.util.find_spec("timm")  # their models are built from timm layers: its version matters
+    timm_dir = Path(timm_spec.origin).parent if timm_spec else None
+    timm_version = importlib.metadata.version("timm") if timm_spec else "absent"
     argv = ["python", "-m", "tools.golden", *sys.argv[1:]]
     lines = ["# Golden files from the official code", "",
              "Written by `tools/golden/`; do not edit by hand: rerun the command below (the full recipe, with "
@@ -85,8 +89,8 @@ def readme(args, repos, commits, written: dict[str, list[Path]]) -> str:
              "| key | repository | commit | checkout used |", "|---|---|---|---|"]
     lines += [f"| {k} | github.com/{REPOS[k]} | `{commits[k]}` | `{repos[k] or '-'}` |" for k in REPOS]
     lines += ["", f"Command: `{shlex.join(argv)}`", "",
-              f"Python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__} "
-              f"({Path(timm.__file__).parent}), numpy {__import__('numpy').__version__}, CPU, float32 models.", "",
+              f"Python {platform.python_version()}, torch {torch.__version__}, timm {timm_version} ({timm_dir}), "
+              f"numpy {importlib.metadata.version('numpy')}, CPU, float32 models.", "",
               "| file | part | bytes |", "|---|---|---|"]
     for part, files in written.items():
         lines += [f"| `{f.name}` | {part} | {f.stat().st_size} |" for f in files]

@@ -6,9 +6,10 @@ dicts). Files:
 * ``dit_losses.pt``: ``x0, t (steps 0, 1, 250, 999), noise, y``; ``x_t`` (their ``q_sample``), ``model_out``
   (the raw 2C-channel output their loss saw) and the terms ``loss, mse, vb`` of
   ``create_diffusion("").training_losses(model, x0, t, dict(y=y), noise)``.
-* ``repa_siloss_{linear,cosine}.pt``: ``x0, y, zs`` (encoder tokens: the projector outputs at t = 0.5 plus noise, one per projector), the time
-  ``t: (B,)`` and ``noise`` that ``SILoss`` drew (read back by replaying the global RNG and checked against the
-  model input it passed), ``x_t, model_out, zs_tilde``, ``denoising_loss: (B,)`` and ``proj_loss`` (scalar).
+* ``repa_siloss_{linear,cosine}.pt``: ``x0, y, zs`` (encoder tokens, one per projector: the projector
+  outputs at t = 0.5 plus noise), the time ``t: (B,)`` and ``noise`` that ``SILoss`` drew (read back by
+  replaying the global RNG and checked against the model input it passed), ``x_t, model_out, zs_tilde``,
+  ``denoising_loss: (B,)`` and ``proj_loss`` (scalar).
 * ``sit_transport_loss.pt``: willisma/SiT ``create_transport("Linear", "velocity").training_losses``: ``x1``
   (data), ``y``, ``t_sit`` (SiT time, t=0 noise), ``noise`` (their x0), ``x_t``, ``model_out``, ``loss``.
 """
