@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
 import tempfile
@@ -34,6 +35,8 @@ import torch
 from repa_probe.models.registry import size_name
 from repa_probe.models.transformer import FAMILIES, TIME_CONVENTIONS, DiffusionTransformer
 from repa_probe.errors import ReproError
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "repa-probe/1"  # the one definition: training.trainer writes it, load_model reads it
 DEFAULT_ENCODER_DEPTH = 8
@@ -190,16 +193,17 @@ def _heads_for(hidden: int, state_dict: Mapping[str, torch.Tensor], num_heads: i
 
 
 def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None = None,
-                 args: Any = None) -> dict:
+                 args: Any = None, encoder_depth: int | None = None) -> dict:
     """Constructor keywords (without ``family``) read from tensor shapes.
 
     Reads depth, width, patch, ``input_size`` (= sqrt(T) * patch from ``pos_embed``),
     ``in_channels``, ``num_classes`` (the table is assumed to include the null row unless
     ``args.num_classes`` says otherwise), ``learn_sigma`` (2C output), projector dims, ``qk_norm``
     and ``mlp_ratio``. Heads: from the q_norm width when ``qk_norm``, else ``num_heads`` or the
-    rule 384→6, 768→12, 1024→16, 1152→16, otherwise width/64. ``encoder_depth`` is not in the
-    shapes: ``args.encoder_depth`` if given, else 8, clamped to [1, depth].
-    Raises ``CheckpointError`` (message without a path) on an unknown layout.
+    rule 384→6, 768→12, 1024→16, 1152→16, otherwise width/64. ``encoder_depth`` (1-based block the
+    projectors read) is in no shape: the ``encoder_depth`` argument, else ``args.encoder_depth`` (the two
+    must agree), else 8 clamped to [1, depth] with a logged warning when the file has projectors (see
+    :func:`load_model`). Raises ``CheckpointError`` (message without a path) on an unknown layout.
     """
     sd = normalize_keys(state_dict)
     if any(k.startswith("decoder_blocks.") for k in sd):
@@ -241,15 +245,32 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
     if len(z_dims) != len(proj_ids):
         raise CheckpointError("unknown projector layout (expected projectors.{k}.{0,2,4})")
     projector_dim = int(sd["projectors.0.0.weight"].shape[0]) if z_dims else 2048
-    enc_depth = _args_get(args, "encoder_depth")
-    enc_depth = DEFAULT_ENCODER_DEPTH if enc_depth is None else int(enc_depth)
+    enc_depth = _encoder_depth(encoder_depth, _args_get(args, "encoder_depth"), depth, bool(z_dims))
     return dict(
         input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
         num_heads=_heads_for(hidden, sd, num_heads), mlp_ratio=float(fc1.shape[0]) / hidden,
         num_classes=num_classes, class_dropout_prob=dropout, learn_sigma=out_ch == 2 * in_ch,
-        qk_norm="blocks.0.attn.q_norm.weight" in sd, encoder_depth=min(max(enc_depth, 1), depth),
+        qk_norm="blocks.0.attn.q_norm.weight" in sd, encoder_depth=enc_depth,
         z_dims=z_dims, projector_dim=projector_dim,
     )
+
+
+def _encoder_depth(explicit: int | None, from_args: int | None, depth: int, has_projectors: bool) -> int:
+    """The projectors' block: ``explicit`` or the file's ``args`` value (a contradiction is an error);
+    unknown -> REPA's default 8 (clamped to depth), with a warning when projectors make it matter."""
+    if explicit is not None and from_args is not None and int(explicit) != int(from_args):
+        raise CheckpointError(f"encoder_depth={explicit} contradicts the encoder_depth={from_args} stored in the file")
+    value = explicit if explicit is not None else from_args
+    if value is not None:  # without projectors the value is unused: keep it valid for the constructor
+        return int(value) if has_projectors or not depth else min(max(int(value), 1), depth)
+    assumed = min(DEFAULT_ENCODER_DEPTH, depth)
+    if has_projectors:
+        clamped = f" (REPA's default {DEFAULT_ENCODER_DEPTH}, clamped to depth)" if assumed != DEFAULT_ENCODER_DEPTH \
+            else " (REPA's default, right for its released L and XL files)"
+        log.warning("encoder_depth is not stored in this state dict and no shape reveals it: assuming block %d%s. "
+                    "Pass encoder_depth= (CLI: --encoder-depth) if the projectors were trained at another block "
+                    "(REPA aligns block 4 for SiT-B/2); only the projected tokens depend on it.", assumed, clamped)
+    return assumed
 
 
 def _detect_family(config: dict, args: Any) -> str:
@@ -288,7 +309,8 @@ def _check_against_model(config: dict, sd: Mapping[str, torch.Tensor]) -> None:
 
 
 def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema: bool = True,
-               family: str | None = None, loaded: object = None) -> tuple[DiffusionTransformer, ModelInfo]:
+               family: str | None = None, loaded: object = None,
+               encoder_depth: int | None = None) -> tuple[DiffusionTransformer, ModelInfo]:
     """Load a model from our or an official checkpoint (see the module docstring).
 
     Args:
@@ -298,6 +320,12 @@ def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema
         family: "DiT" | "SiT" | "REPA" to override the detected family (needed for plain
             official SiT state dicts, which look like DiT ones).
         loaded: the file's content when the caller already ``safe_load``-ed it (avoids reading it twice).
+        encoder_depth: the 1-based block REPA's projectors read. Official REPA state dicts do not store
+            it and no tensor shape reveals it; training files carry it in ``args`` and ours in
+            ``model_config`` (a different value here is an error). When it cannot be known, 8 (REPA's
+            default, clamped to depth) is assumed with a logged warning naming this option rather than an
+            error: the released REPA file is an XL/2 aligned at 8, and hidden states, outputs, sampling
+            and FID do not depend on it; only the projected tokens ``zs`` do.
 
     Returns:
         ``(model, info)``: a float32 CPU model in eval mode, loaded strictly, and its ModelInfo.
@@ -333,11 +361,13 @@ def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema
         sd = normalize_keys(raw)
 
         if config is None:
-            config = infer_config(sd, num_heads=num_heads, args=args)
+            config = infer_config(sd, num_heads=num_heads, args=args, encoder_depth=encoder_depth)
             config["family"] = family or _detect_family(config, args)
         else:
             if num_heads is not None:
                 config["num_heads"] = int(num_heads)
+            if encoder_depth is not None:
+                config["encoder_depth"] = _encoder_depth(encoder_depth, config.get("encoder_depth"), 0, False)
             if family is not None:
                 config["family"] = family
         config.setdefault("family", "REPA")

@@ -1,0 +1,146 @@
+"""Helpers shared by the golden-file parts: importing official code by path, seeding, writing files.
+
+The official repositories are plain source trees, not installed packages, and several of them have a
+top-level ``models.py``; each file is therefore imported under its own unique module name
+(``golden_dit.models``, ``golden_repa.models.sit``...) so that the repositories never shadow one another
+or this project. Nothing in the official trees is modified; everything runs on the CPU in float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import tempfile
+import types
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+log = logging.getLogger("tools.golden")
+
+
+class GoldenError(RuntimeError):
+    """An official checkout is missing a file the golden part needs (one-line message)."""
+
+
+def import_file(name: str, path: Path) -> types.ModuleType:
+    """Import the source file ``path`` as module ``name`` (cached in ``sys.modules``).
+
+    A package directory (``path`` is a folder) is imported from its ``__init__.py`` so that its relative
+    imports (``from . import gaussian_diffusion``) resolve inside it.
+    """
+    if name in sys.modules:
+        return sys.modules[name]
+    path = Path(path)
+    is_package = path.is_dir()
+    file = path / "__init__.py" if is_package else path
+    if not file.is_file():
+        raise GoldenError(f"{file}: not found (is the checkout complete?)")
+    spec = importlib.util.spec_from_file_location(
+        name, file, submodule_search_locations=[str(path)] if is_package else None)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+@contextlib.contextmanager
+def stub_modules(*names: str, **attributes: Any) -> Iterator[list[str]]:
+    """Provide empty stand-in modules for optional dependencies that are not installed.
+
+    Only the names that cannot be imported are stubbed (and reported in the yielded list); the stubs are
+    removed again on exit. ``attributes`` maps ``"module.attr"`` to a value set on a stub.
+    """
+    stubbed = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            stubbed.append(name)
+            sys.modules[name] = types.ModuleType(name)
+            parent, _, child = name.rpartition(".")
+            if parent in sys.modules:
+                setattr(sys.modules[parent], child, sys.modules[name])
+    for dotted, value in attributes.items():
+        mod, _, attr = dotted.rpartition(".")
+        if mod in stubbed:
+            setattr(sys.modules[mod], attr, value)
+    if stubbed:
+        log.info("stubbed missing optional dependencies: %s", ", ".join(stubbed))
+    try:
+        yield stubbed
+    finally:
+        for name in stubbed:
+            sys.modules.pop(name, None)
+
+
+def need(repos: dict[str, Path], *keys: str, part: str) -> bool:
+    """True when every repo in ``keys`` was given; otherwise log a notice naming the missing ones."""
+    missing = [k for k in keys if repos.get(k) is None]
+    if missing:
+        log.warning("golden part %r skipped: no checkout given for %s (--%s PATH)", part,
+                    ", ".join(missing), " PATH --".join(missing))
+        return False
+    return True
+
+
+def seed_all(seed: int) -> torch.Generator:
+    """Seed torch's global RNG (their code draws from it) and return a CPU generator with the same seed."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def randomize_(module: torch.nn.Module, generator: torch.Generator, skip: tuple[str, ...] = ("pos_embed",),
+               scale: float = 1.0) -> None:
+    """Give every parameter (also the zero-initialised adaLN / output layers) seeded random values.
+
+    Weights get ``N(0, scale² / fan_in)`` (fan_in = all dims but the first), so activations stay O(1) at any
+    depth; biases and 1-D parameters get ``N(0, 0.1²)``. Names in ``skip`` keep their value (the fixed sin-cos
+    ``pos_embed`` is part of the official layout and is checked as such).
+    """
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name in skip:
+                continue
+            noise = torch.randn(p.shape, generator=generator, dtype=p.dtype)
+            if p.ndim >= 2:
+                p.copy_(noise * (scale / (p[0].numel() ** 0.5)))
+            else:
+                p.copy_(noise * 0.1)
+
+
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_pt(obj: dict, path: Path) -> Path:
+    """Write a dict of tensors / plain values with ``torch.save`` (atomic); it must load with weights_only=True."""
+    tensors_only = {k: (v.detach().contiguous().clone() if torch.is_tensor(v) else v) for k, v in obj.items()}
+    _atomic_write(Path(path), lambda f: torch.save(tensors_only, f))
+    torch.load(path, weights_only=True)  # fail here, not in the tests, if something is not weights-only
+    return Path(path)
+
+
+def save_json(obj: Any, path: Path) -> Path:
+    """Write ``obj`` as indented JSON (atomic)."""
+    text = json.dumps(obj, indent=1, sort_keys=True) + "\n"
+    _atomic_write(Path(path), lambda f: f.write(text.encode()))
+    return Path(path)
