@@ -1,0 +1,31 @@
+"""Flags shared by the analysis command lines (each maps to the field of the same name in
+:class:`repa_probe.analysis.options.AnalysisOptions`)."""
+from __future__ import annotations
+
+import argparse
+
+from repa_probe.timesteps import CONVENTIONS, FAMILY_CONVENTIONS
+
+
+def add_checkpoint_options(g) -> None:
+    """``--weights``, ``--time-convention`` (alias ``--family``) and ``--encoder-depth``."""
+    g.add_argument("--weights", default="auto", choices=("auto", "ema", "model"),
+                   help="which weights of a training checkpoint: ema, model, or auto (EMA unless it still "
+                        "weighs the initialisation by more than half: ema_decay**step > 0.5)")
+    g.add_argument("--time-convention", choices=CONVENTIONS, metavar="{repa,sit,ddpm}",
+                   help="how an official file reads time, when its shapes cannot tell: repa (REPA files, t=0 data), "
+                        "sit (official SiT files, t=0 noise; a plain SiT state dict needs it), ddpm (DiT)")
+    g.add_argument("--family", dest="time_convention", type=lambda v: FAMILY_CONVENTIONS.get(v, v),
+                   choices=CONVENTIONS, metavar="{REPA,SiT,DiT}",
+                   help="the same by code base: REPA = repa, SiT = sit, DiT = ddpm")
+    g.add_argument("--encoder-depth", type=int, metavar="N",
+                   help="1-based block of the REPA projector of a plain official REPA state dict (its shapes do "
+                        "not tell; default 8, REPA's B/2 recipe uses 4)")
+
+
+def add_running_options(g: argparse._ArgumentGroup, batch_size: int) -> None:
+    """``--seed``, ``--batch-size``, ``--device``."""
+    g.add_argument("--seed", type=int, default=0, help="noise seed (and random-encoder / probe seed); default 0")
+    g.add_argument("--batch-size", type=int, default=batch_size,
+                   help=f"images per forward pass (default {batch_size})")
+    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
