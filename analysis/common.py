@@ -19,8 +19,9 @@ def add_checkpoint_options(g) -> None:
                    choices=CONVENTIONS, metavar="{REPA,SiT,DiT}",
                    help="the same by code base: REPA = repa, SiT = sit, DiT = ddpm")
     g.add_argument("--encoder-depth", type=int, metavar="N",
-                   help="1-based block of the REPA projector of a plain official REPA state dict (its shapes do "
-                        "not tell; default 8, REPA's B/2 recipe uses 4)")
+                   help="1-based block read by the REPA projector of official files whose shapes do not tell "
+                        "(plain REPA state dicts; default: the training args', else 8; REPA's B/2 recipe uses 4). "
+                        "Our checkpoints keep their stored depth")
 
 
 def add_running_options(g: argparse._ArgumentGroup, batch_size: int) -> None:

@@ -21,13 +21,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from repa_probe.analysis.options import LABEL_MODES
 from repa_probe.errors import ReproError
 from repa_probe.timesteps import DDPM_STEPS, check_objective, model_times, parse_time, parse_times
 
 log = logging.getLogger("repa_probe")
 
 POOLS = ("mean", "tokens", "projector")
-LABEL_MODES = ("null", "true")
+
 _M32 = 0xFFFFFFFF
 
 
@@ -231,6 +232,21 @@ def module_device(module: torch.nn.Module, device, what: str) -> torch.device:
     return dev
 
 
+def _pooled_layers(model, layers, pool: str) -> list[int]:
+    """The 1-based blocks to capture for ``pool`` (``projector``: only block ``encoder_depth``)."""
+    if pool not in POOLS:
+        raise FeatureError(f"pool must be one of {POOLS}, got {pool!r}")
+    layer_list = resolve_layers(model, layers)
+    if pool == "projector":
+        if not len(model.projectors):
+            raise FeatureError("pool='projector' needs a model with REPA projectors")
+        if layer_list != [model.encoder_depth]:
+            if layers not in (None, "all"):
+                raise FeatureError(f"pool='projector' reads block {model.encoder_depth} only, got layers {layer_list}")
+            layer_list = [model.encoder_depth]
+    return layer_list
+
+
 @torch.no_grad()
 def extract_features(model, objective, data, timesteps, layers="all", pool: str = "mean", vae=None,
                      device=None, batch_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -251,22 +267,12 @@ def extract_features(model, objective, data, timesteps, layers="all", pool: str 
             ``(N, z_dim)`` token mean of the first REPA projector's output (layer = encoder_depth only).
         labels: ``"null"`` (unconditional class) or ``"true"`` (dataset labels).
     """
-    if pool not in POOLS:
-        raise FeatureError(f"pool must be one of {POOLS}, got {pool!r}")
     if dtype not in (torch.float32, torch.float16):
         raise FeatureError(f"dtype must be float32 or float16, got {dtype}")
-    convention = model.time_convention
-    check_objective(convention, objective)
-    layer_list = resolve_layers(model, layers)
-    if pool == "projector":
-        if not len(model.projectors):
-            raise FeatureError("pool='projector' needs a model with REPA projectors")
-        if layer_list != [model.encoder_depth]:
-            if layers not in (None, "all"):
-                raise FeatureError(f"pool='projector' reads block {model.encoder_depth} only, got layers {layer_list}")
-            layer_list = [model.encoder_depth]
+    check_objective(model.time_convention, objective)
+    layer_list = _pooled_layers(model, layers, pool)
     user_t = parse_times(timesteps)
-    process_t, model_t = model_times(user_t, convention, getattr(objective, "num_timesteps", DDPM_STEPS))
+    process_t, model_t = model_times(user_t, model.time_convention, getattr(objective, "num_timesteps", DDPM_STEPS))
     device = module_device(model, device, "model")
     inputs = data if isinstance(data, ModelInputs) else prepare_inputs(data, vae, batch_size, num_workers, progress)
     y_all = _labels(model, inputs, labels)

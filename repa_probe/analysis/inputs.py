@@ -144,7 +144,8 @@ def objective_for(cfg, info):
 
 def load_checkpoints(items: Sequence, options) -> list[CheckpointEntry]:
     """Load (and so validate) every checkpoint of ``items`` (files or run directories); small models stay in
-    memory. ``options``: ``weights``, ``time_convention``, ``encoder_depth`` of :class:`AnalysisOptions`."""
+    memory. ``options``: ``weights``, ``time_convention``, ``encoder_depth`` (official files only: ours store
+    their depth) of :class:`~repa_probe.analysis.options.AnalysisOptions`."""
     from repa_probe.checkpoint import load_model, safe_load
 
     entries, labels = [], set()
@@ -152,7 +153,7 @@ def load_checkpoints(items: Sequence, options) -> list[CheckpointEntry]:
         raw = safe_load(p)
         cfg, step = _training_config(p, raw)
         model, info = load_model(p, time_convention=options.time_convention, prefer_ema=_use_ema(options.weights, cfg, step),
-                                 loaded=raw, encoder_depth=options.encoder_depth)
+                                 loaded=raw, encoder_depth=options.encoder_depth if cfg is None else None)
         del raw
         if options.weights == "auto" and cfg is not None and not info.ema:
             log.info("%s: using the raw model weights (EMA decay %g has not warmed up after %s steps; "

@@ -162,12 +162,14 @@ class AnalysisOptions:
 
     def to_dict(self) -> dict:
         """Plain JSON-able dict (times as table labels: floats or ``"step:N"``)."""
-        out = dataclasses.asdict(self)
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for key, value in out.items():
-            if key in ("timesteps",):
+            if key == "timesteps":
                 out[key] = [label(t) for t in value]
             elif key.endswith("timestep") and value is not None:
                 out[key] = label(value)
+            elif isinstance(value, (list, tuple)):
+                out[key] = list(value)
         return out
 
 
