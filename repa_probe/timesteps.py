@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+import textwrap
 from typing import Iterable, Union
 
 import torch
@@ -36,11 +37,12 @@ DDPM_STEPS = 1000
 STEP_PREFIX = "step:"
 
 #: the one description of time, used by every ``--help`` that mentions time
-TIME_HELP = (
+TIME_HELP = textwrap.fill(
     "Time: t = 0 is clean data, t = 1 is pure noise (REPA's convention), for every model. Our and REPA "
     "models receive t, official SiT models (whose t = 0 is noise) receive 1 - t, DiT models the DDPM step "
-    "round(t * 999). A DDPM step can be named exactly as step:N (e.g. step:250, DiT only). A bare integer "
-    "other than 0 or 1 is refused as ambiguous. Output tables and figures label times as you wrote them.")
+    "round(t*999). A DDPM step can be named exactly as step:N (e.g. step:250, DiT only). A bare integer "
+    "other than 0 or 1 is refused as ambiguous. Output tables and figures label times as you wrote them.",
+    width=106)
 
 
 class TimeError(ReproError, ValueError):
