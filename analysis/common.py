@@ -13,8 +13,9 @@ def add_checkpoint_options(g) -> None:
                    help="which weights of a training checkpoint: ema, model, or auto (EMA unless it still "
                         "weighs the initialisation by more than half: ema_decay**step > 0.5)")
     g.add_argument("--time-convention", choices=CONVENTIONS, metavar="{repa,sit,ddpm}",
-                   help="how an official file reads time, when its shapes cannot tell: repa (REPA files, t=0 data), "
-                        "sit (official SiT files, t=0 noise; a plain SiT state dict needs it), ddpm (DiT)")
+                   help="time convention of plain official state dicts whose shapes read as DiT: sit for an official "
+                        "SiT file (t=0 noise; it looks like DiT's), ddpm (DiT, the default). Files that show theirs "
+                        "(ours, training files with args, REPA files with projectors) keep it")
     g.add_argument("--family", dest="time_convention", type=lambda v: FAMILY_CONVENTIONS.get(v, v),
                    choices=CONVENTIONS, metavar="{REPA,SiT,DiT}",
                    help="the same by code base: REPA = repa, SiT = sit, DiT = ddpm")

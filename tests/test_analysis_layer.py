@@ -105,10 +105,16 @@ def test_resolver_on_ours_and_an_official_state_dict(ckpts):
         check_times_and_layers([official], opts.replace(timesteps="step:10"))
 
 
-def test_sit_time_convention_for_a_plain_official_file(ckpts):
-    _, official_path = ckpts
-    entry = load_checkpoints([official_path], AnalysisOptions(time_convention="SiT"))[0]
-    assert entry.info.time_convention == "sit" and entry.take_model().time_convention == "sit"
+def test_time_convention_option_applies_where_the_file_cannot_tell(ckpts, tmp_path):
+    """A plain official SiT state dict looks like DiT's (2C output, no projectors): --family SiT makes it
+    ``sit``; the REPA state dict beside it (projectors) and our checkpoint keep the convention they show."""
+    ours_path, repa_path = ckpts
+    sit_path = tmp_path / "SiT-S-4.pt"
+    torch.save(create_model("DiT-S/4", **{**TINY, "z_dims": ()}).state_dict(), sit_path)
+    entries = load_checkpoints([sit_path, repa_path, ours_path], AnalysisOptions(time_convention="SiT"))
+    assert [e.info.time_convention for e in entries] == ["sit", "repa", "repa"]
+    assert isinstance(entries[0].objective, FlowMatching) and entries[0].take_model().time_convention == "sit"
+    assert load_checkpoints([sit_path], AnalysisOptions())[0].info.time_convention == "ddpm"
 
 
 # ------------------------------------------------------------------------------------------ skeleton

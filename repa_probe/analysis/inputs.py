@@ -142,18 +142,36 @@ def objective_for(cfg, info):
     return FlowMatching("linear")
 
 
+def _load(path: Path, raw, cfg, options, prefer_ema: bool):
+    """``load_model`` of one file. ``options.time_convention`` applies where the file cannot tell: a plain state
+    dict whose shapes read as DiT (a plain official SiT file looks the same); our files, training files with
+    args and REPA state dicts (projectors, C-channel output) keep the convention they show.
+    ``options.encoder_depth`` applies to official files (ours store it)."""
+    from repa_probe.checkpoint import load_model
+
+    kw = dict(prefer_ema=prefer_ema, loaded=raw, encoder_depth=options.encoder_depth if cfg is None else None)
+    model, info = load_model(path, **kw)
+    forced = options.time_convention
+    if forced is None or forced == info.time_convention:
+        return model, info
+    if info.source_format == "official-state-dict" and info.time_convention == "ddpm":
+        return load_model(path, time_convention=forced, **kw)
+    log.info("%s: reading time as %r, which the file shows (--time-convention %s applies to plain state dicts "
+             "that look like DiT)", path, info.time_convention, forced)
+    return model, info
+
+
 def load_checkpoints(items: Sequence, options) -> list[CheckpointEntry]:
     """Load (and so validate) every checkpoint of ``items`` (files or run directories); small models stay in
     memory. ``options``: ``weights``, ``time_convention``, ``encoder_depth`` (official files only: ours store
     their depth) of :class:`~repa_probe.analysis.options.AnalysisOptions`."""
-    from repa_probe.checkpoint import load_model, safe_load
+    from repa_probe.checkpoint import safe_load
 
     entries, labels = [], set()
     for p in checkpoint_paths(items):
         raw = safe_load(p)
         cfg, step = _training_config(p, raw)
-        model, info = load_model(p, time_convention=options.time_convention, prefer_ema=_use_ema(options.weights, cfg, step),
-                                 loaded=raw, encoder_depth=options.encoder_depth if cfg is None else None)
+        model, info = _load(p, raw, cfg, options, prefer_ema=_use_ema(options.weights, cfg, step))
         del raw
         if options.weights == "auto" and cfg is not None and not info.ema:
             log.info("%s: using the raw model weights (EMA decay %g has not warmed up after %s steps; "

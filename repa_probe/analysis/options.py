@@ -87,8 +87,8 @@ class AnalysisOptions:
     """Options shared by every analysis of checkpoints (each field is the flag of the same name).
 
     Checkpoints: ``weights`` (auto: the EMA once ``ema_decay**step <= 0.5``, else the raw weights),
-    ``time_convention`` (repa | sit | ddpm, or a family name REPA | SiT | DiT: for official files the shapes
-    cannot tell apart), ``encoder_depth`` (REPA projector block of plain official REPA state dicts).
+    ``time_convention`` (repa | sit | ddpm, or a family name REPA | SiT | DiT: for plain official state dicts
+    whose shapes read as DiT, e.g. an official SiT file), ``encoder_depth`` (REPA projector block of plain official REPA state dicts).
     Data: ``data`` / ``data_root`` / ``split`` (default: the training config's dataset, held-out split),
     ``vae``, ``labels`` (class fed to the model: null = unconditional). Encoder: ``encoder`` /
     ``encoder_weights`` / ``random_encoder`` (default: the training config's). What: ``layers`` (1-based
