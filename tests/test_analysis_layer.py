@@ -162,3 +162,18 @@ def test_run_skeleton_fails_before_writing_anything(ckpts, tmp_path):
     with pytest.raises(AnalysisInputError, match="pass --data"):
         run_analysis(Counting(), [ckpts[1]], tmp_path / "out", AnalysisOptions(progress=False))
     assert not (tmp_path / "out").exists()
+
+
+def test_alignment_of_a_dit_file_at_an_explicit_step(tmp_path):
+    """DDPM steps flow through to the table and the figures as the user wrote them (``step:500``)."""
+    from repa_probe.analysis.alignment import run_alignment
+
+    path = tmp_path / "DiT-S-4.pt"
+    torch.save(create_model("DiT-S/4", **{**TINY, "z_dims": ()}).state_dict(), path)
+    opts = AlignmentOptions(data="shapes", encoder="tiny_vit", random_encoder=True, num_samples=16, layers="1,2",
+                            timesteps="0,step:500", topk=3, batch_size=8, device="cpu", progress=False)
+    summary = run_alignment([path], tmp_path / "out", opts)
+    lines = (tmp_path / "out" / "alignment.csv").read_text().splitlines()[1:]
+    assert sorted(ln.split(",")[3] for ln in lines) == ["0.0", "0.0", "step:500", "step:500"]
+    assert summary["checkpoints"][0]["time_convention"] == "ddpm" and summary["settings"]["plot_timestep"] == "step:500"
+    assert any(p.endswith("layers_tstep500_cknna.png") for p in summary["files"]["figures"]), summary["files"]

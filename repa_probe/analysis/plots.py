@@ -20,7 +20,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from repa_probe.timesteps import as_float, parse_time
+from repa_probe.timesteps import Step, as_float, parse_time
 
 DPI = 200
 METRIC_NAMES = {"cknna": "CKNNA", "mutual_knn": "Mutual k-NN", "cka": "Linear CKA", "unbiased_cka": "Unbiased CKA",
@@ -65,6 +65,12 @@ def time_value(t) -> float:
     if t is None or (isinstance(t, float) and math.isnan(t)):
         return math.nan
     return as_float(parse_time(t))
+
+
+def time_tag(t) -> str:
+    """A time label for file names: ``0.5`` -> ``"0.5"``, ``"step:500"`` -> ``"step500"``."""
+    t = parse_time(t)
+    return f"step{t.n}" if isinstance(t, Step) else f"{t:g}"
 
 
 def frame(rows: Iterable[dict]) -> pd.DataFrame:
@@ -203,10 +209,10 @@ def make_figures(rows, out_dir, plot_timestep, runs: dict | None = None) -> list
             paths += heatmap(rows, ckpt, metric, out / f"heatmap_{slug(ckpt)}_{metric}")
             paths += by_layer(rows, ckpt, metric, out / f"layers_{slug(ckpt)}_{metric}")
         paths += by_layer_checkpoints(rows, plot_timestep, metric,
-                                      out / f"layers_t{time_value(plot_timestep):g}_{metric}")
+                                      out / f"layers_t{time_tag(plot_timestep)}_{metric}")
         for run in sorted({r for r in (runs or {}).values() if r is not None}):
             members = [c for c, r in runs.items() if r == run]
             if df[df.checkpoint.isin(members)].step.nunique() >= 2:
-                paths += by_step(rows, plot_timestep, metric, out / f"steps_{slug(run)}_t{time_value(plot_timestep):g}_"
+                paths += by_step(rows, plot_timestep, metric, out / f"steps_{slug(run)}_t{time_tag(plot_timestep)}_"
                                  f"{metric}", checkpoints=members)
     return paths
