@@ -19,30 +19,32 @@ tokens and compared with the encoder's representation of the clean image (platon
 both sides: outlier clamp at the 0.95 quantile, row L2 norm; CKNNA with k=10 by default). The noise of
 each image is fixed by (--seed, dataset index), so all checkpoints see identical inputs.
 
-Time convention: t = 0 is clean data, t = 1 is pure noise (REPA's). Our / REPA models receive t, official
-SiT models (t=0 noise) receive 1 - t, DiT models receive the DDPM step round(t * 999); for DiT an integer
-> 1 (e.g. 250) is a step. Labels in the outputs are the values you give.
+{time_help}
 
 With only --ckpt and --out, dataset, encoder, VAE and objective come from our checkpoint's training config
 (the dataset's held-out 'val' split when it has one). Official checkpoints need --data and --encoder.
 
 Outputs in --out: alignment.csv (checkpoint, step, layer, timestep, metric, value, ci_low, ci_high, n),
-summary.json (best block per checkpoint/timestep/metric, settings, versions) and figures/ (PDF + PNG).
+summary.json (best block per checkpoint/timestep/metric, settings, versions), options.json (the resolved
+options) and figures/ (PDF + PNG).
 """
 
 EXAMPLES = """\
 examples:
   python -m analysis.alignment --ckpt runs/tiny/checkpoints/0000300.pt --out results/align
   python -m analysis.alignment --ckpt runs/repa_sit_b --ckpt runs/sit_b --timesteps 0,0.5 --out results/cmp
-  python -m analysis.alignment --ckpt SiT-XL-2-256.pt --family SiT --data imagefolder \\
+  python -m analysis.alignment --ckpt SiT-XL-2-256.pt --time-convention sit --data imagefolder \\
       --data-root /data/imagenet --encoder dinov2_vitb14 --num-samples 10000 --out results/sit_xl
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from repa_probe.analysis.alignment import METRICS, TARGET_KINDS
+    from analysis.common import add_checkpoint_options, add_running_options
+    from repa_probe.analysis.options import METRICS, TARGET_KINDS
+    from repa_probe.timesteps import TIME_HELP
 
-    p = OneLineParser(prog="python -m analysis.alignment", description=DESCRIPTION, epilog=EXAMPLES,
+    p = OneLineParser(prog="python -m analysis.alignment", description=DESCRIPTION.format(time_help=TIME_HELP),
+                      epilog=EXAMPLES,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
                    help="checkpoint file (ours, or official DiT/SiT/REPA), or a run directory / its checkpoints/ "
@@ -67,28 +69,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "vision models by their CLS token) or mean_patch (mean of the final-norm patch tokens)")
     g.add_argument("--vae", metavar="NAME", help="VAE for latent models (stabilityai/sd-vae-ft-ema, a local dir, "
                    "none); default: the training config's, else sd-vae-ft-ema for 4-channel official models")
-    g.add_argument("--family", choices=("DiT", "SiT", "REPA"),
-                   help="family of official files that cannot be told apart (a plain SiT state dict needs SiT)")
-    g.add_argument("--weights", default="auto", choices=("auto", "ema", "model"),
-                   help="which weights of a training checkpoint: ema, model, or auto (EMA unless it still "
-                        "weighs the initialisation by more than half: ema_decay**step > 0.5)")
+    add_checkpoint_options(g)
     g.add_argument("--labels", default="null", choices=("null", "true"),
                    help="class fed to the model: null (unconditional, default) or the dataset's true labels")
     g = p.add_argument_group("what to measure")
     g.add_argument("--layers", default="all", help="'all' or 1-based block numbers, e.g. 1,4,8 (8 = REPA's "
                    "encoder_depth 8)")
     g.add_argument("--timesteps", default="0,0.25,0.5,0.75,1",
-                   help="comma list of t in [0, 1] (0 = clean, 1 = noise); DiT: integers > 1 are DDPM steps "
-                        "(default: %(default)s)")
+                   help="comma list of times t in [0, 1] or step:N (see Time above; default: %(default)s)")
     g.add_argument("--metric", default="cknna", help=f"one or more of {', '.join(METRICS)} (comma list; default "
                    "cknna)")
     g.add_argument("--topk", type=int, default=10, help="k of the kNN metrics (default 10, platonic-rep's)")
     g.add_argument("--bootstrap", type=int, default=0, metavar="B", help="half-sampling replicates for 95%% "
                    "intervals (0 = off; e.g. 100)")
-    g.add_argument("--seed", type=int, default=0, help="noise seed (and random-encoder seed); default 0")
     g = p.add_argument_group("running")
-    g.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    add_running_options(g, batch_size=256)
     g.add_argument("--plot-timestep", metavar="T", help="timestep of the cross-checkpoint figures (default: the "
                    "one nearest 0.5)")
     g.add_argument("--cache-dir", default=os.environ.get("REPA_PROBE_CACHE", "~/.cache/repa_probe/features"),
@@ -103,19 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from repa_probe.analysis.alignment import parse_timestep_list, run_alignment
+    from repa_probe.analysis.alignment import AlignmentOptions, run_alignment
     from repa_probe.errors import one_line_errors
 
     with one_line_errors(args.debug):
-        summary = run_alignment(
-            args.ckpt, args.out, timesteps=args.timesteps, layers=args.layers, metric=args.metric, topk=args.topk,
-            bootstrap=args.bootstrap, num_samples=args.num_samples, batch_size=args.batch_size, device=args.device,
-            seed=args.seed, cache_dir=None if args.no_cache else os.path.expanduser(args.cache_dir),
-            plot_timestep=None if args.plot_timestep is None else parse_timestep_list(args.plot_timestep)[0],
-            progress=not args.quiet, data=args.data, data_root=args.data_root, split=args.split,
-            encoder=args.encoder, encoder_weights=args.encoder_weights, random_encoder=args.random_encoder,
-            target_kind=args.target_kind, vae=args.vae, labels=args.labels, family=args.family,
-            weights=args.weights)
+        options = AlignmentOptions.from_namespace(
+            args, cache_dir=None if args.no_cache else os.path.expanduser(args.cache_dir), progress=not args.quiet)
+        summary = run_alignment(args.ckpt, args.out, options)
     plot_t = summary["settings"]["plot_timestep"]
     for b in (b for b in summary["best"] if b["timestep"] == plot_t):
         print(f"{b['checkpoint']}  t={b['timestep']}  {b['metric']}: best block {b['best_layer']} "

@@ -32,11 +32,14 @@ from both prediction and ground truth excluded, mmseg convention) and pixel accu
 """,
 }
 COMMON = """
-Time convention: t = 0 is clean data, t = 1 is pure noise (REPA's). Our / REPA models receive t, official
-SiT models receive 1 - t, DiT models the DDPM step round(t * 999) (an integer > 1 is a step).
+{time_help}
 
 With only --ckpt and --out, dataset, VAE, encoder and objective come from our checkpoint's training
 config. Official checkpoints need --data (and --encoder for --encoder-reference).
+
+Outputs in --out: {prefix}.csv (checkpoint, step, source, layer, timestep, metric, value, num_train,
+num_test), summary.json (settings, rows, every probe's chosen hyper-parameters), options.json (the resolved
+options) and figures/ (PDF + PNG).
 """
 DATASETS = {"linear": "shapes | digits | imagefolder DIR (ImageNet layout: DIR/train, DIR/val)",
             "segmentation": "shapes | voc DIR (Pascal VOC 2012) | ade20k DIR (ADEChallengeData2016)"}
@@ -58,8 +61,12 @@ examples:
 
 
 def build_parser(task: str = "linear") -> argparse.ArgumentParser:
-    p = OneLineParser(prog=f"python -m {PROGS[task]}", description=DESCRIPTIONS[task] + COMMON, epilog=EXAMPLES[task],
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from analysis.common import add_checkpoint_options, add_running_options
+    from repa_probe.timesteps import TIME_HELP
+
+    common = COMMON.format(time_help=TIME_HELP, prefix="probe" if task == "linear" else "segment")
+    p = OneLineParser(prog=f"python -m {PROGS[task]}", description=DESCRIPTIONS[task] + common,
+                      epilog=EXAMPLES[task], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, metavar="PATH",
                    help="checkpoint file (ours, or official DiT/SiT/REPA), or a run directory (every checkpoint). "
                         "Repeat to overlay several checkpoints.")
@@ -73,11 +80,11 @@ def build_parser(task: str = "linear") -> argparse.ArgumentParser:
     g.add_argument("--num-test", type=int, metavar="N", help="test images (default: the whole held-out split; "
                    "shapes 500)")
     g.add_argument("--vae", metavar="NAME", help="VAE of latent models; default: the training config's")
-    g.add_argument("--family", choices=("DiT", "SiT", "REPA"), help="family of official files that cannot be "
-                   "told apart")
+    add_checkpoint_options(g)
     g = p.add_argument_group("what to probe")
     g.add_argument("--layers", default="all", help="'all' or 1-based block numbers, e.g. 1,4,8")
-    g.add_argument("--timesteps", default="0,0.25,0.5", help="comma list of t in [0, 1] (default: %(default)s)")
+    g.add_argument("--timesteps", default="0,0.25,0.5",
+                   help="comma list of times t in [0, 1] or step:N (see Time above; default: %(default)s)")
     if task == "linear":
         g.add_argument("--backend", default="sklearn", choices=("sklearn", "torch"),
                        help="sklearn: logistic regression (L-BFGS, C sweep); torch: AdamW linear head (lr x weight "
@@ -90,9 +97,7 @@ def build_parser(task: str = "linear") -> argparse.ArgumentParser:
     g.add_argument("--encoder-weights", metavar="FILE", help="local weights of --encoder")
     g.add_argument("--random-encoder", action="store_true", help="random-initialised --encoder (tests only)")
     g = p.add_argument_group("running")
-    g.add_argument("--seed", type=int, default=0, help="noise and probe seed (default 0)")
-    g.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    add_running_options(g, batch_size=64)
     g.add_argument("--max-feature-gb", type=float, default=4.0, help="features held in memory per extraction pass "
                    "(default 4; more layers take more passes)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -107,19 +112,14 @@ def main(argv: Optional[List[str]] = None, task: str = "linear") -> int:
         p.error(f"--data takes a name and at most one directory, got {' '.join(args.data)}")
     data, root = (args.data + [None])[:2] if args.data else (None, None)
     setup_logging(args.verbose)
+    from repa_probe.analysis.probing import ProbeOptions, run_probes
     from repa_probe.errors import one_line_errors
-    from repa_probe.analysis.probing import run_probes
 
     with one_line_errors(args.debug):
-        summary = run_probes(
-            task, args.ckpt, args.out, data=data, data_root=root or args.data_root, layers=args.layers,
-            timesteps=args.timesteps, backend=getattr(args, "backend", "sklearn"), num_train=args.num_train,
-            num_test=args.num_test, encoder_reference=args.encoder_reference, encoder=args.encoder,
-            encoder_weights=args.encoder_weights, random_encoder=args.random_encoder, vae=args.vae,
-            family=args.family, device=args.device, batch_size=args.batch_size, seed=args.seed,
-            probe_options={"epochs": args.epochs} if args.epochs is not None else None,
-            max_feature_gb=args.max_feature_gb, progress=not args.quiet)
-    print(f"wrote {os.path.join(args.out, summary['files']['csv'])}, {summary['files']['csv'][:-4]}.json and "
+        options = ProbeOptions.from_namespace(args, task=task, data=data, data_root=root or args.data_root,
+                                              progress=not args.quiet)
+        summary = run_probes(args.ckpt, args.out, options)
+    print(f"wrote {os.path.join(args.out, summary['files']['csv'])}, summary.json, options.json and "
           f"{len(summary['files']['figures'])} figure files")
     return 0
 

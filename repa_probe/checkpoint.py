@@ -9,11 +9,13 @@ Supported files (``load_model``):
 * ``"official-state-dict"`` — a plain state dict (the released DiT-XL-2-256x256.pt, REPA's
   last.pt, ...), optionally with a DDP ``module.`` or torch.compile ``_orig_mod.`` prefix.
 
-Family detection for official files (no stored family): an explicit ``family=`` wins; then the
-training ``args`` (REPA args carry ``enc_type``/``proj_coeff``/``encoder_depth``; SiT args have
-``model="SiT-..."`` or a ``path_type``; DiT args have ``model="DiT-..."``); then shapes:
-projectors or a C-channel output mean REPA, a 2C-channel output means DiT. DiT and official SiT
-state dicts are indistinguishable by shape, so a plain SiT state dict needs ``family="SiT"``.
+Time-convention detection for official files (see :mod:`repa_probe.timesteps`): an explicit
+``time_convention=`` wins; then the training ``args`` (REPA args carry ``enc_type``/``proj_coeff``/
+``encoder_depth``: ``repa``; SiT args have ``model="SiT-..."`` or a ``path_type``: ``sit``; DiT args have
+``model="DiT-..."``: ``ddpm``); then shapes: projectors or a C-channel output mean ``repa``, a 2C-channel
+output ``ddpm``. DiT and official SiT state dicts are indistinguishable by shape, so a plain SiT state dict
+needs ``time_convention="sit"``. Our older checkpoints store ``family`` ("DiT" / "SiT" / "REPA") in
+``model_config``; it is read as the matching convention.
 
 Everything is loaded with ``torch.load(weights_only=True)``; every failure raises
 :class:`CheckpointError` with a one-line message that starts with the file path.
@@ -33,8 +35,9 @@ from typing import Any, Iterable, Mapping
 import torch
 
 from repa_probe.models.registry import size_name
-from repa_probe.models.transformer import FAMILIES, TIME_CONVENTIONS, DiffusionTransformer
+from repa_probe.models.transformer import DiffusionTransformer
 from repa_probe.errors import ReproError
+from repa_probe.timesteps import TimeError, convention_of
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,7 @@ class CheckpointError(ReproError, RuntimeError):
 class ModelInfo:
     """What :func:`load_model` found.
 
-    ``family``: "DiT" | "SiT" | "REPA"; ``size``: "S" | "B" | "L" | "XL" or None;
+    ``family``: architecture, "DiT" | "SiT"; ``size``: "S" | "B" | "L" | "XL" or None;
     ``time_convention``: "ddpm" | "sit" | "repa"; ``source_format``: "repa-probe" |
     "official-state-dict" | "official-training"; ``step``: training step or None; ``ema``: True
     when the weights came from an ``ema`` entry (plain state dicts report False even though the
@@ -194,7 +197,7 @@ def _heads_for(hidden: int, state_dict: Mapping[str, torch.Tensor], num_heads: i
 
 def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None = None,
                  args: Any = None, encoder_depth: int | None = None) -> dict:
-    """Constructor keywords (without ``family``) read from tensor shapes.
+    """Constructor keywords (without ``time_convention``) read from tensor shapes.
 
     Reads depth, width, patch, ``input_size`` (= sqrt(T) * patch from ``pos_embed``),
     ``in_channels``, ``num_classes`` (the table is assumed to include the null row unless
@@ -273,18 +276,18 @@ def _encoder_depth(explicit: int | None, from_args: int | None, depth: int, has_
     return assumed
 
 
-def _detect_family(config: dict, args: Any) -> str:
+def _detect_convention(config: dict, args: Any) -> str:
     if args is not None:
         if any(_args_get(args, k) is not None for k in ("enc_type", "proj_coeff", "encoder_depth")):
-            return "REPA"
+            return "repa"
         model_arg = str(_args_get(args, "model", "") or "")
         if model_arg.startswith("SiT") or _args_get(args, "path_type") is not None:
-            return "SiT"
+            return "sit"
         if model_arg.startswith("DiT"):
-            return "DiT"
+            return "ddpm"
     if config["z_dims"] or not config["learn_sigma"]:
-        return "REPA"
-    return "DiT"
+        return "repa"
+    return "ddpm"
 
 
 def _step_from_name(path: Path) -> int | None:
@@ -309,16 +312,17 @@ def _check_against_model(config: dict, sd: Mapping[str, torch.Tensor]) -> None:
 
 
 def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema: bool = True,
-               family: str | None = None, loaded: object = None,
-               encoder_depth: int | None = None) -> tuple[DiffusionTransformer, ModelInfo]:
+               time_convention: str | None = None, loaded: object = None, encoder_depth: int | None = None,
+               family: str | None = None) -> tuple[DiffusionTransformer, ModelInfo]:
     """Load a model from our or an official checkpoint (see the module docstring).
 
     Args:
         path: checkpoint file.
         num_heads: override the head count (shapes cannot tell it unless qk_norm is on).
         prefer_ema: take the ``ema`` weights when the file has them, else ``model``.
-        family: "DiT" | "SiT" | "REPA" to override the detected family (needed for plain
-            official SiT state dicts, which look like DiT ones).
+        time_convention: "repa" | "sit" | "ddpm" to override the detected convention (needed for plain
+            official SiT state dicts, which look like DiT ones). ``family`` ("REPA" | "SiT" | "DiT") is
+            the same choice by code base.
         loaded: the file's content when the caller already ``safe_load``-ed it (avoids reading it twice).
         encoder_depth: the 1-based block REPA's projectors read. Official REPA state dicts do not store
             it and no tensor shape reveals it; training files carry it in ``args`` and ours in
@@ -331,8 +335,10 @@ def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema
         ``(model, info)``: a float32 CPU model in eval mode, loaded strictly, and its ModelInfo.
     """
     path = Path(path)
-    if family is not None and family not in FAMILIES:
-        raise CheckpointError(f"{path}: family must be one of {FAMILIES}, got {family!r}")
+    try:
+        forced = None if (time_convention or family) is None else convention_of(time_convention or family)
+    except TimeError as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
     obj = safe_load(path) if loaded is None else loaded
     try:
         args = None
@@ -362,15 +368,17 @@ def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema
 
         if config is None:
             config = infer_config(sd, num_heads=num_heads, args=args, encoder_depth=encoder_depth)
-            config["family"] = family or _detect_family(config, args)
+            config["time_convention"] = forced or _detect_convention(config, args)
         else:
+            if "family" in config:  # our checkpoints before time_convention
+                config["time_convention"] = convention_of(config.pop("family"))
             if num_heads is not None:
                 config["num_heads"] = int(num_heads)
             if encoder_depth is not None:
                 config["encoder_depth"] = _encoder_depth(encoder_depth, config.get("encoder_depth"), 0, False)
-            if family is not None:
-                config["family"] = family
-        config.setdefault("family", "REPA")
+            if forced is not None:
+                config["time_convention"] = forced
+        config.setdefault("time_convention", "repa")
         config["z_dims"] = list(config.get("z_dims", []))
         try:
             _check_against_model(config, sd)
@@ -381,11 +389,11 @@ def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema
         sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
         model.load_state_dict(sd, strict=True, assign=True)
         model.pos_embed.requires_grad_(False)
-    except CheckpointError as exc:
+    except (CheckpointError, TimeError) as exc:
         raise CheckpointError(f"{path}: {exc}") from exc
     model.eval()
     info = ModelInfo(
-        family=config["family"], size=size_name(config), time_convention=TIME_CONVENTIONS[config["family"]],
+        family=model.family, size=size_name(config), time_convention=model.time_convention,
         source_format=source, step=None if step is None else int(step), ema=use_ema,
         config=model.config, path=str(path),
     )

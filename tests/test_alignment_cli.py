@@ -11,8 +11,9 @@ import torch
 
 import repa_probe.analysis.alignment as alignment
 from analysis.alignment import main
-from repa_probe.analysis.alignment import CSV_COLUMNS, alignment_table
-from repa_probe.analysis.inputs import build_analysis_dataset, build_config_encoder, load_entries, objective_for
+from repa_probe.analysis.alignment import CSV_COLUMNS, AlignmentOptions, alignment_table
+from repa_probe.analysis.inputs import (DataSource, build_analysis_dataset, build_config_encoder,
+                                        load_checkpoints)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,6 +89,8 @@ def test_cli_end_to_end_on_a_run(run, tmp_path, capsys):
         same = [r for r in rows if r["checkpoint"] == b["checkpoint"] and float(r["timestep"]) == b["timestep"]]
         assert b["best_layer"] == int(max(same, key=lambda r: float(r["value"]))["layer"])
     assert summary["settings"]["split"] == "val" and summary["settings"]["target_kind"] == "cls"
+    options = json.loads((out / "options.json").read_text())
+    assert options == summary["options"] and options["timesteps"] == [0.0, 0.5, 1.0] and options["bootstrap"] == 4
     assert [c["weights"] for c in summary["checkpoints"]] == ["model", "model"]  # EMA not warmed up after 2 steps
     assert summary["versions"]["torch"] == torch.__version__
     figs = {Path(p).name for p in summary["files"]["figures"]}
@@ -100,10 +103,11 @@ def test_cli_end_to_end_on_a_run(run, tmp_path, capsys):
     assert "best block" in capsys.readouterr().out
 
     # the library API gives the same numbers without files (same data, noise and settings)
-    entry = load_entries([run_dir / "checkpoints" / "0000002.pt"])[0]
-    dataset, _ = build_analysis_dataset("shapes", split="val", resolution=32, seed=0, num_samples=48)
-    table = alignment_table(entry.model, objective_for(entry), dataset, build_config_encoder(entry.cfg),
-                            timesteps=[0.5], checkpoint="x", batch_size=16, progress=False)
+    entry = load_checkpoints([run_dir / "checkpoints" / "0000002.pt"], AlignmentOptions())[0]
+    source = DataSource("shapes", None, 32, 0, 4, "none", None, True)
+    dataset, _ = build_analysis_dataset(source, split="val", num_samples=48)
+    table = alignment_table(entry.model, entry.objective, dataset, build_config_encoder(entry.cfg),
+                            AlignmentOptions(timesteps=[0.5], batch_size=16, progress=False), checkpoint="x")
     csv_values = {int(r["layer"]): float(r["value"]) for r in rows
                   if r["checkpoint"] == "tiny/0000002" and float(r["timestep"]) == 0.5}
     assert len(table) == 4
@@ -113,7 +117,7 @@ def test_cli_end_to_end_on_a_run(run, tmp_path, capsys):
 
 def test_analysis_rebuilds_the_training_encoder(run):
     run_dir, trained_state = run
-    entry = load_entries([run_dir / "checkpoints" / "0000001.pt"])[0]
+    entry = load_checkpoints([run_dir / "checkpoints" / "0000001.pt"], AlignmentOptions())[0]
     state = build_config_encoder(entry.cfg).state_dict()
     assert state.keys() == trained_state.keys()
     assert all(torch.equal(state[k], trained_state[k]) for k in state)
@@ -137,6 +141,10 @@ def test_bad_inputs_fail_in_one_line_before_heavy_work(run, tmp_path, capsys, mo
         "no pretrained weights for encoder dinov2_vits14": base + ["--encoder", "dinov2_vits14"],
         "more than": base + ["--data", "digits", "--num-samples", "5000"],
         "must lie in [0, 1]": base + ["--timesteps", "0,1.5"],
+        "ambiguous: write step:250 for DDPM step 250 or 0.25": base + ["--timesteps", "0,250"],
+        "names a DDPM step": base + ["--timesteps", "0,step:250"],
+        "--batch-size must be an integer >= 1": base + ["--batch-size", "0"],
+        "--device 'gpu0' is not a device": base + ["--device", "gpu0"],
         "layers [7] are outside 1..4": base + ["--layers", "2,7"],
         "--topk 10 must be smaller than the number of samples N = 8": base + ["--num-samples", "8"],
         "must exceed --topk": base + ["--num-samples", "16", "--bootstrap", "10"],

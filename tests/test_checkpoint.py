@@ -91,10 +91,13 @@ def test_prefixes_and_family_override(tmp_path):
     assert info.family == "DiT" and info.time_convention == "ddpm"
     loaded, info = load_model(tmp_path / "ddp.pt", num_heads=4, family="SiT")
     assert info.family == "SiT" and info.time_convention == "sit"
+    assert load_model(tmp_path / "ddp.pt", num_heads=4, time_convention="sit")[1].time_convention == "sit"
     x, t, y = _inputs(loaded)
     assert loaded(x, t, y)[0].shape[1] == 4  # official SiT cuts the sigma half
     with pytest.raises(CheckpointError, match="learn_sigma"):
         load_model(tmp_path / "ddp.pt", family="REPA")
+    with pytest.raises(CheckpointError, match="time convention"):
+        load_model(tmp_path / "ddp.pt", time_convention="edm")
 
 
 def test_training_checkpoint_prefers_ema_and_reads_args(tmp_path):
@@ -110,24 +113,25 @@ def test_training_checkpoint_prefers_ema_and_reads_args(tmp_path):
                 "opt": {"state": {}, "param_groups": [{"lr": 1e-4}]}, "args": args, "steps": 77}, path)
     loaded, info = load_model(path, num_heads=4)
     assert info.source_format == "official-training" and info.ema and info.step == 77
-    assert info.family == "REPA" and info.config["encoder_depth"] == 2
+    assert info.time_convention == "repa" and info.config["encoder_depth"] == 2
     assert torch.equal(loaded.blocks[0].attn.qkv.weight, ema.blocks[0].attn.qkv.weight)
     loaded, info = load_model(path, num_heads=4, prefer_ema=False)
     assert not info.ema and torch.equal(loaded.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)
 
 
-@pytest.mark.parametrize("args,family", [
-    (argparse.Namespace(model="DiT-XL/2", num_classes=1000), "DiT"),
-    (argparse.Namespace(model="SiT-XL/2", path_type="Linear", prediction="velocity"), "SiT"),
+@pytest.mark.parametrize("args,convention", [
+    (argparse.Namespace(model="DiT-XL/2", num_classes=1000), "ddpm"),
+    (argparse.Namespace(model="SiT-XL/2", path_type="Linear", prediction="velocity"), "sit"),
 ])
-def test_dit_and_sit_training_files_are_told_apart_by_args(tmp_path, args, family):
+def test_dit_and_sit_training_files_are_told_apart_by_args(tmp_path, args, convention):
     model = create_model("DiT-S/2", **TINY)
     path = tmp_path / "0050000.pt"
     torch.save({"model": model.state_dict(), "ema": model.state_dict(), "opt": {}, "args": args}, path)
     loaded, info = load_model(path, num_heads=4)
-    assert info.family == family and info.step == 50000 and info.config["encoder_depth"] == 3  # 8 clamped
+    assert info.time_convention == convention and info.step == 50000
+    assert info.config["encoder_depth"] == 3  # 8 clamped
     x, _, y = _inputs(loaded)
-    assert loaded(x, torch.tensor([1, 2]), y)[0].shape[1] == (8 if family == "DiT" else 4)
+    assert loaded(x, torch.tensor([1, 2]), y)[0].shape[1] == (8 if convention == "ddpm" else 4)
 
 
 # ------------------------------------------------------------------------------- our format, round trip
@@ -149,7 +153,7 @@ def test_our_format_round_trip_is_bit_identical(tmp_path):
     loaded, info = load_model(path)
     assert isinstance(info, ModelInfo)
     assert (info.family, info.size, info.source_format, info.step, info.ema, info.path) == \
-        ("REPA", None, "repa-probe", 42, True, str(path))
+        ("SiT", None, "repa-probe", 42, True, str(path))
     assert info.config == model.config == loaded.config
     assert not loaded.training and not loaded.pos_embed.requires_grad
     assert all(p.requires_grad for n, p in loaded.named_parameters() if n != "pos_embed")
@@ -193,7 +197,7 @@ def test_infer_config_recovers_registered_sizes(name):
         model = create_model(name, z_dims=z)
     cfg = infer_config(model.state_dict())
     expected = model.config
-    expected.pop("family")
+    expected.pop("time_convention")
     assert cfg == expected
 
 

@@ -5,22 +5,21 @@ import pytest
 import torch
 import torch.nn as nn
 
-from repa_probe.analysis.alignment import parse_timestep_list
 from repa_probe.data import ShapesDataset
 from repa_probe.encoders.target import load_encoder
-from repa_probe.analysis.features import (FeatureError, extract_features, module_device, noise_inputs, prepare_inputs,
-                                 seeded_noise)
+from repa_probe.analysis.features import FeatureError, extract_features, module_device, prepare_inputs, seeded_noise
 from repa_probe.models import DiffusionTransformer
 from repa_probe.objectives import FlowMatching, GaussianDiffusion
 from repa_probe.analysis.targets import encoder_cache_key, encoder_features
+from repa_probe.timesteps import Step, TimeError
 
 TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=4, num_heads=2, num_classes=4,
             class_dropout_prob=0.1, encoder_depth=2, z_dims=(16,), projector_dim=24)
 
 
-def _model(family="REPA", seed=0, **kw) -> DiffusionTransformer:
+def _model(convention="repa", seed=0, **kw) -> DiffusionTransformer:
     """A tiny model whose blocks are not the identity (adaLN-Zero init is: randomise everything)."""
-    cfg = dict(TINY, family=family, learn_sigma=family == "DiT", **kw)
+    cfg = dict(TINY, time_convention=convention, learn_sigma=convention == "ddpm", **kw)
     torch.manual_seed(seed)
     model = DiffusionTransformer(**cfg).eval()
     g = torch.Generator().manual_seed(seed + 1)
@@ -57,8 +56,8 @@ def test_one_pass_capture_equals_truncated_forwards(shapes):
     assert fs.layers == [1, 2, 3, 4] and fs.timesteps == [0.3, 0.8]
     with torch.no_grad():
         for t in (0.3, 0.8):
-            x_t = noise_inputs(x0, torch.tensor(t), obj, 7, idx)
             tt = torch.full((len(shapes),), t)
+            x_t = obj.add_noise(x0, tt, seeded_noise(7, idx, x0.shape[1:]))
             full = model(x_t, tt, y, return_hidden=True)[2]
             for layer in range(1, 5):
                 manual = _manual_hidden(model, x_t, tt, y, layer)
@@ -115,14 +114,12 @@ def test_seeded_noise_is_standard_normal_and_keyed_by_seed_and_index():
     assert torch.corrcoef(torch.stack([z.flatten(), other.flatten()]))[0, 1].abs() < 0.02
 
 
-def test_model_time_per_family_and_ddpm_steps(shapes):
-    """Flow models get t, official SiT 1 - t, DiT the DDPM step (fractions of the schedule, ints = steps)."""
-    assert parse_timestep_list("0,0.5,1,250,1e-3") == [0.0, 0.5, 1.0, 250, 0.001]
+def test_model_time_per_convention_and_ddpm_steps(shapes):
+    """Flow models get t, official SiT 1 - t, DiT the DDPM step (fractions of the schedule, or step:N)."""
     ddpm = GaussianDiffusion()
-    assert ddpm.parse_timesteps(parse_timestep_list("0,0.5,1,250")).tolist() == [0, 500, 999, 250]
     got = {}
-    for family, obj, ts in (("REPA", FlowMatching(), [0.25]), ("SiT", FlowMatching(), [0.25]),
-                            ("DiT", ddpm, [1.0, 250])):
+    for family, obj, ts in (("repa", FlowMatching(), [0.25]), ("sit", FlowMatching(), [0.25]),
+                            ("ddpm", ddpm, [1.0, "step:250"])):
         model = _model(family)
         inner = model.forward_features
 
@@ -134,17 +131,21 @@ def test_model_time_per_family_and_ddpm_steps(shapes):
         extract_features(model, obj, shapes, ts, layers=[1], batch_size=12, seed=0, progress=False)
     x0 = torch.stack([shapes[i]["image"] for i in range(len(shapes))]).float() / 127.5 - 1.0
     noise = seeded_noise(0, torch.arange(12), (3, 8, 8))
-    assert torch.allclose(got["REPA"][0][1], torch.tensor(0.25)) and torch.allclose(got["SiT"][0][1], torch.tensor(0.75))
-    torch.testing.assert_close(got["SiT"][0][0], got["REPA"][0][0])  # same x_t, only the time label flips
-    torch.testing.assert_close(got["REPA"][0][0], 0.75 * x0 + 0.25 * noise)
-    (x999, t999), (x250, t250) = got["DiT"]
+    assert torch.allclose(got["repa"][0][1], torch.tensor(0.25)) and torch.allclose(got["sit"][0][1], torch.tensor(0.75))
+    torch.testing.assert_close(got["sit"][0][0], got["repa"][0][0])  # same x_t, only the time label flips
+    torch.testing.assert_close(got["repa"][0][0], 0.75 * x0 + 0.25 * noise)
+    (x999, t999), (x250, t250) = got["ddpm"]
     assert t999.dtype == torch.int64 and set(t999.tolist()) == {999} and set(t250.tolist()) == {250}
     abar = ddpm.tables["alphas_cumprod"][250].item()
     torch.testing.assert_close(x250, abar ** 0.5 * x0 + (1 - abar) ** 0.5 * noise, rtol=1e-5, atol=1e-5)
-    with pytest.raises(FeatureError, match="does not fit objective"):
-        extract_features(_model("DiT"), FlowMatching(), shapes, [0.5], progress=False)
-    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+    with pytest.raises(TimeError, match="does not fit objective"):
+        extract_features(_model("ddpm"), FlowMatching(), shapes, [0.5], progress=False)
+    with pytest.raises(TimeError, match=r"\[0, 1\]"):
         extract_features(_model(), FlowMatching(), shapes, [1.5], progress=False)
+    with pytest.raises(TimeError, match="ambiguous"):
+        extract_features(_model("ddpm"), ddpm, shapes, [250], progress=False)
+    fs = extract_features(_model("ddpm"), ddpm, shapes, [Step(7)], layers=[1], progress=False)
+    assert fs.get(1, "step:7").shape == (12, 32) and fs.model_times == [7]
 
 
 def test_bad_layers_pool_labels_and_device(shapes):

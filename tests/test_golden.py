@@ -24,11 +24,11 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 #: golden model -> load_model keywords (num_heads where the width does not tell it; SiT looks like DiT)
 MODELS = {
     "dit": dict(num_heads=4),
-    "sit": dict(num_heads=2, family="SiT"),
+    "sit": dict(num_heads=2, time_convention="sit"),
     "repa": dict(num_heads=4, encoder_depth=4),
     "repa_qknorm": dict(encoder_depth=1),  # heads read from the q_norm width
 }
-FAMILY = {"dit": "DiT", "sit": "SiT", "repa": "REPA", "repa_qknorm": "REPA"}
+CONVENTION = {"dit": "ddpm", "sit": "sit", "repa": "repa", "repa_qknorm": "repa"}
 
 
 def _golden(name: str):
@@ -56,7 +56,7 @@ def _close(actual, expected, what):
 def test_forward_hidden_states_and_projections_match_official(name, how):
     io = _golden(f"{name}_io.pt")
     model, info = _load(name, how)
-    assert info.family == FAMILY[name] and info.source_format == "official-state-dict"
+    assert info.time_convention == CONVENTION[name] and info.source_format == "official-state-dict"
     assert info.ema is False and info.step is None and not model.training
     with torch.no_grad():
         out, zs, hidden = model(io["x"], io["t"], io["y"], return_hidden=True)

@@ -65,7 +65,7 @@ def test_every_registered_name_builds_and_runs(name):
     assert zs == []
     assert model.patch_size == int(name.split("/")[1])
     assert model.num_tokens == (16 // model.patch_size) ** 2 == model.grid_size ** 2
-    assert model.family == ("DiT" if name.startswith("DiT") else "REPA")
+    assert (model.family, model.time_convention) == (("DiT", "ddpm") if name.startswith("DiT") else ("SiT", "repa"))
     # the real architecture (meta device: shapes only, no memory)
     with torch.device("meta"):
         full = create_model(name)
@@ -110,18 +110,18 @@ def test_create_model_errors():
     with pytest.raises(ValueError, match="encoder_depth"):
         create_model("SiT-S/2", depth=2, z_dims=(16,))  # default encoder_depth 8 > depth 2
     with pytest.raises(ValueError, match="learn_sigma"):
-        create_model("SiT-S/2", learn_sigma=True)  # REPA family predicts velocity only
-    with pytest.raises(ValueError, match="family"):
-        create_model("SiT-S/2", family="EDM")
+        create_model("SiT-S/2", learn_sigma=True)  # the repa convention predicts velocity only
+    with pytest.raises(ValueError, match="time_convention"):
+        create_model("SiT-S/2", time_convention="edm")
     assert model_kwargs("DiT-L/4") == dict(depth=24, hidden_size=1024, num_heads=16, patch_size=4,
-                                           family="DiT", learn_sigma=True)
+                                           time_convention="ddpm", learn_sigma=True)
 
 
 def test_config_rebuilds_identical_model():
     model = create_model("SiT-B/4", **TINY, z_dims=(12, 20), encoder_depth=1, projector_dim=24, qk_norm=True)
     _randomize(model)
     cfg = model.config
-    assert cfg["z_dims"] == [12, 20] and cfg["family"] == "REPA" and cfg["qk_norm"] is True
+    assert cfg["z_dims"] == [12, 20] and cfg["time_convention"] == "repa" and cfg["qk_norm"] is True
     cfg["z_dims"].append(5)  # config is a copy
     assert model.config["z_dims"] == [12, 20]
     clone = DiffusionTransformer(**model.config)
@@ -168,7 +168,7 @@ def test_timestep_embedding_order_and_int_time():
 def test_family_output_channels():
     dit = create_model("DiT-S/2", **TINY)
     _randomize(dit)
-    sit = DiffusionTransformer(**{**dit.config, "family": "SiT"})
+    sit = DiffusionTransformer(**{**dit.config, "time_convention": "sit"})
     sit.load_state_dict(dit.state_dict())
     x, t, y = _inputs(dit)
     full, _ = dit(x, t, y)

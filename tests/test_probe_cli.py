@@ -50,7 +50,7 @@ def test_probe_cli_end_to_end(tiny_ckpt, tmp_path):
     # test images share their noise with training images of the same label (shapes: label = index % 4).
     pure_noise = [float(r["value"]) for r in model if r["timestep"] == "1.0" and r["metric"] == "top1"]
     assert max(pure_noise) < 0.6, pure_noise
-    summary = json.loads((out / "probe.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "linear" and summary["settings"]["num_train"] == 64
     assert len(summary["details"]) == 6 and all("hparams" in d and "C" in d["hparams"] for d in summary["details"])
     for ext in ("pdf", "png"):
@@ -65,7 +65,7 @@ def test_probe_cli_torch_backend_on_digits(tiny_ckpt, tmp_path):
                        "--device", "cpu", "-q"]) == 0
     rows = _rows(out / "probe.csv")
     assert {r["metric"] for r in rows} == {"top1", "top5"} and all(r["num_test"] == "40" for r in rows)
-    summary = json.loads((out / "probe.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["details"][0]["backend"] == "torch" and summary["details"][0]["hparams"]["epochs"] == 3
     assert summary["settings"]["num_classes"] == 10
     assert (out / "figures" / "probe_top5.png").is_file()  # 10 classes: top-5 is informative
@@ -79,7 +79,7 @@ def test_segment_cli_end_to_end_on_shapes(tiny_ckpt, tmp_path):
     assert len(rows) == 2 * 2 + 2 and {r["metric"] for r in rows} == {"miou", "pixel_acc"}
     assert {r["source"] for r in rows} == {"model", "encoder:patch"}
     assert all(0.0 <= float(r["value"]) <= 1.0 for r in rows)
-    summary = json.loads((out / "segment.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["num_classes"] == 5  # background + 4 shapes
     d = summary["details"][-1]
     assert len(d["per_class_iou"]) == 5 and d["mask_size"] == [32, 32] and d["token_grid"] == [8, 8]
@@ -108,7 +108,7 @@ def test_segment_cli_on_voc_folder(tiny_ckpt, tmp_path):
     out = tmp_path / "voc"
     assert segment_main(["--ckpt", tiny_ckpt, "--out", str(out), "--data", "voc", str(tmp_path),
                          "--layers", "1", "--timesteps", "0.5", "--epochs", "1", "-q"]) == 0
-    summary = json.loads((out / "segment.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["settings"]["num_classes"] == 21 and summary["settings"]["num_train"] == 4
     assert summary["details"][0]["mask_size"] == [32, 32]  # cropped to the model resolution
 
@@ -127,7 +127,7 @@ def test_probe_cli_on_image_folder(tiny_ckpt, tmp_path, capsys):
     out = tmp_path / "out"
     assert probe_main(["--ckpt", tiny_ckpt, "--out", str(out), "--data", "imagefolder", str(tmp_path / "ok"),
                        "--layers", "1", "--timesteps", "0", "-q"]) == 0
-    summary = json.loads((out / "probe.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert (summary["settings"]["num_train"], summary["settings"]["num_test"]) == (18, 6)
     assert summary["settings"]["num_classes"] == 3
     # a val split whose class folders differ would silently shift the labels: refused
@@ -145,13 +145,15 @@ def test_probe_cli_on_image_folder(tiny_ckpt, tmp_path, capsys):
     (["--timesteps", "2.5"], r"\[0, 1\]"),
     (["--data", "voc"], "needs a directory"),
     (["--data", "imagefolder", "/nonexistent"], "not a directory"),
-    (["--num-train", "0", "--data", "digits"], "--num-train 0"),
+    (["--num-train", "0", "--data", "digits"], "--num-train must be an integer >= 1"),
+    (["--data", "voc", "/x"], "ProbeSetupError: --data 'voc' is not a linear probe dataset"),
+    (["--timesteps", "0,3"], "ambiguous: write step:3"),
 ])
 def test_probe_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys, args, match):
     argv = ["--out", str(tmp_path / "o"), "-q"] + args
     if "--ckpt" not in args:
         argv = ["--ckpt", tiny_ckpt] + argv
-    main = segment_main if "voc" in args else probe_main
+    main = segment_main if args == ["--data", "voc"] else probe_main
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2

@@ -6,7 +6,7 @@ states and the encoder's mean patch tokens, on held-out shapes, must be clearly 
 """
 import torch
 
-from repa_probe.analysis.alignment import alignment_table
+from repa_probe.analysis.alignment import AlignmentOptions, alignment_table
 from repa_probe.training.builders import build_encoder, build_objective
 from repa_probe.checkpoint import load_model
 from repa_probe.training.config import load_config
@@ -32,8 +32,8 @@ def test_repa_aligns_the_aligned_block_better_than_vanilla(tmp_path):
             # 150 steps: the 0.9999 EMA is still the init, so read the online weights
             model, _ = load_model(run / f"checkpoints/{STEPS:07d}.pt", prefer_ema=False)
             encoder = build_encoder(cfg, torch.device("cpu"), required=True)  # the very target REPA trained on
-            rows = alignment_table(model, build_objective(cfg), data, encoder, layers=[2],
-                                   timesteps=[0.0, 0.5], target_kind="mean_patch", progress=False)
+            options = AlignmentOptions(layers=[2], timesteps=[0.0, 0.5], target_kind="mean_patch", progress=False)
+            rows = alignment_table(model, build_objective(cfg), data, encoder, options)
             scores[name] = {r["timestep"]: r["value"] for r in rows}
     finally:
         torch.set_num_threads(threads)

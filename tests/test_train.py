@@ -102,7 +102,7 @@ def test_vanilla_has_no_projector_and_ddpm_dit_trains(tmp_path):
     run = train(cfg_for(tmp_path, "train.steps=2", "train.ckpt_every=2", "model.name=DiT-S/4",
                         "objective.kind=ddpm", name="dit"))
     ckpt = safe_load(run / "checkpoints/0000002.pt")
-    assert ckpt["model_config"]["learn_sigma"] and ckpt["model_config"]["family"] == "DiT"
+    assert ckpt["model_config"]["learn_sigma"] and ckpt["model_config"]["time_convention"] == "ddpm"
     assert any(k.startswith("projectors.0") for k in ckpt["model"])
     rows = rundir.read_metrics(run)
     assert {"mse", "vb", "repa"} <= set(rows[-1])

@@ -37,15 +37,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    import torch
 
     from repa_probe.data import build_dataset
+    from repa_probe.devices import resolve_device
     from repa_probe.errors import one_line_errors
     from repa_probe.encoders.vae import extract_latents, load_vae
 
     with one_line_errors(args.debug):
-        device = "cuda" if args.device == "auto" and torch.cuda.is_available() else \
-            ("cpu" if args.device == "auto" else args.device)
+        device = resolve_device(args.device)
         dataset = build_dataset(args.data, root=args.data_root, split=args.split, resolution=args.resolution,
                                 num_samples=args.num_samples)
         vae = load_vae(args.vae, device=device)

@@ -8,40 +8,44 @@ platonic-rep way (outlier clamp at the 0.95 quantile, then row L2 norm, per laye
 CKNNA with k = 10 (or mutual_knn, cka, unbiased_cka, cycle_knn), optionally with half-sampling CIs.
 REPA's own CKNNA code is unreleased (REPA issue #54), so this follows platonic-rep; it is our choice.
 
-User time: t = 0 clean data, t = 1 pure noise (REPA's convention); see :mod:`repa_probe.analysis.features`.
+Time: user times as in :mod:`repa_probe.timesteps` (t = 0 clean data, t = 1 pure noise, or ``step:N``).
 
 :func:`alignment_table` works on in-memory objects and returns rows; :func:`run_alignment` goes from
-checkpoint files to ``alignment.csv``, ``summary.json`` and figures, validating every input first.
+checkpoint files to ``alignment.csv``, ``summary.json``, ``options.json`` and figures through the shared
+run skeleton (:mod:`repa_probe.analysis.runner`), validating every input first.
 """
 from __future__ import annotations
 
-import csv
 import functools
-import json
 import logging
-import math
-import platform
-import subprocess
-from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 
 from repa_probe.analysis import metrics as M
-from repa_probe.analysis.inputs import (DEFAULT_TIMESTEPS, METRICS, TARGET_KINDS, AlignmentError, checkpoint_paths, load_entries,
-                               meta_model, objective_for, parse_layer_list, parse_metric_list,
-                               parse_timestep_list, reload_model, resolve_context, resolve_device)
-from repa_probe.analysis.features import FeatureError, ModelInputs, extract_features, prepare_inputs, resolve_layers
+from repa_probe.analysis.features import ModelInputs, extract_features, prepare_inputs
+from repa_probe.analysis.inputs import (build_analysis_dataset, check_class_labels, check_times_and_layers,
+                                        resolve_encoder, resolve_source)
+from repa_probe.analysis.options import METRICS, TARGET_KINDS, AlignmentOptions
+from repa_probe.analysis.runner import Analysis, Run, run_analysis
 from repa_probe.analysis.targets import dataset_identity, encoder_features
+from repa_probe.errors import ReproError
+from repa_probe.timesteps import TIME_HELP, label
 
-__all__ = ["alignment_table", "run_alignment", "best_layers", "write_csv", "metric_function",
-           "check_metric_settings", "AlignmentError", "DEFAULT_TIMESTEPS", "METRICS", "KNN_METRICS",
-           "TARGET_KINDS", "CSV_COLUMNS", "parse_timestep_list", "parse_layer_list", "parse_metric_list"]
+__all__ = ["alignment_table", "run_alignment", "best_layers", "metric_function", "check_metric_settings",
+           "AlignmentAnalysis", "AlignmentOptions", "AlignmentError", "METRICS", "KNN_METRICS", "TARGET_KINDS",
+           "CSV_COLUMNS"]
 
 log = logging.getLogger("repa_probe")
 
 KNN_METRICS = ("cknna", "mutual_knn", "cycle_knn")
 CSV_COLUMNS = ("checkpoint", "step", "layer", "timestep", "metric", "value", "ci_low", "ci_high", "n")
+FEATURE_PREP = ("platonic-rep: clamp |x| at the mean per-sample 0.95 quantile, then L2 rows; per (layer, "
+                "timestep) on the model side")
+
+
+class AlignmentError(ReproError, ValueError):
+    """Bad input to the alignment analysis (one-line message)."""
 
 
 def metric_function(name: str, topk: int) -> Callable:
@@ -70,51 +74,56 @@ def check_metric_settings(metrics: Sequence[str], n: int, topk: int, bootstrap: 
 
 
 # ------------------------------------------------------------------------------------------ the table
-def alignment_table(model, objective, data, target, layers="all", timesteps=DEFAULT_TIMESTEPS,
-                    metric: str | Sequence[str] = "cknna", topk: int = 10, bootstrap: int = 0, pool: str = "mean",
-                    vae=None, device=None, batch_size: int = 64, seed: int = 0, labels: str = "null",
-                    target_kind: str = "cls", checkpoint: str = "model", step: int | None = None,
-                    cache_dir=None, progress: bool = True) -> list[dict]:
-    """Alignment rows for one model, no files written.
-
-    Args:
-        model, objective: a DiffusionTransformer on ``device`` and its objective.
-        data: a Dataset of dicts, or :class:`~repa_probe.analysis.features.ModelInputs` (then ``target`` must be
-            a tensor).
-        target: raw target features ``(N, D)`` (prepared here), or a TargetEncoder (its ``target_kind``
-            features of ``data`` are computed, cached under ``cache_dir`` when given).
-        layers, timesteps, pool, labels, seed, batch_size: see :func:`~repa_probe.analysis.features.extract_features`.
-        metric: one name or several; ``topk`` for the kNN metrics; ``bootstrap`` replicates (0 = off).
-    Returns:
-        dicts with the :data:`CSV_COLUMNS` keys (``ci_low``/``ci_high`` None without bootstrap).
-    """
-    metrics = parse_metric_list(metric)
-    device = next(model.parameters()).device if device is None else torch.device(device)
+def _inputs_and_target(data, target, opts: AlignmentOptions, vae) -> tuple[ModelInputs, torch.Tensor]:
+    """``(ModelInputs, raw target (N, D))`` from a dataset + encoder, or as given (checked)."""
     if not isinstance(data, ModelInputs):
         if not torch.is_tensor(target):
-            target = encoder_features(target, data, target_kind, cache_dir=cache_dir, batch_size=batch_size,
-                                      progress=progress)
-        data = prepare_inputs(data, vae, batch_size, progress=progress)
+            target = encoder_features(target, data, opts.target_kind, cache_dir=opts.cache_dir,
+                                      batch_size=opts.batch_size, progress=opts.progress)
+        data = prepare_inputs(data, vae, opts.batch_size, progress=opts.progress)
     elif not torch.is_tensor(target):
         raise AlignmentError("with precomputed ModelInputs, pass the target as a (N, D) tensor")
     n = len(data)
     if target.ndim != 2 or target.shape[0] != n:
         raise AlignmentError(f"target must be (N={n}, D), got {tuple(target.shape)}")
-    check_metric_settings(metrics, n, topk, bootstrap)
+    return data, target
+
+
+def alignment_table(model, objective, data, target, options: AlignmentOptions | None = None, *, vae=None,
+                    device=None, checkpoint: str = "model", step: int | None = None) -> list[dict]:
+    """Alignment rows for one model, no files written.
+
+    Args:
+        model, objective: a DiffusionTransformer on ``device`` (default: its own) and its objective.
+        data: a Dataset of dicts (images are encoded with ``vae`` when given), or
+            :class:`~repa_probe.analysis.features.ModelInputs` (then ``target`` must be a tensor).
+        target: raw target features ``(N, D)`` (prepared here), or a TargetEncoder (its ``target_kind``
+            features of ``data`` are computed, cached under ``cache_dir`` when set).
+        options: :class:`AlignmentOptions` (layers, timesteps, metric, topk, bootstrap, labels, seed,
+            batch_size, target_kind, cache_dir, progress); default ``AlignmentOptions()``.
+        checkpoint, step: the row labels.
+    Returns:
+        dicts with the :data:`CSV_COLUMNS` keys (``ci_low``/``ci_high`` None without bootstrap).
+    """
+    opts = options or AlignmentOptions()
+    device = next(model.parameters()).device if device is None else torch.device(device)
+    data, target = _inputs_and_target(data, target, opts, vae)
+    n = len(data)
+    check_metric_settings(opts.metric, n, opts.topk, opts.bootstrap)
     b = M.prepare_features(target.float()).to(device)
     rows = []
-    for t in list(timesteps):
-        fs = extract_features(model, objective, data, [t], layers, pool=pool, device=device, batch_size=batch_size,
-                              seed=seed, labels=labels, progress=progress)
+    for t in opts.timesteps:
+        fs = extract_features(model, objective, data, [t], opts.layers, pool="mean", device=device,
+                              batch_size=opts.batch_size, seed=opts.seed, labels=opts.labels, progress=opts.progress)
         for layer in fs.layers:
             a = M.prepare_features(fs.get(layer, t).float()).to(device)
-            for name in metrics:
-                fn = metric_function(name, topk)
-                if bootstrap:
-                    value, lo, hi = M.bootstrap(fn, a, b, n=bootstrap, seed=seed)
+            for name in opts.metric:
+                fn = metric_function(name, opts.topk)
+                if opts.bootstrap:
+                    value, lo, hi = M.bootstrap(fn, a, b, n=opts.bootstrap, seed=opts.seed)
                 else:
                     value, lo, hi = fn(a, b), None, None
-                rows.append(dict(checkpoint=checkpoint, step=step, layer=layer, timestep=t, metric=name,
+                rows.append(dict(checkpoint=checkpoint, step=step, layer=layer, timestep=label(t), metric=name,
                                  value=float(value), ci_low=lo, ci_high=hi, n=n))
     return rows
 
@@ -131,124 +140,52 @@ def best_layers(rows: list[dict]) -> list[dict]:
             for r in best.values()]
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+# ----------------------------------------------------------------------------------- the analysis
+class AlignmentAnalysis(Analysis):
+    """Alignment as a :class:`~repa_probe.analysis.runner.Analysis`: one dataset, one encoder target and the
+    same noisy inputs for every checkpoint."""
+
+    name = "alignment"
+    columns = CSV_COLUMNS
+
+    def setup(self, run: Run) -> None:
+        opts = run.options
+        check_times_and_layers(run.entries, opts)
+        self.source = resolve_source(run.entries, opts, need_encoder=True)
+        self.dataset, self.split = build_analysis_dataset(self.source, opts.split, opts.num_samples)
+        check_class_labels(run.entries, opts.labels, getattr(self.dataset, "num_classes", None))
+        self.encoder = resolve_encoder(run.entries, opts, self.source.resolution)
+        check_metric_settings(opts.metric, len(self.dataset), opts.topk, opts.bootstrap)
+
+    def prepare(self, run: Run) -> None:
+        opts, vae = run.options, self.source.vae
+        self.inputs = prepare_inputs(self.dataset, vae.to(run.device) if vae is not None else None,
+                                     opts.batch_size, progress=opts.progress)
+        self.target = encoder_features(self.encoder.to(run.device), self.dataset, opts.target_kind,
+                                       cache_dir=opts.cache_dir, batch_size=opts.batch_size, progress=opts.progress)
+
+    def analyse(self, run: Run, entry, model) -> list[dict]:
+        return alignment_table(model, entry.objective, self.inputs, self.target, run.options, device=run.device,
+                               checkpoint=entry.label, step=entry.info.step)
+
+    def figures(self, run: Run, rows: list[dict]) -> list:
+        from repa_probe.analysis import plots
+
+        runs = {e.label: e.run for e in run.entries}
+        return plots.make_figures(rows, run.out / "figures", label(run.options.plot_timestep), runs=runs)
+
+    def summary(self, run: Run, rows: list[dict]) -> dict:
+        opts = run.options
+        settings = dict(split=self.split, num_samples=len(self.dataset), pool="mean", target_kind=opts.target_kind,
+                        plot_timestep=label(opts.plot_timestep), labels=opts.labels, **self.source.info,
+                        encoder_name=self.encoder.name, time_convention=TIME_HELP, feature_prep=FEATURE_PREP)
+        return {"best": best_layers(rows), "settings": settings, "dataset": dataset_identity(self.dataset),
+                "encoder": {"name": self.encoder.name, "cache_key": self.encoder.cache_key,
+                            "source": self.encoder.source}}
 
 
-def _versions() -> dict:
-    import numpy
-
-    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
-    try:
-        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
-                                           capture_output=True, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        out["git_commit"] = None
-    return out
-
-
-def run_alignment(ckpts: Sequence, out_dir, timesteps=DEFAULT_TIMESTEPS, layers="all", metric="cknna",
-                  topk: int = 10, bootstrap: int = 0, num_samples: int | None = None, batch_size: int = 256,
-                  device: str = "auto", seed: int = 0, plot_timestep=None, cache_dir=None, progress: bool = True,
-                  weights: str = "auto", **context) -> dict:
-    """Checkpoints -> ``out_dir/alignment.csv``, ``out_dir/summary.json`` and ``out_dir/figures/*``.
-
-    ``ckpts``: our checkpoints, official DiT/SiT/REPA files, or run directories (every checkpoint, by
-    step). ``weights``: ``auto`` | ``ema`` | ``model`` (see :func:`~repa_probe.analysis.inputs.load_entries`).
-    ``context`` (see :func:`~repa_probe.analysis.inputs.resolve_context`): ``data``,
-    ``data_root``, ``split``, ``encoder``, ``encoder_weights``, ``random_encoder``, ``target_kind``,
-    ``vae``, ``labels``, ``family``. Every input is validated (one-line errors) before any feature is
-    computed. Returns the summary dict (also written to ``summary.json``).
-    """
-    from repa_probe.analysis import plots
-
-    timesteps = parse_timestep_list(timesteps)
-    layer_spec = parse_layer_list(layers)
-    metrics = parse_metric_list(metric)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise AlignmentError(f"--batch-size must be a positive integer, got {batch_size!r}")
-    dev = resolve_device(device)
-    if num_samples is not None and (isinstance(num_samples, bool) or int(num_samples) < 1):
-        raise AlignmentError(f"--num-samples must be a positive integer, got {num_samples!r}")
-    if plot_timestep is not None and plot_timestep not in timesteps:
-        raise AlignmentError(f"--plot-timestep {plot_timestep} is not one of --timesteps {timesteps}")
-
-    entries = load_entries(checkpoint_paths(ckpts), family=context.get("family"), weights=weights)
-    objectives = {}
-    for e in entries:
-        obj = objectives[e.label] = objective_for(e)
-        try:
-            obj.parse_timesteps(timesteps)
-        except ValueError as exc:
-            raise AlignmentError(f"{e.label}: --timesteps: {exc}") from None
-        model_view = e.model if e.model is not None else meta_model(e)
-        try:
-            resolve_layers(model_view, layer_spec)
-        except FeatureError as exc:
-            raise AlignmentError(f"{e.label}: --layers: {exc}") from None
-    ctx = resolve_context(entries, num_samples=num_samples, seed=seed, **context)
-    n = len(ctx.dataset)
-    check_metric_settings(metrics, n, topk, bootstrap)
-    out = Path(out_dir)
-    try:
-        (out / "figures").mkdir(parents=True, exist_ok=True)
-        (out / ".write_test").write_text("ok")
-        (out / ".write_test").unlink()
-    except OSError as exc:
-        raise AlignmentError(f"--out {out} is not writable ({exc.strerror or exc})") from None
-
-    # ---- heavy work from here on
-    vae = ctx.vae.to(dev) if ctx.vae is not None else None
-    inputs = prepare_inputs(ctx.dataset, vae, batch_size, progress=progress)
-    target = encoder_features(ctx.encoder.to(dev), ctx.dataset, ctx.target_kind, cache_dir=cache_dir,
-                              batch_size=batch_size, progress=progress)
-    rows = []
-    for e in entries:
-        model = e.model if e.model is not None else reload_model(e)
-        model = model.to(dev).eval()
-        log.info("alignment: %s (%s, step %s)", e.label, e.info.family, e.info.step)
-        rows += alignment_table(model, objectives[e.label], inputs, target, layer_spec, timesteps, metrics, topk,
-                                bootstrap, device=dev, batch_size=batch_size, seed=seed, labels=ctx.labels,
-                                checkpoint=e.label, step=e.info.step, progress=progress)
-        e.model = None
-        del model
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-
-    write_csv(rows, out / "alignment.csv")
-    if plot_timestep is None:
-        plot_timestep = min(timesteps, key=lambda v: (abs(float(v) - 0.5), float(v)))
-    runs = {e.label: e.run for e in entries}
-    figures = plots.make_figures(rows, out / "figures", plot_timestep=plot_timestep, runs=runs)
-    summary = {
-        "best": best_layers(rows),
-        "settings": dict(timesteps=timesteps, layers=layer_spec, metrics=metrics, topk=topk, bootstrap=bootstrap,
-                         num_samples=n, batch_size=batch_size, device=str(dev), seed=seed, pool="mean",
-                         plot_timestep=plot_timestep, **ctx.describe(),
-                         time_convention="t=0 clean data, t=1 pure noise (REPA); SiT models get 1-t, DiT "
-                                         "models the DDPM step round(t*999) (ints are steps)",
-                         feature_prep="platonic-rep: clamp |x| at the mean per-sample 0.95 quantile, then L2 "
-                                      "rows; per (layer, timestep) on the model side"),
-        "checkpoints": [dict(label=e.label, path=str(e.path), run=e.run, step=e.info.step, family=e.info.family,
-                             time_convention=e.info.time_convention, source_format=e.info.source_format,
-                             weights="ema" if e.info.ema else "model",
-                             depth=e.info.config["depth"], objective=repr(objectives[e.label])) for e in entries],
-        "dataset": dataset_identity(ctx.dataset),
-        "encoder": {"name": ctx.encoder.name, "cache_key": ctx.encoder.cache_key, "source": ctx.encoder.source},
-        "versions": _versions(),
-        "files": {"csv": "alignment.csv", "figures": [str(p.relative_to(out)) for p in figures]},
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default))
-    return summary
-
-
-def _json_default(obj):
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return repr(obj)
+def run_alignment(ckpts: Sequence, out_dir, options: AlignmentOptions | None = None) -> dict:
+    """Checkpoints (files or run directories) -> ``out_dir/{alignment.csv, summary.json, options.json,
+    figures/}``; every input is validated (one-line errors) before any feature is computed. Returns the
+    summary dict."""
+    return run_analysis(AlignmentAnalysis(), ckpts, out_dir, options or AlignmentOptions())

@@ -1,9 +1,7 @@
 """Hidden states of a diffusion transformer, for alignment analysis and probes (encoder targets: ``targets``).
 
-Time convention (user-facing, REPA's): ``t = 0`` is clean data and ``t = 1`` pure noise. Each model
-family receives its own time (:func:`model_time_for`): our / REPA models get ``t`` itself, official
-SiT models (``t = 0`` noise, ``t = 1`` data) get ``1 - t``, and DiT models get the DDPM step chosen by
-``GaussianDiffusion.parse_timesteps`` (floats in [0, 1] are fractions of the schedule, ints are steps).
+Time: user times (``t = 0`` clean data, ``t = 1`` pure noise, or ``step:N``) are mapped to each model's
+input by :func:`repa_probe.timesteps.model_times`, following ``model.time_convention``.
 
 Determinism: the noise of sample ``i`` depends only on ``(seed, dataset index i)`` (a counter-based
 generator, :func:`seeded_noise`), so every checkpoint, timestep, batch size and device sees the same
@@ -23,12 +21,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from repa_probe.analysis.options import LABEL_MODES
 from repa_probe.errors import ReproError
+from repa_probe.timesteps import DDPM_STEPS, check_objective, model_times, parse_time, parse_times
 
 log = logging.getLogger("repa_probe")
 
 POOLS = ("mean", "tokens", "projector")
-LABEL_MODES = ("null", "true")
+
 _M32 = 0xFFFFFFFF
 
 
@@ -84,38 +84,6 @@ def seeded_noise(seed: int, indices: torch.Tensor, shape: Sequence[int], device=
     u2 = (_hash32(base[:, None] ^ c2).double() + 0.5) / 2.0 ** 32
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
     return z.reshape(idx.numel(), *shape).to(dtype)
-
-
-def check_compatible(model, objective) -> None:
-    """Raise :class:`FeatureError` unless the objective's time matches the model family."""
-    conv = getattr(objective, "time_convention", None)
-    fam = getattr(model, "family", "REPA")
-    if (fam == "DiT") != (conv == "ddpm"):
-        raise FeatureError(f"model family {fam!r} does not fit objective {objective!r}: DiT models need "
-                           "GaussianDiffusion, SiT/REPA models need FlowMatching")
-
-
-def model_time_for(model, objective, t: torch.Tensor) -> torch.Tensor:
-    """What the network's time embedder receives for objective times ``t: (B,)``.
-
-    ``objective.model_time(t)``, flipped to ``1 - t`` for official SiT models (t=0 noise, t=1 data).
-    """
-    mt = objective.model_time(t)
-    return 1.0 - mt if getattr(model, "family", "REPA") == "SiT" else mt
-
-
-def noise_inputs(x0: torch.Tensor, t_value, objective, seed: int, indices: torch.Tensor) -> torch.Tensor:
-    """Noisy inputs ``x_t: (B, C, H, W)`` for clean ``x0: (B, C, H, W)`` at one objective time.
-
-    ``t_value``: a model-space time from ``objective.parse_timesteps`` (float REPA time, or int DDPM step).
-    ``indices: (B,)`` dataset indices; the noise comes from :func:`seeded_noise` (``seed``, index), so
-    the same image always gets the same noise.
-    """
-    t_value = torch.as_tensor(t_value)
-    dtype = torch.int64 if not t_value.is_floating_point() else torch.float32
-    t = torch.full((x0.shape[0],), t_value.item(), dtype=dtype, device=x0.device)
-    noise = seeded_noise(seed, indices, x0.shape[1:], device=x0.device, dtype=x0.dtype)
-    return objective.add_noise(x0, t, noise)
 
 
 # ------------------------------------------------------------------------------------------- model inputs
@@ -199,7 +167,8 @@ class FeatureSet:
     """Features of N samples per (layer, timestep).
 
     ``features[(layer, t)]``: ``(N, D)`` pooled or ``(N, T, D)`` tokens, on the CPU; ``layers`` 1-based
-    block numbers; ``timesteps`` the user's values; ``model_times`` what the objective made of them;
+    block numbers; ``timesteps`` the user times (floats or :class:`~repa_probe.timesteps.Step`);
+    ``model_times`` what the network received for each;
     ``labels: (N,)``; ``indices: (N,)``.
     """
 
@@ -214,7 +183,7 @@ class FeatureSet:
     def get(self, layer: int, t) -> torch.Tensor:
         """Features of block ``layer`` (1-based) at user timestep ``t``: ``(N, D)`` or ``(N, T, D)``."""
         try:
-            return self.features[(layer, t)]
+            return self.features[(layer, parse_time(t))]
         except KeyError:
             raise FeatureError(f"no features for layer {layer} at t={t}; have layers {self.layers}, "
                                f"timesteps {self.timesteps}") from None
@@ -263,6 +232,21 @@ def module_device(module: torch.nn.Module, device, what: str) -> torch.device:
     return dev
 
 
+def _pooled_layers(model, layers, pool: str) -> list[int]:
+    """The 1-based blocks to capture for ``pool`` (``projector``: only block ``encoder_depth``)."""
+    if pool not in POOLS:
+        raise FeatureError(f"pool must be one of {POOLS}, got {pool!r}")
+    layer_list = resolve_layers(model, layers)
+    if pool == "projector":
+        if not len(model.projectors):
+            raise FeatureError("pool='projector' needs a model with REPA projectors")
+        if layer_list != [model.encoder_depth]:
+            if layers not in (None, "all"):
+                raise FeatureError(f"pool='projector' reads block {model.encoder_depth} only, got layers {layer_list}")
+            layer_list = [model.encoder_depth]
+    return layer_list
+
+
 @torch.no_grad()
 def extract_features(model, objective, data, timesteps, layers="all", pool: str = "mean", vae=None,
                      device=None, batch_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -275,29 +259,20 @@ def extract_features(model, objective, data, timesteps, layers="all", pool: str 
 
     Args:
         model: a DiffusionTransformer, already on ``device`` (default: its own device), eval mode.
-        objective: FlowMatching or GaussianDiffusion matching the model family (see module docstring).
+        objective: FlowMatching or GaussianDiffusion matching ``model.time_convention``.
         data: a Dataset of dicts, an unshuffled DataLoader or :class:`ModelInputs`.
-        timesteps: user values (list of numbers), parsed by ``objective.parse_timesteps``.
+        timesteps: user times (see :func:`repa_probe.timesteps.parse_times`); the keys of the result.
         layers: ``"all"`` or 1-based block numbers (block 8 = REPA's encoder_depth 8).
         pool: ``"mean"`` -> ``(N, D)`` token mean; ``"tokens"`` -> ``(N, T, D)``; ``"projector"`` ->
             ``(N, z_dim)`` token mean of the first REPA projector's output (layer = encoder_depth only).
         labels: ``"null"`` (unconditional class) or ``"true"`` (dataset labels).
     """
-    if pool not in POOLS:
-        raise FeatureError(f"pool must be one of {POOLS}, got {pool!r}")
     if dtype not in (torch.float32, torch.float16):
         raise FeatureError(f"dtype must be float32 or float16, got {dtype}")
-    check_compatible(model, objective)
-    layer_list = resolve_layers(model, layers)
-    if pool == "projector":
-        if not len(model.projectors):
-            raise FeatureError("pool='projector' needs a model with REPA projectors")
-        if layer_list != [model.encoder_depth]:
-            if layers not in (None, "all"):
-                raise FeatureError(f"pool='projector' reads block {model.encoder_depth} only, got layers {layer_list}")
-            layer_list = [model.encoder_depth]
-    user_t = list(timesteps)
-    model_t = objective.parse_timesteps(user_t)
+    check_objective(model.time_convention, objective)
+    layer_list = _pooled_layers(model, layers, pool)
+    user_t = parse_times(timesteps)
+    process_t, model_t = model_times(user_t, model.time_convention, getattr(objective, "num_timesteps", DDPM_STEPS))
     device = module_device(model, device, "model")
     inputs = data if isinstance(data, ModelInputs) else prepare_inputs(data, vae, batch_size, num_workers, progress)
     y_all = _labels(model, inputs, labels)
@@ -311,11 +286,10 @@ def extract_features(model, objective, data, timesteps, layers="all", pool: str 
         x0 = inputs.x0(start, stop, device)
         y = y_all[start:stop].to(device)
         noise = inputs.noise(start, stop, seed, device)
-        for t_user, t_model in zip(user_t, model_t):
-            tt = torch.full((stop - start,), t_model.item(), dtype=t_model.dtype, device=device)
-            x_t = objective.add_noise(x0, tt, noise)
+        for t_user, t_proc, t_net in zip(user_t, process_t, model_t):
+            x_t = objective.add_noise(x0, t_proc.expand(stop - start).to(device), noise)
             with autocast:
-                hidden = model.forward_features(x_t, model_time_for(model, objective, tt), y,
+                hidden = model.forward_features(x_t, t_net.expand(stop - start).to(device), y,
                                                 layers=[v - 1 for v in layer_list])
                 if pool == "projector":
                     hidden = [model.project(hidden[0])[0]]

@@ -1,8 +1,16 @@
-"""Inputs of the alignment analysis: option parsing, checkpoints, and the shared dataset / encoder / VAE.
+"""The one resolver of analysis inputs: checkpoints, objective, data, VAE and target encoder.
 
-Everything here validates and loads; nothing computes features. Errors are one-line
-:class:`AlignmentError` (or the loaders' own CheckpointError / EncoderWeightsError / VAEWeightsError /
-DatasetError / ObjectiveError).
+Works for our checkpoints (everything comes from the stored training config unless an option overrides it;
+several checkpoints must agree) and for official DiT / SiT / REPA files (which store no config: ``--data``
+and, where an encoder is needed, ``--encoder`` are required). Everything here validates and loads; nothing
+computes features. Errors are one-line :class:`AnalysisInputError` (or the loaders' own CheckpointError,
+EncoderWeightsError, VAEWeightsError, DatasetError).
+
+- :func:`load_checkpoints` -> :class:`CheckpointEntry` per file (model, objective, training config);
+- :func:`check_times_and_layers` -> the blocks of each checkpoint, after checking times and layers fit it;
+- :func:`resolve_source` -> :class:`DataSource` (dataset name/root/resolution/seed and the VAE), checked
+  against every model's input; :func:`build_analysis_dataset` builds one split of it;
+- :func:`resolve_encoder` -> the target encoder (``--encoder``, else the training config's).
 """
 from __future__ import annotations
 
@@ -18,69 +26,58 @@ from repa_probe.errors import ReproError
 
 log = logging.getLogger("repa_probe")
 
-DEFAULT_TIMESTEPS = (0.0, 0.25, 0.5, 0.75, 1.0)
-METRICS = ("cknna", "mutual_knn", "cka", "unbiased_cka", "cycle_knn")
-TARGET_KINDS = ("cls", "mean_patch")
-MAX_DEFAULT_SAMPLES = 10000
-DEFAULT_SHAPES_SAMPLES = 512  # procedural data has no natural size; enough for k=10 CKNNA, fast on a CPU
+#: default sizes of the procedural ``shapes`` data in the analyses (it has no natural size): alignment
+#: N (enough for k = 10 CKNNA, fast on a CPU) and the probes' train / test splits
+SHAPES_SIZES = {"alignment": 512, "train": 2000, "test": 500}
+MAX_DEFAULT_SAMPLES = 10000  # alignment N when --num-samples is not given (min with the dataset size)
 KEEP_MODEL_PARAMS = 50_000_000  # models this small stay in memory between validation and analysis
 
 
-class AlignmentError(ReproError, ValueError):
-    """Bad input to the alignment analysis (one-line message)."""
-
-
-# ------------------------------------------------------------------------------------------- parsing
-def parse_timestep_list(text: str | Sequence) -> list:
-    """``"0,0.5,1,250"`` -> ``[0.0, 0.5, 1.0, 250]``: values with a '.', an exponent, or equal to 0 / 1 are
-    floats (times in [0, 1]; for DDPM fractions of the schedule, so 1 = step 999); other integers stay
-    ints (DDPM steps). Lists pass through."""
-    if not isinstance(text, str):
-        return list(text)
-    out = []
-    for tok in (s.strip() for s in text.split(",")):
-        try:
-            if any(c in tok for c in ".eE") or tok in ("0", "1"):
-                out.append(float(tok))
-            else:
-                out.append(int(tok))
-        except ValueError:
-            raise AlignmentError(f"--timesteps: {tok!r} is not a number (give e.g. 0,0.25,0.5)") from None
-    return out
-
-
-def parse_layer_list(text) -> str | list[int]:
-    """``"all"`` or ``"1,4,8"`` (1-based block numbers) -> ``"all"`` or ``[1, 4, 8]``."""
-    if text is None or text == "all":
-        return "all"
-    if not isinstance(text, str):
-        return [int(v) for v in text]
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise AlignmentError(f"--layers must be 'all' or 1-based block numbers like 1,4,8, got {text!r}") from None
-
-
-def parse_metric_list(text) -> list[str]:
-    names = text.split(",") if isinstance(text, str) else list(text)
-    names = [n.strip() for n in names if n.strip()]
-    bad = [n for n in names if n not in METRICS]
-    if bad or not names:
-        raise AlignmentError(f"unknown metric(s) {bad or text!r}; choose from {', '.join(METRICS)}")
-    return names
+class AnalysisInputError(ReproError, ValueError):
+    """Analysis inputs that do not fit together (checkpoints, data, encoder, VAE); one-line message."""
 
 
 # -------------------------------------------------------------------------------------- checkpoints
 @dataclasses.dataclass
 class CheckpointEntry:
-    """One checkpoint to analyse: ``label`` (short unique name), ``run`` (run directory name or None)."""
+    """One checkpoint to analyse: ``label`` (short unique name), ``run`` (run directory name or None),
+    ``info`` (:class:`~repa_probe.checkpoint.ModelInfo`), ``cfg`` (training Config, None for official
+    files), ``objective`` (FlowMatching / GaussianDiffusion), ``model`` (kept in memory when small)."""
 
     path: Path
     label: str
     run: str | None
     info: Any
-    cfg: Any  # repa_probe Config for our checkpoints, None for official files
+    cfg: Any
+    objective: Any
     model: Any = None
+
+    def take_model(self):
+        """The model (float32, CPU, eval): the one kept from validation, else loaded again. The entry forgets
+        it, so the caller's reference is the last one and ``del`` frees it."""
+        from repa_probe.checkpoint import load_model
+
+        model, self.model = self.model, None
+        if model is None:
+            model = load_model(self.path, time_convention=self.info.time_convention, prefer_ema=self.info.ema,
+                               encoder_depth=None if self.cfg is not None else self.info.config["encoder_depth"])[0]
+        return model.eval()
+
+    def meta_model(self):
+        """The architecture on the meta device (shapes only, no memory)."""
+        from repa_probe.models import DiffusionTransformer
+
+        if self.model is not None:
+            return self.model
+        with torch.device("meta"):
+            return DiffusionTransformer(**self.info.config)
+
+    def describe(self) -> dict:
+        """What ``summary.json`` says about the checkpoint."""
+        i = self.info
+        return dict(label=self.label, path=str(self.path), run=self.run, step=i.step, family=i.family,
+                    time_convention=i.time_convention, source_format=i.source_format,
+                    weights="ema" if i.ema else "model", depth=i.config["depth"], objective=repr(self.objective))
 
 
 def checkpoint_paths(items: Sequence) -> list[Path]:
@@ -94,20 +91,17 @@ def checkpoint_paths(items: Sequence) -> list[Path]:
             d = p / "checkpoints" if (p / "checkpoints").is_dir() else p
             found = [q for _, q in list_checkpoints(d)] or sorted(list(d.glob("*.pt")) + list(d.glob("*.pth")))
             if not found:
-                raise AlignmentError(f"--ckpt {p}: directory has no checkpoints ({{step:07d}}.pt, *.pt or *.pth)")
+                raise AnalysisInputError(f"--ckpt {p}: directory has no checkpoints ({{step:07d}}.pt, *.pt or *.pth)")
             out += found
         elif p.is_file():
             out.append(p)
         else:
-            raise AlignmentError(f"--ckpt {p}: no such file or directory")
+            raise AnalysisInputError(f"--ckpt {p}: no such file or directory")
     if not out:
-        raise AlignmentError("no checkpoints given (--ckpt PATH)")
+        raise AnalysisInputError("no checkpoints given (--ckpt PATH)")
     if len({q.resolve() for q in out}) != len(out):
-        raise AlignmentError("the same checkpoint is listed twice in --ckpt")
+        raise AnalysisInputError("the same checkpoint is listed twice in --ckpt")
     return out
-
-
-WEIGHTS = ("auto", "ema", "model")
 
 
 def _use_ema(weights: str, cfg, step) -> bool:
@@ -120,28 +114,66 @@ def _use_ema(weights: str, cfg, step) -> bool:
     return float(cfg.train.ema_decay) ** int(step) <= 0.5
 
 
-def load_entries(paths: Sequence[Path], family: str | None = None, weights: str = "auto") -> list[CheckpointEntry]:
-    """Load (and so validate) every checkpoint; keeps small models in memory. ``weights``: see :data:`WEIGHTS`."""
-    from repa_probe.checkpoint import CheckpointError, load_model, safe_load
+def _training_config(path: Path, raw) -> tuple[Any, Any]:
+    """``(Config, step)`` of our checkpoint, ``(None, None)`` for an official file."""
+    from repa_probe.checkpoint import CheckpointError
     from repa_probe.training.config import ConfigError, from_dict
 
-    if weights not in WEIGHTS:
-        raise AlignmentError(f"--weights must be one of {', '.join(WEIGHTS)}, got {weights!r}")
+    if not (isinstance(raw, dict) and str(raw.get("format", "")).startswith("repa-probe/")):
+        return None, None
+    if not isinstance(raw.get("config"), dict):
+        raise CheckpointError(f"{path}: repa-probe checkpoint without a 'config' dict")
+    try:
+        return from_dict(raw["config"]), raw.get("step")
+    except (ConfigError, ValueError) as exc:
+        raise CheckpointError(f"{path}: stored training config is invalid ({exc})") from None
+
+
+def objective_for(cfg, info):
+    """Our checkpoints: the training objective; official ``ddpm`` (DiT): DDPM, 1000 steps; others: linear flow."""
+    from repa_probe.objectives import FlowMatching, GaussianDiffusion
+
+    if cfg is not None:
+        from repa_probe.training.builders import build_objective
+
+        return build_objective(cfg)
+    if info.time_convention == "ddpm":
+        return GaussianDiffusion(1000, learn_sigma=bool(info.config.get("learn_sigma", True)))
+    return FlowMatching("linear")
+
+
+def _load(path: Path, raw, cfg, options, prefer_ema: bool):
+    """``load_model`` of one file. ``options.time_convention`` applies where the file cannot tell: a plain state
+    dict whose shapes read as DiT (a plain official SiT file looks the same); our files, training files with
+    args and REPA state dicts (projectors, C-channel output) keep the convention they show.
+    ``options.encoder_depth`` applies to official files (ours store it)."""
+    from repa_probe.checkpoint import load_model
+
+    kw = dict(prefer_ema=prefer_ema, loaded=raw, encoder_depth=options.encoder_depth if cfg is None else None)
+    model, info = load_model(path, **kw)
+    forced = options.time_convention
+    if forced is None or forced == info.time_convention:
+        return model, info
+    if info.source_format == "official-state-dict" and info.time_convention == "ddpm":
+        return load_model(path, time_convention=forced, **kw)
+    log.info("%s: reading time as %r, which the file shows (--time-convention %s applies to plain state dicts "
+             "that look like DiT)", path, info.time_convention, forced)
+    return model, info
+
+
+def load_checkpoints(items: Sequence, options) -> list[CheckpointEntry]:
+    """Load (and so validate) every checkpoint of ``items`` (files or run directories); small models stay in
+    memory. ``options``: ``weights``, ``time_convention``, ``encoder_depth`` (official files only: ours store
+    their depth) of :class:`~repa_probe.analysis.options.AnalysisOptions`."""
+    from repa_probe.checkpoint import safe_load
+
     entries, labels = [], set()
-    for p in paths:
+    for p in checkpoint_paths(items):
         raw = safe_load(p)
-        cfg, step = None, None
-        if isinstance(raw, dict) and str(raw.get("format", "")).startswith("repa-probe/"):
-            step = raw.get("step")
-            try:
-                cfg = from_dict(raw["config"]) if isinstance(raw.get("config"), dict) else None
-            except (ConfigError, ValueError) as exc:
-                raise CheckpointError(f"{p}: stored training config is invalid ({exc})") from None
-            if cfg is None:
-                raise CheckpointError(f"{p}: repa-probe checkpoint without a 'config' dict")
-        model, info = load_model(p, family=family, prefer_ema=_use_ema(weights, cfg, step), loaded=raw)
+        cfg, step = _training_config(p, raw)
+        model, info = _load(p, raw, cfg, options, prefer_ema=_use_ema(options.weights, cfg, step))
         del raw
-        if weights == "auto" and cfg is not None and not info.ema:
+        if options.weights == "auto" and cfg is not None and not info.ema:
             log.info("%s: using the raw model weights (EMA decay %g has not warmed up after %s steps; "
                      "--weights ema to override)", p, cfg.train.ema_decay, step)
         in_run = p.parent.name == "checkpoints"
@@ -151,59 +183,119 @@ def load_entries(paths: Sequence[Path], family: str | None = None, weights: str 
             label = f"{label}#{len(entries)}"
         labels.add(label)
         keep = sum(q.numel() for q in model.parameters()) <= KEEP_MODEL_PARAMS
-        entries.append(CheckpointEntry(p, label, run, info, cfg, model if keep else None))
+        entries.append(CheckpointEntry(p, label, run, info, cfg, objective_for(cfg, info), model if keep else None))
     return entries
 
 
-def objective_for(entry: CheckpointEntry):
-    """Our checkpoints: the training objective; official DiT: DDPM (1000 steps); SiT/REPA: linear flow."""
-    from repa_probe.objectives import FlowMatching, GaussianDiffusion
+def check_times_and_layers(entries: Sequence[CheckpointEntry], options) -> dict[str, list[int]]:
+    """The 1-based blocks of each checkpoint (label -> list), after checking that ``options.timesteps`` fit
+    its time convention and ``options.layers`` its depth."""
+    from repa_probe.analysis.features import FeatureError, resolve_layers
+    from repa_probe.timesteps import DDPM_STEPS, TimeError, process_time
 
-    if entry.cfg is not None:
-        from repa_probe.training.builders import build_objective
-
-        return build_objective(entry.cfg)
-    if entry.info.family == "DiT":
-        return GaussianDiffusion(1000, learn_sigma=bool(entry.info.config.get("learn_sigma", True)))
-    return FlowMatching("linear")
+    out = {}
+    for e in entries:
+        try:
+            process_time(options.timesteps, e.info.time_convention,
+                         getattr(e.objective, "num_timesteps", DDPM_STEPS))
+            out[e.label] = resolve_layers(e.meta_model(), options.layers)
+        except (TimeError, FeatureError) as exc:
+            raise AnalysisInputError(f"{e.label}: {exc}") from None
+    return out
 
 
 # ----------------------------------------------------------------------------- data, encoder, VAE
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> cuda when available else cpu; a CUDA device that does not exist is an error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise AlignmentError(f"--device {device!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise AlignmentError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-    return dev
+def agreed(entries: Sequence[CheckpointEntry], what: str, fields: Callable) -> Any:
+    """The common value of ``fields(cfg)`` over our checkpoints, else an error naming the option to pass."""
+    values = {json.dumps(fields(e.cfg), sort_keys=True, default=str): e.label for e in entries}
+    if len(values) > 1:
+        raise AnalysisInputError(f"the checkpoints were trained with different {what} ({'; '.join(values)}); "
+                                 f"pass --{what} to analyse them on the same one")
+    return fields(entries[0].cfg)
 
 
 @dataclasses.dataclass
-class Context:
-    """What every checkpoint is compared on: the dataset (N samples), the target encoder and the VAE."""
+class DataSource:
+    """What every checkpoint is fed: dataset ``name`` / ``root``, image side ``resolution``, dataset ``seed``,
+    ``classes`` (shapes' class count, else None), the VAE (``vae_name``; ``vae`` a LatentVAE or None for
+    pixels) and whether it came from the training config (``from_config``)."""
 
-    dataset: Any
-    encoder: Any
+    name: str
+    root: str | None
+    resolution: int
+    seed: int
+    classes: int | None
+    vae_name: str
     vae: Any
-    target_kind: str
-    labels: str
-    info: dict
+    from_config: bool
 
-    def describe(self) -> dict:
-        return dict(target_kind=self.target_kind, labels=self.labels, **self.info)
+    @property
+    def info(self) -> dict:
+        return dict(data=self.name, data_root=self.root, resolution=self.resolution, data_seed=self.seed,
+                    vae=self.vae_name)
 
 
-def agreed(entries, what: str, fields: Callable, error: type = None) -> Any:
-    """The common value of ``fields(cfg)`` over our checkpoints, else ``error`` naming the option to pass."""
-    values = {json.dumps(fields(e.cfg), sort_keys=True, default=str): e.label for e in entries}
-    if len(values) > 1:
-        raise (error or AlignmentError)(f"the checkpoints were trained with different {what} "
-                                        f"({'; '.join(values)}); pass --{what} to analyse them on the same one")
-    return fields(entries[0].cfg)
+def _official_need(entries, options, need_encoder: bool) -> None:
+    official = [e.label for e in entries if e.cfg is None]
+    missing = [f for f, v in (("--data", options.data), ("--encoder", options.encoder if need_encoder else 1))
+               if v is None]
+    if official and missing:
+        raise AnalysisInputError(f"official checkpoint(s) {', '.join(official)} store no training config: pass "
+                                 f"{' and '.join(missing)}")
+
+
+def resolve_source(entries: Sequence[CheckpointEntry], options, need_encoder: bool = False) -> DataSource:
+    """Dataset and VAE shared by all checkpoints: from ``options`` (``data``, ``data_root``, ``vae``, ``seed``),
+    else from our checkpoints' training config (which must agree). Checks that every model takes the data's
+    channels and size, and has a null class when ``options.labels`` is null. Loads the VAE only."""
+    from repa_probe.encoders.vae import load_vae
+
+    _official_need(entries, options, need_encoder)
+    ours = [e for e in entries if e.cfg is not None]
+    first = entries[0].info.config
+    vae = options.vae
+    if vae is None:
+        vae = agreed(ours, "vae", lambda c: c.vae.name) if ours else \
+            ("stabilityai/sd-vae-ft-ema" if first["in_channels"] == 4 else "none")
+    vae_model = load_vae(vae)
+    factor = vae_model.downsample_factor if vae_model is not None else 1
+    if options.data is None:
+        d = agreed(ours, "data", lambda c: dict(name=c.data.name, root=c.data.root, res=c.data.resolution,
+                                                 seed=c.run.seed, classes=c.data.num_classes))
+        source = DataSource(d["name"], d["root"], d["res"], d["seed"],
+                            d["classes"] if d["name"] == "shapes" else None, str(vae), vae_model, True)
+    else:
+        resolution = ours[0].cfg.data.resolution if ours else first["input_size"] * factor
+        source = DataSource(str(options.data), options.data_root, resolution, options.seed, None, str(vae),
+                            vae_model, False)
+    check_models_fit(entries, source, options.labels)
+    return source
+
+
+def check_models_fit(entries: Sequence[CheckpointEntry], source: DataSource, labels: str = "null") -> None:
+    """Every model takes the source's channels x size, and has a null class when ``labels`` is null."""
+    factor = source.vae.downsample_factor if source.vae is not None else 1
+    channels = source.vae.latent_channels if source.vae is not None else 3
+    size = source.resolution // factor
+    for e in entries:
+        c = e.info.config
+        if (c["in_channels"], c["input_size"]) != (channels, size):
+            raise AnalysisInputError(f"{e.label}: model takes {c['in_channels']}x{c['input_size']}^2 inputs but the "
+                                     f"data is {channels}x{size}^2 ({source.resolution}px, vae {source.vae_name}); "
+                                     "check --vae / --data")
+        if labels == "null" and c.get("class_dropout_prob", 0) <= 0:
+            raise AnalysisInputError(f"{e.label}: the model has no null class, so it cannot be read "
+                                     "unconditionally; use --labels true (alignment only)")
+
+
+def check_class_labels(entries: Sequence[CheckpointEntry], labels: str, num_classes: int | None) -> None:
+    """With ``labels="true"`` every model must know all ``num_classes`` classes of the dataset."""
+    if labels != "true":
+        return
+    for e in entries:
+        if num_classes is None or num_classes > e.info.config["num_classes"]:
+            raise AnalysisInputError(f"{e.label}: dataset has {num_classes} classes, the model "
+                                     f"{e.info.config['num_classes']}; use --labels null")
 
 
 def build_config_encoder(cfg):
@@ -214,24 +306,43 @@ def build_config_encoder(cfg):
     return build_encoder(cfg, torch.device("cpu"), required=True)
 
 
-def build_analysis_dataset(name: str, root=None, split: str = "auto", resolution=None, seed: int = 0,
-                           num_samples: int | None = None):
-    """The dataset to analyse: ``split="auto"`` takes the held-out ``val`` split when the dataset has one,
-    else ``train``. ``name`` may be a directory (``repa`` layout if it has ``images/``, else imagefolder).
-    ``num_samples``: N (default min(10000, size); procedural shapes: 512); more than the dataset has is an
-    error.
-    Returns ``(dataset, split used)``."""
+def resolve_encoder(entries: Sequence[CheckpointEntry], options, resolution: int):
+    """The target encoder on the CPU: ``options.encoder`` (weights ``encoder_weights``, random with
+    ``random_encoder`` seeded by ``seed``) when given, else the training config's (must agree)."""
+    if options.encoder is not None:
+        from repa_probe.encoders.target import load_encoder
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(options.seed)
+            return load_encoder(options.encoder, weights=options.encoder_weights,
+                                pretrained=not options.random_encoder, resolution=resolution)
+    ours = [e for e in entries if e.cfg is not None]
+    if not ours:
+        raise AnalysisInputError("official checkpoints store no target encoder: pass --encoder NAME")
+    agreed(ours, "encoder", lambda c: dict(name=c.encoder.name, weights=c.encoder.weights,
+                                            pretrained=c.encoder.pretrained, source=c.encoder.source,
+                                            size=c.encoder.input_size, seed=c.run.seed))
+    return build_config_encoder(ours[0].cfg)
+
+
+def build_analysis_dataset(source: DataSource, split: str = "auto", num_samples: int | None = None):
+    """One split of ``source``: ``split="auto"`` takes the held-out ``val`` split when the dataset has one,
+    else ``train``. ``source.name`` may be a directory (``repa`` layout if it has ``images/``, else
+    imagefolder). ``num_samples``: N (default min(10000, size); shapes :data:`SHAPES_SIZES`); more than the
+    split has is an error. Returns ``(dataset, split used)``."""
     from repa_probe.data import CappedDataset, DatasetError, build_dataset
 
-    if Path(str(name)).is_dir():
-        root, name = str(name), ("repa" if (Path(str(name)) / "images").is_dir() else "imagefolder")
-    if name == "shapes" and num_samples is None:
-        num_samples = DEFAULT_SHAPES_SAMPLES
+    name, root = source.name, source.root
+    if Path(name).is_dir():
+        root, name = name, ("repa" if (Path(name) / "images").is_dir() else "imagefolder")
+    extra = {}
+    if name == "shapes":
+        extra = dict(num_samples=num_samples or SHAPES_SIZES["alignment"])
+        extra.update({"num_classes": source.classes} if source.classes is not None else {})
     splits = ("val", "train") if split == "auto" else (split,)
     for i, sp in enumerate(splits):
         try:
-            ds = build_dataset(name, root=root, split=sp, resolution=resolution, seed=seed,
-                               num_samples=num_samples if name == "shapes" else None)
+            ds = build_dataset(name, root=root, split=sp, resolution=source.resolution, seed=source.seed, **extra)
             break
         except DatasetError as exc:
             if i + 1 == len(splits):
@@ -240,80 +351,5 @@ def build_analysis_dataset(name: str, root=None, split: str = "auto", resolution
     size = len(ds)
     n = min(MAX_DEFAULT_SAMPLES, size) if num_samples is None else int(num_samples)
     if n > size:
-        raise AlignmentError(f"--num-samples {n} is more than the {sp!r} split of {name} has ({size})")
+        raise AnalysisInputError(f"--num-samples {n} is more than the {sp!r} split of {name} has ({size})")
     return (CappedDataset(ds, n) if n < size else ds), sp
-
-
-def resolve_context(entries: Sequence[CheckpointEntry], data=None, data_root=None, split: str = "auto",
-                    encoder=None, encoder_weights=None, random_encoder: bool = False, target_kind: str = "cls",
-                    vae=None, labels: str = "null", family=None, num_samples=None, seed: int = 0) -> Context:
-    """Dataset, target encoder and VAE shared by all checkpoints: from the options, else from our
-    checkpoints' training config (which must agree). Validates compatibility; loads nothing heavy."""
-    from repa_probe.analysis.features import LABEL_MODES
-    from repa_probe.encoders.vae import load_vae
-
-    if target_kind not in TARGET_KINDS:
-        raise AlignmentError(f"--target-kind must be one of {', '.join(TARGET_KINDS)}, got {target_kind!r}")
-    if labels not in LABEL_MODES:
-        raise AlignmentError(f"--labels must be one of {', '.join(LABEL_MODES)}, got {labels!r}")
-    ours = [e for e in entries if e.cfg is not None]
-    official = [e.label for e in entries if e.cfg is None]
-    if official and (data is None or encoder is None):
-        raise AlignmentError(f"official checkpoint(s) {', '.join(official)} store no training config: pass --data "
-                             "and --encoder")
-    first = entries[0].info.config
-    if vae is None:
-        vae = agreed(ours, "vae", lambda c: c.vae.name) if ours else ("stabilityai/sd-vae-ft-ema"
-                                                                         if first["in_channels"] == 4 else "none")
-    vae_model = load_vae(vae)
-    factor = vae_model.downsample_factor if vae_model is not None else 1
-    channels = vae_model.latent_channels if vae_model is not None else 3
-    if data is None:
-        d = agreed(ours, "data", lambda c: dict(name=c.data.name, root=c.data.root, res=c.data.resolution,
-                                                 seed=c.run.seed))
-        data, data_root, resolution, data_seed = d["name"], d["root"], d["res"], d["seed"]
-    else:
-        resolution = ours[0].cfg.data.resolution if ours else first["input_size"] * factor
-        data_seed = seed
-    for e in entries:
-        c = e.info.config
-        if (c["in_channels"], c["input_size"]) != (channels, resolution // factor):
-            raise AlignmentError(f"{e.label}: model takes {c['in_channels']}x{c['input_size']}^2 inputs but the "
-                                 f"data is {channels}x{resolution // factor}^2 ({resolution}px, vae {vae}); "
-                                 "check --vae / --data")
-    dataset, used_split = build_analysis_dataset(data, data_root, split, resolution, data_seed, num_samples)
-    n_cls = getattr(dataset, "num_classes", None)
-    for e in entries:
-        c = e.info.config
-        if labels == "null" and c["class_dropout_prob"] <= 0:
-            raise AlignmentError(f"{e.label}: the model has no null class; use --labels true")
-        if labels == "true" and (n_cls is None or n_cls > c["num_classes"]):
-            raise AlignmentError(f"{e.label}: dataset has {n_cls} classes, the model {c['num_classes']}; "
-                                 "use --labels null")
-    if encoder is None:
-        agreed(ours, "encoder", lambda c: dict(name=c.encoder.name, weights=c.encoder.weights,
-                                                pretrained=c.encoder.pretrained, source=c.encoder.source,
-                                                size=c.encoder.input_size, seed=c.run.seed))
-        enc = build_config_encoder(ours[0].cfg)
-    else:
-        from repa_probe.encoders.target import load_encoder
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            enc = load_encoder(encoder, weights=encoder_weights, pretrained=not random_encoder, resolution=resolution)
-    info = dict(data=str(data), data_root=data_root, split=used_split, resolution=resolution, vae=str(vae),
-                encoder_name=enc.name)
-    return Context(dataset, enc, vae_model, target_kind, labels, info)
-
-
-def meta_model(entry: CheckpointEntry):
-    from repa_probe.models import DiffusionTransformer
-
-    with torch.device("meta"):
-        return DiffusionTransformer(**entry.info.config)
-
-
-def reload_model(entry: CheckpointEntry):
-    from repa_probe.checkpoint import load_model
-
-    return load_model(entry.path, family=entry.info.family, prefer_ema=entry.info.ema)[0]

@@ -1,4 +1,4 @@
-"""Figures for the alignment analysis: vector PDF + 200-dpi PNG, seaborn styling, colour-blind palettes.
+"""Figures of the analyses: vector PDF + 200-dpi PNG, seaborn styling, colour-blind palettes.
 
 Every function takes the analysis rows (a list of dicts with the ``alignment.csv`` columns: checkpoint,
 step, layer, timestep, metric, value, ci_low, ci_high, n) and writes ``<stem>.pdf`` and ``<stem>.png``.
@@ -7,6 +7,7 @@ this module changes neither the pyplot backend nor global rcParams.
 """
 from __future__ import annotations
 
+import math
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,8 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
+
+from repa_probe.timesteps import Step, as_float, parse_time
 
 DPI = 200
 METRIC_NAMES = {"cknna": "CKNNA", "mutual_knn": "Mutual k-NN", "cka": "Linear CKA", "unbiased_cka": "Unbiased CKA",
@@ -57,13 +60,29 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "x"
 
 
+def time_value(t) -> float:
+    """A table's time label (float, ``"step:N"``, or None for rows without a time) as a number for axes."""
+    if t is None or (isinstance(t, float) and math.isnan(t)):
+        return math.nan
+    return as_float(parse_time(t))
+
+
+def time_tag(t) -> str:
+    """A time label for file names: ``0.5`` -> ``"0.5"``, ``"step:500"`` -> ``"step500"``."""
+    t = parse_time(t)
+    return f"step{t.n}" if isinstance(t, Step) else f"{t:g}"
+
+
 def frame(rows: Iterable[dict]) -> pd.DataFrame:
-    """Rows -> DataFrame with float ``value``/``ci_low``/``ci_high`` (NaN when missing)."""
+    """Rows -> DataFrame with float ``value``/``ci_low``/``ci_high`` (NaN when missing) and numeric
+    ``timestep`` (``step:N`` -> N / 999)."""
     df = pd.DataFrame(list(rows))
     if df.empty:
-        raise ValueError("no alignment rows to plot")
+        raise ValueError("no rows to plot")
     for col in ("value", "ci_low", "ci_high"):
         df[col] = pd.to_numeric(df.get(col), errors="coerce")
+    if "timestep" in df:
+        df["timestep"] = df["timestep"].map(time_value)
     return df
 
 
@@ -130,7 +149,7 @@ def by_layer(rows, checkpoint: str, metric: str, stem: Path) -> list[Path]:
 def by_layer_checkpoints(rows, timestep, metric: str, stem: Path) -> list[Path]:
     """``metric`` vs block at one timestep, one line per checkpoint (the REPA paper's layer figure)."""
     df = frame(rows)
-    df = df[(df.timestep == timestep) & (df.metric == metric)]
+    df = df[(df.timestep == time_value(timestep)) & (df.metric == metric)]
     order = {c: i for i, c in enumerate(dict.fromkeys(df.checkpoint))}  # keep the analysis order
     df = df.assign(_order=df.checkpoint.map(order))
     n = len(order)
@@ -140,7 +159,7 @@ def by_layer_checkpoints(rows, timestep, metric: str, stem: Path) -> list[Path]:
         _lines(ax, df, "layer", "_order", _palette(n, ordered=n > 10), lambda i: labels[i])
         ax.set_xlabel(LAYER_LABEL)
         ax.set_ylabel(METRIC_NAMES.get(metric, metric))
-        ax.set_title(f"t = {float(timestep):g}")
+        ax.set_title(f"t = {time_value(timestep):g}")
         ax.xaxis.get_major_locator().set_params(integer=True)
         _legend(ax, "checkpoint")
         return save_figure(fig, stem)
@@ -150,7 +169,7 @@ def by_step(rows, timestep, metric: str, stem: Path, checkpoints: Iterable[str] 
     """``metric`` vs training step at one timestep: up to six evenly spaced blocks plus the best block
     at each step (dashed black). ``checkpoints``: restrict to these (one run)."""
     df = frame(rows)
-    df = df[(df.timestep == timestep) & (df.metric == metric) & df.step.notna()]
+    df = df[(df.timestep == time_value(timestep)) & (df.metric == metric) & df.step.notna()]
     if checkpoints is not None:
         df = df[df.checkpoint.isin(list(checkpoints))]
     layers = sorted(df.layer.unique())
@@ -167,7 +186,7 @@ def by_step(rows, timestep, metric: str, stem: Path, checkpoints: Iterable[str] 
         ax.xaxis.set_major_formatter(FuncFormatter(_step_label))
         ax.set_xlabel("Training step")
         ax.set_ylabel(METRIC_NAMES.get(metric, metric))
-        ax.set_title(f"t = {float(timestep):g}")
+        ax.set_title(f"t = {time_value(timestep):g}")
         _legend(ax, None)
         return save_figure(fig, stem)
 
@@ -190,10 +209,10 @@ def make_figures(rows, out_dir, plot_timestep, runs: dict | None = None) -> list
             paths += heatmap(rows, ckpt, metric, out / f"heatmap_{slug(ckpt)}_{metric}")
             paths += by_layer(rows, ckpt, metric, out / f"layers_{slug(ckpt)}_{metric}")
         paths += by_layer_checkpoints(rows, plot_timestep, metric,
-                                      out / f"layers_t{float(plot_timestep):g}_{metric}")
+                                      out / f"layers_t{time_tag(plot_timestep)}_{metric}")
         for run in sorted({r for r in (runs or {}).values() if r is not None}):
             members = [c for c, r in runs.items() if r == run]
             if df[df.checkpoint.isin(members)].step.nunique() >= 2:
-                paths += by_step(rows, plot_timestep, metric, out / f"steps_{slug(run)}_t{float(plot_timestep):g}_"
+                paths += by_step(rows, plot_timestep, metric, out / f"steps_{slug(run)}_t{time_tag(plot_timestep)}_"
                                  f"{metric}", checkpoints=members)
     return paths

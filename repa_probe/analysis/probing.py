@@ -1,7 +1,7 @@
 """Probe runs: checkpoints → hidden states → linear / segmentation probes → CSV, JSON and figures.
 
-For every checkpoint × block × timestep, the block output of the noisy input (user time t: 0 = clean,
-1 = noise; see :mod:`repa_probe.analysis.features`) is probed:
+For every checkpoint × block × timestep, the block output of the noisy input (user time, see
+:mod:`repa_probe.timesteps`) is probed:
 
 - ``task="linear"``: mean-pooled tokens ``(N, D)`` → :func:`~repa_probe.analysis.probes.fit_linear_probe` (top-1,
   top-5) on the dataset's class labels;
@@ -12,31 +12,26 @@ The model always receives its null class (unconditional features): feeding the t
 the probe its answer. Optional reference rows probe the target encoder itself (CLS and mean-patch
 features for the linear probe, patch tokens for segmentation) on the same images.
 
-Outputs in ``out_dir``: ``{prefix}.csv`` (one row per checkpoint, source, layer, timestep, metric),
-``{prefix}.json`` (settings, rows and every probe's details: chosen hyper-parameters, held-out sweep,
-per-class IoU) and ``figures/{prefix}_{metric}.{pdf,png}``; prefix = "probe" or "segment". The CSV is
-rewritten after every checkpoint, so a long run leaves partial results behind.
+Runs on the shared skeleton (:mod:`repa_probe.analysis.runner`). Outputs in ``out_dir``: ``{prefix}.csv``
+(one row per checkpoint, source, layer, timestep, metric; rewritten after every checkpoint), ``summary.json``
+(settings, rows and every probe's details: chosen hyper-parameters, held-out sweep, per-class IoU),
+``options.json`` and ``figures/{prefix}_{metric}.{pdf,png}``; prefix = "probe" or "segment".
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
-import math
-import time
-from pathlib import Path
 from typing import Sequence
 
-import torch
-
-from repa_probe.analysis.inputs import (checkpoint_paths, load_entries, meta_model, objective_for, parse_layer_list,
-                               parse_timestep_list, reload_model, resolve_device)
-from repa_probe.analysis.features import extract_features, prepare_inputs, resolve_layers
+from repa_probe.analysis.features import extract_features, prepare_inputs
+from repa_probe.analysis.inputs import check_times_and_layers, resolve_encoder
+from repa_probe.analysis.options import ProbeOptions
 from repa_probe.analysis.probes import fit_linear_probe, fit_segmentation_probe
-from repa_probe.analysis.probes.inputs import ProbeSetupError, collect_masks, resolve_probe_data, resolve_reference_encoder
+from repa_probe.analysis.probes.inputs import ProbeSetupError, collect_masks, resolve_probe_data
 from repa_probe.analysis.probes.plots import make_probe_figures
+from repa_probe.analysis.runner import Analysis, Run, run_analysis
 from repa_probe.analysis.targets import encoder_features
+from repa_probe.timesteps import TIME_HELP, label
 
 log = logging.getLogger("repa_probe")
 
@@ -45,7 +40,7 @@ TASKS = {  # task -> (output prefix, pooling, metrics, encoder reference kinds)
     "linear": ("probe", "mean", ("top1", "top5"), ("cls", "mean_patch")),
     "segmentation": ("segment", "tokens", ("miou", "pixel_acc"), ("patch",)),
 }
-DEFAULT_TIMESTEPS = (0.0, 0.25, 0.5)
+SPLITS = ("train", "test")
 
 
 def layer_groups(layers: Sequence[int], num_samples: int, values_per_sample: int, budget_bytes: float) -> list:
@@ -60,190 +55,135 @@ def _metric_rows(task: str, result, base: dict) -> list[dict]:
     values = {"top1": result.top1, "top5": result.top5} if task == "linear" else \
         {"miou": result.miou, "pixel_acc": result.pixel_acc}
     return [dict(base, metric=k, value=v, num_train=result.num_train, num_test=result.num_test)
-            for k, v in values.items()]
+            for k, v in values.items() if v is not None]
 
 
-def write_csv(rows: Sequence[dict], path: Path) -> None:
-    """Rows → CSV with :data:`CSV_COLUMNS` (empty cells for missing layer / timestep / step)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+class ProbeAnalysis(Analysis):
+    """Linear or segmentation probes as a :class:`~repa_probe.analysis.runner.Analysis`."""
 
+    columns = CSV_COLUMNS
 
-def _json_default(obj):
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    return repr(obj)
+    def __init__(self, task: str):
+        if task not in TASKS:
+            raise ProbeSetupError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        self.task = task
+        self.name, self.pool, self.metrics, self.ref_kinds = TASKS[task]
+        self.details: list[dict] = []
 
+    # ---- hooks
+    def setup(self, run: Run) -> None:
+        opts = run.options
+        self.layers = check_times_and_layers(run.entries, opts)
+        self.data = resolve_probe_data(run.entries, opts)
+        self.encoder = resolve_encoder(run.entries, opts, self.data.source.resolution) \
+            if opts.encoder_reference else None
 
-def _clean(obj):
-    """NaN / inf floats → None, recursively (strict JSON)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
+    def prepare(self, run: Run) -> list[dict]:
+        """Model inputs and probe targets of both splits; the encoder reference rows."""
+        opts, vae = run.options, self.data.source.vae
+        vae = vae.to(run.device) if vae is not None else None
+        self.inputs = {s: prepare_inputs(getattr(self.data, s), vae, opts.batch_size, progress=opts.progress)
+                       for s in SPLITS}
+        # The noise of an image is keyed by (seed, index). Test indices continue after the training ones, so no
+        # test image shares its noise with a training image: with shared noise, a probe could read the label
+        # off the noise pattern whenever labels follow the index (shapes: label = index % classes).
+        test = self.inputs["test"]
+        self.inputs["test"] = dataclasses.replace(test, indices=test.indices + len(self.inputs["train"]))
+        if self.task == "linear":
+            self.targets = {s: self.inputs[s].labels for s in SPLITS}
+        else:
+            self.targets = {s: collect_masks(getattr(self.data, s), opts.batch_size) for s in SPLITS}
+        return self._reference_rows(run) if self.encoder is not None else []
 
+    def analyse(self, run: Run, entry, model) -> list[dict]:
+        opts, rows = run.options, []
+        layers = self.layers[entry.label]
+        per_sample = model.hidden_size * (model.num_tokens if self.pool == "tokens" else 1) * len(opts.timesteps)
+        n_total = sum(len(self.inputs[s]) for s in SPLITS)
+        for group in layer_groups(layers, n_total, per_sample, opts.max_feature_gb * 2 ** 30):
+            feats = {s: extract_features(model, entry.objective, self.inputs[s], opts.timesteps, group, pool=self.pool,
+                                         device=run.device, batch_size=opts.batch_size, seed=opts.seed,
+                                         labels="null", progress=opts.progress) for s in SPLITS}
+            for t in opts.timesteps:
+                for layer in group:
+                    base = dict(checkpoint=entry.label, step=entry.info.step, source="model", layer=layer,
+                                timestep=label(t))
+                    rows += self._fit(run, feats["train"].get(layer, t), feats["test"].get(layer, t), base)
+            del feats
+        return rows
 
-def run_probes(task: str, ckpts: Sequence, out_dir, data=None, data_root=None, layers="all",
-               timesteps=DEFAULT_TIMESTEPS, backend: str = "sklearn", num_train: int | None = None,
-               num_test: int | None = None, encoder_reference: bool = False, encoder: str | None = None,
-               encoder_weights=None, random_encoder: bool = False, vae=None, family=None, device="auto",
-               batch_size: int = 64, seed: int = 0, probe_options: dict | None = None, cache_dir=None,
-               max_feature_gb: float = 4.0, progress: bool = True) -> dict:
-    """Probe every checkpoint (``task`` "linear" or "segmentation") and write CSV, JSON and figures.
+    def figures(self, run: Run, rows: list[dict]) -> list:
+        # top-5 of 5 classes or fewer is 1 by construction: not worth a figure
+        plotted = [m for m in self.metrics if not (m == "top5" and self.data.num_classes <= 5)]
+        return make_probe_figures(rows, run.out / "figures", self.name, plotted)
 
-    Args:
-        ckpts: checkpoint files or run directories (every checkpoint in ``{run}/checkpoints``).
-        data, data_root: dataset name (linear: shapes | digits | imagefolder; segmentation: shapes | voc |
-            ade20k) and its folder; None = the training dataset of our checkpoints.
-        layers: "all" or 1-based blocks ("1,4,8" or a list); timesteps: user times (string or list).
-        backend: linear probe backend ("sklearn" | "torch"); ignored for segmentation.
-        num_train, num_test: samples of each split (None = the whole split; shapes 2000 / 500).
-        encoder_reference: add rows for the target encoder itself (``encoder`` / ``encoder_weights`` /
-            ``random_encoder`` pick it; default: the training config's encoder).
-        vae, family: override the training config's VAE / the detected model family (official files).
-        probe_options: extra keywords for the probe function (e.g. ``epochs``, ``lr``, ``Cs``).
-        cache_dir: cache of encoder features (default ``{out_dir}/cache``).
-        max_feature_gb: memory budget for one extraction pass; more layers are split into several passes.
+    def summary(self, run: Run, rows: list[dict]) -> dict:
+        opts = run.options
+        settings = dict(self.data.info, pool=self.pool, labels="null", time_convention=TIME_HELP,
+                        backend=opts.backend if self.task == "linear" else None, probe_options=self._probe_options(opts))
+        enc = self.encoder
+        return {"task": self.task, "settings": settings, "rows": rows, "details": self.details,
+                "encoder": None if enc is None else {"name": enc.name, "cache_key": enc.cache_key, "source": enc.source}}
 
-    Returns the summary dict that is also written as ``{prefix}.json``.
-    """
-    if task not in TASKS:
-        raise ProbeSetupError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
-    prefix, pool, metrics, ref_kinds = TASKS[task]
-    if task == "linear" and backend not in ("sklearn", "torch"):
-        raise ProbeSetupError(f"--backend must be sklearn or torch, got {backend!r}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cache_dir = out / "cache" if cache_dir is None else Path(cache_dir)
-    dev = resolve_device(device)
-    timesteps = parse_timestep_list(timesteps)
-    layer_spec = parse_layer_list(layers)
-    if not timesteps:
-        raise ProbeSetupError("no timesteps given")
-    if batch_size < 1 or max_feature_gb <= 0:
-        raise ProbeSetupError(f"--batch-size must be >= 1 and the feature budget > 0, got {batch_size}, "
-                              f"{max_feature_gb}")
-    options = dict(probe_options or {})
+    # ---- helpers
+    @staticmethod
+    def _probe_options(opts) -> dict:
+        return {"epochs": opts.epochs} if opts.epochs is not None else {}
 
-    # ---- validate everything before the heavy work
-    entries = load_entries(checkpoint_paths(ckpts), family=family)
-    objectives, layer_lists = {}, {}
-    for e in entries:
-        obj = objectives[e.label] = objective_for(e)
-        try:
-            obj.parse_timesteps(timesteps)
-            layer_lists[e.label] = resolve_layers(e.model if e.model is not None else meta_model(e), layer_spec)
-        except ValueError as exc:
-            raise ProbeSetupError(f"{e.label}: {str(exc).splitlines()[0]}") from None
-    pdata = resolve_probe_data(entries, task, data, data_root, vae, num_train, num_test, seed)
-    enc = None
-    if encoder_reference:
-        enc = resolve_reference_encoder(entries, pdata.resolution, encoder, encoder_weights, random_encoder, seed)
+    def _fit(self, run: Run, train_x, test_x, base: dict) -> list[dict]:
+        """Fit one probe; its metric rows (its details are kept for the summary)."""
+        opts, y = run.options, self.targets
+        if self.task == "linear":
+            res = fit_linear_probe(train_x, y["train"], test_x, y["test"], backend=opts.backend,
+                                   num_classes=self.data.num_classes, seed=opts.seed,
+                                   device=run.device if opts.backend == "torch" else None, **self._probe_options(opts))
+        else:
+            res = fit_segmentation_probe(train_x, y["train"], test_x, y["test"], self.data.num_classes,
+                                         ignore_index=self.data.ignore_index, device=run.device, seed=opts.seed,
+                                         **self._probe_options(opts))
+        rows = _metric_rows(self.task, res, base)
+        self.details.append(dict(base, **res.to_dict()))
+        where = base["source"] if base["layer"] is None else f"block {base['layer']} t={base['timestep']}"
+        log.info("%s %s %s: %s", self.name, base["checkpoint"], where,
+                 ", ".join(f"{r['metric']}={r['value']:.4f}" for r in rows))
+        return rows
 
-    # ---- inputs and targets, shared by every checkpoint
-    vae_model = pdata.vae.to(dev) if pdata.vae is not None else None
-    inputs = {s: prepare_inputs(getattr(pdata, s), vae_model, batch_size, progress=progress) for s in ("train", "test")}
-    # The noise of an image is keyed by (seed, index). Test indices continue after the training ones, so no
-    # test image shares its noise with a training image: with shared noise, a probe could read the label
-    # off the noise pattern whenever labels follow the index (shapes: label = index % classes).
-    inputs["test"] = dataclasses.replace(inputs["test"], indices=inputs["test"].indices + len(inputs["train"]))
-    if task == "linear":
-        targets = {s: inputs[s].labels for s in inputs}
-    else:
-        targets = {s: collect_masks(getattr(pdata, s), batch_size) for s in inputs}
-
-    def fit(train_x, test_x):
-        if task == "linear":
-            return fit_linear_probe(train_x, targets["train"], test_x, targets["test"], backend=backend,
-                                    num_classes=pdata.num_classes, seed=seed,
-                                    device=dev if backend == "torch" else None, **options)
-        return fit_segmentation_probe(train_x, targets["train"], test_x, targets["test"], pdata.num_classes,
-                                      ignore_index=pdata.ignore_index, device=dev, seed=seed, **options)
-
-    rows: list[dict] = []
-    details: list[dict] = []
-    t_start = time.perf_counter()
-    if enc is not None:
-        enc = enc.to(dev)
-        for kind in ref_kinds:
-            feats = {s: encoder_features(enc, getattr(pdata, s), kind, cache_dir=cache_dir, batch_size=batch_size,
-                                         progress=progress) for s in ("train", "test")}
-            res = fit(feats["train"], feats["test"])
+    def _reference_rows(self, run: Run) -> list[dict]:
+        """Probe rows of the target encoder's own features (one per reference kind)."""
+        opts, enc, rows = run.options, self.encoder.to(run.device), []
+        for kind in self.ref_kinds:
+            feats = {s: encoder_features(enc, getattr(self.data, s), kind, cache_dir=opts.cache_dir,
+                                         batch_size=opts.batch_size, progress=opts.progress) for s in SPLITS}
             base = dict(checkpoint=f"encoder:{enc.name}", step=None, source=f"encoder:{kind}", layer=None,
                         timestep=None)
-            rows += _metric_rows(task, res, base)
-            details.append(dict(base, **res.to_dict()))
-            log.info("%s reference %s %s: %s", prefix, enc.name, kind,
-                     ", ".join(f"{r['metric']}={r['value']:.4f}" for r in rows[-len(metrics):]))
-        enc = enc.to("cpu")
-
-    for e in entries:
-        model = (e.model if e.model is not None else reload_model(e)).to(dev).eval()
-        per_sample = model.hidden_size * (model.num_tokens if pool == "tokens" else 1)
-        n_total = len(inputs["train"]) + len(inputs["test"])
-        groups = layer_groups(layer_lists[e.label], n_total, per_sample, max_feature_gb * 2 ** 30)
-        log.info("%s: %s (%s, step %s), %d layer(s) x %d timestep(s) in %d pass(es) per timestep", prefix, e.label,
-                 e.info.family, e.info.step, len(layer_lists[e.label]), len(timesteps), len(groups))
-        for t in timesteps:
-            for group in groups:
-                feats = {s: extract_features(model, objectives[e.label], inputs[s], [t], group, pool=pool,
-                                             device=dev, batch_size=batch_size, seed=seed, labels="null",
-                                             progress=progress) for s in ("train", "test")}
-                for layer in group:
-                    res = fit(feats["train"].get(layer, t), feats["test"].get(layer, t))
-                    base = dict(checkpoint=e.label, step=e.info.step, source="model", layer=layer, timestep=t)
-                    rows += _metric_rows(task, res, base)
-                    details.append(dict(base, **res.to_dict()))
-                    log.info("%s %s block %d t=%g: %s", prefix, e.label, layer, float(t),
-                             ", ".join(f"{r['metric']}={r['value']:.4f}" for r in rows[-len(metrics):]))
-                del feats
-        write_csv(rows, out / f"{prefix}.csv")
-        e.model = None
-        del model
-        if dev.type == "cuda":
-            torch.cuda.empty_cache()
-
-    write_csv(rows, out / f"{prefix}.csv")
-    # top-5 of 5 classes or fewer is 1 by construction: not worth a figure
-    plotted = [m for m in metrics if not (m == "top5" and pdata.num_classes <= 5)]
-    figures = make_probe_figures(rows, out / "figures", prefix, plotted)
-    summary = {
-        "task": task,
-        "settings": dict(timesteps=timesteps, layers=layer_spec, backend=backend if task == "linear" else None,
-                         pool=pool, batch_size=batch_size, device=str(dev), seed=seed, labels="null",
-                         probe_options=options, encoder_reference=encoder_reference, **pdata.info,
-                         time_convention="t=0 clean data, t=1 pure noise (REPA); SiT models get 1-t, DiT models "
-                                         "the DDPM step round(t*999) (ints are steps)"),
-        "checkpoints": [dict(label=e.label, path=str(e.path), run=e.run, step=e.info.step, family=e.info.family,
-                             depth=e.info.config["depth"], objective=repr(objectives[e.label])) for e in entries],
-        "encoder": None if enc is None else {"name": enc.name, "cache_key": enc.cache_key, "source": enc.source},
-        "rows": rows,
-        "details": details,
-        "seconds": time.perf_counter() - t_start,
-        "files": {"csv": f"{prefix}.csv", "figures": [str(p.relative_to(out)) for p in figures]},
-    }
-    (out / f"{prefix}.json").write_text(json.dumps(_clean(summary), indent=2, default=_json_default))
-    return summary
+            rows += self._fit(run, feats["train"], feats["test"], base)
+        self.encoder = enc.to("cpu")
+        return rows
 
 
-def run_linear_probes(ckpts: Sequence, out_dir, **kwargs) -> dict:
+def run_probes(ckpts: Sequence, out_dir, options: ProbeOptions | None = None) -> dict:
+    """Probe every checkpoint (``options.task``: linear or segmentation) and write ``{prefix}.csv``,
+    ``summary.json``, ``options.json`` and figures under ``out_dir``; returns the summary dict.
+
+    ``options.cache_dir`` None caches encoder features under ``{out_dir}/cache``.
+    """
+    from pathlib import Path
+
+    options = options or ProbeOptions()
+    if options.cache_dir is None:
+        options = options.replace(cache_dir=str(Path(out_dir) / "cache"))
+    return run_analysis(ProbeAnalysis(options.task), ckpts, out_dir, options)
+
+
+def run_linear_probes(ckpts: Sequence, out_dir, options: ProbeOptions | None = None) -> dict:
     """:func:`run_probes` with ``task="linear"`` (top-1 / top-5 of mean-pooled block outputs)."""
-    return run_probes("linear", ckpts, out_dir, **kwargs)
+    return run_probes(ckpts, out_dir, (options or ProbeOptions()).replace(task="linear"))
 
 
-def run_segmentation_probes(ckpts: Sequence, out_dir, **kwargs) -> dict:
+def run_segmentation_probes(ckpts: Sequence, out_dir, options: ProbeOptions | None = None) -> dict:
     """:func:`run_probes` with ``task="segmentation"`` (mIoU / pixel accuracy of patch tokens)."""
-    return run_probes("segmentation", ckpts, out_dir, **kwargs)
+    return run_probes(ckpts, out_dir, (options or ProbeOptions()).replace(task="segmentation"))
 
 
-__all__ = ["run_probes", "run_linear_probes", "run_segmentation_probes", "layer_groups", "write_csv",
-           "CSV_COLUMNS", "TASKS"]
+__all__ = ["run_probes", "run_linear_probes", "run_segmentation_probes", "layer_groups", "ProbeAnalysis",
+           "ProbeOptions", "CSV_COLUMNS", "TASKS"]

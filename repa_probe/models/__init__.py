@@ -1,8 +1,7 @@
-"""SiT / DiT / REPA diffusion transformers (one architecture, three time and output conventions)."""
+"""SiT / DiT diffusion transformers (one architecture; three time conventions: repa, sit, ddpm)."""
 
 from repa_probe.models.registry import MODEL_SIZES, create_model, list_models, model_kwargs, model_name, size_name
 from repa_probe.models.transformer import (
-    FAMILIES,
     TIME_CONVENTIONS,
     DiffusionTransformer,
     ModelInputError,
@@ -11,7 +10,7 @@ from repa_probe.models.transformer import (
 )
 
 __all__ = [
-    "DiffusionTransformer", "ModelInputError", "FAMILIES", "TIME_CONVENTIONS", "MODEL_SIZES",
+    "DiffusionTransformer", "ModelInputError", "TIME_CONVENTIONS", "MODEL_SIZES",
     "create_model", "list_models", "model_kwargs", "model_name", "size_name",
     "sincos_pos_embed_2d", "timestep_embedding",
 ]

@@ -1,7 +1,8 @@
 """Named model configurations: ``SiT-{S,B,L,XL}/{2,4,8}`` and ``DiT-{S,B,L,XL}/{2,4,8}``.
 
-``SiT-*`` names build the REPA convention (``family="REPA"``, ``learn_sigma=False``, float time with
-t=0 data); ``DiT-*`` names build DiT (``family="DiT"``, ``learn_sigma=True``, DDPM time). Both use
+The name prefix is the architecture: ``SiT-*`` builds SiT as REPA trains it (``time_convention="repa"``: float
+time with t=0 data, ``learn_sigma=False``); ``DiT-*`` builds DiT (``time_convention="ddpm"``,
+``learn_sigma=True``). An official SiT file is ``SiT-*`` with ``time_convention="sit"`` (t=0 noise). All use
 ``mlp_ratio`` 4, 1000 classes plus the null class, and no projectors unless ``z_dims`` is given.
 """
 
@@ -18,25 +19,25 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
 PATCH_SIZES = (2, 4, 8)
-FAMILY_DEFAULTS: dict[str, dict] = {
-    "SiT": dict(family="REPA", learn_sigma=False),
-    "DiT": dict(family="DiT", learn_sigma=True),
+ARCHITECTURES: dict[str, dict] = {  # name prefix -> constructor defaults
+    "SiT": dict(time_convention="repa", learn_sigma=False),
+    "DiT": dict(time_convention="ddpm", learn_sigma=True),
 }
 CONSTRUCTOR_KEYWORDS = tuple(p for p in inspect.signature(DiffusionTransformer.__init__).parameters if p != "self")
 
 
 def list_models() -> list[str]:
     """All registered names, e.g. ``["DiT-B/2", ..., "SiT-XL/8"]``."""
-    return sorted(f"{prefix}-{size}/{p}" for prefix in FAMILY_DEFAULTS for size in MODEL_SIZES for p in PATCH_SIZES)
+    return sorted(f"{prefix}-{size}/{p}" for prefix in ARCHITECTURES for size in MODEL_SIZES for p in PATCH_SIZES)
 
 
 def model_kwargs(name: str) -> dict:
     """Constructor keywords of a registered name (without overrides)."""
     prefix, _, rest = name.partition("-")
     size, _, patch = rest.partition("/")
-    if prefix not in FAMILY_DEFAULTS or size not in MODEL_SIZES or patch not in {str(p) for p in PATCH_SIZES}:
+    if prefix not in ARCHITECTURES or size not in MODEL_SIZES or patch not in {str(p) for p in PATCH_SIZES}:
         raise ModelInputError(f"unknown model name {name!r}; valid names: {', '.join(list_models())}")
-    return dict(**MODEL_SIZES[size], patch_size=int(patch), **FAMILY_DEFAULTS[prefix])
+    return dict(**MODEL_SIZES[size], patch_size=int(patch), **ARCHITECTURES[prefix])
 
 
 def create_model(name: str, **overrides) -> DiffusionTransformer:
@@ -63,9 +64,9 @@ def size_name(config: dict) -> str | None:
 
 
 def model_name(config: dict) -> str | None:
-    """Registered-style name (``"SiT-XL/2"``; the SiT/REPA conventions both map to ``SiT``) or None."""
+    """Registered-style name (``"SiT-XL/2"``; the ``sit`` and ``repa`` conventions both map to ``SiT``) or None."""
     size = size_name(config)
     if size is None or config.get("patch_size") not in PATCH_SIZES:
         return None
-    prefix = "DiT" if config.get("family") == "DiT" else "SiT"
+    prefix = "DiT" if config.get("time_convention") == "ddpm" else "SiT"
     return f"{prefix}-{size}/{config['patch_size']}"

@@ -1,14 +1,16 @@
-"""DiT's adaLN-Zero diffusion transformer, shared by the DiT, SiT and REPA conventions.
+"""DiT's adaLN-Zero diffusion transformer: the one network behind DiT, SiT and REPA.
 
-One network, three conventions (``family``):
+The architecture is the same for all three code bases; what differs is how the network reads time
+(``time_convention``, see :mod:`repa_probe.timesteps`) and which output channels it returns:
 
-* ``"DiT"``  — DDPM time (integer steps 0..999, t=999 noisiest); returns all ``out_channels``
-  channels (2C when ``learn_sigma``: epsilon then the variance interpolation).
-* ``"SiT"``  — official willisma/SiT: float t in [0, 1], t=0 noise and t=1 data; when
-  ``learn_sigma`` the unused second half of the output is cut, so C channels are returned.
-* ``"REPA"`` — sihyun-yu/REPA and this project's default: float t in [0, 1], t=0 data and t=1
-  noise; ``learn_sigma`` must be False and C channels are returned.
+* ``"ddpm"`` (DiT) — integer DDPM steps 0..999, t=999 noisiest; returns all ``out_channels`` channels
+  (2C when ``learn_sigma``: epsilon then the variance interpolation).
+* ``"sit"`` (official willisma/SiT) — float t in [0, 1], t=0 noise and t=1 data; when ``learn_sigma``
+  the unused second half of the output is cut, so C channels are returned.
+* ``"repa"`` (sihyun-yu/REPA and this project's default) — float t in [0, 1], t=0 data and t=1 noise;
+  ``learn_sigma`` must be False and C channels are returned.
 
+``family`` is the architecture name of the registry (``"DiT"`` for ``ddpm``, else ``"SiT"``).
 Parameter names and shapes match the official DiT ``models.py``, SiT ``models.py`` and REPA
 ``models/sit.py`` state dicts, so their checkpoints load strictly. The model never drops labels
 (label dropout is the objective's job).
@@ -27,15 +29,14 @@ from repa_probe.models.layers import (  # noqa: F401 (the building blocks are re
     FREQUENCY_DIM, Attention, Block, FinalLayer, LabelEmbedder, Mlp, ModelInputError, PatchEmbed, TimestepEmbedder,
     build_projector, modulate, sincos_pos_embed_2d, timestep_embedding)
 
-FAMILIES = ("DiT", "SiT", "REPA")
-TIME_CONVENTIONS = {"DiT": "ddpm", "SiT": "sit", "REPA": "repa"}
+from repa_probe.timesteps import CONVENTIONS as TIME_CONVENTIONS
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
 class DiffusionTransformer(nn.Module):
     """Class-conditional adaLN-Zero transformer on ``(B, C, H, W)`` latents (or pixels).
 
-    See the module docstring for ``family``. ``encoder_depth`` is 1-based: the REPA projectors read
+    See the module docstring for ``time_convention``. ``encoder_depth`` is 1-based: the REPA projectors read
     the output of block ``encoder_depth`` (= ``hidden[encoder_depth - 1]``). ``z_dims`` empty means
     no projectors. ``config`` returns the constructor keywords (enough to rebuild the model).
     """
@@ -44,27 +45,26 @@ class DiffusionTransformer(nn.Module):
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
                  num_classes: int = 1000, class_dropout_prob: float = 0.1, learn_sigma: bool = False,
                  qk_norm: bool = False, encoder_depth: int = 8, z_dims: Sequence[int] = (),
-                 projector_dim: int = 2048, family: str = "REPA"):
+                 projector_dim: int = 2048, time_convention: str = "repa"):
         super().__init__()
         z_dims = tuple(int(z) for z in z_dims)
         _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
-                      num_classes, class_dropout_prob, learn_sigma, encoder_depth, z_dims, projector_dim, family)
+                      num_classes, class_dropout_prob, learn_sigma, encoder_depth, z_dims, projector_dim, time_convention)
         self._config = dict(
             input_size=int(input_size), patch_size=int(patch_size), in_channels=int(in_channels),
             hidden_size=int(hidden_size), depth=int(depth), num_heads=int(num_heads),
             mlp_ratio=float(mlp_ratio), num_classes=int(num_classes),
             class_dropout_prob=float(class_dropout_prob), learn_sigma=bool(learn_sigma),
             qk_norm=bool(qk_norm), encoder_depth=int(encoder_depth), z_dims=list(z_dims),
-            projector_dim=int(projector_dim), family=family,
+            projector_dim=int(projector_dim), time_convention=time_convention,
         )
-        self.family = family
-        self.time_convention = TIME_CONVENTIONS[family]
+        self.time_convention = time_convention
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
         self.num_classes, self.learn_sigma = num_classes, learn_sigma
         self.encoder_depth, self.z_dims = encoder_depth, z_dims
         self.out_channels = in_channels * 2 if learn_sigma else in_channels  # final layer's channels
-        self.returned_channels = self.out_channels if family == "DiT" else in_channels
+        self.returned_channels = self.out_channels if time_convention == "ddpm" else in_channels
         self.grid_size = input_size // patch_size
         self.num_tokens = self.grid_size ** 2
 
@@ -76,6 +76,11 @@ class DiffusionTransformer(nn.Module):
         self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, z) for z in z_dims)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
+    @property
+    def family(self) -> str:
+        """Architecture name of the registry: ``"DiT"`` (DDPM time) or ``"SiT"`` (float time)."""
+        return "DiT" if self.time_convention == "ddpm" else "SiT"
 
     @property
     def config(self) -> dict:
@@ -154,13 +159,14 @@ class DiffusionTransformer(nn.Module):
 
         Args:
             x: ``(B, C, H, W)`` noisy input, ``H = W = input_size``.
-            t: ``(B,)`` time as the family expects (float, or int DDPM steps); used as given.
+            t: ``(B,)`` time in this model's ``time_convention`` (float, or int DDPM steps; see
+                :func:`repa_probe.timesteps.model_times`); used as given.
             y: ``(B,)`` int64 labels; ``num_classes`` is the null (unconditional) class.
             return_hidden: also return the output of every block.
 
         Returns:
             ``(out, zs)`` or ``(out, zs, hidden)``: ``out: (B, C or 2C, H, W)`` (2C only for
-            ``family="DiT"`` with ``learn_sigma``), ``zs: list[(B, T, z_dim)]`` projector outputs
+            ``time_convention="ddpm"`` with ``learn_sigma``), ``zs: list[(B, T, z_dim)]`` projector outputs
             on the block-``encoder_depth`` tokens (empty without projectors), ``hidden:
             list[(B, T, D)]`` of length ``depth`` (``hidden[i]`` is block i's output, 0-based).
         """
@@ -220,13 +226,14 @@ class DiffusionTransformer(nn.Module):
 
 def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
                   num_classes, class_dropout_prob, learn_sigma, encoder_depth, z_dims, projector_dim,
-                  family) -> None:
+                  time_convention) -> None:
     """Raise ModelInputError on an inconsistent constructor configuration."""
     ints = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                 hidden_size=hidden_size, depth=depth, num_heads=num_heads)
     bad_int = [f"{k}={v!r}" for k, v in ints.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
     checks = [
-        (family not in FAMILIES, f"family must be one of {FAMILIES}, got {family!r}"),
+        (time_convention not in TIME_CONVENTIONS,
+         f"time_convention must be one of {TIME_CONVENTIONS}, got {time_convention!r}"),
         (bool(bad_int), f"these must be positive ints: {', '.join(bad_int)}"),
     ]
     if not bad_int:
@@ -242,7 +249,8 @@ def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_h
         (num_classes < 0 or not 0.0 <= class_dropout_prob < 1.0,
          f"need num_classes >= 0 and 0 <= class_dropout_prob < 1, got {num_classes}, {class_dropout_prob}"),
         (num_classes + int(class_dropout_prob > 0) < 1, "the label table would be empty"),
-        (family == "REPA" and learn_sigma, "family 'REPA' predicts velocity only: learn_sigma must be False"),
+        (time_convention == "repa" and learn_sigma,
+         "time_convention 'repa' predicts velocity only: learn_sigma must be False"),
         (any(z < 1 for z in z_dims) or (bool(z_dims) and projector_dim < 1),
          f"z_dims and projector_dim must be positive, got {z_dims}, {projector_dim}"),
     ]

@@ -11,7 +11,8 @@ The trainer composes these: sample t and noise, `add_noise`, run the model on `m
 from repa_probe.objectives._common import Objective, ObjectiveError, mean_flat
 from repa_probe.objectives.ddpm import (GaussianDiffusion, approx_standard_normal_cdf, discretized_gaussian_log_likelihood, linear_betas,
                    normal_kl)
-from repa_probe.objectives.flow import (FlowMatching, repa_time_to_sit, repa_velocity_to_sit, sit_time_to_repa, sit_velocity_to_repa)
+from repa_probe.objectives.flow import FlowMatching, repa_velocity_to_sit, sit_velocity_to_repa
+from repa_probe.timesteps import repa_time_to_sit, sit_time_to_repa  # re-exported: time lives in repa_probe.timesteps
 from repa_probe.objectives.repa import drop_labels, match_token_grid, repa_loss
 
 __all__ = [

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import abc
-import math
 import numbers
-from typing import Iterable
 
 import torch
 
@@ -40,36 +38,12 @@ def check_same_shape(**tensors: torch.Tensor) -> None:
         raise ObjectiveError(f"shape mismatch: {listed} (all must be equal)")
 
 
-def as_value_list(values: Iterable | torch.Tensor | numbers.Real) -> list:
-    """Turn the `values` given to `parse_timesteps` into a non-empty list of Python numbers.
-
-    Accepts a list/tuple of numbers, a 1-D tensor or numpy array, or a single number. Booleans, strings and
-    NaN are rejected with `ObjectiveError`.
-    """
-    if isinstance(values, torch.Tensor):
-        values = values.reshape(-1).tolist()
-    elif hasattr(values, "tolist") and not isinstance(values, (str, bytes)):  # numpy arrays and scalars
-        values = values.tolist()
-    if isinstance(values, numbers.Number) and not isinstance(values, bool):
-        values = [values]
-    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
-        raise ObjectiveError(f"timesteps must be a list of numbers, got {values!r}")
-    out = list(values)
-    if not out:
-        raise ObjectiveError("timesteps list is empty: give at least one timestep")
-    for v in out:
-        if isinstance(v, bool) or not isinstance(v, numbers.Real):
-            raise ObjectiveError(f"timestep {v!r} is not a number (give ints or floats)")
-        if isinstance(v, float) and math.isnan(v):
-            raise ObjectiveError("timestep NaN is not allowed")
-    return out
-
-
 class Objective(abc.ABC):
     """Interface shared by `FlowMatching` and `GaussianDiffusion` (see docs/design.md).
 
     Attributes:
-        time_convention: "repa" (float t, t=0 data, t=1 noise) or "ddpm" (integer step, larger = noisier).
+        time_convention: the process time of `add_noise`: "repa" (float t, t=0 data, t=1 noise) or "ddpm"
+            (integer step, larger = noisier); see `repa_probe.timesteps`.
     """
 
     time_convention: str
@@ -91,10 +65,6 @@ class Objective(abc.ABC):
     def loss(self, model_out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor,
              t: torch.Tensor) -> dict[str, torch.Tensor]:
         """Per-sample loss terms: dict with `loss: (B,)` plus named terms `(B,)`, float32."""
-
-    @abc.abstractmethod
-    def parse_timesteps(self, values) -> torch.Tensor:
-        """Turn user-given timesteps (e.g. for feature extraction) into a 1-D CPU tensor of times."""
 
 
 def check_sample_args(batch: int, generator: torch.Generator | None, device: torch.device | str) -> torch.device:

@@ -19,8 +19,9 @@ import numbers
 
 import torch
 
-from repa_probe.objectives._common import (Objective, ObjectiveError, as_value_list, check_sample_args, check_same_shape, expand_time,
-                      mean_flat)
+from repa_probe.objectives._common import (Objective, ObjectiveError, check_sample_args, check_same_shape, expand_time,
+                                           mean_flat)
+from repa_probe.timesteps import model_input
 
 BETA_SCHEDULES = ("linear",)
 _LN2 = math.log(2.0)
@@ -237,7 +238,7 @@ class GaussianDiffusion(Objective):
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
         """DiT's time embedder receives the integer step itself."""
-        return t
+        return model_input(t, self.time_convention)
 
     def loss(self, model_out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor,
              t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -262,27 +263,3 @@ class GaussianDiffusion(Objective):
         if self.rescale_vb:
             vb = vb * (self.num_timesteps / 1000.0)
         return {"loss": mse + vb, "mse": mse, "vb": vb}
-
-    def parse_timesteps(self, values) -> torch.Tensor:
-        """DDPM steps for feature extraction, as an int64 CPU tensor `(N,)`.
-
-        Python ints (and integer tensors / numpy ints) are steps and must lie in 0..T-1. Floats must lie in
-        [0, 1] and are fractions of the schedule: step = round(f * (T - 1)), so 0.0 -> 0 (least noise) and
-        1.0 -> T-1 (most noise), 0.5 -> round(0.5 (T-1)) (Python's round, half to even: 500 for T=1000).
-        Floats outside [0, 1] (e.g. 250.0) are rejected: write steps as ints.
-        """
-        vals = as_value_list(values)
-        last = self.num_timesteps - 1
-        steps = []
-        for v in vals:
-            if isinstance(v, numbers.Integral):
-                if not 0 <= v <= last:
-                    raise ObjectiveError(f"DDPM step {v} is outside 0..{last} (ints are steps, floats in [0, 1] "
-                                         "are fractions of the schedule)")
-                steps.append(int(v))
-            elif 0.0 <= v <= 1.0:
-                steps.append(int(round(float(v) * last)))
-            else:
-                raise ObjectiveError(f"DDPM timestep {v!r} is a float outside [0, 1]: give a step as an int in "
-                                     f"0..{last} or a fraction of the schedule in [0, 1]")
-        return torch.tensor(steps, dtype=torch.int64)

@@ -8,8 +8,8 @@ Paths (as REPA's `SILoss.interpolant`):
 
 Official SiT (willisma/SiT) runs time the other way (t=0 noise, t=1 data) and predicts u = dx/dt_sit. Its
 Linear path is REPA's linear path and its GVP path is REPA's cosine path with t_sit = 1 - t, and since time runs
-backwards the velocity flips sign: v = -u. `sit_time_to_repa` / `repa_time_to_sit` / `sit_velocity_to_repa` /
-`repa_velocity_to_sit` do these conversions.
+backwards the velocity flips sign: v = -u. `sit_velocity_to_repa` / `repa_velocity_to_sit` convert velocities;
+time itself is converted in `repa_probe.timesteps` (the one owner of time conventions).
 """
 
 from __future__ import annotations
@@ -18,22 +18,13 @@ import math
 
 import torch
 
-from repa_probe.objectives._common import (Objective, ObjectiveError, as_value_list, check_sample_args, check_same_shape, expand_time,
-                      mean_flat)
+from repa_probe.objectives._common import (Objective, ObjectiveError, check_sample_args, check_same_shape, expand_time,
+                                           mean_flat)
+from repa_probe.timesteps import model_input
 
 PATHS = ("linear", "cosine")
 PREDICTIONS = ("v",)
 WEIGHTINGS = ("uniform", "lognormal")
-
-
-def repa_time_to_sit(t: torch.Tensor) -> torch.Tensor:
-    """REPA time (t=0 data) -> official SiT time (t=0 noise): `t_sit = 1 - t`. Any shape."""
-    return 1.0 - t
-
-
-def sit_time_to_repa(t_sit: torch.Tensor) -> torch.Tensor:
-    """Official SiT time (t=0 noise) -> REPA time (t=0 data): `t = 1 - t_sit`. Any shape."""
-    return 1.0 - t_sit
 
 
 def sit_velocity_to_repa(u_sit: torch.Tensor) -> torch.Tensor:
@@ -121,8 +112,8 @@ class FlowMatching(Objective):
         return d_alpha * x0 + d_sigma * noise
 
     def model_time(self, t: torch.Tensor) -> torch.Tensor:
-        """The network gets the raw REPA time t in [0, 1] (not scaled by 1000)."""
-        return t
+        """What a ``repa``-convention network receives: the raw REPA time t in [0, 1] (not scaled by 1000)."""
+        return model_input(t, self.time_convention)
 
     def loss(self, model_out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, noise: torch.Tensor,
              t: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -148,19 +139,6 @@ class FlowMatching(Objective):
         target = self.target(x0.float(), noise.float(), t)
         err = mean_flat((pred - target) ** 2)
         return {"loss": err, "denoise": err}
-
-    def parse_timesteps(self, values) -> torch.Tensor:
-        """REPA times for feature extraction: numbers in [0, 1] (0 = clean data, 1 = pure noise).
-
-        Returns a float32 CPU tensor `(N,)`. Anything outside [0, 1] raises `ObjectiveError`.
-        """
-        vals = as_value_list(values)
-        bad = [v for v in vals if not 0.0 <= v <= 1.0]
-        if bad:
-            raise ObjectiveError(
-                f"flow-matching timesteps must lie in [0, 1] (t=0 data, t=1 noise), got {bad}"
-            )
-        return torch.tensor([float(v) for v in vals], dtype=torch.float32)
 
     # ---------------------------------------------------------------- conversions
     def velocity_to_x0_eps(self, v: torch.Tensor, x_t: torch.Tensor,

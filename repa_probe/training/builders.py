@@ -76,7 +76,7 @@ def build_model(cfg: Config, batches: "Batches", enc):
     ddpm = cfg.objective.kind == "ddpm"
     model = create_model(m.name, input_size=side, in_channels=channels, num_classes=batches.num_classes,
                          class_dropout_prob=m.class_dropout_prob, qk_norm=m.qk_norm,
-                         learn_sigma=ddpm and cfg.objective.learn_sigma, family="DiT" if ddpm else "REPA",
+                         learn_sigma=ddpm and cfg.objective.learn_sigma, time_convention="ddpm" if ddpm else "repa",
                          encoder_depth=r.encoder_depth, projector_dim=r.projector_dim,
                          z_dims=(enc.embed_dim,) if enc is not None else (), **overrides)
     if enc is not None:

@@ -14,6 +14,7 @@ from typing import Any, Iterator, Union
 import numpy as np
 import torch
 
+from repa_probe.devices import resolve_device  # noqa: F401 (the probes' device resolution is the shared one)
 from repa_probe.errors import ReproError
 
 Array = Union[torch.Tensor, np.ndarray]
@@ -23,13 +24,6 @@ STD_EPS = 1e-6  # a column whose training std is below this is treated as consta
 
 class ProbeInputError(ReproError, ValueError):
     """Bad input to a probe (shapes, dtypes, labels, non-finite values), reported in one line."""
-
-
-def resolve_device(device: Any = None) -> torch.device:
-    """``None`` / "auto" → CUDA when available, else CPU; anything else is passed to ``torch.device``."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def check_features(x: Any, name: str, ndims: tuple[int, ...]) -> Array:

@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from repa_probe.analysis.plots import LAYER_LABEL, _palette, _style, save_figure, slug
+from repa_probe.analysis.plots import LAYER_LABEL, _palette, _style, frame, save_figure, slug
 
 METRIC_NAMES = {"top1": "Top-1 accuracy", "top5": "Top-5 accuracy", "miou": "mIoU", "pixel_acc": "Pixel accuracy"}
 MAX_COLUMNS = 4
@@ -24,12 +24,10 @@ REFERENCE_STYLES = ("--", ":", "-.")
 
 
 def _frame(rows: Iterable[dict], metric: str) -> pd.DataFrame:
-    df = pd.DataFrame(list(rows))
-    if df.empty or metric not in set(df.metric):
+    df = frame(rows)  # numeric value and timestep (step:N -> N / 999; encoder rows: NaN)
+    if metric not in set(df.metric):
         raise ValueError(f"no probe rows with metric {metric!r} to plot")
-    df = df[df.metric == metric].copy()
-    df["value"] = pd.to_numeric(df["value"], errors="coerce")
-    return df
+    return df[df.metric == metric].copy()
 
 
 def layer_curves(rows: Iterable[dict], metric: str, stem: Path, title: str | None = None) -> list[Path]:

@@ -1,0 +1,245 @@
+"""Options of the analyses as typed dataclasses (the analysis counterpart of the training config).
+
+:class:`AnalysisOptions` holds what every analysis of checkpoints shares (which weights, which data,
+encoder and VAE, which blocks and times, where to run); each analysis extends it with its own fields
+(:class:`AlignmentOptions`, :class:`ProbeOptions`; a new analysis adds ``class FooOptions(AnalysisOptions)``).
+Every field is named after its command-line flag (``batch_size`` <-> ``--batch-size``), so a CLI fills
+the options with :meth:`AnalysisOptions.from_namespace` and a library user with keywords or
+:meth:`AnalysisOptions.from_dict`. Values are checked and normalised when the object is built
+(``"0,0.5"`` -> ``[0.0, 0.5]``, ``"1,4"`` -> ``[1, 4]``); a bad value is a one-line :class:`OptionsError`
+naming the flag. :meth:`to_dict` is what an analysis writes to ``options.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Any, Sequence
+
+from repa_probe.errors import ReproError
+from repa_probe.timesteps import TimeError, UserTime, as_float, convention_of, label, parse_time, parse_times
+
+WEIGHTS = ("auto", "ema", "model")
+SPLITS = ("auto", "train", "val", "test")
+LABEL_MODES = ("null", "true")
+METRICS = ("cknna", "mutual_knn", "cka", "unbiased_cka", "cycle_knn")
+TARGET_KINDS = ("cls", "mean_patch")
+TASKS = ("linear", "segmentation")
+BACKENDS = ("sklearn", "torch")
+
+
+class OptionsError(ReproError, ValueError):
+    """An analysis option with a bad value, or an unknown option (one-line message naming the flag)."""
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def _choice(name: str, value, choices: Sequence) -> Any:
+    if value not in choices:
+        raise OptionsError(f"{flag(name)} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    return value
+
+
+def _int(name: str, value, minimum: int = 1, optional: bool = False) -> int | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise OptionsError(f"{flag(name)} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def parse_layers(value) -> str | list[int]:
+    """``"all"`` / None or 1-based block numbers (``"1,4,8"`` or a list) -> ``"all"`` or a sorted unique list."""
+    if value is None or value == "all":
+        return "all"
+    items = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        out = sorted({int(str(v).strip()) for v in items if str(v).strip()})
+    except ValueError:
+        raise OptionsError(f"--layers must be 'all' or 1-based block numbers like 1,4,8, got {value!r}") from None
+    if not out or out[0] < 1:
+        raise OptionsError(f"--layers must be 'all' or 1-based block numbers like 1,4,8, got {value!r}")
+    return out
+
+
+def parse_metrics(value) -> list[str]:
+    """``"cknna,cka"`` or a list -> list of metric names (each one of :data:`METRICS`)."""
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else list(value)) if n.strip()]
+    bad = [n for n in names if n not in METRICS]
+    if bad or not names:
+        raise OptionsError(f"--metric: unknown metric(s) {bad or value!r}; choose from {', '.join(METRICS)}")
+    return names
+
+
+def _times(name: str, value) -> list[UserTime]:
+    try:
+        return parse_times(value, flag(name))
+    except TimeError as exc:
+        raise OptionsError(str(exc)) from None
+
+
+@dataclasses.dataclass
+class AnalysisOptions:
+    """Options shared by every analysis of checkpoints (each field is the flag of the same name).
+
+    Checkpoints: ``weights`` (auto: the EMA once ``ema_decay**step <= 0.5``, else the raw weights),
+    ``time_convention`` (repa | sit | ddpm, or a family name REPA | SiT | DiT: for plain official state dicts
+    whose shapes read as DiT, e.g. an official SiT file), ``encoder_depth`` (REPA projector block of plain official REPA state dicts).
+    Data: ``data`` / ``data_root`` / ``split`` (default: the training config's dataset, held-out split),
+    ``vae``, ``labels`` (class fed to the model: null = unconditional). Encoder: ``encoder`` /
+    ``encoder_weights`` / ``random_encoder`` (default: the training config's). What: ``layers`` (1-based
+    blocks or "all"), ``timesteps`` (user times, :mod:`repa_probe.timesteps`). Running: ``seed`` (noise),
+    ``batch_size``, ``device``, ``cache_dir`` (encoder features; None = no cache), ``progress``.
+    """
+
+    weights: str = "auto"
+    time_convention: str | None = None
+    encoder_depth: int | None = None
+    data: str | None = None
+    data_root: str | None = None
+    split: str = "auto"
+    vae: str | None = None
+    labels: str = "null"
+    encoder: str | None = None
+    encoder_weights: str | None = None
+    random_encoder: bool = False
+    layers: Any = "all"
+    timesteps: Any = (0.0, 0.25, 0.5, 0.75, 1.0)
+    seed: int = 0
+    batch_size: int = 64
+    device: str = "auto"
+    cache_dir: str | None = None
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check and normalise every field in place; :class:`OptionsError` naming the flag on a bad value."""
+        _choice("weights", self.weights, WEIGHTS)
+        if self.time_convention is not None:
+            try:
+                self.time_convention = convention_of(self.time_convention)
+            except TimeError as exc:
+                raise OptionsError(f"--time-convention: {exc}") from None
+        self.encoder_depth = _int("encoder_depth", self.encoder_depth, optional=True)
+        _choice("split", self.split, SPLITS)
+        _choice("labels", self.labels, LABEL_MODES)
+        self.layers = parse_layers(self.layers)
+        self.timesteps = _times("timesteps", self.timesteps)
+        self.seed = _int("seed", self.seed, minimum=0)
+        self.batch_size = _int("batch_size", self.batch_size)
+        if self.random_encoder and self.encoder is None:
+            raise OptionsError("--random-encoder needs --encoder NAME (the architecture to initialise)")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict, **overrides):
+        """Options from a plain dict (``options.json``, a sweep); an unknown key is an :class:`OptionsError`."""
+        values = {**values, **overrides}
+        unknown = sorted(set(values) - set(cls.field_names()))
+        if unknown:
+            raise OptionsError(f"unknown option(s) {', '.join(unknown)} for {cls.__name__}; valid: "
+                               f"{', '.join(cls.field_names())}")
+        return cls(**values)
+
+    @classmethod
+    def from_namespace(cls, args, **overrides):
+        """Options from an argparse namespace: every attribute named like a field, then ``overrides``."""
+        values = {k: getattr(args, k) for k in cls.field_names() if hasattr(args, k)}
+        return cls.from_dict(values, **overrides)
+
+    def replace(self, **changes):
+        """A validated copy with ``changes``."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-able dict (times as table labels: floats or ``"step:N"``)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for key, value in out.items():
+            if key == "timesteps":
+                out[key] = [label(t) for t in value]
+            elif key.endswith("timestep") and value is not None:
+                out[key] = label(value)
+            elif isinstance(value, (list, tuple)):
+                out[key] = list(value)
+        return out
+
+
+@dataclasses.dataclass
+class AlignmentOptions(AnalysisOptions):
+    """:class:`AnalysisOptions` plus the alignment's own: ``num_samples`` (N images; default min(10000, size),
+    procedural shapes 512), ``target_kind`` (cls | mean_patch), ``metric`` (names of :data:`METRICS`), ``topk``
+    (k of the kNN metrics), ``bootstrap`` (half-sampling replicates for 95% intervals, 0 = off),
+    ``plot_timestep`` (time of the cross-checkpoint figures; default: the one nearest 0.5)."""
+
+    batch_size: int = 256
+    num_samples: int | None = None
+    target_kind: str = "cls"
+    metric: Any = ("cknna",)
+    topk: int = 10
+    bootstrap: int = 0
+    plot_timestep: Any = None
+
+    def validate(self) -> None:
+        super().validate()
+        self.num_samples = _int("num_samples", self.num_samples, optional=True)
+        _choice("target_kind", self.target_kind, TARGET_KINDS)
+        self.metric = parse_metrics(self.metric)
+        self.topk = _int("topk", self.topk, minimum=2)
+        self.bootstrap = _int("bootstrap", self.bootstrap, minimum=0)
+        if self.bootstrap == 1:
+            raise OptionsError("--bootstrap must be 0 (off) or >= 2 replicates, got 1")
+        if self.plot_timestep is None:
+            self.plot_timestep = min(self.timesteps, key=lambda v: (abs(as_float(v) - 0.5), as_float(v)))
+        else:
+            try:
+                self.plot_timestep = parse_time(self.plot_timestep, "--plot-timestep")
+            except TimeError as exc:
+                raise OptionsError(str(exc)) from None
+            if self.plot_timestep not in self.timesteps:
+                raise OptionsError(f"--plot-timestep {label(self.plot_timestep)} is not one of --timesteps "
+                                   f"{[label(t) for t in self.timesteps]}")
+
+
+@dataclasses.dataclass
+class ProbeOptions(AnalysisOptions):
+    """:class:`AnalysisOptions` plus the probes' own: ``task`` (linear | segmentation), ``num_train`` /
+    ``num_test`` (images per split; default the whole split, shapes 2000 / 500), ``backend`` (sklearn | torch,
+    linear only), ``epochs`` (torch / segmentation probe), ``encoder_reference`` (also probe the encoder),
+    ``max_feature_gb`` (features held per extraction pass). The model is always fed its null class."""
+
+    timesteps: Any = (0.0, 0.25, 0.5)
+    task: str = "linear"
+    num_train: int | None = None
+    num_test: int | None = None
+    backend: str = "sklearn"
+    epochs: int | None = None
+    encoder_reference: bool = False
+    max_feature_gb: float = 4.0
+
+    def validate(self) -> None:
+        super().validate()
+        _choice("task", self.task, TASKS)
+        _choice("backend", self.backend, BACKENDS)
+        if self.labels != "null":
+            raise OptionsError("--labels must be null for probes: the true class would hand the probe its answer")
+        self.num_train = _int("num_train", self.num_train, optional=True)
+        self.num_test = _int("num_test", self.num_test, optional=True)
+        self.epochs = _int("epochs", self.epochs, optional=True)
+        if isinstance(self.max_feature_gb, bool) or not isinstance(self.max_feature_gb, numbers.Real) \
+                or not self.max_feature_gb > 0:
+            raise OptionsError(f"--max-feature-gb must be a number > 0, got {self.max_feature_gb!r}")
+
+    @property
+    def prefix(self) -> str:
+        """Output name: ``probe`` (linear) or ``segment`` (segmentation)."""
+        return "probe" if self.task == "linear" else "segment"
+

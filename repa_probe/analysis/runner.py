@@ -1,0 +1,196 @@
+"""The run skeleton every analysis of checkpoints shares, and the result writers.
+
+An analysis is a subclass of :class:`Analysis` that fills in a few hooks; :func:`run_analysis` does the rest:
+
+1. check the options (validated :class:`~repa_probe.analysis.options.AnalysisOptions`), resolve the device;
+2. load every checkpoint once (:func:`~repa_probe.analysis.inputs.load_checkpoints`: our files and official
+   ones; small models stay in memory), then ``analysis.setup(run)``: validate everything else and resolve
+   the light inputs (data, VAE, encoder) — every user error surfaces here, before any heavy work — and
+   make the output directory (checked writable);
+3. ``analysis.prepare(run)``: heavy work shared by all checkpoints (model inputs, encoder features); it may
+   return rows that belong to no checkpoint (e.g. the probes' encoder reference rows);
+4. for each checkpoint: take its model (loading it again if it was not kept), move it to the device,
+   ``rows += analysis.analyse(run, entry, model)``, free the model, rewrite ``{csv_name}`` (a long run leaves
+   partial results behind);
+5. ``analysis.figures(run, rows)`` -> ``figures/*.pdf|png``, then ``summary.json`` (common fields plus
+   ``analysis.summary(run, rows)``) and ``options.json`` (the resolved options) beside the CSV.
+
+Sketch of a new analysis::
+
+    class FooAnalysis(Analysis):
+        name, columns = "foo", ("checkpoint", "step", "metric", "value")
+        def setup(self, run): self.data = resolve_source(run.entries, run.options)
+        def analyse(self, run, entry, model): return [dict(checkpoint=entry.label, step=entry.info.step, ...)]
+
+    def run_foo(ckpts, out_dir, options=None):
+        return run_analysis(FooAnalysis(), ckpts, out_dir, options or FooOptions())
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import logging
+import math
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from repa_probe.analysis.inputs import AnalysisInputError, CheckpointEntry, load_checkpoints
+from repa_probe.devices import resolve_device
+
+log = logging.getLogger("repa_probe")
+
+
+# ------------------------------------------------------------------------------------------- writers
+def write_csv(rows: Sequence[dict], path: Path, columns: Sequence[str]) -> Path:
+    """Rows -> CSV with ``columns`` (missing or None values as empty cells; extra keys ignored), atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+    tmp.replace(path)
+    return path
+
+
+def _clean(obj):
+    """NaN / inf floats -> None, recursively (strict JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, (Path, torch.device)) or dataclasses.is_dataclass(obj):
+        return str(obj)
+    return repr(obj)
+
+
+def write_json(obj: Any, path: Path) -> Path:
+    """``obj`` -> strict JSON (NaN/inf as null; paths, devices, times as strings), written atomically."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=2, default=_json_default))
+    tmp.replace(path)
+    return path
+
+
+def versions() -> dict:
+    """Python / torch / numpy versions and the git commit of this code (None outside a checkout)."""
+    import numpy
+
+    out = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    try:
+        out["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, text=True,
+                                           capture_output=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = None
+    return out
+
+
+def make_out_dir(out_dir) -> Path:
+    """``out_dir`` and ``out_dir/figures``, created and checked writable (:class:`AnalysisInputError`)."""
+    out = Path(out_dir)
+    try:
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+        (out / ".write_test").write_text("ok")
+        (out / ".write_test").unlink()
+    except OSError as exc:
+        raise AnalysisInputError(f"--out {out} is not writable ({exc.strerror or exc})") from None
+    return out
+
+
+# ------------------------------------------------------------------------------------------ skeleton
+@dataclasses.dataclass
+class Run:
+    """What the hooks see: the validated ``options``, the output directory ``out``, the ``device`` and the
+    loaded checkpoint ``entries`` (in the order given)."""
+
+    options: Any
+    out: Path
+    device: torch.device
+    entries: list[CheckpointEntry]
+
+
+class Analysis:
+    """Base of every analysis run by :func:`run_analysis` (see the module docstring).
+
+    Attributes: ``name`` (``{name}.csv``, log lines), ``columns`` (the CSV columns).
+    """
+
+    name: str = "analysis"
+    columns: Sequence[str] = ()
+
+    @property
+    def csv_name(self) -> str:
+        return f"{self.name}.csv"
+
+    def setup(self, run: Run) -> None:
+        """Validate and resolve light inputs; raise user errors here (before any heavy work)."""
+
+    def prepare(self, run: Run) -> list[dict] | None:
+        """Heavy work shared by every checkpoint (inputs, targets); optionally rows of no checkpoint."""
+
+    def analyse(self, run: Run, entry: CheckpointEntry, model) -> list[dict]:
+        """Rows (dicts with :attr:`columns` keys) for one checkpoint; ``model`` is on ``run.device``, eval."""
+        raise NotImplementedError
+
+    def figures(self, run: Run, rows: list[dict]) -> list[Path]:
+        """Figures under ``run.out / "figures"``; returns their paths."""
+        return []
+
+    def summary(self, run: Run, rows: list[dict]) -> dict:
+        """Analysis-specific entries of ``summary.json``."""
+        return {}
+
+
+def run_analysis(analysis: Analysis, ckpts: Sequence, out_dir, options) -> dict:
+    """Run ``analysis`` on checkpoint files / run directories ``ckpts`` with validated ``options``; write
+    ``{name}.csv``, ``summary.json``, ``options.json`` and ``figures/`` under ``out_dir``.
+
+    Returns the summary dict (also written to ``summary.json``).
+    """
+    options.validate()
+    device = resolve_device(options.device)
+    run = Run(options, Path(out_dir), device, load_checkpoints(ckpts, options))
+    analysis.setup(run)
+    out = make_out_dir(out_dir)
+    start = time.perf_counter()
+    rows: list[dict] = list(analysis.prepare(run) or [])
+    for entry in run.entries:
+        model = entry.take_model().to(device)
+        log.info("%s: %s (%s, %s time, step %s)", analysis.name, entry.label, entry.info.family,
+                 entry.info.time_convention, entry.info.step)
+        rows += analysis.analyse(run, entry, model)
+        del model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        write_csv(rows, out / analysis.csv_name, analysis.columns)
+    figures = analysis.figures(run, rows)
+    summary = {
+        "analysis": analysis.name,
+        **analysis.summary(run, rows),
+        "options": options.to_dict(),
+        "device": str(device),
+        "checkpoints": [e.describe() for e in run.entries],
+        "versions": versions(),
+        "seconds": time.perf_counter() - start,
+        "files": {"csv": analysis.csv_name, "options": "options.json",
+                  "figures": [str(Path(p).relative_to(out)) for p in figures]},
+    }
+    write_json(options.to_dict(), out / "options.json")
+    write_json(summary, out / "summary.json")
+    return summary
