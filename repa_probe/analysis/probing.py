@@ -57,10 +57,8 @@ def layer_groups(layers: Sequence[int], num_samples: int, values_per_sample: int
 
 
 def _metric_rows(task: str, result, base: dict) -> list[dict]:
-    values = {"top1": result.top1, "top5": result.top5} if task == "linear" else \
-        {"miou": result.miou, "pixel_acc": result.pixel_acc}
     return [dict(base, metric=k, value=v, num_train=result.num_train, num_test=result.num_test)
-            for k, v in values.items()]
+            for k, v in result.metrics().items()]  # top5 only with more than 5 classes
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> None:
@@ -183,7 +181,7 @@ def run_probes(task: str, ckpts: Sequence, out_dir, data=None, data_root=None, l
             rows += _metric_rows(task, res, base)
             details.append(dict(base, **res.to_dict()))
             log.info("%s reference %s %s: %s", prefix, enc.name, kind,
-                     ", ".join(f"{r['metric']}={r['value']:.4f}" for r in rows[-len(metrics):]))
+                     ", ".join(f"{k}={v:.4f}" for k, v in res.metrics().items()))
         enc = enc.to("cpu")
 
     for e in entries:
@@ -204,7 +202,7 @@ def run_probes(task: str, ckpts: Sequence, out_dir, data=None, data_root=None, l
                     rows += _metric_rows(task, res, base)
                     details.append(dict(base, **res.to_dict()))
                     log.info("%s %s block %d t=%g: %s", prefix, e.label, layer, float(t),
-                             ", ".join(f"{r['metric']}={r['value']:.4f}" for r in rows[-len(metrics):]))
+                             ", ".join(f"{k}={v:.4f}" for k, v in res.metrics().items()))
                 del feats
         write_csv(rows, out / f"{prefix}.csv")
         e.model = None
@@ -213,9 +211,7 @@ def run_probes(task: str, ckpts: Sequence, out_dir, data=None, data_root=None, l
             torch.cuda.empty_cache()
 
     write_csv(rows, out / f"{prefix}.csv")
-    # top-5 of 5 classes or fewer is 1 by construction: not worth a figure
-    plotted = [m for m in metrics if not (m == "top5" and pdata.num_classes <= 5)]
-    figures = make_probe_figures(rows, out / "figures", prefix, plotted)
+    figures = make_probe_figures(rows, out / "figures", prefix, metrics)  # metrics without rows are skipped
     summary = {
         "task": task,
         "settings": dict(timesteps=timesteps, layers=layer_spec, backend=backend if task == "linear" else None,

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from repa_probe.analysis.inputs import agreed
+from repa_probe.analysis.probes.linear import default_probe_data
 from repa_probe.errors import ReproError
 
 log = logging.getLogger("repa_probe")
@@ -105,6 +106,9 @@ def resolve_probe_data(entries: Sequence, task: str, data=None, data_root=None, 
         d = agreed(ours, "data", lambda c: dict(name=c.data.name, root=c.data.root, res=c.data.resolution,
                                                  seed=c.run.seed, classes=c.data.num_classes), ProbeSetupError)
         data, data_root, resolution, data_seed = d["name"], d["root"], d["res"], d["seed"]
+        if task == "linear" and default_probe_data(data) != data:
+            log.info("linear probe of a %s run: probing %s (pass --data to choose)", data, default_probe_data(data))
+            data, data_root = default_probe_data(data), None
         shapes_classes = d["classes"] if data == "shapes" else None
         if data not in TASK_DATASETS[task]:
             raise ProbeSetupError(f"the checkpoints were trained on {data!r}, which is not a {task} probe dataset; "
