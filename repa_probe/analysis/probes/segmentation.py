@@ -150,6 +150,23 @@ def _check_masks(m: Any, n: int, name: str, num_classes: int, ignore_index: int)
     return m
 
 
+def _interp_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """``(n_out, n_in)`` weights of 1-D linear interpolation as ``F.interpolate(mode="linear",
+    align_corners=False)`` computes it (obtained by interpolating the identity, so the conventions match)."""
+    eye = torch.eye(n_in, device=device)[:, None, :]                                       # (n_in, 1, n_in)
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0, :].T.contiguous()
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple) -> torch.Tensor:
+    """Bilinear upsampling ``(B, K, h, w)`` → ``(B, K, H, W)``, equal to ``F.interpolate(mode="bilinear",
+    align_corners=False)`` (to float rounding) but computed as two small matrix products ``U_h @ x @ U_w^T``:
+    on the CPU its backward pass is several times faster than the interpolation kernel's."""
+    h, w = logits.shape[-2:]
+    u_h = _interp_matrix(h, int(size[0]), logits.device)
+    u_w = u_h if (w, size[1]) == (h, size[0]) else _interp_matrix(w, int(size[1]), logits.device)
+    return u_h @ logits @ u_w.T
+
+
 class _Head(torch.nn.Module):
     """Optional BatchNorm2d (no affine, cumulative running statistics) + 1x1 conv: (B, D, h, w) → (B, K, h, w)."""
 
@@ -193,7 +210,7 @@ def _train_epoch(head, opt, sched, data: _Data, idx: torch.Tensor, batch_size: i
         x, y = data.batch(perm[start: start + batch_size].sort().values)
         if batchnorm and x.shape[0] * x.shape[2] * x.shape[3] == 1:
             continue  # BatchNorm cannot normalise a single value per channel (1x1 grid, last batch of 1)
-        logits = F.interpolate(head(x), size=y.shape[-2:], mode="bilinear", align_corners=False)
+        logits = upsample_logits(head(x), y.shape[-2:])
         loss = F.cross_entropy(logits, y, ignore_index=ignore_index)
         opt.zero_grad(set_to_none=True)
         if torch.isfinite(loss):  # a batch of only ignored pixels gives NaN: nothing to learn from it
@@ -210,7 +227,7 @@ def _confusion(head, data: _Data, idx: torch.Tensor, num_classes: int, ignore_in
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=data.device)
     for start in range(0, len(idx), batch_size):
         x, y = data.batch(idx[start: start + batch_size])
-        pred = F.interpolate(head(x), size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
+        pred = upsample_logits(head(x), y.shape[-2:]).argmax(1)
         conf += confusion_matrix(pred, y, num_classes, ignore_index)
     return conf
 
