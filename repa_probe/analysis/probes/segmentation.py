@@ -120,9 +120,9 @@ def _grid(tokens: Array, name: str) -> tuple[int, int, int, int]:
     return 2, int(tokens.shape[2]), side, side
 
 
-def _maps(b: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """A gathered batch ``(B, T, D)`` or ``(B, D, h, w)`` → ``(B, D, h, w)``."""
-    return b.transpose(1, 2).reshape(b.shape[0], -1, h, w) if b.ndim == 3 else b
+def _tokens(b: torch.Tensor) -> torch.Tensor:
+    """A gathered batch ``(B, T, D)`` or ``(B, D, h, w)`` → ``(B, T, D)`` tokens (row-major grid)."""
+    return b.flatten(2).transpose(1, 2) if b.ndim == 4 else b
 
 
 def _gather_masks(m: Array, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -168,17 +168,21 @@ def upsample_logits(logits: torch.Tensor, size: tuple) -> torch.Tensor:
 
 
 class _Head(torch.nn.Module):
-    """Optional BatchNorm2d (no affine, cumulative running statistics) + 1x1 conv: (B, D, h, w) → (B, K, h, w)."""
+    """Optional BatchNorm (no affine, cumulative running statistics, over batch and grid positions) + a linear
+    map per patch (a 1x1 convolution): tokens ``(B, T, D)`` on a ``grid = (h, w)`` → logits ``(B, K, h, w)``.
+    Works in the token layout: on the CPU a 1x1 convolution's backward pass is several times slower."""
 
     def __init__(self, dim: int, num_classes: int, batchnorm: bool):
         super().__init__()
-        self.bn = torch.nn.BatchNorm2d(dim, affine=False, momentum=None) if batchnorm else torch.nn.Identity()
-        self.conv = torch.nn.Conv2d(dim, num_classes, kernel_size=1)
+        self.bn = torch.nn.BatchNorm1d(dim, affine=False, momentum=None) if batchnorm else torch.nn.Identity()
+        self.conv = torch.nn.Linear(dim, num_classes)
         torch.nn.init.zeros_(self.conv.weight)
         torch.nn.init.zeros_(self.conv.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.bn(x))
+    def forward(self, x: torch.Tensor, grid: tuple) -> torch.Tensor:
+        b, t, d = x.shape
+        logits = self.conv(self.bn(x.reshape(b * t, d)))                                  # (B*T, K)
+        return logits.reshape(b, *grid, -1).permute(0, 3, 1, 2)
 
 
 def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,13 +196,13 @@ def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.
 
 
 class _Data:
-    """Tokens + masks of one split, read in batches as standardised ``(B, D, h, w)`` maps and ``(B, H, W)``."""
+    """Tokens + masks of one split, read in batches as standardised ``(B, T, D)`` tokens and ``(B, H, W)``."""
 
     def __init__(self, tokens: Array, masks: Array, grid: tuple, mean, std, device: torch.device):
         self.tokens, self.masks, self.grid, self.mean, self.std, self.device = tokens, masks, grid, mean, std, device
 
     def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = (_maps(gather(self.tokens, idx, self.device), *self.grid) - self.mean) / self.std
+        x = (_tokens(gather(self.tokens, idx, self.device)) - self.mean) / self.std
         return x, _gather_masks(self.masks, idx, self.device)
 
 
@@ -208,9 +212,9 @@ def _train_epoch(head, opt, sched, data: _Data, idx: torch.Tensor, batch_size: i
     perm = idx[torch.randperm(len(idx), generator=gen)]
     for start in range(0, len(perm), batch_size):
         x, y = data.batch(perm[start: start + batch_size].sort().values)
-        if batchnorm and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+        if batchnorm and x.shape[0] * x.shape[1] == 1:
             continue  # BatchNorm cannot normalise a single value per channel (1x1 grid, last batch of 1)
-        logits = upsample_logits(head(x), y.shape[-2:])
+        logits = upsample_logits(head(x, data.grid), y.shape[-2:])
         loss = F.cross_entropy(logits, y, ignore_index=ignore_index)
         opt.zero_grad(set_to_none=True)
         if torch.isfinite(loss):  # a batch of only ignored pixels gives NaN: nothing to learn from it
@@ -227,7 +231,7 @@ def _confusion(head, data: _Data, idx: torch.Tensor, num_classes: int, ignore_in
     conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=data.device)
     for start in range(0, len(idx), batch_size):
         x, y = data.batch(idx[start: start + batch_size])
-        pred = upsample_logits(head(x), y.shape[-2:]).argmax(1)
+        pred = upsample_logits(head(x, data.grid), y.shape[-2:]).argmax(1)
         conf += confusion_matrix(pred, y, num_classes, ignore_index)
     return conf
 
@@ -293,7 +297,7 @@ def fit_segmentation_probe(train_tokens: Array, train_masks: Array, test_tokens:
     train_tokens = check_features(train_tokens, "train_tokens", (3, 4))
     test_tokens = check_features(test_tokens, "test_tokens", (3, 4))
     ch, dim, h, w = _grid(train_tokens, "train_tokens")
-    ch_t, dim_t, h_t, w_t = _grid(test_tokens, "test_tokens")
+    _, dim_t, h_t, w_t = _grid(test_tokens, "test_tokens")
     if dim_t != dim:
         raise ProbeInputError(f"train_tokens have {dim} channels but test_tokens have {dim_t}")
     n, m = int(train_tokens.shape[0]), int(test_tokens.shape[0])
@@ -304,7 +308,6 @@ def fit_segmentation_probe(train_tokens: Array, train_masks: Array, test_tokens:
     dev = resolve_device(device)
     mean, std = channel_stats(train_tokens, "train_tokens", ch, dev)
     check_finite(test_tokens, "test_tokens", dev)
-    mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
     train = _Data(train_tokens, train_masks, (h, w), mean, std, dev)
     test = _Data(test_tokens, test_masks, (h_t, w_t), mean, std, dev)
     head = _Head(dim, num_classes, batchnorm).to(dev)
