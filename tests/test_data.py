@@ -381,3 +381,19 @@ def test_collate_stacks_and_checks():
     assert b["image"].shape == (2, 3, 2, 2) and b["label"].tolist() == [1, 2]
     with pytest.raises(DatasetError, match="image"):
         collate([{"image": torch.zeros(3, 2, 2)}, {"image": torch.zeros(3, 4, 4)}])
+
+
+def test_shapes_batched_fetch_equals_items():
+    from torch.utils.data import DataLoader
+
+    from repa_probe.data import collate
+
+    ds = ShapesDataset(40, seed=3, num_classes=6)
+    items = [ds[i] for i in (5, 0, 39, -1)]
+    batch = ds.__getitems__([5, 0, 39, -1])  # what a DataLoader calls for a whole batch
+    for a, b in zip(items, batch):
+        assert all(torch.equal(a[k], b[k]) for k in ("image", "label", "mask"))
+    loaded = next(iter(DataLoader(ds, batch_size=40, collate_fn=collate)))
+    assert torch.equal(loaded["image"][17], ds[17]["image"]) and torch.equal(loaded["label"], torch.arange(40) % 6)
+    with pytest.raises(IndexError):
+        ds.__getitems__([3, 40])
