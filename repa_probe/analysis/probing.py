@@ -35,7 +35,7 @@ from repa_probe.analysis.inputs import (checkpoint_paths, load_entries, meta_mod
 from repa_probe.analysis.features import extract_features, prepare_inputs, resolve_layers
 from repa_probe.analysis.probes import fit_linear_probe, fit_segmentation_probe
 from repa_probe.analysis.probes.inputs import ProbeSetupError, collect_masks, resolve_probe_data, resolve_reference_encoder
-from repa_probe.analysis.probes.plots import make_probe_figures
+from repa_probe.analysis.probes.plots import chance_levels, make_probe_figures
 from repa_probe.analysis.targets import encoder_features
 
 log = logging.getLogger("repa_probe")
@@ -211,7 +211,8 @@ def run_probes(task: str, ckpts: Sequence, out_dir, data=None, data_root=None, l
             torch.cuda.empty_cache()
 
     write_csv(rows, out / f"{prefix}.csv")
-    figures = make_probe_figures(rows, out / "figures", prefix, metrics)  # metrics without rows are skipped
+    figures = make_probe_figures(rows, out / "figures", prefix, metrics,  # metrics without rows are skipped
+                                 chance=chance_levels(task, pdata.num_classes))
     summary = {
         "task": task,
         "settings": dict(timesteps=timesteps, layers=layer_spec, backend=backend if task == "linear" else None,
