@@ -7,9 +7,12 @@
    - ``SiT-B/2``: on 32x32x4 latents (what a 256 px image becomes through the SD VAE). The VAE itself is
      not timed (no pretrained weights offline): the inputs are random latents in a ModelInputs.
 2. Fitting: :func:`repa_probe.analysis.probes.fit_linear_probe` on synthetic Gaussian-blob features (N train,
-   N/5 test, D = 768), both backends, default hyper-parameter grids (sklearn: C in {0.01, 0.1, 1} + refit;
-   torch: 2 lr x 2 weight decays trained together, 30 epochs, + refit). 1000 classes is too large for a
-   CPU run; the default class counts are 10 and 100.
+   N/5 test, D = 768), both backends, default hyper-parameter grids (sklearn: C = 0.001 ... 10 by decades,
+   warm-started, + refit, one BLAS thread; torch: 2 lr x 2 weight decays trained together, 30 epochs, + refit). 1000 classes
+   is too large for a CPU run; the default class counts are 10 and 100.
+3. Segmentation fitting: :func:`repa_probe.analysis.probes.fit_segmentation_probe` with its defaults (at most
+   10 epochs, early stopping on 10% held out) on the tiny run's geometry: 2000 / 500 shapes, 8x8 tokens of
+   width 128 (the one-hot 8x8 mask plus Gaussian noise: a probe can learn it, but not perfectly), 32x32 masks.
 
 Prints one JSON line per measurement.
 
@@ -84,6 +87,28 @@ def bench_fit(backend: str, n: int, dim: int, classes: int, device: torch.device
                 device=str(device) if backend == "torch" else "cpu")
 
 
+def bench_seg_fit(n: int, dim: int, noise: float, device: torch.device) -> dict:
+    import torch.nn.functional as F
+
+    from repa_probe.analysis.probes import fit_segmentation_probe
+    from repa_probe.data import ShapesDataset
+
+    def split(name: str, size: int, seed: int):
+        masks = ShapesDataset(size, resolution=32, split=name).render(range(size))["mask"]      # (N, 32, 32)
+        onehot = F.one_hot(masks[:, 2::4, 2::4], 5).float().reshape(size, 64, 5)              # (N, 64, 5)
+        g = torch.Generator().manual_seed(seed)
+        tokens = torch.cat([onehot, torch.zeros(size, 64, dim - 5)], -1) + noise * torch.randn(size, 64, dim,
+                                                                                               generator=g)
+        return tokens, masks
+
+    (tx, tm), (vx, vm) = split("train", n, 0), split("val", n // 4, 1)
+    t0 = time.perf_counter()
+    res = fit_segmentation_probe(tx, tm, vx, vm, 5, device=device)
+    dt = time.perf_counter() - t0
+    return dict(bench="seg_fit", n_train=n, n_test=n // 4, dim=dim, seconds=round(dt, 2), miou=round(res.miou, 4),
+                epochs_run=res.hparams["epochs_run"], best_epoch=res.hparams["best_epoch"], device=str(device))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
@@ -98,6 +123,8 @@ def main() -> None:
     p.add_argument("--backends", default="sklearn,torch")
     p.add_argument("--skip-extract", action="store_true")
     p.add_argument("--skip-fit", action="store_true")
+    p.add_argument("--seg-n", type=int, default=2000, help="training images of the segmentation fit benchmark "
+                   "(0 = skip it)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,6 +139,8 @@ def main() -> None:
         for classes in (int(c) for c in args.classes.split(",")):
             for backend in args.backends.split(","):
                 print(json.dumps(bench_fit(backend, args.num, args.dim, classes, device)), flush=True)
+    if args.seg_n:
+        print(json.dumps(bench_seg_fit(args.seg_n, 128, 1.0, device)), flush=True)
 
 
 if __name__ == "__main__":

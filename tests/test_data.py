@@ -410,3 +410,17 @@ def test_loader_flips_all_spatial_keys_by_seed_epoch_index_and_resumes_exactly()
     for b in batches[7:]:
         r = next(rest)
         assert all(torch.equal(r[key], b[key]) for key in b)
+def test_shapes_batched_fetch_equals_items():
+    from torch.utils.data import DataLoader
+
+    from repa_probe.data import collate
+
+    ds = ShapesDataset(40, seed=3, num_classes=6)
+    items = [ds[i] for i in (5, 0, 39, -1)]
+    batch = ds.__getitems__([5, 0, 39, -1])  # what a DataLoader calls for a whole batch
+    for a, b in zip(items, batch):
+        assert all(torch.equal(a[k], b[k]) for k in ("image", "label", "mask"))
+    loaded = next(iter(DataLoader(ds, batch_size=40, collate_fn=collate)))
+    assert torch.equal(loaded["image"][17], ds[17]["image"]) and torch.equal(loaded["label"], torch.arange(40) % 6)
+    with pytest.raises(IndexError):
+        ds.__getitems__([3, 40])

@@ -36,14 +36,15 @@ def _rows(path):
 
 def test_probe_cli_end_to_end(tiny_ckpt, tmp_path):
     out = tmp_path / "probe"
-    assert probe_main(["--ckpt", tiny_ckpt, "--out", str(out), "--num-train", "64", "--num-test", "32",
-                       "--layers", "1,4", "--timesteps", "0,1", "--encoder-reference", "-q"]) == 0
+    assert probe_main(["--ckpt", tiny_ckpt, "--out", str(out), "--data", "shapes", "--num-train", "64",
+                       "--num-test", "32", "--layers", "1,4", "--timesteps", "0,1", "--encoder-reference", "-q"]) == 0
     rows = _rows(out / "probe.csv")
     model = [r for r in rows if r["source"] == "model"]
     refs = [r for r in rows if r["source"] != "model"]
-    assert len(model) == 2 * 2 * 2  # layers x timesteps x (top1, top5)
+    assert len(model) == 2 * 2  # layers x timesteps x top1 (4 classes: top-5 is 1 by construction, not reported)
+    assert {r["metric"] for r in rows} == {"top1"}
     assert {(r["layer"], r["timestep"]) for r in model} == {("1", "0.0"), ("4", "0.0"), ("1", "1.0"), ("4", "1.0")}
-    assert {r["source"] for r in refs} == {"encoder:cls", "encoder:mean_patch"} and len(refs) == 4
+    assert {r["source"] for r in refs} == {"encoder:cls", "encoder:mean_patch"} and len(refs) == 2
     assert all(r["checkpoint"] == "tiny/0000002" and r["step"] == "2" for r in model)
     assert all(0.0 <= float(r["value"]) <= 1.0 for r in rows)
     # at t = 1 the input is pure noise: a probe must sit near chance (0.25). Well above it would mean the
@@ -53,9 +54,28 @@ def test_probe_cli_end_to_end(tiny_ckpt, tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == "linear" and summary["settings"]["num_train"] == 64
     assert len(summary["details"]) == 6 and all("hparams" in d and "C" in d["hparams"] for d in summary["details"])
+    assert all("top5" not in d for d in summary["details"]) and summary["settings"]["data"] == "shapes"
     for ext in ("pdf", "png"):
         assert (out / "figures" / f"probe_top1.{ext}").stat().st_size > 0
     assert not (out / "figures" / "probe_top5.png").exists()  # 4 classes: top-5 is 1 by construction
+
+
+def test_probe_demo_default_is_above_chance_and_falls_with_noise(tiny_ckpt, tmp_path):
+    """The README's demo: with only --ckpt / --out, a shapes-trained run is probed on digits (shapes classes are
+    not linearly separable, so a probe there sits at chance whatever the model). Clean inputs must be read well
+    above chance (0.1), pure noise must not be."""
+    out = tmp_path / "demo"
+    assert probe_main(["--ckpt", tiny_ckpt, "--out", str(out), "--num-train", "300", "--num-test", "150",
+                       "--layers", "1,4", "--timesteps", "0,1", "-q"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["data"] == "digits" and summary["settings"]["num_classes"] == 10
+    top1 = {(r["layer"], r["timestep"]): r["value"] for r in summary["rows"] if r["metric"] == "top1"}
+    clean = max(v for (_, t), v in top1.items() if t == 0.0)
+    noise = max(v for (_, t), v in top1.items() if t == 1.0)
+    assert clean > 0.1 + 0.4, top1
+    assert noise < 0.1 + 0.15 and clean > noise + 0.3, top1
+    assert {r["metric"] for r in _rows(out / "probe.csv")} == {"top1", "top5"}  # 10 classes: top-5 reported
+    assert (out / "figures" / "probe_top5.png").is_file()
 
 
 def test_probe_cli_torch_backend_on_digits(tiny_ckpt, tmp_path):

@@ -12,6 +12,7 @@ from repa_probe.analysis.probes import (ADE20KSegmentation, ProbeInputError, VOC
                                fit_linear_probe, fit_segmentation_probe, iou_from_confusion, miou,
                                stratified_holdout)
 from repa_probe.analysis.probes.common import channel_stats
+from repa_probe.analysis.probes.segmentation import upsample_logits
 
 K = 4
 
@@ -32,7 +33,10 @@ def test_linear_probe_separable_and_random(backend):
     tx, ty = _blobs(240, seed=0)
     vx, vy = _blobs(240, seed=1)
     res = fit_linear_probe(tx, ty, vx, vy, backend=backend)
-    assert res.top1 >= 0.97 and res.top5 == 1.0 and res.topk == K
+    assert res.top1 >= 0.97
+    # 4 classes: top-5 would be 1 by construction, so it is not reported
+    assert res.top5 is None and res.topk is None and list(res.metrics()) == ["top1"]
+    assert "top5" not in res.to_dict()
     assert res.hparams["selection"] == "held-out" and res.val_top1 is not None and res.sweep
     g = torch.Generator().manual_seed(5)
     rnd = fit_linear_probe(torch.randn(240, 16, generator=g), ty, torch.randn(240, 16, generator=g), vy,
@@ -46,7 +50,7 @@ def test_top5_with_many_classes(backend):
     vx, vy = _blobs(300, d=12, k=10, sep=0.6, seed=1)
     res = fit_linear_probe(tx, ty, vx, vy, backend=backend, num_classes=10)
     assert 0.1 < res.top1 < res.top5 < 1.0  # overlapping classes: top-5 strictly easier, not trivial
-    assert res.topk == 5
+    assert res.topk == 5 and list(res.metrics()) == ["top1", "top5"] and res.to_dict()["top5"] == res.top5
 
 
 def test_torch_backend_streams_from_memmap(tmp_path):
@@ -172,6 +176,35 @@ def test_segmentation_probe_on_shapes():
     noise = fit_segmentation_probe(torch.randn(48, 64, 16, generator=g), tr_mask, torch.randn(48, 64, 16, generator=g),
                                    te_mask, K + 1, **kw)
     assert noise.miou < 0.3, noise
+
+
+@pytest.mark.parametrize("shape,size", [((2, 3, 8, 8), (32, 32)), ((2, 3, 5, 7), (20, 33)), ((1, 2, 1, 1), (4, 4)),
+                                        ((1, 2, 6, 6), (6, 6))])
+def test_upsample_logits_matches_bilinear_interpolation(shape, size):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    ours = upsample_logits(x, size)
+    ref = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn(ref.shape)
+    g_ours, = torch.autograd.grad((ours * w).sum(), x)
+    g_ref, = torch.autograd.grad((ref * w).sum(), x)
+    torch.testing.assert_close(g_ours, g_ref, atol=1e-5, rtol=1e-5)
+
+
+def test_segmentation_early_stopping():
+    tr_tok, tr_mask = _shape_tokens("train", 40)
+    te_tok, te_mask = _shape_tokens("val", 20, seed=2)
+    full = fit_segmentation_probe(tr_tok, tr_mask, te_tok, te_mask, K + 1, epochs=4, batch_size=8, val_fraction=0)
+    assert full.hparams["epochs_run"] == 4 and full.hparams["val_miou"] is None and full.hparams["num_fit"] == 40
+    # features without any signal: the held-out mIoU stops improving, so training stops long before 30 epochs
+    g = torch.Generator().manual_seed(3)
+    noise = fit_segmentation_probe(torch.randn(40, 64, 16, generator=g), tr_mask, torch.randn(20, 64, 16, generator=g),
+                                   te_mask, K + 1, epochs=30, batch_size=8, patience=2)
+    hp = noise.hparams
+    assert hp["num_fit"] == 36 and hp["epochs_run"] < 30 and hp["epochs_run"] - hp["best_epoch"] == 2, hp
+    assert 0.0 <= hp["val_miou"] <= 1.0
+    with pytest.raises(ProbeInputError, match="patience"):
+        fit_segmentation_probe(tr_tok, tr_mask, te_tok, te_mask, K + 1, patience=0)
 
 
 def test_segmentation_ignore_index_is_not_learned():

@@ -28,7 +28,7 @@ from repa_probe.analysis.inputs import check_times_and_layers, resolve_encoder
 from repa_probe.analysis.options import ProbeOptions
 from repa_probe.analysis.probes import fit_linear_probe, fit_segmentation_probe
 from repa_probe.analysis.probes.inputs import ProbeSetupError, collect_masks, resolve_probe_data
-from repa_probe.analysis.probes.plots import make_probe_figures
+from repa_probe.analysis.probes.plots import chance_levels, make_probe_figures
 from repa_probe.analysis.runner import Analysis, Run, run_analysis
 from repa_probe.analysis.targets import encoder_features
 from repa_probe.timesteps import TIME_HELP, label
@@ -52,10 +52,8 @@ def layer_groups(layers: Sequence[int], num_samples: int, values_per_sample: int
 
 
 def _metric_rows(task: str, result, base: dict) -> list[dict]:
-    values = {"top1": result.top1, "top5": result.top5} if task == "linear" else \
-        {"miou": result.miou, "pixel_acc": result.pixel_acc}
     return [dict(base, metric=k, value=v, num_train=result.num_train, num_test=result.num_test)
-            for k, v in values.items() if v is not None]
+            for k, v in result.metrics().items()]  # top5 only with more than 5 classes
 
 
 class ProbeAnalysis(Analysis):
@@ -113,9 +111,8 @@ class ProbeAnalysis(Analysis):
         return rows
 
     def figures(self, run: Run, rows: list[dict]) -> list:
-        # top-5 of 5 classes or fewer is 1 by construction: not worth a figure
-        plotted = [m for m in self.metrics if not (m == "top5" and self.data.num_classes <= 5)]
-        return make_probe_figures(rows, run.out / "figures", self.name, plotted)
+        return make_probe_figures(rows, run.out / "figures", self.name, self.metrics,  # metrics without rows skipped
+                                  chance=chance_levels(self.task, self.data.num_classes))
 
     def summary(self, run: Run, rows: list[dict]) -> dict:
         opts = run.options

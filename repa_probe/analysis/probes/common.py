@@ -116,8 +116,9 @@ def channel_stats(x: Array, name: str, channel_dim: int, device: torch.device) -
     """Per-channel mean and std of ``x`` over every other axis, checking finiteness on the way.
 
     ``channel_dim`` is the axis of the channels in ``x`` (1 for ``(N, D)`` and ``(N, D, h, w)``, 2 for
-    ``(N, T, D)``). Accumulates in float64; returns float32 ``(D,)`` tensors on ``device``. Constant
-    channels (std < ``STD_EPS``) get std 1, so standardising maps them to 0 instead of dividing by 0.
+    ``(N, T, D)``). Chunk statistics in float32 (two-pass), merged in float64; returns float32 ``(D,)``
+    tensors on ``device``. Constant channels (std < ``STD_EPS``) get std 1, so standardising maps them to 0
+    instead of dividing by 0.
     """
     total = torch.zeros((), dtype=torch.float64, device=device)
     s1 = s2 = None
@@ -127,14 +128,15 @@ def channel_stats(x: Array, name: str, channel_dim: int, device: torch.device) -
             ok = torch.isfinite(b).flatten(1).all(dim=1)
             row = int(idx[(~ok).nonzero()[0, 0].cpu()])
             raise ProbeInputError(f"{name} has NaN or inf values (first at row {row})")
-        b = b.movedim(channel_dim, -1).reshape(-1, b.shape[channel_dim]).double()
+        b = b.movedim(channel_dim, -1).reshape(-1, b.shape[channel_dim])
         if s1 is None:
             s1 = torch.zeros(b.shape[1], dtype=torch.float64, device=device)
             s2 = torch.zeros_like(s1)
-        mu_b = b.mean(0)
-        # Chan et al. parallel update of (count, mean, M2) keeps the variance accurate for large means
+        mu_b = b.mean(0)  # chunk statistics in float32, two-pass (centred first, so accurate)
+        d = b - mu_b
+        mu_b, m2_b = mu_b.double(), (d * d).sum(0).double()
+        # Chan et al. parallel update of (count, mean, M2) in float64 across chunks
         n_b = torch.tensor(float(b.shape[0]), dtype=torch.float64, device=device)
-        m2_b = ((b - mu_b) ** 2).sum(0)
         delta = mu_b - s1
         new_total = total + n_b
         s2 = s2 + m2_b + delta ** 2 * total * n_b / new_total

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from repa_probe.analysis.inputs import SHAPES_SIZES, DataSource, resolve_source
+from repa_probe.analysis.probes.linear import default_probe_data
 from repa_probe.errors import ReproError
 
 log = logging.getLogger("repa_probe")
@@ -91,6 +92,10 @@ def resolve_probe_data(entries: Sequence, options) -> ProbeData:
     (``options``: :class:`~repa_probe.analysis.options.ProbeOptions`)."""
     task = options.task
     source = resolve_source(entries, options)
+    probe_name = default_probe_data(source.name) if task == "linear" and source.from_config else source.name
+    if probe_name != source.name:
+        log.info("linear probe of a %s run: probing %s (pass --data to choose)", source.name, probe_name)
+        source = dataclasses.replace(source, name=probe_name, root=None, classes=None)
     if source.from_config and source.name not in TASK_DATASETS[task]:
         raise ProbeSetupError(f"the checkpoints were trained on {source.name!r}, which is not a {task} probe "
                               f"dataset; pass --data ({', '.join(TASK_DATASETS[task])})")

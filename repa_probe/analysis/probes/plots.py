@@ -30,8 +30,10 @@ def _frame(rows: Iterable[dict], metric: str) -> pd.DataFrame:
     return df[df.metric == metric].copy()
 
 
-def layer_curves(rows: Iterable[dict], metric: str, stem: Path, title: str | None = None) -> list[Path]:
-    """``metric`` vs block, one panel per timestep (shared y axis), lines = checkpoints, dashed = encoder.
+def layer_curves(rows: Iterable[dict], metric: str, stem: Path, title: str | None = None,
+                 chance: float | None = None) -> list[Path]:
+    """``metric`` vs block, one panel per timestep (shared y axis), lines = checkpoints, dashed = encoder,
+    dotted red = ``chance`` (the value of a probe that guesses: 1 / classes for top-1), when given.
 
     Writes ``stem.pdf`` and ``stem.png``; returns both paths.
     """
@@ -60,6 +62,9 @@ def layer_curves(rows: Iterable[dict], metric: str, stem: Path, title: str | Non
                 h = ax.axhline(float(g.value.mean()), color="0.25", linestyle=style, linewidth=1.4,
                                label=source.replace(":", " "))
                 handles.setdefault(source.replace(":", " "), h)
+            if chance is not None:
+                handles.setdefault("chance", ax.axhline(chance, color="tab:red", linestyle=":", linewidth=1.2,
+                                                        label="chance"))
             ax.set_title("" if t is None else f"t = {float(t):g}")
             ax.set_xlabel(LAYER_LABEL)
             ax.xaxis.get_major_locator().set_params(integer=True)
@@ -75,11 +80,19 @@ def layer_curves(rows: Iterable[dict], metric: str, stem: Path, title: str | Non
 
 
 def make_probe_figures(rows: list[dict], out_dir: Path, prefix: str, metrics: Iterable[str],
-                       title: str | None = None) -> list[Path]:
-    """One :func:`layer_curves` figure per metric: ``{out_dir}/{prefix}_{metric}.{pdf,png}``."""
+                       title: str | None = None, chance: dict | None = None) -> list[Path]:
+    """One :func:`layer_curves` figure per metric: ``{out_dir}/{prefix}_{metric}.{pdf,png}``; ``chance``:
+    metric → chance level drawn as a dotted line (see :func:`chance_levels`)."""
     paths: list[Path] = []
     present = {r["metric"] for r in rows}
     for metric in metrics:
         if metric in present and any(r["source"] == "model" for r in rows if r["metric"] == metric):
-            paths += layer_curves(rows, metric, Path(out_dir) / f"{slug(prefix)}_{slug(metric)}", title)
+            paths += layer_curves(rows, metric, Path(out_dir) / f"{slug(prefix)}_{slug(metric)}", title,
+                                  (chance or {}).get(metric))
     return paths
+
+
+def chance_levels(task: str, num_classes: int) -> dict:
+    """Accuracy of a guess among ``num_classes`` balanced classes: top-1 = 1 / K, top-5 = 5 / K (linear task;
+    segmentation metrics have no class-count-only chance level)."""
+    return {"top1": 1.0 / num_classes, "top5": min(1.0, 5.0 / num_classes)} if task == "linear" else {}

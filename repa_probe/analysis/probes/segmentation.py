@@ -3,8 +3,9 @@
 Probe: per-channel standardisation with training-split statistics, optional BatchNorm without affine
 (DINOv2 "lin."), then a 1x1 convolution (a linear map per patch) to class logits ``(B, K, h, w)``, which are
 bilinearly upsampled to the mask resolution ``(H, W)`` and trained with per-pixel cross-entropy (pixels
-equal to ``ignore_index`` do not count) using AdamW with a cosine schedule. Evaluation takes the arg-max of
-the upsampled logits.
+equal to ``ignore_index`` do not count) using AdamW with a cosine schedule. Early stopping: 10% of the training
+images are held out, the epoch with the best held-out mIoU is kept and training stops after 2 epochs without a
+gain (``EPOCHS``, ``VAL_FRACTION``, ``PATIENCE``). Evaluation takes the arg-max of the upsampled logits.
 
 mIoU convention (the mmsegmentation one): from the confusion matrix over all valid test pixels (target !=
 ``ignore_index``), IoU_c = TP_c / (TP_c + FP_c + FN_c). A class that appears neither in the target nor in
@@ -14,6 +15,7 @@ TP summed over classes / number of valid pixels.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -23,8 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from repa_probe.analysis.probes.common import (Array, ProbeInputError, channel_stats, check_features, check_num_classes, chunks, gather,
-                     resolve_device, rows_per_chunk)
+from repa_probe.analysis.probes.common import (Array, ProbeInputError, channel_stats, check_features, check_finite,
+                                               check_num_classes, chunks, gather, resolve_device, rows_per_chunk)
+
+EPOCHS = 10         # the most epochs of the probe (the cosine schedule spans them)
+VAL_FRACTION = 0.1  # training images held out for early stopping
+PATIENCE = 2        # epochs without a held-out gain before stopping
+MIN_GAIN = 1e-3     # a held-out mIoU gain smaller than this is no gain
 
 
 # ----------------------------------------------------------------------------------------------- mIoU
@@ -94,6 +101,10 @@ class SegResult:
     mask_size: tuple
     fit_seconds: float
 
+    def metrics(self) -> dict[str, float]:
+        """The reported metrics: ``{"miou": ..., "pixel_acc": ...}``."""
+        return {"miou": self.miou, "pixel_acc": self.pixel_acc}
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -109,9 +120,9 @@ def _grid(tokens: Array, name: str) -> tuple[int, int, int, int]:
     return 2, int(tokens.shape[2]), side, side
 
 
-def _maps(b: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """A gathered batch ``(B, T, D)`` or ``(B, D, h, w)`` → ``(B, D, h, w)``."""
-    return b.transpose(1, 2).reshape(b.shape[0], -1, h, w) if b.ndim == 3 else b
+def _tokens(b: torch.Tensor) -> torch.Tensor:
+    """A gathered batch ``(B, T, D)`` or ``(B, D, h, w)`` → ``(B, T, D)`` tokens (row-major grid)."""
+    return b.flatten(2).transpose(1, 2) if b.ndim == 4 else b
 
 
 def _gather_masks(m: Array, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -139,24 +150,127 @@ def _check_masks(m: Any, n: int, name: str, num_classes: int, ignore_index: int)
     return m
 
 
+def _interp_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    """``(n_out, n_in)`` weights of 1-D linear interpolation as ``F.interpolate(mode="linear",
+    align_corners=False)`` computes it (obtained by interpolating the identity, so the conventions match)."""
+    eye = torch.eye(n_in, device=device)[:, None, :]                                       # (n_in, 1, n_in)
+    return F.interpolate(eye, size=n_out, mode="linear", align_corners=False)[:, 0, :].T.contiguous()
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple) -> torch.Tensor:
+    """Bilinear upsampling ``(B, K, h, w)`` → ``(B, K, H, W)``, equal to ``F.interpolate(mode="bilinear",
+    align_corners=False)`` (to float rounding) but computed as two small matrix products ``U_h @ x @ U_w^T``:
+    on the CPU its backward pass is several times faster than the interpolation kernel's."""
+    h, w = logits.shape[-2:]
+    u_h = _interp_matrix(h, int(size[0]), logits.device)
+    u_w = u_h if (w, size[1]) == (h, size[0]) else _interp_matrix(w, int(size[1]), logits.device)
+    return u_h @ logits @ u_w.T
+
+
 class _Head(torch.nn.Module):
-    """Optional BatchNorm2d (no affine, cumulative running statistics) + 1x1 conv: (B, D, h, w) → (B, K, h, w)."""
+    """Optional BatchNorm (no affine, cumulative running statistics, over batch and grid positions) + a linear
+    map per patch (a 1x1 convolution): tokens ``(B, T, D)`` on a ``grid = (h, w)`` → logits ``(B, K, h, w)``.
+    Works in the token layout: on the CPU a 1x1 convolution's backward pass is several times slower."""
 
     def __init__(self, dim: int, num_classes: int, batchnorm: bool):
         super().__init__()
-        self.bn = torch.nn.BatchNorm2d(dim, affine=False, momentum=None) if batchnorm else torch.nn.Identity()
-        self.conv = torch.nn.Conv2d(dim, num_classes, kernel_size=1)
+        self.bn = torch.nn.BatchNorm1d(dim, affine=False, momentum=None) if batchnorm else torch.nn.Identity()
+        self.conv = torch.nn.Linear(dim, num_classes)
         torch.nn.init.zeros_(self.conv.weight)
         torch.nn.init.zeros_(self.conv.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(self.bn(x))
+    def forward(self, x: torch.Tensor, grid: tuple) -> torch.Tensor:
+        b, t, d = x.shape
+        logits = self.conv(self.bn(x.reshape(b * t, d)))                                  # (B*T, K)
+        return logits.reshape(b, *grid, -1).permute(0, 3, 1, 2)
+
+
+def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, held-out) sample indices, ``floor(val_fraction * n)`` random samples held out; no held-out part
+    (an empty tensor) when that would be 0 samples or leave none to fit on."""
+    n_val = int(math.floor(val_fraction * n))
+    if n_val < 1 or n_val >= n:
+        return torch.arange(n), torch.zeros(0, dtype=torch.int64)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 1))
+    return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+
+class _Data:
+    """Tokens + masks of one split, read in batches as standardised ``(B, T, D)`` tokens and ``(B, H, W)``."""
+
+    def __init__(self, tokens: Array, masks: Array, grid: tuple, mean, std, device: torch.device):
+        self.tokens, self.masks, self.grid, self.mean, self.std, self.device = tokens, masks, grid, mean, std, device
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = (_tokens(gather(self.tokens, idx, self.device)) - self.mean) / self.std
+        return x, _gather_masks(self.masks, idx, self.device)
+
+
+def _train_epoch(head, opt, sched, data: _Data, idx: torch.Tensor, batch_size: int, ignore_index: int,
+                 gen: torch.Generator, batchnorm: bool) -> None:
+    head.train()
+    perm = idx[torch.randperm(len(idx), generator=gen)]
+    for start in range(0, len(perm), batch_size):
+        x, y = data.batch(perm[start: start + batch_size].sort().values)
+        if batchnorm and x.shape[0] * x.shape[1] == 1:
+            continue  # BatchNorm cannot normalise a single value per channel (1x1 grid, last batch of 1)
+        logits = upsample_logits(head(x, data.grid), y.shape[-2:])
+        loss = F.cross_entropy(logits, y, ignore_index=ignore_index)
+        opt.zero_grad(set_to_none=True)
+        if torch.isfinite(loss):  # a batch of only ignored pixels gives NaN: nothing to learn from it
+            loss.backward()
+            opt.step()
+        sched.step()
+
+
+@torch.no_grad()
+def _confusion(head, data: _Data, idx: torch.Tensor, num_classes: int, ignore_index: int,
+               batch_size: int) -> torch.Tensor:
+    """``(K, K)`` confusion matrix of the head's upsampled arg-max on samples ``idx``."""
+    head.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=data.device)
+    for start in range(0, len(idx), batch_size):
+        x, y = data.batch(idx[start: start + batch_size])
+        pred = upsample_logits(head(x, data.grid), y.shape[-2:]).argmax(1)
+        conf += confusion_matrix(pred, y, num_classes, ignore_index)
+    return conf
+
+
+def _valid_miou(conf: torch.Tensor) -> float:
+    """mIoU of a held-out confusion matrix, -1 when it counts no valid pixel."""
+    return iou_from_confusion(conf)[0] if int(conf.sum()) else -1.0
+
+
+def _fit_head(head, data: _Data, fit_idx, val_idx, num_classes, ignore_index, batchnorm, epochs, lr, weight_decay,
+              batch_size, patience, seed) -> dict:
+    """Train ``head`` (AdamW, cosine over ``epochs``); with held-out samples, keep the epoch of best held-out mIoU
+    and stop after ``patience`` epochs without a gain. Returns what was run (epochs, best epoch, held-out mIoU)."""
+    opt = torch.optim.AdamW([{"params": [head.conv.weight], "weight_decay": weight_decay},
+                             {"params": [head.conv.bias], "weight_decay": 0.0}], lr=lr)
+    total = max(1, epochs * math.ceil(len(fit_idx) / batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
+    gen = torch.Generator().manual_seed(int(seed))
+    best, best_epoch, best_state, run = -math.inf, epochs, None, 0
+    for epoch in range(1, epochs + 1):
+        _train_epoch(head, opt, sched, data, fit_idx, batch_size, ignore_index, gen, batchnorm)
+        run = epoch
+        if len(val_idx) == 0:
+            continue
+        score = _valid_miou(_confusion(head, data, val_idx, num_classes, ignore_index, batch_size))
+        if score > best + MIN_GAIN:
+            best, best_epoch, best_state = score, epoch, copy.deepcopy(head.state_dict())
+        elif epoch - best_epoch >= patience:
+            break
+    if best_state is not None:
+        head.load_state_dict(best_state)
+    return {"epochs_run": run, "best_epoch": best_epoch, "val_miou": None if best_state is None else best}
 
 
 def fit_segmentation_probe(train_tokens: Array, train_masks: Array, test_tokens: Array, test_masks: Array,
-                           num_classes: int, ignore_index: int = 255, batchnorm: bool = True, epochs: int = 10,
+                           num_classes: int, ignore_index: int = 255, batchnorm: bool = True, epochs: int = EPOCHS,
                            lr: float = 2e-2, weight_decay: float = 1e-4, batch_size: int = 64,
-                           device: Any = None, seed: int = 0) -> SegResult:
+                           device: Any = None, seed: int = 0, val_fraction: float = VAL_FRACTION,
+                           patience: int = PATIENCE) -> SegResult:
     """Train a linear segmentation probe and score it on the test split.
 
     Args:
@@ -165,21 +279,25 @@ def fit_segmentation_probe(train_tokens: Array, train_masks: Array, test_tokens:
         train_masks, test_masks: ``(N, H, W)`` integer class maps (values ``0..num_classes-1`` or
             ``ignore_index``); the logits are bilinearly upsampled from ``(h, w)`` to ``(H, W)``.
         num_classes: number of classes K. ``batchnorm``: DINOv2 "lin." BatchNorm without affine.
-        epochs, lr, weight_decay, batch_size: AdamW schedule (cosine decay per step); ``device`` None = CUDA
-            when available; ``seed`` fixes the batch order.
+        epochs, lr, weight_decay, batch_size: AdamW schedule (cosine decay per step over ``epochs``, the
+            most epochs run); ``device`` None = CUDA when available; ``seed`` fixes the split and batch order.
+        val_fraction, patience: early stopping. ``floor(val_fraction * N)`` training images are held out; after
+            every epoch the probe is scored on them, the epoch with the best held-out mIoU is kept, and training
+            stops after ``patience`` epochs without a gain. ``val_fraction=0``: all ``epochs`` on every image.
 
     Raises:
         ProbeInputError: empty inputs, NaN / inf tokens, mismatched sample counts or widths, non-integer
             masks, mask classes outside ``0..num_classes-1`` other than ``ignore_index``, non-square grids.
     """
     num_classes = check_num_classes(num_classes)
-    if epochs < 1 or batch_size < 1 or lr <= 0 or weight_decay < 0:
-        raise ProbeInputError(f"need epochs >= 1, batch_size >= 1, lr > 0, weight_decay >= 0; got {epochs}, "
-                              f"{batch_size}, {lr}, {weight_decay}")
+    if epochs < 1 or batch_size < 1 or lr <= 0 or weight_decay < 0 or patience < 1 or not 0 <= val_fraction < 1:
+        raise ProbeInputError(f"need epochs >= 1, batch_size >= 1, lr > 0, weight_decay >= 0, patience >= 1, "
+                              f"val_fraction in [0, 1); got {epochs}, {batch_size}, {lr}, {weight_decay}, {patience}, "
+                              f"{val_fraction}")
     train_tokens = check_features(train_tokens, "train_tokens", (3, 4))
     test_tokens = check_features(test_tokens, "test_tokens", (3, 4))
     ch, dim, h, w = _grid(train_tokens, "train_tokens")
-    ch_t, dim_t, h_t, w_t = _grid(test_tokens, "test_tokens")
+    _, dim_t, h_t, w_t = _grid(test_tokens, "test_tokens")
     if dim_t != dim:
         raise ProbeInputError(f"train_tokens have {dim} channels but test_tokens have {dim_t}")
     n, m = int(train_tokens.shape[0]), int(test_tokens.shape[0])
@@ -189,43 +307,18 @@ def fit_segmentation_probe(train_tokens: Array, train_masks: Array, test_tokens:
     t0 = time.perf_counter()
     dev = resolve_device(device)
     mean, std = channel_stats(train_tokens, "train_tokens", ch, dev)
-    channel_stats(test_tokens, "test_tokens", ch_t, dev)  # finiteness check of the test split only
-    mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
-    gen = torch.Generator().manual_seed(int(seed))
+    check_finite(test_tokens, "test_tokens", dev)
+    train = _Data(train_tokens, train_masks, (h, w), mean, std, dev)
+    test = _Data(test_tokens, test_masks, (h_t, w_t), mean, std, dev)
     head = _Head(dim, num_classes, batchnorm).to(dev)
-    decay = [head.conv.weight]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": [head.conv.bias], "weight_decay": 0.0}], lr=lr)
-    total = max(1, epochs * math.ceil(n / batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, total) / total)))
-    head.train()
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for start in range(0, n, batch_size):
-            b = perm[start: start + batch_size].sort().values
-            x = (_maps(gather(train_tokens, b, dev), h, w) - mean) / std
-            y = _gather_masks(train_masks, b, dev)
-            if batchnorm and x.shape[0] * h * w == 1:
-                continue  # BatchNorm cannot normalise a single value per channel (1x1 grid, last batch of 1)
-            logits = F.interpolate(head(x), size=y.shape[-2:], mode="bilinear", align_corners=False)
-            loss = F.cross_entropy(logits, y, ignore_index=ignore_index)
-            opt.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):  # a batch of only ignored pixels gives NaN: nothing to learn from it
-                loss.backward()
-                opt.step()
-            sched.step()
-
-    head.eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=dev)
-    with torch.no_grad():
-        for idx in chunks(m, max(1, batch_size)):
-            x = (_maps(gather(test_tokens, idx, dev), h_t, w_t) - mean) / std
-            y = _gather_masks(test_masks, idx, dev)
-            pred = F.interpolate(head(x), size=y.shape[-2:], mode="bilinear", align_corners=False).argmax(1)
-            conf += confusion_matrix(pred, y, num_classes, ignore_index)
+    fit_idx, val_idx = _split(n, val_fraction, seed)
+    stopping = _fit_head(head, train, fit_idx, val_idx, num_classes, ignore_index, batchnorm, epochs, lr,
+                         weight_decay, batch_size, patience, seed)
+    conf = _confusion(head, test, torch.arange(m), num_classes, ignore_index, batch_size)
     score, acc, per_class = iou_from_confusion(conf)
     hparams = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
-               "batchnorm": batchnorm, "optimizer": "AdamW", "upsample": "bilinear"}
+               "batchnorm": batchnorm, "optimizer": "AdamW", "upsample": "bilinear", "val_fraction": val_fraction,
+               "patience": patience, "num_fit": len(fit_idx), **stopping}
     return SegResult(miou=score, pixel_acc=acc, per_class_iou=per_class, hparams=hparams, num_train=n, num_test=m,
                      num_classes=num_classes, token_grid=(h, w), mask_size=tuple(int(s) for s in test_masks.shape[1:]),
                      fit_seconds=time.perf_counter() - t0)
