@@ -71,6 +71,11 @@ for _size, (_timm_size, _dim) in _DINOV2.items():
             aliases=(f"dinov2-vit-{_size}" + ("-reg" if _reg else ""),),  # REPA's --enc-type spelling
         )
 
+# DINOv3 (timm's RoPE ViT, CLS + 4 registers): final-norm tokens, ImageNet stats, no resize (patch 16), as iREPA.
+for _size, (_timm_size, _dim) in {"s": ("small", 384), "b": ("base", 768), "l": ("large", 1024)}.items():
+    _timm = f"vit_{_timm_size}_patch16_dinov3"
+    register_encoder(EncoderSpec(f"dinov3_vit{_size}16", _timm, 16, _dim, False, hf_repo=f"timm/{_timm}.lvd1689m"),
+                     aliases=(f"dinov3-vit-{_size}",))
 # DINO (v1): final-norm tokens (DINO's get_intermediate_layers), ImageNet stats, no resize (patch 16).
 for _size, (_timm_size, _dim, _file) in {"s": ("small", 384, "deitsmall16"), "b": ("base", 768, "vitbase16")}.items():
     register_encoder(EncoderSpec(

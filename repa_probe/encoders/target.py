@@ -208,6 +208,8 @@ def load_encoder(name: str, weights: str | os.PathLike | None = None, pretrained
         state = read_state_dict(path)
         with torch.device("meta"):  # skip the (slow, wasted) random init: every tensor comes from the file
             backbone = build_backbone(spec, input_size)
+        if {n for n, _ in backbone.named_buffers()} - set(backbone.state_dict()):
+            backbone = build_backbone(spec, input_size)  # computed buffers (e.g. DINOv3's RoPE) are not in files
         load_strict(backbone, convert_state_dict(state, backbone), path)
         log.info("encoder %s: weights from %s (%s)", spec.name, path, where)
     return TargetEncoder(backbone, spec, input_size, resolution,
