@@ -142,11 +142,12 @@ class TargetEncoder(nn.Module):
         return patch if kind == "patch" else patch.mean(dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, H, W) uint8 (or float in [0, 255]) -> (B, T, D) final-norm patch tokens."""
+        """images: (B, 3, H, W) uint8 (or float in [0, 255]) -> (B, T, D) patch tokens (after the final norm
+        unless the spec says ``final_norm=False``)."""
         return self.features(images, "patch")
 
     def cls(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, H, W) -> (B, D) final-norm CLS token."""
+        """images: (B, 3, H, W) -> (B, D) CLS token (EncoderInputError when there is none)."""
         return self.features(images, "cls")
 
     def extra_repr(self) -> str:
