@@ -240,6 +240,7 @@ def test_missing_weights_is_one_line_naming_the_key(tmp_path, monkeypatch, alias
     assert "\n" not in msg and f"encoder.weights=/path/to/{file}" in msg and "encoder.pretrained=false" in msg
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 def test_torchscript_archive_is_refused_in_one_line(tmp_path):
     torch.jit.save(torch.jit.script(nn.Linear(2, 2)), tmp_path / "ViT-L-14.pt")
     with pytest.raises(EncoderWeightsError, match="TorchScript") as info:
