@@ -160,7 +160,8 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def normalize_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Strip a ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix shared by all keys."""
+    """Strip a ``module.`` (DDP) or ``_orig_mod.`` (torch.compile) prefix shared by all keys; iREPA's MLP
+    projector keys ``projectors.k.projection_layer.{0,2,4}.*`` become REPA's ``projectors.k.{0,2,4}.*``."""
     sd = dict(state_dict)
     changed = True
     while changed and sd:
@@ -169,7 +170,7 @@ def normalize_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Te
             if all(k.startswith(prefix) for k in sd):
                 sd = {k[len(prefix):]: v for k, v in sd.items()}
                 changed = True
-    return sd
+    return {re.sub(r"^(projectors\.\d+\.)projection_layer\.(\d+\.)", r"\1\2", k): v for k, v in sd.items()}
 
 
 def _args_get(args: Any, name: str, default=None):
@@ -201,8 +202,9 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
 
     Reads depth, width, patch, ``input_size`` (= sqrt(T) * patch from ``pos_embed``),
     ``in_channels``, ``num_classes`` (the table is assumed to include the null row unless
-    ``args.num_classes`` says otherwise), ``learn_sigma`` (2C output), projector dims, ``qk_norm``
-    and ``mlp_ratio``. Heads: from the q_norm width when ``qk_norm``, else ``num_heads`` or the
+    ``args.num_classes`` says otherwise), ``learn_sigma`` (2C output), projector dims and type (REPA's
+    MLP, or iREPA's conv ``projectors.k.projection_layer`` and its kernel), ``qk_norm`` and ``mlp_ratio``.
+    Heads: from the q_norm width when ``qk_norm``, else ``num_heads`` or the
     rule 384→6, 768→12, 1024→16, 1152→16, otherwise width/64. ``encoder_depth`` (1-based block the
     projectors read) is in no shape: the ``encoder_depth`` argument, else ``args.encoder_depth`` (the two
     must agree), else 8 clamped to [1, depth] with a logged warning when the file has projectors (see
@@ -244,10 +246,14 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
     proj_ids = sorted({int(m.group(1)) for k in sd if (m := re.match(r"projectors\.(\d+)\.", k))})
     if proj_ids != list(range(len(proj_ids))):
         raise CheckpointError(f"projectors.* indices are not 0..K-1 (found {proj_ids})")
-    z_dims = [int(sd[f"projectors.{k}.4.weight"].shape[0]) for k in proj_ids if f"projectors.{k}.4.weight" in sd]
+    convs = [sd.get(f"projectors.{k}.projection_layer.weight") for k in proj_ids]
+    conv = bool(proj_ids) and all(w is not None and w.ndim == 4 for w in convs)  # iREPA conv projector
+    z_dims = [int(w.shape[0]) for w in convs] if conv else [
+        int(sd[f"projectors.{k}.4.weight"].shape[0]) for k in proj_ids if f"projectors.{k}.4.weight" in sd]
     if len(z_dims) != len(proj_ids):
-        raise CheckpointError("unknown projector layout (expected projectors.{k}.{0,2,4})")
-    projector_dim = int(sd["projectors.0.0.weight"].shape[0]) if z_dims else 2048
+        raise CheckpointError("unknown projector layout (expected projectors.{k}.{0,2,4} or iREPA's conv "
+                              "projectors.{k}.projection_layer)")
+    projector_dim = int(sd["projectors.0.0.weight"].shape[0]) if z_dims and not conv else 2048
     enc_depth = _encoder_depth(encoder_depth, _args_get(args, "encoder_depth"), depth, bool(z_dims))
     return dict(
         input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
@@ -255,6 +261,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
         num_classes=num_classes, class_dropout_prob=dropout, learn_sigma=out_ch == 2 * in_ch,
         qk_norm="blocks.0.attn.q_norm.weight" in sd, encoder_depth=enc_depth,
         z_dims=z_dims, projector_dim=projector_dim,
+        projector_type="conv" if conv else "mlp", projector_kernel=int(convs[0].shape[-1]) if conv else 3,
     )
 
 

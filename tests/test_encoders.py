@@ -74,7 +74,7 @@ def test_registry_names_and_aliases():
         spec = resolve_encoder_name(name)
         assert spec.timm_name is None or timm.is_model(spec.timm_name), spec.timm_name
     with pytest.raises(EncoderInputError, match="unknown encoder"):
-        resolve_encoder_name("dinov3_vitb16")
+        resolve_encoder_name("pe_core_vitg14")  # iREPA has it, timm does not
     spec = resolve_encoder_name("dinov2_vitb14")
     assert default_input_size(spec, 256) == 224 and default_input_size(spec, 512) == 448
     with pytest.raises(EncoderInputError, match="multiple of patch size"):

@@ -1,4 +1,5 @@
-"""Frozen encoders: the REPA target encoders (DINOv2, a tiny test ViT), their weights, and the SD-VAE."""
+"""Frozen encoders: the REPA target encoders (DINOv2, DINOv1, MoCo v3, CLIP, MAE, I-JEPA, SigLIP, a tiny test ViT),
+their weights, and the SD-VAE."""
 from repa_probe.encoders.registry import EncoderInputError, EncoderSpec, list_encoders, register_encoder
 from repa_probe.encoders.target import TargetEncoder, load_encoder
 from repa_probe.encoders.vae import LatentVAE, load_vae

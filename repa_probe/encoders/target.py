@@ -1,20 +1,23 @@
-"""Frozen target encoders for REPA (DINOv2 and a tiny test ViT).
+"""Frozen target encoders for REPA (DINOv2, DINOv1, MoCo v3, CLIP, MAE, I-JEPA, SigLIP and a tiny test ViT).
 
 ``load_encoder(name, ...)`` returns a :class:`TargetEncoder`: a frozen, eval-mode wrapper around a timm
-ViT that takes uint8 images ``(B, 3, H, W)`` and returns final-norm patch tokens ``(B, T, D)``.
+ViT that takes uint8 images ``(B, 3, H, W)`` and returns patch tokens ``(B, T, D)`` (after the final norm,
+except REPA's CLIP and MAE targets, which use the last block's output; see the registry).
 
-Preprocessing follows REPA (``preprocess_raw_image``): ``x / 255`` -> ImageNet mean/std -> bicubic resize
-(``F.interpolate``, ``align_corners=False``, no antialias) to ``input_size``. For patch-14 encoders
-``input_size = 224 * resolution // 256`` (16x16 tokens at 256 px, 32x32 at 512 px).
+Preprocessing follows REPA (``preprocess_raw_image``): ``x / 255`` -> the encoder's mean/std (ImageNet, CLIP
+or SigLIP's) -> bicubic resize (``F.interpolate``, ``align_corners=False``, no antialias) to ``input_size``.
+For patch-14 encoders ``input_size = 224 * resolution // 256`` (16x16 tokens at 256 px, 32x32 at 512 px);
+patch-16 encoders see the images at their own size. (REPA resizes CLIP before normalising; bicubic weights
+sum to one, so the order changes nothing but rounding.)
 
 Weights come from exactly one of (first match wins):
-  1. ``weights=`` a ``.pth``/``.pt``/``.safetensors`` file in the official DINOv2 hub key layout
-     (``mask_token``, ``register_tokens``, ``mlp.w12``...) or in timm's layout;
-  2. the torch hub cache, ``<torch.hub.get_dir()>/checkpoints/dinov2_vitb14[_reg4]_pretrain.pth``
-     (the file ``torch.hub.load('facebookresearch/dinov2', ...)`` downloads);
-  3. the Hugging Face cache for timm's ``timm/vit_base_patch14_dinov2.lvd142m`` (downloaded only when
-     the hub is online and reachable).
-All three end in the same timm architecture; ``pos_embed`` is resampled to the target token grid the way
+  1. ``weights=`` a ``.pth``/``.pt``/``.tar``/``.safetensors`` file: timm's layout or the official one
+     (DINOv2 hub keys, OpenAI CLIP ``visual.*``, MoCo v3 ``module.base_encoder.*``, I-JEPA ``encoder``, MAE);
+  2. the torch hub cache, ``<torch.hub.get_dir()>/checkpoints/<hub_file>`` (e.g. ``dinov2_vitb14_pretrain.pth``,
+     the file ``torch.hub.load('facebookresearch/dinov2', ...)`` or timm downloads);
+  3. the Hugging Face cache for timm's repo (e.g. ``timm/vit_base_patch14_dinov2.lvd142m``; downloaded only
+     when the hub is online and reachable).
+All end in the same timm architecture; ``pos_embed`` is resampled to the target token grid the way
 REPA does it (``timm.layers.resample_abs_pos_embed``, bicubic, timm's default antialias). Random weights
 only with ``pretrained=False``; missing weights raise :class:`EncoderWeightsError` naming the config key.
 """
@@ -30,7 +33,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from repa_probe.encoders.registry import (  # noqa: F401 (re-exported)
-    IMAGENET_MEAN, IMAGENET_STD, PREPROCESS_VERSION, ENCODERS, ALIASES, EncoderInputError, EncoderSpec, default_input_size, list_encoders, register_encoder, resolve_encoder_name)
+    ALIASES, ENCODERS, IMAGENET_MEAN, IMAGENET_STD, PREPROCESS_VERSION, EncoderInputError, EncoderSpec,
+    default_input_size, list_encoders, register_encoder, resolve_encoder_name)
 from repa_probe.encoders.weights import (  # noqa: F401 (re-exported: part of this module's public API)
     EncoderWeightsError, _file_sha256, convert_state_dict, find_pretrained_weights, load_strict, read_state_dict)
 
@@ -65,8 +69,8 @@ class TargetEncoder(nn.Module):
     """A frozen encoder returning patch tokens.
 
     Attributes: ``name``, ``embed_dim`` (D), ``patch_size``, ``input_size``, ``grid_size``
-    (= input_size // patch_size), ``num_tokens`` (= grid_size**2, T), ``resolution``, ``source``
-    (``file:<path>``, ``hub:<path>``, ``hf:<path>`` or ``random``) and ``cache_key``.
+    (= input_size // patch_size), ``num_tokens`` (= grid_size**2, T), ``resolution``, ``has_cls``,
+    ``source`` (``file:<path>``, ``hub:<path>``, ``hf:<path>`` or ``random``) and ``cache_key``.
     Always in eval mode (``train()`` is a no-op), parameters have ``requires_grad=False`` and every
     forward runs under ``torch.no_grad()`` (outputs are plain tensors, usable as targets in training).
     """
@@ -82,11 +86,12 @@ class TargetEncoder(nn.Module):
         self.resolution = resolution
         self.grid_size = input_size // spec.patch_size
         self.num_tokens = self.grid_size ** 2
+        self.has_cls = spec.has_cls
         self.source = source
         self._weights_path = weights_path
         self._cache_key: str | None = None
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.requires_grad_(False)
         super().train(False)
 
@@ -123,10 +128,13 @@ class TargetEncoder(nn.Module):
             return self.backbone.forward_features(x)
 
     def features(self, images: torch.Tensor, kind: str = "patch") -> torch.Tensor:
-        """``patch``: (B, T, D) patch tokens (no CLS, no registers); ``cls``: (B, D) CLS token;
-        ``mean_patch``: (B, D) mean of the patch tokens."""
+        """``patch``: (B, T, D) patch tokens (no CLS, no registers); ``cls``: (B, D) CLS token (an error for
+        encoders without one); ``mean_patch``: (B, D) mean of the patch tokens."""
         if kind not in ("patch", "cls", "mean_patch"):
             raise EncoderInputError(f"kind must be 'patch', 'cls' or 'mean_patch', got {kind!r}")
+        if kind == "cls" and not self.has_cls:
+            raise EncoderInputError(f"encoder {self.name} has no CLS token: use the mean patch token "
+                                    "(kind='mean_patch', --target-kind mean_patch)")
         tokens = self._all_tokens(images)
         if kind == "cls":
             return tokens[:, 0]
@@ -134,11 +142,12 @@ class TargetEncoder(nn.Module):
         return patch if kind == "patch" else patch.mean(dim=1)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, H, W) uint8 (or float in [0, 255]) -> (B, T, D) final-norm patch tokens."""
+        """images: (B, 3, H, W) uint8 (or float in [0, 255]) -> (B, T, D) patch tokens (after the final norm
+        unless the spec says ``final_norm=False``)."""
         return self.features(images, "patch")
 
     def cls(self, images: torch.Tensor) -> torch.Tensor:
-        """images: (B, 3, H, W) -> (B, D) final-norm CLS token."""
+        """images: (B, 3, H, W) -> (B, D) CLS token (EncoderInputError when there is none)."""
         return self.features(images, "cls")
 
     def extra_repr(self) -> str:
@@ -147,24 +156,29 @@ class TargetEncoder(nn.Module):
 
 
 def build_backbone(spec: EncoderSpec, input_size: int) -> nn.Module:
-    """Randomly initialised timm ViT for ``spec`` at ``input_size`` (no classifier head)."""
+    """Randomly initialised timm ViT for ``spec`` at ``input_size`` (no classifier head; without the final
+    norm when ``spec.final_norm`` is False)."""
     import timm
     from timm.models.vision_transformer import VisionTransformer
 
     if spec.timm_name is None:
-        return VisionTransformer(img_size=input_size, patch_size=spec.patch_size, num_classes=0,
-                                 **dict(spec.timm_kwargs))
-    return timm.create_model(spec.timm_name, pretrained=False, img_size=input_size, num_classes=0,
-                             **dict(spec.timm_kwargs))
+        backbone = VisionTransformer(img_size=input_size, patch_size=spec.patch_size, num_classes=0,
+                                     **dict(spec.timm_kwargs))
+    else:
+        backbone = timm.create_model(spec.timm_name, pretrained=False, img_size=input_size, num_classes=0,
+                                     **dict(spec.timm_kwargs))
+    if not spec.final_norm:
+        backbone.norm = nn.Identity()
+    return backbone
 
 
 def load_encoder(name: str, weights: str | os.PathLike | None = None, pretrained: bool = True,
                  resolution: int = 256, source: str = "auto", **kw) -> TargetEncoder:
     """Build a frozen :class:`TargetEncoder`.
 
-    name: a registered name (``dinov2_vitb14``, ``dinov2_vitl14_reg``, ``tiny_vit``...) or REPA's
-    spelling (``dinov2-vit-b``). weights: a checkpoint file (official DINOv2 or timm layout); it wins over
-    everything else. pretrained: ``False`` gives random weights (logged as a warning) when no file is given.
+    name: a registered name (``dinov2_vitb14``, ``clip_vitl14``, ``siglip_vitb16``, ``tiny_vit``...; see
+    ``list_encoders()``) or REPA's spelling (``dinov2-vit-b``, ``clip-vit-L``, ``mae-vit-l``, ``jepa-vit-h``).
+    weights: a checkpoint file (official or timm layout); it wins over everything else. pretrained: ``False`` gives random weights (logged as a warning) when no file is given.
     resolution: image side in pixels. source: ``auto`` | ``hub`` | ``timm`` (where to look for pretrained
     weights when no file is given). kw: ``input_size`` overrides the encoder input size.
     """
@@ -195,6 +209,8 @@ def load_encoder(name: str, weights: str | os.PathLike | None = None, pretrained
         state = read_state_dict(path)
         with torch.device("meta"):  # skip the (slow, wasted) random init: every tensor comes from the file
             backbone = build_backbone(spec, input_size)
+        if {n for n, _ in backbone.named_buffers()} - set(backbone.state_dict()):
+            backbone = build_backbone(spec, input_size)  # computed buffers (e.g. DINOv3's RoPE) are not in files
         load_strict(backbone, convert_state_dict(state, backbone), path)
         log.info("encoder %s: weights from %s (%s)", spec.name, path, where)
     return TargetEncoder(backbone, spec, input_size, resolution,

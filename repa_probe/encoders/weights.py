@@ -1,7 +1,11 @@
-"""Where DINOv2 weights come from and how they load: local file, torch hub cache, Hugging Face cache.
+"""Where target-encoder weights come from and how they load: local file, torch hub cache, Hugging Face cache.
 
-Official hub checkpoints (``blocks.N.ls1.gamma``, ``register_tokens``, a 37×37 ``pos_embed``) are converted to
-timm's layout and the position embedding is resampled to the target grid; loading is strict.
+Official checkpoints are converted to timm's layout: DINOv2 hub files (``register_tokens``, ``mlp.w12``, a
+37×37 ``pos_embed``), OpenAI CLIP state dicts (``visual.conv1``, ``transformer.resblocks``...; timm's converter),
+MoCo v3 (``module.base_encoder.*``, with the ``norm13/fc13/norm14/fc14`` typos of REPA's ViT-L file fixed),
+I-JEPA (the ``encoder`` entry) and MAE (the ``model`` entry). Classifier / pooling heads the target never uses
+(``head``, ``attn_pool``, ``fc_norm``, and ``norm`` for encoders read without their final norm) are dropped; the
+position embedding is resampled to the target grid; everything else loads strictly.
 """
 from __future__ import annotations
 
@@ -89,9 +93,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - turned into a one-line error
+        if "TorchScript" in str(e):
+            raise EncoderWeightsError(
+                f"{path}: a TorchScript archive (e.g. OpenAI clip.load's cache) is not read (unsafe to unpickle); "
+                "save its state_dict() to a .pth once, or use the timm/HF weights, and set encoder.weights") from e
         raise EncoderWeightsError(f"{path}: cannot read weights ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''})") from e
-    for key in ("model", "state_dict"):
+    for key in ("model", "state_dict", "encoder"):  # MAE, MoCo v3, I-JEPA wrappers
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -101,24 +109,50 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def convert_state_dict(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
-    """Official DINOv2 keys -> timm keys (if needed), then resample ``pos_embed`` to the backbone grid.
+_HEAD_MODULES = ("head", "attn_pool", "fc_norm", "norm")  # dropped from a file when the backbone lacks them
+_MOCOV3_TYPOS = {"blocks.13.norm13.": "blocks.13.norm1.", "blocks.13.mlp.fc13.": "blocks.13.mlp.fc1.",
+                 "blocks.14.norm14.": "blocks.14.norm2.", "blocks.14.mlp.fc14.": "blocks.14.mlp.fc2."}
 
-    Official layout: ``cls_token``, ``pos_embed`` (1, 1 + N, D) incl. the CLS position, ``mask_token``,
-    ``register_tokens`` (1, R, D), ``blocks.i.mlp.w12/w3`` for the SwiGLU giant. timm's register models
-    use ``no_embed_class``: the CLS position is folded into ``cls_token`` and ``pos_embed`` is (1, N, D).
-    """
-    from timm.layers import resample_abs_pos_embed
 
-    state = dict(state)
-    if "mask_token" in state or "register_tokens" in state:
+def _official_to_timm(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """Rename the official DINOv2 / OpenAI CLIP / MoCo v3 key layouts to timm's (other layouts pass through)."""
+    if "mask_token" in state or "register_tokens" in state:  # DINOv2 hub file
         state.pop("mask_token", None)
         if "register_tokens" in state:
             state["reg_token"] = state.pop("register_tokens")
             state["cls_token"] = state["cls_token"] + state["pos_embed"][:, :1]
             state["pos_embed"] = state["pos_embed"][:, 1:]
-        state = {re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k)): v
-                 for k, v in state.items()}
+        return {re.sub(r"\.mlp\.w12\.", ".mlp.fc1.", re.sub(r"\.mlp\.w3\.", ".mlp.fc2.", k)): v
+                for k, v in state.items()}
+    if any(k.startswith("base_encoder.") for k in state):  # MoCo v3 (``module.`` already stripped)
+        out = {}
+        for k, v in state.items():
+            if k.startswith("base_encoder."):
+                k = k[len("base_encoder."):]
+                for typo, fix in _MOCOV3_TYPOS.items():
+                    k = k.replace(typo, fix)
+                out[k] = v
+        return out
+    for prefix in ("visual.", ""):  # OpenAI CLIP (full model or its visual tower)
+        if f"{prefix}class_embedding" in state:
+            from timm.models.vision_transformer import _convert_openai_clip
+
+            return _convert_openai_clip(state, backbone, prefix=prefix)
+    return state
+
+
+def convert_state_dict(state: dict[str, torch.Tensor], backbone: nn.Module) -> dict[str, torch.Tensor]:
+    """Official layouts -> timm keys (if needed), unused heads dropped, ``pos_embed`` resampled to the backbone grid.
+
+    DINOv2 official layout: ``cls_token``, ``pos_embed`` (1, 1 + N, D) incl. the CLS position, ``mask_token``,
+    ``register_tokens`` (1, R, D), ``blocks.i.mlp.w12/w3`` for the SwiGLU giant. timm's register models
+    use ``no_embed_class``: the CLS position is folded into ``cls_token`` and ``pos_embed`` is (1, N, D).
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    state = _official_to_timm(dict(state), backbone)
+    own = {k.split(".")[0] for k in backbone.state_dict()}
+    state = {k: v for k, v in state.items() if k.split(".")[0] in own or k.split(".")[0] not in _HEAD_MODULES}
     pos = state.get("pos_embed")
     target = getattr(backbone, "pos_embed", None)
     if pos is not None and target is not None and pos.ndim == 3:

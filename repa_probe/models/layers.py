@@ -178,8 +178,42 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
 
-def build_projector(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
-    """REPA projector: Linear(D, P) SiLU Linear(P, P) SiLU Linear(P, z_dim) (keys ``{0,2,4}``)."""
+PROJECTOR_TYPES = ("mlp", "conv")
+
+
+class ConvProjector(nn.Module):
+    """iREPA projector: one ``Conv2d(D, z_dim, k, stride 1, padding k // 2)`` on the square token grid.
+
+    ``(B, T, D)`` -> ``(B, H, W, D)`` (row-major tokens, H = W = sqrt(T)) -> ``(B, D, H, W)`` -> conv ->
+    ``(B, T, z_dim)``. The parameter is ``projection_layer`` (keys ``projection_layer.{weight,bias}``, as in
+    End2End-Diffusion/iREPA's ``ProjectionLayer``); PyTorch's default Conv2d init (iREPA re-initialises only
+    linear layers). ``k = 1`` is a per-token linear map.
+    """
+
+    def __init__(self, hidden_size: int, z_dim: int, kernel_size: int = 3):
+        super().__init__()
+        self.projection_layer = nn.Conv2d(hidden_size, z_dim, kernel_size, stride=1, padding=kernel_size // 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        side = math.isqrt(t)
+        if side * side != t:
+            raise ModelInputError(f"the conv projector needs a square token grid, got {t} tokens")
+        grid = x.reshape(b, side, side, d).permute(0, 3, 1, 2)
+        return self.projection_layer(grid).permute(0, 2, 3, 1).reshape(b, t, -1)
+
+
+def build_projector(hidden_size: int, projector_dim: int, z_dim: int, kind: str = "mlp",
+                    kernel_size: int = 3) -> nn.Module:
+    """REPA projector (``kind="mlp"``): Linear(D, P) SiLU Linear(P, P) SiLU Linear(P, z_dim) (keys ``{0,2,4}``);
+    iREPA projector (``kind="conv"``): :class:`ConvProjector` with a ``kernel_size`` x ``kernel_size`` kernel
+    (``projector_dim`` unused)."""
+    if kind == "conv":
+        if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ModelInputError(f"projector kernel size must be a positive odd int, got {kernel_size!r}")
+        return ConvProjector(hidden_size, z_dim, kernel_size)
+    if kind != "mlp":
+        raise ModelInputError(f"projector type must be one of {PROJECTOR_TYPES}, got {kind!r}")
     return nn.Sequential(
         nn.Linear(hidden_size, projector_dim), nn.SiLU(),
         nn.Linear(projector_dim, projector_dim), nn.SiLU(),

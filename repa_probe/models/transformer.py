@@ -38,14 +38,16 @@ class DiffusionTransformer(nn.Module):
 
     See the module docstring for ``time_convention``. ``encoder_depth`` is 1-based: the REPA projectors read
     the output of block ``encoder_depth`` (= ``hidden[encoder_depth - 1]``). ``z_dims`` empty means
-    no projectors. ``config`` returns the constructor keywords (enough to rebuild the model).
+    no projectors. ``projector_type``: ``"mlp"`` (REPA) or ``"conv"`` (iREPA: a ``projector_kernel``-sized
+    convolution on the token grid). ``config`` returns the constructor keywords (enough to rebuild the model).
     """
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
                  hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
                  num_classes: int = 1000, class_dropout_prob: float = 0.1, learn_sigma: bool = False,
                  qk_norm: bool = False, encoder_depth: int = 8, z_dims: Sequence[int] = (),
-                 projector_dim: int = 2048, time_convention: str = "repa"):
+                 projector_dim: int = 2048, time_convention: str = "repa", projector_type: str = "mlp",
+                 projector_kernel: int = 3):
         super().__init__()
         z_dims = tuple(int(z) for z in z_dims)
         _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
@@ -56,7 +58,8 @@ class DiffusionTransformer(nn.Module):
             mlp_ratio=float(mlp_ratio), num_classes=int(num_classes),
             class_dropout_prob=float(class_dropout_prob), learn_sigma=bool(learn_sigma),
             qk_norm=bool(qk_norm), encoder_depth=int(encoder_depth), z_dims=list(z_dims),
-            projector_dim=int(projector_dim), time_convention=time_convention,
+            projector_dim=int(projector_dim), time_convention=time_convention, projector_type=projector_type,
+            projector_kernel=int(projector_kernel),
         )
         self.time_convention = time_convention
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
@@ -73,7 +76,8 @@ class DiffusionTransformer(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
-        self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, z) for z in z_dims)
+        self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, z, projector_type, projector_kernel)
+                                        for z in z_dims)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
 

@@ -1,7 +1,9 @@
-"""Representation alignment (REPA) loss, encoder-token grid matching and label dropout."""
+"""Representation alignment (REPA) loss, iREPA's spatial normalisation of the targets, encoder-token grid
+matching and label dropout."""
 
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from typing import Sequence
@@ -10,6 +12,10 @@ import torch
 import torch.nn.functional as F
 
 from repa_probe.objectives._common import ObjectiveError
+
+log = logging.getLogger(__name__)
+AMPLIFICATION_WARNING = 1e3  # (1 - gamma) |mean| / (std + eps) above this: a near-constant channel dominates
+_amplification_checked = False  # the first call per process checks (one host sync), later calls never sync
 
 
 def repa_loss(zs_tilde: Sequence[torch.Tensor], zs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +61,36 @@ def repa_loss(zs_tilde: Sequence[torch.Tensor], zs: Sequence[torch.Tensor]) -> t
         per_encoder.append((a * b).sum(dim=-1).mean())
     mean_cos = torch.stack(per_encoder).mean()
     return -mean_cos, mean_cos.detach()
+
+
+def spatial_normalize(z: torch.Tensor, gamma: float = 1.0, eps: float = 1e-6) -> torch.Tensor:
+    """iREPA's spatial normalisation of encoder target tokens: ``(z - gamma * mean_T z) / (std_T z + eps)``.
+
+    z: ``(B, T, D)`` -> ``(B, T, D)`` float32 (computed in float32 whatever z's dtype). The mean and the std are
+    over the token axis (dim 1), per image and channel; the std is the unbiased one (divides by T - 1) and eps is
+    added to the std, not inside the square root (iREPA's code; the paper writes sqrt(Var + eps)). gamma in
+    [0, 1]: 1 makes every channel zero-mean and unit-std over tokens; iREPA's SiT trainer uses 0.6, its JiT
+    trainer 0.8. Applied to the targets only, never to the diffusion features.
+
+    With gamma < 1 a channel whose spatial std is ~0 but whose mean is not becomes ~(1 - gamma) * mean / eps, which
+    dominates every token; the first call in a process checks for this (one host sync) and logs a warning when
+    ``(1 - gamma) |mean| / (std + eps)`` exceeds ``AMPLIFICATION_WARNING``.
+    """
+    global _amplification_checked
+    if z.ndim != 3 or z.shape[1] < 2:
+        raise ObjectiveError(f"spatial normalisation needs tokens (B, T >= 2, D), got shape {tuple(z.shape)}")
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not 0.0 <= gamma <= 1.0:
+        raise ObjectiveError(f"repa.spatial_norm_gamma must be a number in [0, 1], got {gamma!r}")
+    x = z.float()
+    mean = x.mean(dim=1, keepdim=True)
+    std = x.std(dim=1, keepdim=True)
+    if gamma < 1 and x.numel() and not _amplification_checked and not torch.compiler.is_compiling():
+        _amplification_checked = True
+        worst = ((1 - gamma) * mean.abs() / (std + eps)).max().item()
+        if worst > AMPLIFICATION_WARNING:
+            log.warning("spatial normalisation (gamma=%g): a channel with near-zero spatial std is amplified %.3g x "
+                        "and dominates the targets; use repa.spatial_norm_gamma=1 or check the encoder", gamma, worst)
+    return (x - gamma * mean) / (std + eps)
 
 
 def match_token_grid(z: torch.Tensor, grid: int) -> torch.Tensor:

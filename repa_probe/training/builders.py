@@ -77,7 +77,8 @@ def build_model(cfg: Config, batches: "Batches", enc):
     model = create_model(m.name, input_size=side, in_channels=channels, num_classes=batches.num_classes,
                          class_dropout_prob=m.class_dropout_prob, qk_norm=m.qk_norm,
                          learn_sigma=ddpm and cfg.objective.learn_sigma, time_convention="ddpm" if ddpm else "repa",
-                         encoder_depth=r.encoder_depth, projector_dim=r.projector_dim,
+                         encoder_depth=r.encoder_depth, projector_dim=r.projector_dim, projector_type=r.projector,
+                         projector_kernel=r.projector_kernel,
                          z_dims=(enc.embed_dim,) if enc is not None else (), **overrides)
     if enc is not None:
         eg, mg = enc.grid_size, model.grid_size
@@ -136,7 +137,8 @@ def model_inputs(batch: dict, vae, enc, device: torch.device, gen: torch.Generat
 
     x0: (b, C, H, W) — VAE latents sampled from the posterior (stored moments or encoded on the fly), or
     pixels scaled to [-1, 1] when there is no VAE. The posterior noise is drawn for the global batch.
-    ``enc_autocast``: context for the frozen encoder (the training autocast on GPU, as in REPA).
+    ``enc_autocast``: context for the frozen encoder (the training autocast on GPU, as in REPA). With
+    ``repa.spatial_norm_gamma`` set, the tokens (on the model's grid) are spatially normalised (iREPA), float32.
     """
     images = batch["image"].to(device, non_blocking=True)
     y = batch["label"].to(device, non_blocking=True)
@@ -150,8 +152,10 @@ def model_inputs(batch: dict, vae, enc, device: torch.device, gen: torch.Generat
         x0 = (mean + std * eps) * vae.scale + vae.bias
     z = None
     if enc is not None:
-        from repa_probe.objectives import match_token_grid
+        from repa_probe.objectives import match_token_grid, spatial_normalize
 
         with torch.no_grad(), (enc_autocast or nullcontext()):
             z = match_token_grid(enc(images), grid)
+            if cfg.repa.spatial_norm_gamma is not None:
+                z = spatial_normalize(z, cfg.repa.spatial_norm_gamma)
     return x0, z, y

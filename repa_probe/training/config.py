@@ -58,11 +58,14 @@ class RepaConfig:
     proj_coeff: float = 0.5  # weight of the REPA loss; 0 = vanilla baseline (no encoder, no projector)
     encoder_depth: int = 2  # 1-based block whose output is aligned (paper: 8 for L/XL, 4 for B)
     projector_dim: int = 256  # hidden width of the projector MLP (paper: 2048)
+    projector: str = "mlp"  # mlp (REPA) or conv (iREPA: a k x k convolution on the token grid)
+    projector_kernel: int = 3  # conv projector kernel k (iREPA paper: 3; its SiT trainer's default is 1)
+    spatial_norm_gamma: Optional[float] = None  # iREPA target normalisation (x - g*mean_T)/(std_T + 1e-6); null = off
 
 
 @dataclass
 class EncoderConfig:
-    name: str = "tiny_vit"  # dinov2_vit{s,b,l,g}14[_reg] or tiny_vit
+    name: str = "tiny_vit"  # dinov2_vitb14, clip_vitl14, mae_vitl16, ijepa_vith14, siglip_vitb16... or tiny_vit
     weights: Optional[str] = None  # local weight file (.pth / .safetensors)
     pretrained: bool = False  # false = random init (explicit); true = load weights (file, hub or timm cache)
     source: str = "auto"  # auto, hub or timm
@@ -156,6 +159,7 @@ CHOICES = {
     "launch.mode": ("local", "slurm", "submitit_local"),
     "encoder.source": ("auto", "hub", "timm"),
     "train.compile": ("auto", "true", "false"),
+    "repa.projector": ("mlp", "conv"),
 }
 
 
@@ -249,6 +253,11 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if cfg.repa.proj_coeff < 0:
         raise ConfigError(f"repa.proj_coeff must be >= 0, got {cfg.repa.proj_coeff}")
+    if cfg.repa.projector_kernel < 1 or cfg.repa.projector_kernel % 2 == 0:
+        raise ConfigError(f"repa.projector_kernel must be a positive odd int, got {cfg.repa.projector_kernel}")
+    gamma = cfg.repa.spatial_norm_gamma
+    if gamma is not None and not 0.0 <= gamma <= 1.0:
+        raise ConfigError(f"repa.spatial_norm_gamma must be in [0, 1] or null (off), got {gamma}")
     if not 0.0 <= cfg.train.ema_decay < 1.0:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {cfg.train.ema_decay}")
     if len(cfg.optim.betas) != 2:
