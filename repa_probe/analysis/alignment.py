@@ -32,6 +32,7 @@ from repa_probe.analysis.inputs import (DEFAULT_TIMESTEPS, METRICS, TARGET_KINDS
                                meta_model, objective_for, parse_layer_list, parse_metric_list,
                                parse_timestep_list, reload_model, resolve_context, resolve_device)
 from repa_probe.analysis.features import FeatureError, ModelInputs, extract_features, prepare_inputs, resolve_layers
+from repa_probe.analysis.spatial_alignment import spatial_analysis, split_metrics
 from repa_probe.analysis.targets import dataset_identity, encoder_features
 
 __all__ = ["alignment_table", "run_alignment", "best_layers", "write_csv", "metric_function",
@@ -168,7 +169,8 @@ def run_alignment(ckpts: Sequence, out_dir, timesteps=DEFAULT_TIMESTEPS, layers=
 
     timesteps = parse_timestep_list(timesteps)
     layer_spec = parse_layer_list(layers)
-    metrics = parse_metric_list(metric)
+    spatial_names, metric = split_metrics(metric)
+    metrics = parse_metric_list(metric) if metric else []
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise AlignmentError(f"--batch-size must be a positive integer, got {batch_size!r}")
     dev = resolve_device(device)
@@ -205,15 +207,20 @@ def run_alignment(ckpts: Sequence, out_dir, timesteps=DEFAULT_TIMESTEPS, layers=
     vae = ctx.vae.to(dev) if ctx.vae is not None else None
     inputs = prepare_inputs(ctx.dataset, vae, batch_size, progress=progress)
     target = encoder_features(ctx.encoder.to(dev), ctx.dataset, ctx.target_kind, cache_dir=cache_dir,
-                              batch_size=batch_size, progress=progress)
+                              batch_size=batch_size, progress=progress) if metrics else None
+    spatial = spatial_analysis(spatial_names, ctx, inputs, layers=layer_spec, timesteps=timesteps, device=dev,
+                               batch_size=batch_size, seed=seed, labels=ctx.labels, bootstrap=bootstrap,
+                               progress=progress)
     rows = []
     for e in entries:
         model = e.model if e.model is not None else reload_model(e)
         model = model.to(dev).eval()
         log.info("alignment: %s (%s, step %s)", e.label, e.info.family, e.info.step)
-        rows += alignment_table(model, objectives[e.label], inputs, target, layer_spec, timesteps, metrics, topk,
-                                bootstrap, device=dev, batch_size=batch_size, seed=seed, labels=ctx.labels,
-                                checkpoint=e.label, step=e.info.step, progress=progress)
+        if metrics:
+            rows += alignment_table(model, objectives[e.label], inputs, target, layer_spec, timesteps, metrics, topk,
+                                    bootstrap, device=dev, batch_size=batch_size, seed=seed, labels=ctx.labels,
+                                    checkpoint=e.label, step=e.info.step, progress=progress)
+        rows += spatial.rows(model, objectives[e.label], e.label, e.info.step) if spatial else []
         e.model = None
         del model
         if dev.type == "cuda":
@@ -223,10 +230,12 @@ def run_alignment(ckpts: Sequence, out_dir, timesteps=DEFAULT_TIMESTEPS, layers=
     if plot_timestep is None:
         plot_timestep = min(timesteps, key=lambda v: (abs(float(v) - 0.5), float(v)))
     runs = {e.label: e.run for e in entries}
-    figures = plots.make_figures(rows, out / "figures", plot_timestep=plot_timestep, runs=runs)
+    model_rows = [r for r in rows if r["layer"] != "target"]  # the target's spatial rows are a reference
+    figures = plots.make_figures(model_rows, out / "figures", plot_timestep=plot_timestep, runs=runs)
     summary = {
-        "best": best_layers(rows),
-        "settings": dict(timesteps=timesteps, layers=layer_spec, metrics=metrics, topk=topk, bootstrap=bootstrap,
+        "best": best_layers(model_rows),
+        "spatial": spatial.describe() if spatial else None,
+        "settings": dict(timesteps=timesteps, layers=layer_spec, metrics=metrics + spatial_names, topk=topk, bootstrap=bootstrap,
                          num_samples=n, batch_size=batch_size, device=str(dev), seed=seed, pool="mean",
                          plot_timestep=plot_timestep, **ctx.describe(),
                          time_convention="t=0 clean data, t=1 pure noise (REPA); SiT models get 1-t, DiT "
