@@ -113,12 +113,28 @@ def _gram(tokens: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.bmm(u, u.transpose(1, 2))
 
 
-def _distance_means(tokens: torch.Tensor, h: int, w: int, chunk_size: int | None) -> torch.Tensor:
-    """Sum of K over all ordered pairs at each distance d = 0..H+W-2, ``(B, H+W-1)`` float64."""
-    dist = _distances(h, w, tokens.device).reshape(-1)
-    onehot = F.one_hot(dist, h + w - 1).double()                        # (T*T, H+W-1)
-    out = [_gram(tokens[s], _EPS).flatten(1).double() @ onehot for s in _chunks(len(tokens), h * w, chunk_size)]
-    return torch.cat(out) if out else tokens.new_zeros((0, h + w - 1), dtype=torch.float64)
+def _pairwise(tokens: torch.Tensor, h: int, w: int, sums: bool, fg, pos, neg, chunk_size: int | None):
+    """One Gram per chunk of images, reduced to what the metrics need.
+
+    Returns ``(S, srss)``: ``S`` the sum of K over the ordered pairs at each distance d = 0..H+W-2,
+    ``(B, H+W-1)`` float64 (None unless ``sums``), and the SRSS values ``(B,)`` (None unless ``fg``: ``(B, T)``
+    bool foreground, ``pos``/``neg``: ``(T, T)`` float distance masks).
+    """
+    onehot = F.one_hot(_distances(h, w, tokens.device).reshape(-1), h + w - 1).double() if sums else None
+    out_s, out_r = [], []
+    for s in _chunks(len(tokens), h * w, chunk_size):
+        x = tokens[s]
+        g = _gram(x, _EPS)                                                 # (b, T, T)
+        if onehot is not None:
+            out_s.append(g.flatten(1).double() @ onehot)
+        if fg is not None:
+            if x.shape[0] and float(x.float().norm(dim=-1).min()) < _EPS:  # only then do the epsilons differ
+                g = _gram(x, _EPS_SRSS)
+            out_r.append(_srss_chunk(g, fg[s], pos, neg))
+    cat = lambda parts, shape, dtype: torch.cat(parts) if parts else torch.zeros(shape, dtype=dtype,
+                                                                                 device=tokens.device)
+    return (cat(out_s, (0, h + w - 1), torch.float64) if sums else None,
+            cat(out_r, (0,), torch.float32) if fg is not None else None)
 
 
 def _band_mean(sums: torch.Tensor, counts: torch.Tensor, low: int, high: int | None = None) -> torch.Tensor:
@@ -166,9 +182,8 @@ def srss(tokens: torch.Tensor, grid: Sequence[int] | None = None, *, masks: torc
                            variant=variant, chunk_size=chunk_size)["srss"]
 
 
-def _srss_chunk(tokens: torch.Tensor, fg: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
-    """SRSS of one chunk: ``tokens (b, T, D)``, ``fg (b, T)`` bool, ``pos``/``neg`` ``(T, T)`` distance masks."""
-    g = _gram(tokens, _EPS_SRSS)                                         # (b, T, T)
+def _srss_chunk(g: torch.Tensor, fg: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+    """SRSS of one chunk: cosine Gram ``g (b, T, T)``, ``fg (b, T)`` bool, ``pos``/``neg`` ``(T, T)`` masks."""
     fgf, bgf = fg.to(g.dtype), (~fg).to(g.dtype)
     pos_sums = torch.bmm(g * pos, fgf[:, :, None])[..., 0]              # (b, T): sum over FG neighbours
     neg_sums = torch.bmm(g * neg, bgf[:, :, None])[..., 0]
@@ -211,15 +226,20 @@ def spatial_metrics(tokens: torch.Tensor, names: Sequence[str] = SPATIAL_METRICS
         _need_far("LDS far", far, h, w)
     if "cds" in names and min(_check_int("dmax", dmax), h + w - 2) < 2:
         raise SpatialMetricError(f"CDS: a {h}x{w} grid with dmax={dmax} has fewer than 2 distances to fit a slope")
-    out = {}
-    if "lds" in names or "cds" in names:
-        sums, counts = _distance_means(tokens, h, w, chunk_size), pair_counts(h, w).to(tokens.device)
-        if "lds" in names:
-            out["lds"] = (_band_mean(sums, counts, 1, near) - _band_mean(sums, counts, far)).float()
-        if "cds" in names:
-            out["cds"] = _cds_fit(sums, counts, dmax, h, w)
+    fg = pos = neg = None
     if "srss" in names:
-        out["srss"] = _srss(tokens, h, w, masks, d_pos, d_neg, _check_int("d_pos_min", d_pos_min, 0), chunk_size)
+        fg = _foreground(masks, tokens)
+        _need_far("SRSS d_neg", d_neg, h, w)
+        dist = _distances(h, w, tokens.device)
+        pos = ((dist >= _check_int("d_pos_min", d_pos_min, 0)) & (dist <= d_pos)).float()
+        neg = (dist >= d_neg).float()
+    out = {}
+    if "lds" in names or "cds" in names or fg is not None:
+        sums, out["srss"] = _pairwise(tokens, h, w, "lds" in names or "cds" in names, fg, pos, neg, chunk_size)
+        if sums is not None:
+            counts = pair_counts(h, w).to(tokens.device)
+            out["lds"] = (_band_mean(sums, counts, 1, near) - _band_mean(sums, counts, far)).float()
+            out["cds"] = _cds_fit(sums, counts, dmax, h, w) if "cds" in names else None
     if "rmsc" in names:
         out["rmsc"] = rmsc(tokens, (h, w), sqrt=sqrt)
     return {n: out[n] for n in names}
@@ -233,15 +253,11 @@ def _cds_fit(sums: torch.Tensor, counts: torch.Tensor, dmax: int, h: int, w: int
     return (-((g - g.mean(1, keepdim=True)) @ x0) / (x0 @ x0)).float()
 
 
-def _srss(tokens, h, w, masks, d_pos, d_neg, d_pos_min, chunk_size) -> torch.Tensor:
+def _foreground(masks, tokens: torch.Tensor) -> torch.Tensor:
+    """``masks`` checked against ``tokens: (B, T, D)``, as a ``(B, T)`` bool foreground on the tokens' device."""
     if masks is None:
         raise SpatialMetricError("srss needs masks=(B, T) foreground masks")
     masks = torch.as_tensor(masks, device=tokens.device)
     if masks.shape != tokens.shape[:2]:
         raise SpatialMetricError(f"masks must be (B, T) = {tuple(tokens.shape[:2])}, got {tuple(masks.shape)}")
-    _need_far("SRSS d_neg", d_neg, h, w)
-    dist = _distances(h, w, tokens.device)
-    pos, neg = ((dist >= d_pos_min) & (dist <= d_pos)).float(), (dist >= d_neg).float()
-    fg = masks != 0
-    out = [_srss_chunk(tokens[s], fg[s], pos, neg) for s in _chunks(len(tokens), h * w, chunk_size)]
-    return torch.cat(out) if out else tokens.new_zeros(0, dtype=torch.float32)
+    return masks != 0

@@ -3,7 +3,7 @@
 Writes ``spatial.pt``: ``{"source": ..., "cases": [case, ...]}`` where each case holds ``tokens: (B, T, D)``,
 the grid ``H``, ``W``, optional ``masks: (B, T)`` bool, and ``calls``: a list of ``{"metric", "kwargs",
 "value": (B,)}``, each ``value`` computed by the official function with those keyword arguments. The cases
-cover the defaults, other parameters, zero tokens, a non-square grid, a 3x3 grid (CDS with fewer distances
+cover the defaults, other parameters, zero tokens, tokens with norms between the two epsilons, a non-square grid, a 3x3 grid (CDS with fewer distances
 than dmax) and the masks for which SRSS is NaN. Run as part of ``python -m tools.golden ... --irepa PATH``
 or alone: ``python -m tools.golden.spatial --irepa PATH --out tests/data/golden``.
 """
@@ -74,6 +74,8 @@ def _cases(gen: torch.Generator) -> list[dict]:
     zeros[0, :40] = 0.0                                     # zero tokens: cosine 0 with everything
     zeros[1, ::3] = 0.0
     edge = _smooth(gen, 5, 16, 16, 12, noise=0.4)
+    tiny = _smooth(gen, 2, 16, 16, 8, noise=0.5)
+    tiny[:, 100:140] *= 1e-10                               # norms below LDS's eps 1e-8, above SRSS's 1e-12
     default = [("lds", {}), ("cds", {}), ("rmsc", {}), ("srss", {})]
     return [
         dict(name="smooth_16x16", tokens=base, H=16, W=16, masks=_blob_masks(gen, 4, 16, 16),
@@ -89,6 +91,7 @@ def _cases(gen: torch.Generator) -> list[dict]:
              calls=[("cds", {}), ("lds", {"far_dist": 4}), ("rmsc", {})]),
         dict(name="srss_edge_masks", tokens=edge, H=16, W=16, masks=_edge_masks(16, 16),
              calls=[("srss", {}), ("srss", {"d_pos": 2})]),
+        dict(name="tiny_norm_tokens", tokens=tiny, H=16, W=16, masks=_blob_masks(gen, 2, 16, 16), calls=default),
     ]
 
 
