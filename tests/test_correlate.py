@@ -138,6 +138,10 @@ def test_bad_input(tmp_path, capsys):
     err = _one_line_error(capsys, base + ["--x", "lds@target", "--y", "fid_inception", "--last-only"])
     assert "only 2 checkpoint(s)" in err and "no correlation" in err
     assert not (tmp_path / "o" / "summary.json").exists()
+    _write(tmp_path / "extra" / "fid.csv", FID_COLS, [dict(checkpoint="run0/0000100", step=100, metric="fid_inception",
+                                                           value=99.0)])
+    err = _one_line_error(capsys, base + ["--x", "cknna@block2,t=0.5", "--y", "fid_inception"])
+    assert "run0/0000100 has 2 different values" in err
     assert "no such file" in _one_line_error(capsys, ["--tables", str(tmp_path / "nope"), "--x", "a", "--y", "b",
                                                       "--out", str(tmp_path / "o")])
 

@@ -200,10 +200,13 @@ def select(df: pd.DataFrame, q: Quantity, warnings: list | None = None) -> pd.Da
         rows = _pick_timestep(rows, q, warnings)
     if q.layer == "best":
         rows = rows.loc[rows.groupby("checkpoint")["value"].idxmax()]
-    dup = rows.duplicated("checkpoint", keep="first")
-    if dup.any():
-        warnings.append(f"{q}: {int(dup.sum())} checkpoint(s) appear in several tables; the first value is used")
-        rows = rows[~dup]
+    spread = rows.groupby("checkpoint")["value"].nunique()
+    if (spread > 1).any():
+        ck = spread[spread > 1].index[0]
+        files = sorted(set(rows.loc[rows["checkpoint"] == ck, "file"]))
+        raise CorrelateError(f"{q}: checkpoint {ck} has {int(spread[ck])} different values (in {', '.join(files)}; "
+                             "e.g. several sampler settings): pass only the tables of one setting")
+    rows = rows.drop_duplicates("checkpoint")
     return rows[["run", "checkpoint", "step", "layer", "value"]].reset_index(drop=True)
 
 
