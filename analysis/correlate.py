@@ -29,7 +29,8 @@ p-values, n, warnings) and figures/ (PDF + PNG).
 
 EXAMPLES = """\
 examples:
-  python -m analysis.correlate --tables results/run_a results/run_b --x cknna@best,t=0.5 --y fid_inception --out results/corr
+  python -m analysis.correlate --tables results/run_a results/run_b --x cknna@best,t=0.5 --y fid_inception \\
+      --out results/corr
   python -m analysis.correlate --tables 'results/*/alignment.csv' 'results/*/fid.csv' --x lds@target \\
       --y fid_inception --last-only --out results/irepa_fig
 """
@@ -41,11 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tables", nargs="+", required=True, metavar="PATH",
                    help="result CSVs, directories (searched recursively for alignment/probe/segment/fid.csv) or "
                         "glob patterns (quote them)")
-    p.add_argument("--x", required=True, metavar="QUANTITY", help="e.g. cknna@block8,t=0.5, cknna@best,t=0.5, lds@target")
+    p.add_argument("--x", required=True, metavar="QUANTITY",
+                   help="e.g. cknna@block8,t=0.5, cknna@best,t=0.5, lds@target")
     p.add_argument("--y", required=True, metavar="QUANTITY", help="e.g. fid_inception or fd_dinov2_vitl14")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory (created)")
     p.add_argument("--last-only", action="store_true", help="one point per run: its last checkpoint (iREPA's figure)")
-    p.add_argument("--bootstrap", type=int, default=2000, metavar="B", help="bootstrap resamples (default 2000; 0 = off)")
+    p.add_argument("--bootstrap", type=int, default=2000, metavar="B",
+                   help="bootstrap resamples (default 2000; 0 = off)")
     p.add_argument("--permutations", type=int, default=10000, metavar="P",
                    help="permutations for the p-values (default 10000; 0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the resampling (default 0)")
@@ -67,7 +70,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         ci = "" if v["ci_low"] is None else f"  95% CI [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
         p = "" if v["p_perm"] is None else f"  p = {v['p_perm']:.3g}"
         print(f"{s['x']} vs {s['y']}: {sym} = {v['r']:.3f}{ci}{p}  (n = {s['n']} checkpoints, {s['runs']} runs)")
-    print(f"wrote {os.path.join(args.out, 'correlation.csv')}, summary.json and {len(s['files']['figures'])} figure files")
+    print(f"wrote {os.path.join(args.out, 'correlation.csv')}, summary.json and {len(s['files']['figures'])} "
+          "figure files")
     return 0
 
 

@@ -235,8 +235,9 @@ def run_alignment(ckpts: Sequence, out_dir, timesteps=DEFAULT_TIMESTEPS, layers=
     summary = {
         "best": best_layers(model_rows),
         "spatial": spatial.describe() if spatial else None,
-        "settings": dict(timesteps=timesteps, layers=layer_spec, metrics=metrics + spatial_names, topk=topk, bootstrap=bootstrap,
-                         num_samples=n, batch_size=batch_size, device=str(dev), seed=seed, pool="mean",
+        "settings": dict(timesteps=timesteps, layers=layer_spec, metrics=metrics + spatial_names, topk=topk,
+                         bootstrap=bootstrap, num_samples=n, batch_size=batch_size, device=str(dev), seed=seed,
+                         pool="mean",
                          plot_timestep=plot_timestep, **ctx.describe(),
                          time_convention="t=0 clean data, t=1 pure noise (REPA); SiT models get 1-t, DiT "
                                          "models the DDPM step round(t*999) (ints are steps)",

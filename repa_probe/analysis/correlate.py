@@ -66,7 +66,8 @@ def parse_quantity(text: str, what: str = "x") -> Quantity:
     """``"cknna@block8,t=0.5"`` -> ``Quantity("cknna", 8, 0.5)`` (see the module docstring)."""
     m = _SPEC.match(str(text))
     if not m:
-        raise CorrelateError(f"--{what} {text!r}: expected METRIC[@blockN|@best|@target][,t=T], e.g. cknna@block8,t=0.5")
+        raise CorrelateError(f"--{what} {text!r}: expected METRIC[@blockN|@best|@target][,t=T], "
+                             "e.g. cknna@block8,t=0.5")
     metric, layer, t = m.groups()
     if layer is not None:
         low = layer.lower()
@@ -115,7 +116,8 @@ def _read(path: Path) -> pd.DataFrame:
         raise CorrelateError(f"{path}: not a readable CSV ({exc})") from None
     missing = [c for c in ("checkpoint", "metric", "value") if c not in df.columns]
     if missing:
-        raise CorrelateError(f"{path}: not a result table (no {', '.join(missing)} column; has {', '.join(df.columns)})")
+        raise CorrelateError(f"{path}: not a result table (no {', '.join(missing)} column; "
+                             f"has {', '.join(df.columns)})")
     if "source" in df.columns:  # probe tables: the encoder's own reference rows are not per checkpoint
         df = df[df["source"].fillna("model") == "model"]
     layer = df["layer"] if "layer" in df.columns else pd.Series("", index=df.index)

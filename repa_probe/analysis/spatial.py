@@ -22,8 +22,8 @@ These agree with iREPA's ``metrics/spatial_metrics.py`` (commit 99ad4ac) to 1e-5
 small for the far term (no pair at ``d >= far`` / ``d_neg``), or with fewer than two fitted distances for
 CDS, is refused with a :class:`SpatialMetricError` where iREPA silently returns the local term / 0 / NaN.
 
-Memory: images are processed in chunks of ``chunk_size`` (default: ~8M Gram entries, 128 images of 256 tokens), so at most a
-``(chunk, T, T)`` Gram matrix exists at any time, never ``(B, T, T)``.
+Memory: images are processed in chunks of ``chunk_size`` (default: ~8M Gram entries, 128 images of 256
+tokens), so at most a ``(chunk, T, T)`` Gram matrix exists at any time, never ``(B, T, T)``.
 """
 from __future__ import annotations
 

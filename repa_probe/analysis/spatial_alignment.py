@@ -165,6 +165,7 @@ class SpatialAnalysis:
             self.names.remove("srss")
         self.target = {}
         if self.names:
+            encoder = encoder.to(device)
             masks = self.masks((encoder.grid_size, encoder.grid_size)) if "srss" in self.names else None
             self.target = target_spatial_values(encoder, dataset, self.names, masks, batch_size=batch_size,
                                                 progress=progress)

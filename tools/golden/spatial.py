@@ -3,8 +3,8 @@
 Writes ``spatial.pt``: ``{"source": ..., "cases": [case, ...]}`` where each case holds ``tokens: (B, T, D)``,
 the grid ``H``, ``W``, optional ``masks: (B, T)`` bool, and ``calls``: a list of ``{"metric", "kwargs",
 "value": (B,)}``, each ``value`` computed by the official function with those keyword arguments. The cases
-cover the defaults, other parameters, zero tokens, tokens with norms between the two epsilons, a non-square grid, a 3x3 grid (CDS with fewer distances
-than dmax) and the masks for which SRSS is NaN. Run as part of ``python -m tools.golden ... --irepa PATH``
+cover the defaults, other parameters, zero tokens, tokens with norms between the two epsilons, a non-square
+grid, a 3x3 grid (CDS with fewer distances than dmax) and the masks for which SRSS is NaN. Run as part of ``python -m tools.golden ... --irepa PATH``
 or alone: ``python -m tools.golden.spatial --irepa PATH --out tests/data/golden``.
 """
 from __future__ import annotations
