@@ -142,7 +142,7 @@ def _available(df: pd.DataFrame) -> str:
     """What the tables hold, as quantities a user can type (compressed)."""
     parts = []
     for metric, g in df.groupby("metric", sort=True):
-        layers = sorted({v for v in g["layer"] if v not in ("", "target")}, key=int)
+        layers = sorted({v for v in g["layer"] if v not in ("", "target")}, key=lambda v: (not v.isdigit(), v.zfill(9)))
         ts = sorted({float(v) for v in g["timestep"].dropna()})
         desc = metric
         if layers:
@@ -183,7 +183,7 @@ def _pick_timestep(rows: pd.DataFrame, q: Quantity, warnings: list) -> pd.DataFr
 def select(df: pd.DataFrame, q: Quantity, warnings: list | None = None) -> pd.DataFrame:
     """One value of ``q`` per checkpoint: a frame with run, checkpoint, step, value (and the layer used)."""
     warnings = [] if warnings is None else warnings
-    rows = df[df["metric"] == q.metric]
+    rows = df[(df["metric"] == q.metric) & df["value"].notna()]
     if rows.empty:
         raise CorrelateError(f"unknown metric {q.metric!r} ({q}); the tables have: {_available(df)}")
     layers = set(rows["layer"])
