@@ -83,7 +83,7 @@ def _rss_mib() -> float:
 def worker(method: str, n: int, batch: int, device: str) -> dict:
     """Run ``method`` over n images in batches; time the metric calls only."""
     fn = (lambda x, m: spatial_metrics(x, masks=m)) if method == "ours" else naive
-    elapsed, means = 0.0, {}
+    elapsed, means, batch = 0.0, {}, min(batch, n)
     x_all = torch.empty(batch, T, D, device=device)
     m_all = torch.zeros(batch, T, dtype=torch.bool, device=device)
     make_batch(x_all, m_all, seed=0)   # touch the input's pages before the baseline
@@ -106,7 +106,8 @@ def worker(method: str, n: int, batch: int, device: str) -> dict:
         peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base
-    return {"method": method, "n": n, "seconds": elapsed, "peak_mib": peak, "means": {k: v / n for k, v in means.items()}}
+    return {"method": method, "n": n, "seconds": elapsed, "peak_mib": peak,
+            "means": {k: v / n for k, v in means.items()}}
 
 
 def _run(method: str, n: int, batch: int, device: str, threads: int) -> dict:

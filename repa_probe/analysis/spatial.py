@@ -22,8 +22,8 @@ These agree with iREPA's ``metrics/spatial_metrics.py`` (commit 99ad4ac) to 1e-5
 small for the far term (no pair at ``d >= far`` / ``d_neg``), or with fewer than two fitted distances for
 CDS, is refused with a :class:`SpatialMetricError` where iREPA silently returns the local term / 0 / NaN.
 
-Memory: images are processed in chunks of ``chunk_size`` (default: ~8M Gram entries, 128 images of 256
-tokens), so at most a ``(chunk, T, T)`` Gram matrix exists at any time, never ``(B, T, T)``.
+Memory: images are processed in chunks of ``chunk_size`` (default: a ~256 MiB working set, ~100 images of
+256 × 1152 tokens), so at most a ``(chunk, T, T)`` Gram matrix exists at any time, never ``(B, T, T)``.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ SPATIAL_METRICS = ("lds", "cds", "srss", "rmsc")
 VARIANTS = ("code", "paper")
 _EPS = 1e-8            # iREPA's normalisation epsilon for LDS, CDS, RMSC
 _EPS_SRSS = 1e-12      # iREPA's SRSS uses F.normalize's default
-_GRAM_ELEMENTS = 1 << 23
+_CHUNK_BYTES = 1 << 28   # working set per chunk of images: tokens + Gram + its float64 copy + masked copies
 
 
 class SpatialMetricError(ReproError, ValueError):
@@ -102,8 +102,10 @@ def _need_far(what: str, far: int, h: int, w: int) -> None:
                                  f"{h + w - 2}); use a larger grid or a smaller {what.split()[-1]}")
 
 
-def _chunks(n: int, t: int, chunk_size: int | None) -> Iterable[slice]:
-    size = chunk_size or max(1, _GRAM_ELEMENTS // (t * t))
+def _chunks(tokens: torch.Tensor, chunk_size: int | None) -> Iterable[slice]:
+    """Slices of images whose working set (normalised tokens, Gram and its copies) fits :data:`_CHUNK_BYTES`."""
+    n, t, d = tokens.shape
+    size = chunk_size or max(1, _CHUNK_BYTES // (4 * t * d + 24 * t * t))
     return (slice(i, min(i + size, n)) for i in range(0, n, size))
 
 
@@ -122,7 +124,7 @@ def _pairwise(tokens: torch.Tensor, h: int, w: int, sums: bool, fg, pos, neg, ch
     """
     onehot = F.one_hot(_distances(h, w, tokens.device).reshape(-1), h + w - 1).double() if sums else None
     out_s, out_r = [], []
-    for s in _chunks(len(tokens), h * w, chunk_size):
+    for s in _chunks(tokens, chunk_size):
         x = tokens[s]
         g = _gram(x, _EPS)                                                 # (b, T, T)
         if onehot is not None:
@@ -163,12 +165,16 @@ def cds(tokens: torch.Tensor, grid: Sequence[int] | None = None, *, dmax: int = 
     return spatial_metrics(tokens, ["cds"], grid, dmax=dmax, chunk_size=chunk_size)["cds"]
 
 
-def rmsc(tokens: torch.Tensor, grid: Sequence[int] | None = None, *, sqrt: bool = True) -> torch.Tensor:
+def rmsc(tokens: torch.Tensor, grid: Sequence[int] | None = None, *, sqrt: bool = True,
+         chunk_size: int | None = None) -> torch.Tensor:
     """RMS spatial contrast ``(B,)`` of ``tokens: (B, T, D)``: RMS distance of the unit tokens to their mean
     (``sqrt=False``: its square). ``grid`` is only validated (the metric uses no positions)."""
     tokens, _, _ = _check_tokens(tokens, grid)
-    x = F.normalize(tokens.to(torch.float32), dim=-1, eps=_EPS)
-    ms = (x - x.mean(dim=1, keepdim=True)).square().sum(-1).mean(1)
+    out = []
+    for s in _chunks(tokens, chunk_size):
+        x = F.normalize(tokens[s].to(torch.float32), dim=-1, eps=_EPS)
+        out.append((x - x.mean(dim=1, keepdim=True)).square().sum(-1).mean(1))
+    ms = torch.cat(out) if out else tokens.new_zeros(0, dtype=torch.float32)
     return ms.sqrt() if sqrt else ms
 
 
@@ -241,7 +247,7 @@ def spatial_metrics(tokens: torch.Tensor, names: Sequence[str] = SPATIAL_METRICS
             out["lds"] = (_band_mean(sums, counts, 1, near) - _band_mean(sums, counts, far)).float()
             out["cds"] = _cds_fit(sums, counts, dmax, h, w) if "cds" in names else None
     if "rmsc" in names:
-        out["rmsc"] = rmsc(tokens, (h, w), sqrt=sqrt)
+        out["rmsc"] = rmsc(tokens, (h, w), sqrt=sqrt, chunk_size=chunk_size)
     return {n: out[n] for n in names}
 
 
