@@ -77,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "encoder_depth 8)")
     g.add_argument("--timesteps", default="0,0.25,0.5,0.75,1",
                    help="comma list of times t in [0, 1] or step:N (see Time above; default: %(default)s)")
-    g.add_argument("--metric", default="cknna", help=f"one or more of {', '.join(METRICS)} (comma list; default "
-                   "cknna)")
+    g.add_argument("--metric", default="cknna", help=f"one or more of {', '.join(METRICS)} and the spatial-structure "
+                   "metrics lds, cds, srss, rmsc (iREPA; rows per block x timestep plus layer=target for the "
+                   "encoder's patch tokens) (comma list; default cknna)")
     g.add_argument("--topk", type=int, default=10, help="k of the kNN metrics (default 10, platonic-rep's)")
     g.add_argument("--bootstrap", type=int, default=0, metavar="B", help="half-sampling replicates for 95%% "
                    "intervals (0 = off; e.g. 100)")

@@ -28,6 +28,7 @@ from repa_probe.analysis.inputs import (build_analysis_dataset, check_class_labe
                                         resolve_encoder, resolve_source)
 from repa_probe.analysis.options import METRICS, TARGET_KINDS, AlignmentOptions
 from repa_probe.analysis.runner import Analysis, Run, run_analysis
+from repa_probe.analysis.spatial_alignment import SpatialAnalysis
 from repa_probe.analysis.targets import dataset_identity, encoder_features
 from repa_probe.errors import ReproError
 from repa_probe.timesteps import TIME_HELP, label
@@ -107,9 +108,13 @@ def alignment_table(model, objective, data, target, options: AlignmentOptions | 
     """
     opts = options or AlignmentOptions()
     device = next(model.parameters()).device if device is None else torch.device(device)
+    names = cross_metrics(opts.metric)
+    if not names:
+        raise AlignmentError(f"alignment_table computes {', '.join(METRICS)}; got only {opts.metric} "
+                             "(spatial metrics: repa_probe.analysis.spatial_alignment)")
     data, target = _inputs_and_target(data, target, opts, vae)
     n = len(data)
-    check_metric_settings(opts.metric, n, opts.topk, opts.bootstrap)
+    check_metric_settings(names, n, opts.topk, opts.bootstrap)
     b = M.prepare_features(target.float()).to(device)
     rows = []
     for t in opts.timesteps:
@@ -117,7 +122,7 @@ def alignment_table(model, objective, data, target, options: AlignmentOptions | 
                               batch_size=opts.batch_size, seed=opts.seed, labels=opts.labels, progress=opts.progress)
         for layer in fs.layers:
             a = M.prepare_features(fs.get(layer, t).float()).to(device)
-            for name in opts.metric:
+            for name in names:
                 fn = metric_function(name, opts.topk)
                 if opts.bootstrap:
                     value, lo, hi = M.bootstrap(fn, a, b, n=opts.bootstrap, seed=opts.seed)
@@ -126,6 +131,11 @@ def alignment_table(model, objective, data, target, options: AlignmentOptions | 
                 rows.append(dict(checkpoint=checkpoint, step=step, layer=layer, timestep=label(t), metric=name,
                                  value=float(value), ci_low=lo, ci_high=hi, n=n))
     return rows
+
+
+def cross_metrics(names: Sequence[str]) -> list[str]:
+    """The model-vs-encoder metrics among ``names`` (the rest are spatial-structure metrics)."""
+    return [n for n in names if n in METRICS]
 
 
 def best_layers(rows: list[dict]) -> list[dict]:
@@ -143,7 +153,9 @@ def best_layers(rows: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------------- the analysis
 class AlignmentAnalysis(Analysis):
     """Alignment as a :class:`~repa_probe.analysis.runner.Analysis`: one dataset, one encoder target and the
-    same noisy inputs for every checkpoint."""
+    same noisy inputs for every checkpoint. Spatial-structure metrics among ``options.metric`` (lds, cds,
+    srss, rmsc) add per block x timestep rows from :class:`~repa_probe.analysis.spatial_alignment.SpatialAnalysis`
+    and the target encoder's own rows (``layer = "target"``)."""
 
     name = "alignment"
     columns = CSV_COLUMNS
@@ -155,31 +167,43 @@ class AlignmentAnalysis(Analysis):
         self.dataset, self.split = build_analysis_dataset(self.source, opts.split, opts.num_samples)
         check_class_labels(run.entries, opts.labels, getattr(self.dataset, "num_classes", None))
         self.encoder = resolve_encoder(run.entries, opts, self.source.resolution)
-        check_metric_settings(opts.metric, len(self.dataset), opts.topk, opts.bootstrap)
+        self.cross = cross_metrics(opts.metric)
+        self.spatial_names = [m for m in opts.metric if m not in self.cross]
+        check_metric_settings(self.cross, len(self.dataset), opts.topk, opts.bootstrap)
 
     def prepare(self, run: Run) -> None:
         opts, vae = run.options, self.source.vae
         self.inputs = prepare_inputs(self.dataset, vae.to(run.device) if vae is not None else None,
                                      opts.batch_size, progress=opts.progress)
         self.target = encoder_features(self.encoder.to(run.device), self.dataset, opts.target_kind,
-                                       cache_dir=opts.cache_dir, batch_size=opts.batch_size, progress=opts.progress)
+                                       cache_dir=opts.cache_dir, batch_size=opts.batch_size,
+                                       progress=opts.progress) if self.cross else None
+        self.spatial = SpatialAnalysis(
+            self.spatial_names, self.dataset, self.inputs, self.encoder, layers=opts.layers, timesteps=opts.timesteps,
+            device=run.device, batch_size=opts.batch_size, seed=opts.seed, labels=opts.labels,
+            bootstrap=opts.bootstrap, progress=opts.progress) if self.spatial_names else None
 
     def analyse(self, run: Run, entry, model) -> list[dict]:
-        return alignment_table(model, entry.objective, self.inputs, self.target, run.options, device=run.device,
-                               checkpoint=entry.label, step=entry.info.step)
+        rows = alignment_table(model, entry.objective, self.inputs, self.target, run.options, device=run.device,
+                               checkpoint=entry.label, step=entry.info.step) if self.cross else []
+        if self.spatial is not None:
+            rows += self.spatial.rows(model, entry.objective, entry.label, entry.info.step)
+        return rows
 
     def figures(self, run: Run, rows: list[dict]) -> list:
         from repa_probe.analysis import plots
 
         runs = {e.label: e.run for e in run.entries}
-        return plots.make_figures(rows, run.out / "figures", label(run.options.plot_timestep), runs=runs)
+        model_rows = [r for r in rows if r["layer"] != "target"]  # the target's spatial rows are a reference
+        return plots.make_figures(model_rows, run.out / "figures", label(run.options.plot_timestep), runs=runs)
 
     def summary(self, run: Run, rows: list[dict]) -> dict:
         opts = run.options
         settings = dict(split=self.split, num_samples=len(self.dataset), pool="mean", target_kind=opts.target_kind,
                         plot_timestep=label(opts.plot_timestep), labels=opts.labels, **self.source.info,
                         encoder_name=self.encoder.name, time_convention=TIME_HELP, feature_prep=FEATURE_PREP)
-        return {"best": best_layers(rows), "settings": settings, "dataset": dataset_identity(self.dataset),
+        return {"best": best_layers([r for r in rows if r["layer"] != "target"]),
+                "spatial": self.spatial.describe() if self.spatial is not None else None, "settings": settings, "dataset": dataset_identity(self.dataset),
                 "encoder": {"name": self.encoder.name, "cache_key": self.encoder.cache_key,
                             "source": self.encoder.source}}
 

@@ -16,6 +16,7 @@ import numbers
 from typing import Any, Sequence
 
 from repa_probe.errors import ReproError
+from repa_probe.analysis.spatial import SPATIAL_METRICS
 from repa_probe.timesteps import TimeError, UserTime, as_float, convention_of, label, parse_time, parse_times
 
 WEIGHTS = ("auto", "ema", "model")
@@ -67,11 +68,13 @@ def parse_layers(value) -> str | list[int]:
 
 
 def parse_metrics(value) -> list[str]:
-    """``"cknna,cka"`` or a list -> list of metric names (each one of :data:`METRICS`)."""
+    """``"cknna,lds"`` or a list -> list of metric names (each one of :data:`METRICS` or the spatial-structure
+    metrics :data:`~repa_probe.analysis.spatial.SPATIAL_METRICS`)."""
     names = [n.strip() for n in (value.split(",") if isinstance(value, str) else list(value)) if n.strip()]
-    bad = [n for n in names if n not in METRICS]
+    known = METRICS + SPATIAL_METRICS
+    bad = [n for n in names if n not in known]
     if bad or not names:
-        raise OptionsError(f"--metric: unknown metric(s) {bad or value!r}; choose from {', '.join(METRICS)}")
+        raise OptionsError(f"--metric: unknown metric(s) {bad or value!r}; choose from {', '.join(known)}")
     return names
 
 
@@ -176,7 +179,7 @@ class AnalysisOptions:
 @dataclasses.dataclass
 class AlignmentOptions(AnalysisOptions):
     """:class:`AnalysisOptions` plus the alignment's own: ``num_samples`` (N images; default min(10000, size),
-    procedural shapes 512), ``target_kind`` (cls | mean_patch), ``metric`` (names of :data:`METRICS`), ``topk``
+    procedural shapes 512), ``target_kind`` (cls | mean_patch), ``metric`` (names of :data:`METRICS` and of the spatial metrics), ``topk``
     (k of the kNN metrics), ``bootstrap`` (half-sampling replicates for 95% intervals, 0 = off),
     ``plot_timestep`` (time of the cross-checkpoint figures; default: the one nearest 0.5)."""
 

@@ -1,0 +1,323 @@
+"""Relate a representation property to generation quality across checkpoints (``python -m analysis.correlate``).
+
+Reads result tables (``alignment.csv``, ``probe.csv`` / ``segment.csv``, ``fid.csv``; files, directories
+searched recursively, or glob patterns; one or more runs), joins them per checkpoint label, picks one value per
+checkpoint for ``x`` and ``y`` and reports Pearson's r and Spearman's ρ with percentile-bootstrap 95%
+intervals over checkpoints and two-sided permutation p-values.
+
+Quantity syntax: ``METRIC[@LAYER][,t=T]``
+
+* ``cknna@block8,t=0.5`` (or ``@8``): block 8 at t = 0.5; ``cknna@best,t=0.5``: the best block per checkpoint;
+* ``lds@target``: the target encoder's value (spatial rows of ``alignment.csv``; no timestep);
+* ``fid_inception``, ``fd_dinov2_vitl14``: FID-table metrics (no layer, no timestep).
+
+A layer or timestep may be left out when the tables have only one. When tables have different timesteps,
+only the shared ones are offered and the checkpoints of a table without the requested one are left out
+with a warning. The run of a checkpoint is the part of its label before ``/`` (our labels are
+``run/0000100``), else the label itself. Checkpoints of one run are not independent samples: with many
+checkpoints per run the intervals are optimistic (``last_only`` keeps one point per run, iREPA's figure).
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+
+from repa_probe.errors import ReproError
+
+__all__ = ["CorrelateError", "Quantity", "parse_quantity", "find_tables", "load_tables", "select", "join",
+           "correlation", "correlate_table", "run_correlate", "TABLE_NAMES"]
+
+log = logging.getLogger("repa_probe")
+
+TABLE_NAMES = ("alignment.csv", "probe.csv", "segment.csv", "fid.csv")
+MIN_CHECKPOINTS = 3
+_SPEC = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:@\s*([A-Za-z0-9_]+))?\s*(?:,\s*t\s*=\s*([0-9.eE+\-]+))?\s*$")
+
+
+class CorrelateError(ReproError, ValueError):
+    """Bad input to the correlation analysis (quantity, tables, too few checkpoints); one-line message."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantity:
+    """A per-checkpoint quantity: ``metric``, ``layer`` (None, an int block, ``"best"`` or ``"target"``), ``t``."""
+
+    metric: str
+    layer: int | str | None = None
+    t: float | None = None
+
+    def __str__(self) -> str:
+        layer = "" if self.layer is None else f"@block{self.layer}" if isinstance(self.layer, int) else f"@{self.layer}"
+        return f"{self.metric}{layer}" + ("" if self.t is None else f",t={self.t:g}")
+
+
+def parse_quantity(text: str, what: str = "x") -> Quantity:
+    """``"cknna@block8,t=0.5"`` -> ``Quantity("cknna", 8, 0.5)`` (see the module docstring)."""
+    m = _SPEC.match(str(text))
+    if not m:
+        raise CorrelateError(f"--{what} {text!r}: expected METRIC[@blockN|@best|@target][,t=T], "
+                             "e.g. cknna@block8,t=0.5")
+    metric, layer, t = m.groups()
+    if layer is not None:
+        low = layer.lower()
+        if low in ("best", "target"):
+            layer = low
+        elif re.fullmatch(r"(block)?\d+", low):
+            layer = int(low.removeprefix("block"))
+        else:
+            raise CorrelateError(f"--{what} {text!r}: layer must be blockN, N, best or target, got {layer!r}")
+    try:
+        t = None if t is None else float(t)
+    except ValueError:
+        raise CorrelateError(f"--{what} {text!r}: t must be a number, got {t!r}") from None
+    return Quantity(metric, layer, t)
+
+
+# ----------------------------------------------------------------------------------------------- tables
+def find_tables(items: Sequence) -> list[Path]:
+    """CSV files from files, directories (searched recursively for :data:`TABLE_NAMES`) and glob patterns."""
+    out: list[Path] = []
+    for item in items:
+        text = str(item)
+        matches = [Path(p) for p in sorted(glob.glob(text, recursive=True))] if glob.has_magic(text) else [Path(text)]
+        if not matches:
+            raise CorrelateError(f"--tables {text!r}: the pattern matches nothing")
+        for p in matches:
+            if p.is_dir():
+                found = sorted(q for name in TABLE_NAMES for q in p.rglob(name))
+                if not found:
+                    raise CorrelateError(f"--tables {p}: no {', '.join(TABLE_NAMES)} in this directory")
+                out += found
+            elif p.is_file():
+                out.append(p)
+            else:
+                raise CorrelateError(f"--tables {p}: no such file or directory")
+    unique = list(dict.fromkeys(p.resolve() for p in out))
+    if not unique:
+        raise CorrelateError("no tables given (--tables PATH)")
+    return unique
+
+
+def _read(path: Path) -> pd.DataFrame:
+    try:
+        df = pd.read_csv(path, dtype={"checkpoint": str, "layer": str, "metric": str})
+    except (OSError, ValueError) as exc:
+        raise CorrelateError(f"{path}: not a readable CSV ({exc})") from None
+    missing = [c for c in ("checkpoint", "metric", "value") if c not in df.columns]
+    if missing:
+        raise CorrelateError(f"{path}: not a result table (no {', '.join(missing)} column; "
+                             f"has {', '.join(df.columns)})")
+    if "source" in df.columns:  # probe tables: the encoder's own reference rows are not per checkpoint
+        df = df[df["source"].fillna("model") == "model"]
+    layer = df["layer"] if "layer" in df.columns else pd.Series("", index=df.index)
+    out = pd.DataFrame({
+        "file": str(path), "checkpoint": df["checkpoint"].astype(str),
+        "step": pd.to_numeric(df.get("step", pd.Series(np.nan, index=df.index)), errors="coerce"),
+        "layer": layer.fillna("").astype(str).str.replace(r"\.0$", "", regex=True),
+        "timestep": pd.to_numeric(df.get("timestep", pd.Series(np.nan, index=df.index)), errors="coerce").round(6),
+        "metric": df["metric"].astype(str), "value": pd.to_numeric(df["value"], errors="coerce")})
+    out["run"] = [c.split("/", 1)[0] if "/" in c else c for c in out["checkpoint"]]
+    return out
+
+
+def load_tables(items: Sequence) -> pd.DataFrame:
+    """Every row of every table as one long frame: file, run, checkpoint, step, layer (str: '' / '8' /
+    'target'), timestep (NaN without), metric, value."""
+    return pd.concat([_read(p) for p in find_tables(items)], ignore_index=True)
+
+
+# ------------------------------------------------------------------------------------------- selection
+def _available(df: pd.DataFrame) -> str:
+    """What the tables hold, as quantities a user can type (compressed)."""
+    parts = []
+    for metric, g in df.groupby("metric", sort=True):
+        layers = sorted({v for v in g["layer"] if v not in ("", "target")}, key=lambda v: (not v.isdigit(), v.zfill(9)))
+        ts = sorted({float(v) for v in g["timestep"].dropna()})
+        desc = metric
+        if layers:
+            desc += f"@block{layers[0]}..{layers[-1]}|best" if len(layers) > 1 else f"@block{layers[0]}"
+        if ts:
+            desc += ",t=" + "|".join(f"{v:g}" for v in ts)
+        if (g["layer"] == "target").any():
+            desc += f"; {metric}@target"
+        parts.append(desc)
+    return "; ".join(parts)
+
+
+def _pick_timestep(rows: pd.DataFrame, q: Quantity, warnings: list) -> pd.DataFrame:
+    timed = rows["timestep"].notna()
+    if not timed.any():
+        return rows
+    per_file = {f: set(g["timestep"].dropna()) for f, g in rows[timed].groupby("file")}
+    shared = set.intersection(*per_file.values())
+    if len({frozenset(v) for v in per_file.values()}) > 1:
+        rest = sorted(set.union(*per_file.values()) - shared)
+        warnings.append(f"{q.metric}: the tables have different timesteps; shared: "
+                        f"{', '.join(f'{v:g}' for v in sorted(shared)) or 'none'}; not in every table: "
+                        f"{', '.join(f'{v:g}' for v in rest)}")
+    t = q.t
+    if t is None:
+        if len(shared) != 1:
+            raise CorrelateError(f"{q}: give a timestep (,t=T); shared by all tables: "
+                                 f"{', '.join(f'{v:g}' for v in sorted(shared)) or 'none'}")
+        t = next(iter(shared))
+    lacking = [f for f, ts in per_file.items() if round(t, 6) not in ts]
+    if len(lacking) == len(per_file):
+        raise CorrelateError(f"{q}: no table has t={t:g}; available: {_available(rows)}")
+    if lacking:
+        warnings.append(f"{q}: t={t:g} is missing from {', '.join(lacking)}: their checkpoints are left out")
+    return rows[rows["timestep"] == round(t, 6)]
+
+
+def select(df: pd.DataFrame, q: Quantity, warnings: list | None = None) -> pd.DataFrame:
+    """One value of ``q`` per checkpoint: a frame with run, checkpoint, step, value (and the layer used)."""
+    warnings = [] if warnings is None else warnings
+    rows = df[(df["metric"] == q.metric) & df["value"].notna()]
+    if rows.empty:
+        raise CorrelateError(f"unknown metric {q.metric!r} ({q}); the tables have: {_available(df)}")
+    layers = set(rows["layer"])
+    if q.layer == "target":
+        rows = rows[rows["layer"] == "target"]
+    elif q.layer == "best":
+        rows = rows[~rows["layer"].isin(["", "target"])]
+    elif q.layer is not None:
+        rows = rows[rows["layer"] == str(q.layer)]
+    elif len(layers) > 1:
+        raise CorrelateError(f"{q}: the tables have it per layer; add @blockN, @best or @target "
+                             f"(available: {_available(rows)})")
+    if rows.empty:
+        raise CorrelateError(f"{q} is not in the tables; available: {_available(df[df['metric'] == q.metric])}")
+    if q.layer != "target":
+        rows = _pick_timestep(rows, q, warnings)
+    if q.layer == "best":
+        rows = rows.loc[rows.groupby("checkpoint")["value"].idxmax()]
+    spread = rows.groupby("checkpoint")["value"].nunique()
+    if (spread > 1).any():
+        ck = spread[spread > 1].index[0]
+        files = sorted(set(rows.loc[rows["checkpoint"] == ck, "file"]))
+        raise CorrelateError(f"{q}: checkpoint {ck} has {int(spread[ck])} different values (in {', '.join(files)}; "
+                             "e.g. several sampler settings): pass only the tables of one setting")
+    rows = rows.drop_duplicates("checkpoint")
+    return rows[["run", "checkpoint", "step", "layer", "value"]].reset_index(drop=True)
+
+
+def join(x: pd.DataFrame, y: pd.DataFrame, last_only: bool = False) -> pd.DataFrame:
+    """Checkpoints with both values: run, checkpoint, step, x, y (sorted by run, step)."""
+    both = x.merge(y, on="checkpoint", suffixes=("_x", "_y"))
+    both = pd.DataFrame({"run": both["run_x"], "checkpoint": both["checkpoint"],
+                         "step": both["step_x"].fillna(both["step_y"]), "x": both["value_x"], "y": both["value_y"]})
+    both = both.dropna(subset=["x", "y"]).sort_values(["run", "step", "checkpoint"]).reset_index(drop=True)
+    if last_only and len(both):
+        both = both.groupby("run", sort=False).tail(1).reset_index(drop=True)
+    return both
+
+
+# ------------------------------------------------------------------------------------------- statistics
+def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Pearson r of every row pair of ``x, y: (R, n)`` (NaN for a constant row)."""
+    xc, yc = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
+    den = np.sqrt((xc * xc).sum(1) * (yc * yc).sum(1))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (xc * yc).sum(1) / den, np.nan)
+
+
+def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    return _pearson_rows(rankdata(x, axis=1), rankdata(y, axis=1))
+
+
+def correlation(x, y, bootstrap: int = 2000, permutations: int = 10000, seed: int = 0, ci: float = 0.95) -> dict:
+    """Pearson and Spearman of ``x, y: (n,)``: ``{"pearson": {r, ci_low, ci_high, p_perm}, "spearman": ...}``.
+
+    Intervals: percentile bootstrap over the n points (``bootstrap`` resamples; resamples with a constant
+    side are skipped). p-values: two-sided, ``(1 + #{|r_perm| >= |r|}) / (1 + permutations)``.
+    """
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    n = len(x)
+    if n < MIN_CHECKPOINTS:
+        raise CorrelateError(f"{n} checkpoint(s) have both values; a correlation needs at least {MIN_CHECKPOINTS}")
+    rng = np.random.default_rng(seed)
+    boot = rng.integers(0, n, size=(bootstrap, n)) if bootstrap else None
+    perm = rng.permuted(np.tile(np.arange(n), (permutations, 1)), axis=1) if permutations else None
+    out = {}
+    for name, fn in (("pearson", _pearson_rows), ("spearman", _spearman_rows)):
+        r = float(fn(x[None], y[None])[0])
+        res = {"r": r, "ci_low": None, "ci_high": None, "p_perm": None}
+        if boot is not None:
+            reps = fn(x[boot], y[boot])
+            reps = reps[np.isfinite(reps)]
+            if len(reps):
+                a = (1 - ci) / 2
+                res["ci_low"], res["ci_high"] = (float(v) for v in np.quantile(reps, [a, 1 - a]))
+        if perm is not None and math.isfinite(r):
+            null = fn(np.broadcast_to(x, (permutations, n)), y[perm])
+            res["p_perm"] = float((1 + np.sum(np.abs(null) >= abs(r) - 1e-12)) / (1 + permutations))
+        out[name] = res
+    return out
+
+
+def correlate_table(df: pd.DataFrame, x: str | Quantity, y: str | Quantity, last_only: bool = False,
+                    bootstrap: int = 2000, permutations: int = 10000, seed: int = 0) -> tuple[pd.DataFrame, dict]:
+    """Joined points and the statistics for quantities ``x`` and ``y`` of a :func:`load_tables` frame (no files)."""
+    qx = x if isinstance(x, Quantity) else parse_quantity(x, "x")
+    qy = y if isinstance(y, Quantity) else parse_quantity(y, "y")
+    warnings: list = []
+    sx, sy = select(df, qx, warnings), select(df, qy, warnings)
+    points = join(sx, sy, last_only)
+    dropped = sorted(set(sx["checkpoint"]) ^ set(sy["checkpoint"]))
+    if dropped:
+        warnings.append(f"{len(dropped)} checkpoint(s) have only one of x and y and are left out: "
+                        f"{', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}")
+    for w in warnings:
+        log.warning("%s", w)
+    if len(points) < MIN_CHECKPOINTS:
+        raise CorrelateError(f"only {len(points)} checkpoint(s) have both {qx} and {qy}; a correlation needs at "
+                             f"least {MIN_CHECKPOINTS} (no correlation computed)")
+    stats = correlation(points["x"], points["y"], bootstrap, permutations, seed)
+    stats.update(x=str(qx), y=str(qy), n=len(points), runs=int(points["run"].nunique()), warnings=warnings,
+                 bootstrap=bootstrap, permutations=permutations, seed=seed, last_only=last_only)
+    return points, stats
+
+
+def run_correlate(tables: Sequence, x: str, y: str, out_dir, last_only: bool = False, bootstrap: int = 2000,
+                  permutations: int = 10000, seed: int = 0) -> dict:
+    """Tables -> ``out_dir/correlation.csv`` (the joined points), ``summary.json`` and ``figures/`` (scatter
+    coloured by run with steps annotated; both quantities vs training step on twin axes). Returns the summary."""
+    from repa_probe.analysis.correlate_plots import scatter, versus_step
+    from repa_probe.analysis.plots import slug
+
+    for name, v in (("--bootstrap", bootstrap), ("--permutations", permutations)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise CorrelateError(f"{name} must be a non-negative integer, got {v!r}")
+    files = find_tables(tables)
+    points, stats = correlate_table(load_tables(files), x, y, last_only, bootstrap, permutations, seed)
+    out = Path(out_dir)
+    try:
+        (out / "figures").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CorrelateError(f"--out {out} is not writable ({exc.strerror or exc})") from None
+    _atomic_text(out / "correlation.csv", points.to_csv(index=False))
+    stem = f"{slug(stats['x'])}_vs_{slug(stats['y'])}"
+    figures = scatter(points, stats, out / "figures" / f"scatter_{stem}")
+    if points["step"].notna().any():
+        figures += versus_step(points, stats, out / "figures" / f"steps_{stem}")
+    summary = dict(stats, tables=[str(p) for p in files],
+                   files={"csv": "correlation.csv", "figures": [str(p.relative_to(out)) for p in figures]})
+    _atomic_text(out / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

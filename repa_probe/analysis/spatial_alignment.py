@@ -1,0 +1,186 @@
+"""Spatial-structure metrics inside the alignment analysis (``analysis.alignment --metric lds,cds,srss,rmsc``).
+
+For every checkpoint × block × timestep the block's token grid ``(N, T, D)`` on the noisy input ``x_t`` (the
+same seeded noise as CKNNA) gets :mod:`repa_probe.analysis.spatial`'s per-image values; a row holds their
+mean over images (NaN images, e.g. SRSS without a usable mask, left out; ``n`` = images used) and, with
+``bootstrap``, a 95% percentile interval over images. The target encoder's patch tokens of the clean
+images give the reference rows (``layer = "target"``, no timestep, repeated for every checkpoint so that
+each checkpoint carries its own target's value). Tokens are processed in chunks of images (at most
+``budget_bytes`` of tokens at once); no ``(N, T, D)`` or ``(N, T, T)`` tensor is ever held.
+
+SRSS masks: the dataset's ``mask`` (``0`` = background, ``255`` = VOC's void border, anything else =
+foreground), max-pooled to the token grid (a token is foreground if any of its pixels is); an image with
+fewer than ``min_fraction`` (iREPA: 64/256 = 0.25) foreground or background tokens is left out. A dataset
+without masks drops SRSS with a notice.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from repa_probe.analysis.features import ModelInputs, extract_features, resolve_layers
+from repa_probe.analysis.spatial import SPATIAL_METRICS, grid_shape, spatial_metrics
+from repa_probe.analysis.targets import encoder_features
+from repa_probe.timesteps import label
+
+__all__ = ["token_masks", "summarise", "model_spatial_values", "target_spatial_values",
+           "spatial_rows", "SpatialAnalysis"]
+
+log = logging.getLogger("repa_probe")
+
+BUDGET_BYTES = 1 << 30          # float32 tokens held at once (all requested blocks of one chunk of images)
+MIN_FRACTION = 0.25             # iREPA keeps masks with >= 64 FG and >= 64 BG tokens of 256
+IGNORE_INDEX = 255
+
+
+def token_masks(dataset, grid: tuple[int, int], batch_size: int = 64, min_fraction: float = MIN_FRACTION):
+    """Foreground masks ``(N, H*W)`` bool on a token ``grid`` from the dataset's pixel masks, or None when the
+    dataset has none. Images outside ``[min_fraction, 1 - min_fraction]`` foreground get an empty mask."""
+    from repa_probe.data import collate
+
+    if len(dataset) == 0 or "mask" not in dataset[0]:
+        return None
+    out = []
+    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
+        m = torch.as_tensor(batch["mask"])
+        fg = ((m != 0) & (m != IGNORE_INDEX)).float()[:, None]           # (b, 1, H_img, W_img)
+        out.append(F.adaptive_max_pool2d(fg, grid).flatten(1) > 0)      # (b, H*W)
+    masks = torch.cat(out)
+    frac = masks.float().mean(1)
+    keep = (frac >= min_fraction) & (frac <= 1 - min_fraction)
+    return masks & keep[:, None]
+
+
+def summarise(values: torch.Tensor, bootstrap: int = 0, seed: int = 0) -> tuple[float, float | None, float | None, int]:
+    """Mean of per-image ``values: (N,)`` over the non-NaN ones, a 95% percentile bootstrap interval of that
+    mean over images (``bootstrap`` replicates, None when 0), and the number of images used."""
+    v = values[~values.isnan()].double()
+    n = int(v.numel())
+    if n == 0:
+        return math.nan, None, None, 0
+    if not bootstrap or n < 2:
+        return float(v.mean()), None, None, n
+    gen = torch.Generator().manual_seed(seed)
+    means = v[torch.randint(0, n, (bootstrap, n), generator=gen)].mean(1)
+    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return float(v.mean()), lo, hi, n
+
+
+def _chunk_size(per_image_bytes: int, budget_bytes: int) -> int:
+    return max(1, int(budget_bytes // max(1, per_image_bytes)))
+
+
+def _metrics_of(tokens: torch.Tensor, names: Sequence[str], masks, device, options: dict) -> dict:
+    """Per-image values of ``tokens: (b, T, D)`` on ``device``, returned on the CPU."""
+    tokens = tokens.to(device)
+    m = None if masks is None else masks.to(device)
+    return {k: v.cpu() for k, v in spatial_metrics(tokens, names, masks=m, **options).items()}
+
+
+@torch.no_grad()
+def model_spatial_values(model, objective, inputs: ModelInputs, timesteps, layers, names: Sequence[str],
+                         masks=None, *, device=None, batch_size: int = 64, seed: int = 0, labels: str = "null",
+                         budget_bytes: int = BUDGET_BYTES, progress: bool = True, **options) -> dict:
+    """``{(layer, t): {name: (N,)}}`` per-image spatial metrics of the model's block tokens at each timestep.
+
+    ``masks``: ``(N, T)`` foreground masks on the model's token grid (needed for ``srss``); ``options``:
+    keyword arguments of :func:`~repa_probe.analysis.spatial.spatial_metrics`.
+    """
+    layer_list = resolve_layers(model, layers)
+    n = len(inputs)
+    step = _chunk_size(4 * len(layer_list) * model.num_tokens * model.hidden_size, budget_bytes)
+    parts: dict = {}
+    bar = tqdm(total=len(list(timesteps)) * math.ceil(n / step), desc="spatial", disable=not progress, leave=False)
+    for t in timesteps:
+        for a in range(0, n, step):
+            b = min(a + step, n)
+            sub = ModelInputs(inputs.data[a:b], inputs.labels[a:b], inputs.indices[a:b], inputs.pixel)
+            fs = extract_features(model, objective, sub, [t], layer_list, pool="tokens", device=device,
+                                  batch_size=batch_size, seed=seed, labels=labels, progress=False)
+            for layer in layer_list:
+                vals = _metrics_of(fs.get(layer, t), names, None if masks is None else masks[a:b], device, options)
+                parts.setdefault((layer, t), []).append(vals)
+            bar.update(1)
+    bar.close()
+    return {key: {k: torch.cat([p[k] for p in ps]) for k in names} for key, ps in parts.items()}
+
+
+@torch.no_grad()
+def target_spatial_values(encoder, dataset, names: Sequence[str], masks=None, *, batch_size: int = 64,
+                          budget_bytes: int = BUDGET_BYTES, progress: bool = True, **options) -> dict:
+    """``{name: (N,)}`` per-image spatial metrics of the encoder's final patch tokens of the clean images."""
+    device = next(encoder.parameters()).device
+    n = len(dataset)
+    step = _chunk_size(4 * encoder.num_tokens * encoder.embed_dim, budget_bytes)
+    parts = []
+    for a in tqdm(range(0, n, step), desc="spatial target", disable=not progress, leave=False):
+        b = min(a + step, n)
+        tokens = encoder_features(encoder, Subset(dataset, range(a, b)), "patch", batch_size=batch_size,
+                                  progress=False)
+        parts.append(_metrics_of(tokens, names, None if masks is None else masks[a:b], device, options))
+    return {k: torch.cat([p[k] for p in parts]) for k in names}
+
+
+def spatial_rows(values: dict, checkpoint: str, step, bootstrap: int = 0, seed: int = 0) -> list[dict]:
+    """Alignment-CSV rows from ``{(layer, t): {name: (N,)}}`` (``layer="target"``, ``t=None`` for the target)."""
+    rows = []
+    for (layer, t), per_metric in values.items():
+        for name, v in per_metric.items():
+            value, lo, hi, n = summarise(v, bootstrap, seed)
+            rows.append(dict(checkpoint=checkpoint, step=step, layer=layer, timestep=None if t is None else label(t),
+                             metric=name, value=value,
+                             ci_low=lo, ci_high=hi, n=n))
+    return rows
+
+
+class SpatialAnalysis:
+    """The spatial part of :class:`~repa_probe.analysis.alignment.AlignmentAnalysis`: masks (per token grid) and the
+    target's values computed once, then :meth:`rows` per checkpoint. ``names``: spatial metric names; SRSS is
+    dropped with a notice when the dataset has no masks."""
+
+    def __init__(self, names: Sequence[str], dataset, inputs: ModelInputs, encoder, *, layers, timesteps, device,
+                 batch_size: int = 64, seed: int = 0, labels: str = "null", bootstrap: int = 0,
+                 progress: bool = True):
+        self.dataset, self.inputs, self.layers, self.timesteps = dataset, inputs, layers, list(timesteps)
+        self.kw = dict(device=device, batch_size=batch_size, seed=seed, labels=labels, progress=progress)
+        self.bootstrap, self.seed, self._masks = bootstrap, seed, {}
+        self.names = list(names)
+        if "srss" in self.names and (len(dataset) == 0 or "mask" not in dataset[0]):
+            log.warning("srss skipped: the dataset has no segmentation masks (shapes, voc and ade20k have them)")
+            self.names.remove("srss")
+        self.target = {}
+        if self.names:
+            encoder = encoder.to(device)
+            masks = self.masks((encoder.grid_size, encoder.grid_size)) if "srss" in self.names else None
+            self.target = target_spatial_values(encoder, dataset, self.names, masks, batch_size=batch_size,
+                                                progress=progress)
+
+    def masks(self, grid: tuple[int, int]):
+        """``(N, H*W)`` foreground masks on ``grid`` (cached)."""
+        if grid not in self._masks:
+            self._masks[grid] = token_masks(self.dataset, grid, self.kw["batch_size"])
+        return self._masks[grid]
+
+    def rows(self, model, objective, checkpoint: str, step) -> list[dict]:
+        """Rows of one checkpoint: every block × timestep, plus the target's (``layer="target"``)."""
+        if not self.names:
+            return []
+        grid = grid_shape(model.num_tokens)
+        masks = self.masks(grid) if "srss" in self.names else None
+        values = model_spatial_values(model, objective, self.inputs, self.timesteps, self.layers, self.names, masks,
+                                      **self.kw)
+        values[("target", None)] = self.target
+        return spatial_rows(values, checkpoint, step, self.bootstrap, self.seed)
+
+    def describe(self) -> dict:
+        return dict(metrics=self.names, settings="iREPA code defaults: LDS near d=1, far d>=6; CDS d=1..8; "
+                    "SRSS d_pos=1, d_neg=6; RMSC sqrt", model_tokens="block outputs on x_t (seeded noise)",
+                    target_tokens="final-norm patch tokens of the clean images (layer='target')",
+                    srss_masks=f"dataset masks max-pooled to the token grid, images with >= {MIN_FRACTION:g} "
+                               "foreground and background tokens", value="mean over images (NaN left out)")
