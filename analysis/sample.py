@@ -18,8 +18,9 @@ Sample i is seeded by (--seed, i): it is reproducible alone, whatever the batch 
 processes. An interrupted run resumes where it stopped (same --out and settings). Under torchrun
 (`torchrun --nproc_per_node=8 -m analysis.sample ...`) the indices are sharded over the GPUs; bf16 on GPU.
 
-Samplers: flow models (ours, REPA, SiT) euler | heun (REPA's euler_sampler) | sde (REPA's Euler-Maruyama,
-default, 250 steps); DiT ddpm (default, 250 respaced steps, learned variance) | ddim. Guidance: w (--cfg-scale)
+Samplers: flow models (ours, REPA, SiT) euler (default, 50 steps, as REPA's generate.py) | heun (REPA's
+euler_sampler) | sde (REPA's Euler-Maruyama; the paper's FID protocol is --method sde --steps 250); DiT ddpm
+(default, 250 respaced steps, learned variance) | ddim. Guidance: w (--cfg-scale)
 applied for t in [--guidance-low, --guidance-high] (REPA time, t = 1 noise); REPA's best: 1.8 on t <= 0.7.
 """
 
@@ -53,8 +54,8 @@ def add_sampler_args(p: argparse.ArgumentParser, num_samples_default=None) -> No
     g.add_argument("--num-samples", type=int, default=num_samples_default, metavar="N",
                    help="number of samples" + (" (default %(default)s)" if num_samples_default else ""))
     g.add_argument("--method", choices=("euler", "heun", "sde", "ddpm", "ddim"),
-                   help="sampler (default: sde for flow models, ddpm for DiT)")
-    g.add_argument("--steps", type=int, help="sampling steps (default 250)")
+                   help="sampler (default: euler for flow models, as REPA's generate.py; ddpm for DiT)")
+    g.add_argument("--steps", type=int, help="sampling steps (default: euler 50, ddpm 250)")
     g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance w (default 1: off)")
     g.add_argument("--guidance-low", type=float, default=0.0, help="guidance interval start, REPA time")
     g.add_argument("--guidance-high", type=float, default=1.0, help="guidance interval end, REPA time")

@@ -65,8 +65,9 @@ class SamplerSettings:
 
 
 def default_method(family: str) -> tuple[str, int]:
-    """The papers' FID samplers: REPA/SiT the 250-step SDE, DiT 250 DDPM steps."""
-    return ("ddpm", 250) if family == "DiT" else ("sde", 250)
+    """The official sampling scripts' defaults: REPA ``generate.py`` (ODE, 50 Euler steps) for flow models,
+    DiT ``sample_ddp.py`` (250 DDPM steps). The REPA paper's FID protocol is ``sde`` with 250 steps."""
+    return ("ddpm", 250) if family == "DiT" else ("euler", 50)
 
 
 def sample_labels(indices: torch.Tensor, num_classes: int, mode: str, seed: int) -> torch.Tensor:
