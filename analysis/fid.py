@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random-encoder", action="store_true", help="random-initialised --encoder (tests only)")
     add_sampler_args(p)
     g = p.add_argument_group("running")
-    g.add_argument("--batch-size", type=int, default=64, help="images per batch (default 64)")
+    g.add_argument("--batch-size", type=int, default=256, help="samples and images per batch (default 256)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_debug_flags(g)

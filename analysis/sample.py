@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "when there are several)")
     add_sampler_args(p)
     g = p.add_argument_group("running")
-    g.add_argument("--batch-size", type=int, default=64, help="samples per batch per process (default 64)")
+    g.add_argument("--batch-size", type=int, default=256, help="samples per batch per process (default 256)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_debug_flags(g)

@@ -1,5 +1,4 @@
 """Samplers: the official samplers' outputs (golden files), the Gaussian toy of the facts file, CFG, errors."""
-import math
 from pathlib import Path
 
 import pytest

@@ -19,102 +19,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from repa_probe.analysis.fid_inputs import (  # noqa: F401 (re-exported: part of this module's API)
+    FIDError, ImageArray, Reference, check_layout, image_height, load_images, read_reference, save_reference_stats)
 from repa_probe.analysis.frechet import frechet_distance, statistics
-from repa_probe.errors import ReproError
 
 log = logging.getLogger("repa_probe")
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 DGM_ENCODER, DGM_SIZE = "dinov2_vitl14", 224
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-
-
-class FIDError(ReproError, ValueError):
-    """Bad input to FID evaluation (reference, samples, weights); one-line message naming the option."""
-
-
-# --------------------------------------------------------------------------------------------- images
-class ImageArray(torch.utils.data.Dataset):
-    """uint8 images ``(N, H, W, 3)`` served as torch-fidelity wants them: uint8 ``(3, H, W)`` tensors."""
-
-    def __init__(self, images: np.ndarray):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
-
-
-def check_layout(arr, what: str) -> np.ndarray:
-    """``arr_0`` must be uint8 ``(N, H, W, 3)`` (ADM's layout)."""
-    if not isinstance(arr, np.ndarray) or arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
-        desc = f"{arr.dtype} {arr.shape}" if isinstance(arr, np.ndarray) else type(arr).__name__
-        raise FIDError(f"{what}: arr_0 must be uint8 of shape (N, H, W, 3) (ADM layout), got {desc}")
-    return arr
-
-
-def load_images(path, what: str = "--samples") -> np.ndarray:
-    """A folder of PNG/JPEG images (sorted by name, one size) or an ``.npz`` with ``arr_0`` -> uint8 (N, H, W, 3)."""
-    from PIL import Image
-
-    p = Path(path)
-    if p.is_dir():
-        files = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and not q.name.startswith("."))
-        if not files:
-            raise FIDError(f"{what} {p}: no .png/.jpg images in the folder")
-        images = [np.asarray(Image.open(q).convert("RGB"), dtype=np.uint8) for q in files]
-        sizes = {im.shape for im in images}
-        if len(sizes) > 1:
-            raise FIDError(f"{what} {p}: images have different sizes {sorted(s[:2] for s in sizes)[:3]}; "
-                           "all samples must have one size")
-        return np.stack(images)
-    if p.suffix == ".npz" and p.is_file():
-        with np.load(p) as z:
-            if "arr_0" not in z:
-                raise FIDError(f"{what} {p}: .npz without arr_0 (keys: {', '.join(z.files)})")
-            return check_layout(z["arr_0"], f"{what} {p}")
-    raise FIDError(f"{what} {p}: not an image folder or an .npz file")
-
-
-@dataclasses.dataclass
-class Reference:
-    """What samples are compared with: images (uint8 N×H×W×3) and/or statistics per metric name."""
-
-    name: str
-    images: np.ndarray | None = None
-    stats: dict = dataclasses.field(default_factory=dict)  # metric -> {"mu", "sigma", "n"}
-
-
-def read_reference(path) -> Reference:
-    """``--ref``: an ADM reference ``.npz`` (``mu``/``sigma`` = Inception pool3 statistics, optional
-    ``arr_0``), an ``.npz`` of images, an image folder, or a ``reference_stats.pt`` cache."""
-    from repa_probe.checkpoint import safe_load
-
-    p = Path(path)
-    if p.suffix == ".pt":
-        stats = safe_load(p)
-        if not isinstance(stats, dict) or not all(isinstance(v, dict) and {"mu", "sigma"} <= set(v)
-                                                  for v in stats.values()):
-            raise FIDError(f"--ref {p}: not a reference statistics file (metric -> mu, sigma)")
-        return Reference(str(p), stats={k: {kk: np.asarray(vv) for kk, vv in v.items()} for k, v in stats.items()})
-    if p.suffix == ".npz" and p.is_file():
-        with np.load(p) as z:
-            keys = set(z.files)
-            if ("mu" in keys) != ("sigma" in keys):
-                raise FIDError(f"--ref {p}: has {'mu' if 'mu' in keys else 'sigma'} but not "
-                               f"{'sigma' if 'mu' in keys else 'mu'} (an ADM reference batch has both)")
-            if "mu" in keys:
-                mu, sigma = z["mu"].astype(np.float64), z["sigma"].astype(np.float64)
-                if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-                    raise FIDError(f"--ref {p}: mu {mu.shape} / sigma {sigma.shape} are not (D,) / (D, D)")
-                images = check_layout(z["arr_0"], f"--ref {p}") if "arr_0" in keys else None
-                return Reference(str(p), images, {"fid_inception": {"mu": mu, "sigma": sigma, "n": None}})
-            if "arr_0" not in keys:
-                raise FIDError(f"--ref {p}: .npz has neither mu/sigma (ADM reference) nor arr_0 (images)")
-    return Reference(str(p), load_images(p, "--ref"))
 
 
 # --------------------------------------------------------------------------------- feature extractors
@@ -248,14 +161,6 @@ def evaluate(samples: np.ndarray, ref: Reference, spaces, device="cpu", batch_si
     return out
 
 
-def save_reference_stats(ref: Reference, path: Path) -> None:
-    """Cache the reference statistics (``--ref`` accepts the file later)."""
-    from repa_probe.checkpoint import atomic_save
-
-    atomic_save({k: {"mu": torch.as_tensor(v["mu"]), "sigma": torch.as_tensor(v["sigma"]),
-                     "n": -1 if v.get("n") is None else int(v["n"])} for k, v in ref.stats.items()}, path)
-
-
 # ------------------------------------------------------------------------------------------ run level
 CSV_COLUMNS = ("checkpoint", "step", "metric", "value", "num_samples", "method", "steps", "cfg_scale",
                "guidance_low", "guidance_high", "seed")
@@ -277,8 +182,11 @@ def _run_reference(entries, ref_path):
     return Reference(f"{c.data.name}:{split}", images), True
 
 
-def _spaces(entries, inception_weights, fd_dinov2, dinov2_weights, encoder, encoder_weights, random_encoder):
-    """Metrics asked for; with none, FD in our run's target-encoder space (+ Inception FID given weights)."""
+def _spaces(entries, inception_weights, fd_dinov2, dinov2_weights, encoder, encoder_weights, random_encoder,
+            resolution: int, seed: int):
+    """Metrics asked for; with none, FD in our run's target-encoder space (+ Inception FID given weights).
+    ``--encoder`` is built for the samples' ``resolution`` (REPA's encoder input size); random init seeded
+    with ``seed`` (the same as the run's target encoder when it is the run's seed)."""
     from repa_probe.encoders.target import load_encoder
 
     spaces = [inception_space(inception_weights)] if inception_weights else []
@@ -286,8 +194,8 @@ def _spaces(entries, inception_weights, fd_dinov2, dinov2_weights, encoder, enco
         spaces.append(dinov2_space(dinov2_weights))
     if encoder:
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            enc = load_encoder(encoder, weights=encoder_weights, pretrained=not random_encoder)
+            torch.manual_seed(seed)
+            enc = load_encoder(encoder, weights=encoder_weights, pretrained=not random_encoder, resolution=resolution)
         spaces.append(register_encoder(enc, f"fd_{enc.name}"))
     if not fd_dinov2 and not encoder:
         ours = [e for e in entries if e.cfg is not None]
@@ -315,7 +223,14 @@ def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None,
     out = Path(out_dir)
     entries = generate.load_checkpoints(ckpts, sampler.get("family"), sampler.get("weights", "auto")) if ckpts else []
     reference, own_data = _run_reference(entries, ref)
-    spaces = _spaces(entries, inception_weights, fd_dinov2, dinov2_weights, encoder, encoder_weights, random_encoder)
+    if entries:
+        c = entries[0].info.config
+        resolution = entries[0].cfg.data.resolution if entries[0].cfg is not None else c["input_size"] * (
+            1 if c["in_channels"] == 3 else 8)
+    else:
+        resolution = image_height(samples[0])
+    spaces = _spaces(entries, inception_weights, fd_dinov2, dinov2_weights, encoder, encoder_weights, random_encoder,
+                     resolution, int(sampler.get("seed", 0)))
     if isc or kid or prc:
         if not any(s.extractor == INCEPTION for s in spaces):
             raise FIDError("--isc/--kid/--prc use Inception features: pass --inception-weights FILE")
