@@ -77,6 +77,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                           encoder_weights=args.encoder_weights, random_encoder=args.random_encoder, isc=args.isc,
                           kid=args.kid, prc=args.prc, num_samples=args.num_samples, batch_size=args.batch_size,
                           device=args.device, progress=not args.quiet, **sampler_kwargs(args))
+    if summary["files"] is None:  # torchrun rank > 0: rank 0 reports
+        return 0
     for r in summary["rows"]:
         print(f"{r['checkpoint']}  {r['metric']}: {r['value']:.4f}  (n={r['num_samples']})")
     print(f"wrote {summary['files']['csv']}, summary.json and {len(summary['files']['figures'])} figure files")

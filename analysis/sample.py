@@ -92,7 +92,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         done = sample_checkpoints(args.ckpt, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
                                   device=args.device, progress=not args.quiet, **sampler_kwargs(args))
-    for d in done:
+    for d in done:  # empty on torchrun ranks > 0
         print(f"{d.entry.label}: {d.settings.num_samples} samples ({d.settings.method}, {d.settings.steps} steps) "
               f"in {d.folder}")
     return 0

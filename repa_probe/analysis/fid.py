@@ -239,6 +239,8 @@ def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None,
         folders = generate.sample_checkpoints(None, out / "samples", num_samples=n, batch_size=batch_size,
                                               device=dev, progress=progress, entries=entries, **sampler)
         jobs = [(f.entry.label, f.entry.info.step, f.folder / generate.NPZ_FILE, f.settings) for f in folders]
+        if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone evaluates and writes
+            return dict(rows=[], files=None)
     else:
         jobs = [(Path(s).stem if Path(s).suffix == ".npz" else Path(s).name, None, Path(s), None) for s in samples]
     rows = []

@@ -268,7 +268,8 @@ def sample_checkpoints(ckpts, out_dir, *, num_samples: int, method=None, steps=N
                        family=None, weights="auto", vae=None, batch_size=64, device="auto",
                        progress=True, entries=None) -> list[SampledFolder]:
     """Sample every checkpoint of ``ckpts`` (files, run directories) into ``out_dir`` (one checkpoint) or
-    ``out_dir/<label>/`` (several). Under torchrun each process samples its share; rank 0 builds the npz.
+    ``out_dir/<label>/`` (several). Under torchrun each process samples its share; rank 0 builds the npz and
+    is the only one to return the folders (the others return ``[]``).
     ``entries``: checkpoints already loaded by :func:`load_checkpoints` (then ``ckpts`` is ignored)."""
     from repa_probe.analysis.inputs import resolve_device
     from repa_probe.training.distributed import init_distributed
@@ -303,4 +304,8 @@ def sample_checkpoints(ckpts, out_dir, *, num_samples: int, method=None, steps=N
                 build_npz(folder, num_samples)
             torch.distributed.barrier()
         done.append(SampledFolder(entry, folder, settings))
-    return done
+    if dist.enabled:
+        from repa_probe.training.distributed import cleanup_distributed
+
+        cleanup_distributed()
+    return done if dist.is_main else []
