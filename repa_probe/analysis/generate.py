@@ -180,7 +180,7 @@ def generate(model, out_dir, settings: SamplerSettings, *, vae=None, batch_size:
         bar.update(len(idx))
     bar.close()
     npz = out_dir / NPZ_FILE
-    if finalize and rank == 0:
+    if finalize and rank == 0 and (todo or not npz.exists()):  # a complete folder is left as it is
         build_npz(out_dir, settings.num_samples)
     return npz
 
