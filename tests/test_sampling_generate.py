@@ -32,6 +32,11 @@ def _pngs(folder, n):
     return np.stack([np.asarray(Image.open(folder / f"{i:06d}.png")) for i in range(n)])
 
 
+def _same(a, b):
+    """Equal up to one uint8 level (float32 matmuls may round differently for other batch sizes)."""
+    return a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
+
+
 def test_samples_do_not_depend_on_batch_size_or_process_count(model, tmp_path):
     a = generate(model, tmp_path / "a", SETTINGS, batch_size=7, progress=False)
     generate(model, tmp_path / "b", SETTINGS, batch_size=2, progress=False)
@@ -41,7 +46,7 @@ def test_samples_do_not_depend_on_batch_size_or_process_count(model, tmp_path):
     ref = _pngs(tmp_path / "a", 7)
     assert ref.std() > 0 and len({ref[i].tobytes() for i in range(7)}) == 7
     for other in ("b", "c"):
-        assert np.array_equal(_pngs(tmp_path / other, 7), ref)
+        assert _same(_pngs(tmp_path / other, 7), ref)
     with np.load(a) as z:
         assert z.files == ["arr_0"] and z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (7, 8, 8, 3)
         assert np.array_equal(z["arr_0"], ref)
@@ -65,7 +70,7 @@ def test_resume_samples_only_what_is_missing(model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(gen, "sample", counting)
     generate(model, folder, SETTINGS, batch_size=4, progress=False)
-    assert seen == [2] and np.array_equal(_pngs(folder, 7), ref) and (folder / "samples.npz").exists()
+    assert seen == [2] and _same(_pngs(folder, 7), ref) and (folder / "samples.npz").exists()
     with pytest.raises(GenerateError, match="other settings"):
         generate(model, folder, SamplerSettings(7, "sde", 4), progress=False)
 
@@ -99,3 +104,19 @@ def test_missing_png_makes_no_npz(tmp_path):
     with pytest.raises(GenerateError, match="one size"):
         gen.build_npz(folder, 2)
     assert not (folder / "samples.npz").exists()
+
+
+def test_latent_dit_model_through_a_vae(tmp_path):
+    """A DiT (ddpm, per-sample per-step noise) on 4-channel latents decoded by a VAE: 8x larger RGB images,
+    independent of the batch size."""
+    from repa_probe.encoders.vae import load_vae
+
+    torch.manual_seed(1)
+    dit = DiffusionTransformer(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+                               num_classes=3, class_dropout_prob=0.1, learn_sigma=True, family="DiT").eval()
+    vae = load_vae("random:tiny")
+    s = SamplerSettings(num_samples=3, method="ddpm", steps=4, cfg_scale=2.0, seed=1)
+    generate(dit, tmp_path / "a", s, vae=vae, batch_size=3, progress=False)
+    generate(dit, tmp_path / "b", s, vae=vae, batch_size=2, progress=False)
+    a = _pngs(tmp_path / "a", 3)
+    assert a.shape == (3, 32, 32, 3) and _same(a, _pngs(tmp_path / "b", 3))
