@@ -1,0 +1,309 @@
+"""Sampling to a folder: ``{index:06d}.png`` per sample, an ADM-style ``samples.npz`` and ``grid.png``.
+
+Sample ``i`` is a pure function of ``(seed, i)``: its initial noise, its label (``random``) and every per-step
+noise of the SDE / DDPM come from the counter-based :func:`repa_probe.analysis.features.seeded_noise`, so any
+sample is reproducible alone, whatever the batch size, the device or the number of processes (``rank`` /
+``world`` shard the indices ``i ≡ rank mod world``). PNGs are written atomically, so a folder interrupted
+half-way holds only complete images; running again samples only the missing indices. ``samples.npz``
+(``arr_0`` uint8 ``N×H×W×3``, REPA's uint8 rule ``clamp(255 (x + 1) / 2)`` truncated) is written last, only
+when all N images exist: its presence marks a complete folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from repa_probe.analysis.features import seeded_noise
+from repa_probe.errors import ReproError
+from repa_probe.sampling import methods_for, sample
+from repa_probe.sampling.guidance import make_guidance
+
+log = logging.getLogger("repa_probe")
+
+LABEL_MODES = ("balanced", "random")
+SETTINGS_FILE, NPZ_FILE, GRID_FILE = "sampling.json", "samples.npz", "grid.png"
+_STEP_KEY = 0x9E3779B1
+
+
+class GenerateError(ReproError, ValueError):
+    """Bad input to sampling-to-a-folder (settings, folder, sizes); one-line message naming the option."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """What fixes the samples of a folder (with the model): recorded in ``sampling.json``."""
+
+    num_samples: int
+    method: str
+    steps: int
+    cfg_scale: float = 1.0
+    guidance_low: float = 0.0
+    guidance_high: float = 1.0
+    labels: str = "balanced"
+    seed: int = 0
+    cfg_channels: str | int = "auto"
+
+    def validate(self, convention: str) -> None:
+        """Check the settings for a model of time ``convention`` (repa | sit | ddpm)."""
+        if self.num_samples < 1:
+            raise GenerateError(f"--num-samples must be >= 1, got {self.num_samples}")
+        if self.method not in methods_for(convention):
+            kind = "DDPM (DiT)" if convention == "ddpm" else "flow"
+            raise GenerateError(f"--method {self.method!r} does not apply to a {kind} model: use one of "
+                                f"{', '.join(methods_for(convention))}")
+        if self.labels not in LABEL_MODES:
+            raise GenerateError(f"--labels must be one of {', '.join(LABEL_MODES)}, got {self.labels!r}")
+
+
+def default_method(convention: str) -> tuple[str, int]:
+    """The official sampling scripts' defaults: REPA ``generate.py`` (ODE, 50 Euler steps) for flow models,
+    DiT ``sample_ddp.py`` (250 DDPM steps). The REPA paper's FID protocol is ``sde`` with 250 steps."""
+    return ("ddpm", 250) if convention == "ddpm" else ("euler", 50)
+
+
+def sample_labels(indices: torch.Tensor, num_classes: int, mode: str, seed: int) -> torch.Tensor:
+    """Labels ``(B,)`` int64 of samples ``indices``: ``balanced`` is ``i mod K`` (exactly N/K per class when K
+    divides N); ``random`` is uniform, drawn from ``(seed, i)`` alone (REPA's protocol, reproducible per i)."""
+    if num_classes < 1:
+        return torch.zeros_like(indices)
+    if mode == "balanced":
+        return indices % num_classes
+    z = seeded_noise(seed ^ 0x2545F491, indices, (1,), dtype=torch.float64)[:, 0]
+    u = 0.5 * (1.0 + torch.erf(z / math.sqrt(2.0)))            # N(0,1) -> U(0,1)
+    return (u * num_classes).long().clamp_(max=num_classes - 1)
+
+
+class IndexedNoise:
+    """Per-step noise of the samples ``indices``: step k of sample i depends only on ``(seed, k, i)``."""
+
+    def __init__(self, seed: int, indices: torch.Tensor):
+        self.seed, self.indices = seed, indices
+
+    def __call__(self, step: int, like: torch.Tensor) -> torch.Tensor:
+        key = (self.seed * 1_000_003 + (step + 1) * _STEP_KEY) & 0xFFFFFFFF
+        return seeded_noise(key, self.indices, like.shape[1:], device=like.device, dtype=like.dtype)
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] ``(B, 3, H, W)`` -> uint8 by REPA's rule ``clamp(255 (x + 1) / 2, 0, 255)``, truncated."""
+    return torch.clamp(255.0 * (x.float() + 1.0) / 2.0, 0, 255).to(torch.uint8)
+
+
+def _atomic_png(image: np.ndarray, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            Image.fromarray(image).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def check_folder(out_dir: Path, settings: dict) -> None:
+    """Create ``out_dir`` or check that an existing folder was made with the same settings (resume)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / SETTINGS_FILE
+    if path.exists():
+        old = json.loads(path.read_text())
+        if old != settings:
+            diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+            raise GenerateError(f"{out_dir} holds samples made with other settings ({', '.join(diff)}): "
+                                "use another --out or the same settings to resume")
+    else:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+
+
+def missing_indices(out_dir: Path, num_samples: int, rank: int = 0, world: int = 1) -> list[int]:
+    """Indices of this process's share (``i ≡ rank mod world``) without a PNG yet."""
+    have = {int(p.stem) for p in out_dir.glob("[0-9]*.png") if p.stem.isdigit()}
+    return [i for i in range(rank, num_samples, world) if i not in have]
+
+
+def decode(x: torch.Tensor, vae) -> torch.Tensor:
+    """Final latents / pixels ``(B, C, h, w)`` -> uint8 images ``(B, 3, H, W)`` on the CPU."""
+    if vae is None:
+        if x.shape[1] != 3:
+            raise GenerateError(f"the model makes {x.shape[1]}-channel latents: pass --vae (or a run with one)")
+        return to_uint8(x).cpu()
+    return vae.decode(x.to(vae.device)).cpu()
+
+
+def generate(model, out_dir, settings: SamplerSettings, *, vae=None, batch_size: int = 64, device="cpu",
+             rank: int = 0, world: int = 1, path: str = "linear", progress: bool = True, meta: dict | None = None,
+             finalize: bool = True) -> Path:
+    """Sample ``settings.num_samples`` images of ``model`` into ``out_dir`` (see the module docstring).
+
+    ``model``: any ``load_model`` model (moved to ``device``; bf16 autocast on CUDA). Returns the
+    ``samples.npz`` path (built by rank 0 once every PNG exists; with ``finalize=False`` it is left out).
+    """
+    settings.validate(getattr(model, "time_convention", "repa"))
+    make_guidance(model, settings.cfg_scale, (settings.guidance_low, settings.guidance_high), settings.cfg_channels,
+                  model.in_channels)  # bad guidance options fail before anything is written
+    out_dir = Path(out_dir)
+    record = dict(dataclasses.asdict(settings), **(meta or {}))
+    if rank == 0:
+        check_folder(out_dir, record)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    todo = missing_indices(out_dir, settings.num_samples, rank, world)
+    device = torch.device(device)
+    model = model.to(device)
+    shape = (model.in_channels, model.input_size, model.input_size)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    bar = tqdm(total=len(todo), unit="img", desc=f"sampling {out_dir.name}", disable=not progress or rank != 0,
+               dynamic_ncols=True)
+    for start in range(0, len(todo), batch_size):
+        idx = torch.tensor(todo[start:start + batch_size], dtype=torch.int64)
+        noise = seeded_noise(settings.seed, idx, shape, device=device)
+        labels = sample_labels(idx, model.num_classes, settings.labels, settings.seed).to(device)
+        with autocast:
+            x = sample(model, noise, labels, method=settings.method, steps=settings.steps,
+                       cfg_scale=settings.cfg_scale, guidance_interval=(settings.guidance_low, settings.guidance_high),
+                       generator=IndexedNoise(settings.seed, idx.to(device)), cfg_channels=settings.cfg_channels,
+                       path=path)
+        images = decode(x.float(), vae).permute(0, 2, 3, 1).numpy()
+        for i, image in zip(idx.tolist(), images):
+            _atomic_png(image, out_dir / f"{i:06d}.png")
+        bar.update(len(idx))
+    bar.close()
+    npz = out_dir / NPZ_FILE
+    if finalize and rank == 0 and (todo or not npz.exists()):  # a complete folder is left as it is
+        build_npz(out_dir, settings.num_samples)
+    return npz
+
+
+def load_pngs(out_dir: Path, num_samples: int) -> np.ndarray:
+    """``{i:06d}.png`` for i < N as uint8 ``(N, H, W, 3)``; every image must exist and have the same size."""
+    images, size = [], None
+    for i in range(num_samples):
+        p = out_dir / f"{i:06d}.png"
+        if not p.exists():
+            raise GenerateError(f"{out_dir}: sample {p.name} is missing (run the sampling again to complete it)")
+        a = np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8)
+        if size is not None and a.shape != size:
+            raise GenerateError(f"{out_dir}: {p.name} is {a.shape[1]}x{a.shape[0]} but the first sample is "
+                                f"{size[1]}x{size[0]}; sample images must all have one size")
+        size = a.shape
+        images.append(a)
+    return np.stack(images)
+
+
+def build_npz(out_dir: Path, num_samples: int) -> Path:
+    """Stack the PNGs into ``samples.npz`` (``arr_0``, no ``mu`` key) and write ``grid.png``; atomic."""
+    arr = load_pngs(out_dir, num_samples)
+    tmp = out_dir / f".{NPZ_FILE}.tmp.npz"
+    np.savez(tmp, arr_0=arr)
+    os.replace(tmp, out_dir / NPZ_FILE)
+    save_grid(arr[:64], out_dir / GRID_FILE)
+    return out_dir / NPZ_FILE
+
+
+def save_grid(images: np.ndarray, path: Path) -> None:
+    """Up to 64 images ``(n, H, W, 3)`` as one PNG grid (8 per row)."""
+    n, h, w, _ = images.shape
+    cols = min(8, n)
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for k, im in enumerate(images):
+        r, c = divmod(k, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = im
+    _atomic_png(grid, path)
+
+
+# ------------------------------------------------------------------------------ checkpoints -> folders
+@dataclasses.dataclass
+class SampledFolder:
+    """One checkpoint's samples: ``entry`` (analysis.inputs.CheckpointEntry), its folder and settings."""
+
+    entry: object
+    folder: Path
+    settings: SamplerSettings
+
+
+def load_checkpoints(ckpts, weights="auto", time_convention=None, encoder_depth=None) -> list:
+    """``--ckpt`` files / run directories -> CheckpointEntry list, through the analysis resolver
+    (:func:`repa_probe.analysis.inputs.load_checkpoints`; the options are its checkpoint options)."""
+    from repa_probe.analysis.inputs import load_checkpoints as resolve
+    from repa_probe.analysis.options import AnalysisOptions
+
+    return resolve(ckpts, AnalysisOptions(weights=weights, time_convention=time_convention,
+                                          encoder_depth=encoder_depth))
+
+
+def _checkpoint_inputs(entries, vae_name):
+    """Each checkpoint's VAE (the run's, --vae, or SD-VAE for 4-channel official files; none in pixel space)
+    and flow path."""
+    from repa_probe.encoders.vae import load_vae
+
+    out = []
+    for e in entries:
+        name = vae_name
+        if name is None:
+            name = e.cfg.vae.name if e.cfg is not None else (
+                "stabilityai/sd-vae-ft-ema" if e.info.config["in_channels"] == 4 else "none")
+        path = e.cfg.objective.path if e.cfg is not None and e.cfg.objective.kind == "flow" else "linear"
+        out.append((e, name, path))
+    vaes = {name: load_vae(name) for name in {n for _, n, _ in out}}
+    return [(e, vaes[n], n, p) for e, n, p in out]
+
+
+def sample_checkpoints(ckpts, out_dir, *, num_samples: int, method=None, steps=None, cfg_scale=1.0,
+                       guidance_low=0.0, guidance_high=1.0, labels="balanced", seed=0, cfg_channels="auto",
+                       weights="auto", time_convention=None, encoder_depth=None, vae=None, batch_size=64, device="auto",
+                       progress=True, entries=None) -> list[SampledFolder]:
+    """Sample every checkpoint of ``ckpts`` (files, run directories) into ``out_dir`` (one checkpoint) or
+    ``out_dir/<label>/`` (several). Under torchrun each process samples its share; rank 0 builds the npz and
+    is the only one to return the folders (the others return ``[]``).
+    ``entries``: checkpoints already loaded by :func:`load_checkpoints` (then ``ckpts`` is ignored)."""
+    from repa_probe.devices import resolve_device
+    from repa_probe.training.distributed import init_distributed
+
+    dev = resolve_device(device)
+    dist = init_distributed(dev.type)
+    if dist.enabled and dev.type == "cuda":
+        dev = torch.device("cuda", dist.local_rank)
+    resolved = _checkpoint_inputs(entries or load_checkpoints(ckpts, weights, time_convention, encoder_depth), vae)
+    done = []
+    for entry, vae_model, vae_name, path in resolved:
+        convention = entry.info.time_convention
+        m, s = default_method(convention)
+        settings = SamplerSettings(num_samples, method or m, int(steps or s), float(cfg_scale), float(guidance_low),
+                                   float(guidance_high), labels, int(seed), cfg_channels)
+        folder = Path(out_dir) if len(resolved) == 1 else Path(out_dir) / entry.label.replace("/", "_")
+        meta = dict(checkpoint=str(entry.path), step=entry.info.step, time_convention=convention, ema=entry.info.ema,
+                    vae=vae_name)
+        if vae_model is not None:
+            vae_model.to(dev)
+        model = entry.take_model()
+        if dist.enabled:  # rank 0 checks / records the settings before anyone writes
+            if dist.is_main:
+                check_folder(folder, dict(dataclasses.asdict(settings), **meta))
+            torch.distributed.barrier()
+        generate(model, folder, settings, vae=vae_model, batch_size=batch_size, device=dev,
+                 rank=dist.rank, world=dist.world_size, path=path, progress=progress, meta=meta,
+                 finalize=not dist.enabled)
+        if dist.enabled:
+            torch.distributed.barrier()
+            if dist.is_main:
+                build_npz(folder, num_samples)
+            torch.distributed.barrier()
+        done.append(SampledFolder(entry, folder, settings))
+    if dist.enabled:
+        from repa_probe.training.distributed import cleanup_distributed
+
+        cleanup_distributed()
+    return done if dist.is_main else []
