@@ -44,8 +44,11 @@ def make_executor(launcher: LauncherConfig, folder: Path, name: str):
         if shutil.which("sbatch") is None:
             raise SweepError("launcher.kind=slurm but 'sbatch' is not on PATH; run on a SLURM login node or set "
                              "launcher.kind=local")
-        executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm",
-                                         slurm_max_num_timeout=launcher.max_requeue)
+        try:
+            executor = submitit.AutoExecutor(folder=str(folder), cluster="slurm",
+                                             slurm_max_num_timeout=launcher.max_requeue)
+        except RuntimeError as exc:  # e.g. no srun: not a SLURM node
+            raise SweepError(f"cannot use SLURM here: {str(exc).splitlines()[0]}") from None
         params = slurm_parameters(launcher, name)
     else:
         executor = submitit.AutoExecutor(folder=str(folder), cluster="local",
@@ -99,7 +102,7 @@ def _poll(t: Tracked) -> None:
 
 
 def submit_and_watch(jobs: list, launcher: LauncherConfig, folder: Path, cache_dir: Path, name: str,
-                     out=sys.stdout) -> list[Tracked]:
+                     out=None) -> list[Tracked]:
     """Submit ``jobs`` (throttled for local) and poll them until every one is done or failed."""
     tracked = [Tracked(j) for j in jobs]
     if not tracked:
@@ -132,9 +135,9 @@ def submit_and_watch(jobs: list, launcher: LauncherConfig, folder: Path, cache_d
 class ProgressTable:
     """Counts of pending / running / done / failed, redrawn in place on a terminal, a line per change otherwise."""
 
-    def __init__(self, out=sys.stdout):
-        self.out = out
-        self.tty = hasattr(out, "isatty") and out.isatty()
+    def __init__(self, out=None):
+        self.out = out or sys.stdout
+        self.tty = hasattr(self.out, "isatty") and self.out.isatty()
         self.last: Optional[str] = None
         self.lines = 0
 

@@ -108,7 +108,12 @@ def expand(cfg: SweepConfig, sweep_dir: Path, ckpts: Optional[list] = None) -> l
     jobs: list[Job] = []
     for name, options in cfg.analyses.items():
         spec = get_analysis(name)
-        units = [unit_for(sweep_dir, name, c, options) for c in ckpts]
+        options = dict(options)
+        steps = options.pop("steps", None)  # a sweep option (registry.SWEEP_OPTIONS), not the entry point's
+        mine = [c for c in ckpts if not steps or c.step in set(steps)]
+        if not mine:
+            raise SweepError(f"analyses.{name}.steps={steps} matches none of the sweep's checkpoints")
+        units = [unit_for(sweep_dir, name, c, options) for c in mine]
         if spec.shares_work:
             groups: dict = {}
             for u in units:

@@ -22,6 +22,7 @@ from typing import Callable, Dict, Sequence
 from repa_probe.training.config import ConfigError
 
 RESERVED = frozenset({"task", "ckpts", "out_dir", "cache_dir", "progress"})  # set by the sweep itself
+SWEEP_OPTIONS = ("steps",)  # options every analysis takes, used by the sweep: steps = checkpoint steps to analyse
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,7 @@ class AnalysisSpec:
     write_table: Callable  # (rows: list[dict], path: Path) -> None, the library's own CSV writer
     figures: Callable  # (rows, out_dir: Path, runs: {checkpoint label: run}, options) -> list[Path]
     shares_work: bool = False
+    report_figures: tuple = ("*.png",)  # figures (globs under results/<name>/figures) shown in a study report
 
     def valid_options(self) -> list[str]:
         names: list[str] = []
@@ -40,7 +42,7 @@ class AnalysisSpec:
             for p in inspect.signature(fn).parameters.values():
                 if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in RESERVED | {"entries"}:
                     names.append(p.name)
-        return list(dict.fromkeys(names))
+        return list(dict.fromkeys(names + list(SWEEP_OPTIONS)))
 
     def check_options(self, options: dict, where: str) -> dict:
         valid = self.valid_options()
@@ -138,7 +140,7 @@ def _write_probe_csv(rows: list[dict], path: Path) -> None:
 
 
 register(AnalysisSpec("alignment", _run_alignment, _alignment_sources, "alignment.csv", _write_alignment_csv,
-                      _alignment_figures, shares_work=True))
+                      _alignment_figures, shares_work=True, report_figures=("steps_*.png", "layers_t*.png")))
 register(AnalysisSpec("probe", _probe_runner("linear"), _probe_sources, "probe.csv", _write_probe_csv,
                       _probe_figures("linear")))
 register(AnalysisSpec("segment", _probe_runner("segmentation"), _probe_sources, "segment.csv", _write_probe_csv,

@@ -50,9 +50,10 @@ def dry_run_lines(jobs: list[Job], submit: list[Job], held: list[Job], state: di
 
 
 def run_sweep(cfg: SweepConfig, force: bool = False, retry_failed: bool = False, dry_run: bool = False,
-              out=sys.stdout) -> dict:
+              out=None) -> dict:
     """Run (or with ``dry_run`` only list) the sweep's jobs; returns {"results": per-analysis summaries,
     "failed": [{job, error, log}], "sweep_dir": path}. Failed jobs never hide the others' results."""
+    out = out or sys.stdout
     root = sweep_dir(cfg)
     jobs, submit, held, state = plan_jobs(cfg, force, retry_failed)
     if dry_run:
