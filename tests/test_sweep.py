@@ -210,3 +210,21 @@ def test_local_sweep_killed_job_is_retried_and_results_appear_once(tiny_run, tmp
     assert (root / "results/probe/figures/probe_tiny_top1.png").is_file()  # probe accuracy vs block per run
     state = json.loads((root / "state.json").read_text())
     assert all(v["state"] == "done" for v in state.values()) and len(state) == 2
+
+
+def test_preemption_requeues_the_same_job(tmp_path):
+    """submitit calls ``checkpoint`` on preemption / time-out: the same units come back, and the requeued job
+    skips the ones already done (their markers), so it continues where it stopped."""
+    from submitit.helpers import DelayedSubmission
+
+    from repa_probe.sweeps.jobs import SweepJob
+
+    cfg = _cfg(tmp_path, f"runs=[{_fake_run(tmp_path, 'a')}]", "analyses.alignment={}")
+    job = expand(cfg, tmp_path / "sw")[0]
+    delayed = SweepJob(job, str(tmp_path / "cache")).checkpoint()
+    assert isinstance(delayed, DelayedSubmission) and isinstance(delayed.function, SweepJob)
+    assert [u.key for u in delayed.function.job.units] == [u.key for u in job.units]
+    for u in job.units:  # every unit already done: the requeued job has nothing to compute
+        Path(u.out_dir).mkdir(parents=True)
+        (Path(u.out_dir) / DONE).write_text("{}")
+    assert delayed.function() == {"job": job.key, "ran": []}
