@@ -113,6 +113,9 @@ def _probe_figures(task: str) -> Callable:
         from repa_probe.analysis.probing import TASKS
 
         prefix, _, metrics, _ = TASKS[task]
+        # as run_probes: top-5 of 5 classes or fewer is 1 by construction, not worth a figure
+        metrics = [m for m in metrics if not (m == "top5" and all(r["value"] == 1.0 for r in rows
+                                                                  if r["metric"] == "top5"))]
         paths = make_probe_figures(rows, out_dir, prefix, metrics)
         for run in sorted({r for r in runs.values() if r is not None}):
             mine = [r for r in rows if r["source"] != "model" or runs.get(r["checkpoint"]) == run]
