@@ -228,3 +228,25 @@ def test_preemption_requeues_the_same_job(tmp_path):
         Path(u.out_dir).mkdir(parents=True)
         (Path(u.out_dir) / DONE).write_text("{}")
     assert delayed.function() == {"job": job.key, "ran": []}
+
+
+def test_progress_table_redraws_in_place_on_a_terminal(tmp_path):
+    import io
+
+    from repa_probe.sweeps.launch import ProgressTable, Tracked
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    cfg = _cfg(tmp_path, f"runs=[{_fake_run(tmp_path, 'a')}]", "analyses.probe={}")
+    tracked = [Tracked(j) for j in expand(cfg, tmp_path / "sw")]
+    out = Tty()
+    table = ProgressTable(out)
+    assert table.update(tracked) and not table.update(tracked)  # nothing changed: nothing drawn
+    tracked[0].state, tracked[1].state = "done", "failed"
+    assert table.update(tracked)
+    text = out.getvalue()
+    assert text.count("sweep: 2 pending, 0 running, 0 done, 0 failed") == 1
+    assert "\x1b[3F\x1b[J" + "sweep: 0 pending, 0 running, 1 done, 1 failed" in text  # header + 2 job rows
+    assert "failed   -              probe: a/0000020" in text

@@ -102,8 +102,10 @@ def _poll(t: Tracked) -> None:
 
 
 def submit_and_watch(jobs: list, launcher: LauncherConfig, folder: Path, cache_dir: Path, name: str,
-                     out=None) -> list[Tracked]:
-    """Submit ``jobs`` (throttled for local) and poll them until every one is done or failed."""
+                     out=None, on_change=None) -> list[Tracked]:
+    """Submit ``jobs`` (throttled for local) and poll them until every one is done or failed.
+
+    ``on_change(tracked)`` is called whenever a job changes state (the sweep records job ids and logs)."""
     tracked = [Tracked(j) for j in jobs]
     if not tracked:
         return tracked
@@ -126,7 +128,8 @@ def submit_and_watch(jobs: list, launcher: LauncherConfig, folder: Path, cache_d
                 active += 1
         for t in tracked:
             _poll(t)
-        table.update(tracked)
+        if table.update(tracked) and on_change is not None:
+            on_change(tracked)
         if all(t.state in ("done", "failed") for t in tracked):
             return tracked
         time.sleep(launcher.poll_s)
@@ -138,7 +141,8 @@ class ProgressTable:
     def __init__(self, out=None):
         self.out = out or sys.stdout
         self.tty = hasattr(self.out, "isatty") and self.out.isatty()
-        self.last: Optional[str] = None
+        self.last: Optional[list] = None
+        self.shown: list[str] = []
         self.lines = 0
 
     def render(self, tracked: list[Tracked]) -> list[str]:
@@ -149,13 +153,16 @@ class ProgressTable:
         rows = [f"  {t.state:<8} {t.handle.job_id if t.handle else '-':<14} {t.job.describe()}" for t in tracked]
         return [head] + rows
 
-    def update(self, tracked: list[Tracked]) -> None:
+    def update(self, tracked: list[Tracked]) -> bool:
+        """Redraw when a job changed state or was submitted; returns whether anything changed."""
+        key = [(t.state, t.handle is not None) for t in tracked]
+        if key == self.last:
+            return False
         lines = self.render(tracked)
-        text = "\n".join(lines)
-        if text == self.last:
-            return
         if self.tty and self.lines:
             self.out.write(f"\x1b[{self.lines}F\x1b[J")
-        self.out.write(text + "\n")
-        self.out.flush()
-        self.last, self.lines = text, len(lines)
+        if self.tty or lines != self.shown:
+            self.out.write("\n".join(lines) + "\n")
+            self.out.flush()
+        self.last, self.lines, self.shown = key, len(lines), lines
+        return True

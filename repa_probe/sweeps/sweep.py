@@ -69,11 +69,16 @@ def run_sweep(cfg: SweepConfig, force: bool = False, retry_failed: bool = False,
         pending(submit, force=True)
     log.info("sweep %s: %d job(s) to run, %d already done, %d failed before", root, len(submit),
              len(jobs) - len(submit) - len(held), len(held))
-    tracked = submit_and_watch(submit, cfg.launcher, root / "logs", root / "cache", cfg.sweep.name, out=out)
-    for t in tracked:
-        state[t.job.key] = dict(state=t.state, job_id=t.handle.job_id if t.handle else None, log=t.log_path,
-                                error=t.error, checkpoints=[u.ckpt.label for u in t.job.units])
-    write_json(root / "state.json", state)
+
+    def record(tracked) -> None:  # after every change, so that job ids and logs survive a killed driver
+        for t in tracked:
+            state[t.job.key] = dict(state=t.state, job_id=t.handle.job_id if t.handle else None, log=t.log_path,
+                                    error=t.error, checkpoints=[u.ckpt.label for u in t.job.units])
+        write_json(root / "state.json", state)
+
+    tracked = submit_and_watch(submit, cfg.launcher, root / "logs", root / "cache", cfg.sweep.name, out=out,
+                               on_change=record)
+    record(tracked)
     results = aggregate(jobs, root, state)
     failed = [dict(job=k, error=v.get("error"), log=v.get("log")) for k, v in state.items()
               if v.get("state") == "failed" and k in {j.key for j in submit + held}]
