@@ -181,6 +181,7 @@ def test_local_sweep_killed_job_is_retried_and_results_appear_once(tiny_run, tmp
         killer.join()
     # the job died after its first checkpoint: reported with its log, the partial table says what is missing
     assert len(first["failed"]) == 1 and first["failed"][0]["log"].endswith("_0_log.err")
+    assert "has not produced any output" in first["failed"][0]["error"]
     summary = json.loads((root / "results/alignment/summary.json").read_text())
     assert summary["done"] == 1 and not summary["complete"]
     assert [m["checkpoint"] for m in summary["missing"]] == ["tiny/0000008"]
@@ -250,3 +251,19 @@ def test_progress_table_redraws_in_place_on_a_terminal(tmp_path):
     assert text.count("sweep: 2 pending, 0 running, 0 done, 0 failed") == 1
     assert "\x1b[3F\x1b[J" + "sweep: 0 pending, 0 running, 1 done, 1 failed" in text  # header + 2 job rows
     assert "failed   -              probe: a/0000020" in text
+
+
+def test_failed_job_error_is_the_remote_error_line():
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    from repa_probe.sweeps.launch import error_line
+
+    remote = FailedJobError(
+        "Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent call "
+        "last):\n  File \"x.py\", line 1, in f\n    raise AlignmentError('bad')\nrepa_probe.analysis.inputs."
+        "AlignmentError: --timesteps: 'abc' is not a number\n\n----------------------\nYou can check full logs "
+        "with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - /logs/1_0_log.err\n  - /logs/1_0_log.out")
+    assert error_line(remote) == "AlignmentError: --timesteps: 'abc' is not a number"
+    killed = UncompletedJobError("Job 7 (task: 0) with path /logs/7_0_result.pkl\nhas not produced any output "
+                                 "(state: INTERRUPTED)\nError stream produced:\n----\nsome log line")
+    assert error_line(killed) == "job has not produced any output (state: INTERRUPTED)"

@@ -8,6 +8,7 @@ node, ``gpus_per_job`` GPUs and ``cpus_per_job`` CPUs each; submitit requeues a 
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import sys
 import time
@@ -80,11 +81,17 @@ class Tracked:
         return h is not None and (Path(h.paths.stdout).exists() or h.state in ("RUNNING", "COMPLETING"))
 
 
-def _error_line(exc: BaseException) -> str:
+def error_line(exc: BaseException) -> str:
     """The last meaningful line of a job's exception (submitit wraps the remote traceback in its message)."""
-    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    m = re.search(r"has not produced any output \(state: [^)]*\)", str(exc))
+    if m:  # killed (node failure, OOM killer, scancel): say so, the log has the rest
+        return f"job {m.group(0)}"
+    parts = re.split(r"\n-{10,}\n?", str(exc))  # submitit: header / remote traceback / "You can check full logs"
+    text = "\n".join(p for p in parts if not p.strip().startswith("You can check"))
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     tail = [ln for ln in lines if not ln.startswith(("File ", "^", "~", "raise ", "return ", "Traceback"))]
-    return (tail or lines or [type(exc).__name__])[-1][:300]
+    line = (tail or lines or [type(exc).__name__])[-1]
+    return re.sub(r"^(?:\w+\.)+(\w+(?:Error|Exception)\b)", r"\1", line)[:300]  # pkg.mod.XError -> XError
 
 
 def _poll(t: Tracked) -> None:
@@ -98,7 +105,7 @@ def _poll(t: Tracked) -> None:
     if exc is None and all(u.done for u in t.job.units):
         t.state = "done"
     else:
-        t.state, t.error = "failed", _error_line(exc) if exc is not None else "finished without all results"
+        t.state, t.error = "failed", error_line(exc) if exc is not None else "finished without all results"
 
 
 def submit_and_watch(jobs: list, launcher: LauncherConfig, folder: Path, cache_dir: Path, name: str,
@@ -116,7 +123,7 @@ def submit_and_watch(jobs: list, launcher: LauncherConfig, folder: Path, cache_d
             with executor.batch():
                 handles = [executor.submit(SweepJob(t.job, str(cache_dir))) for t in tracked]
         except Exception as exc:  # noqa: BLE001 - sbatch failures arrive as several exception types
-            raise SweepError(f"SLURM submission failed: {_error_line(exc)}") from None
+            raise SweepError(f"SLURM submission failed: {error_line(exc)}") from None
         for t, h in zip(tracked, handles):
             t.handle = h
     table = ProgressTable(out)

@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from repa_probe.sweeps.config import (LauncherConfig, SweepConfig, SweepSection, validate_analyses,
+from repa_probe.sweeps.config import (LauncherConfig, SweepConfig, SweepError, SweepSection, validate_analyses,
                                       validate_launcher)
 from repa_probe.sweeps.jobs import write_json
+from repa_probe.sweeps.launch import error_line
 from repa_probe.training.config import ConfigError, load_config, load_structured
 
 log = logging.getLogger("repa_probe")
@@ -105,7 +106,11 @@ def train_runs(cfg: StudyConfig) -> dict:
             starts = {name: time.perf_counter() for name, _ in remote}
             futures = {name: pool.submit(launch.run, tcfg, None, True) for name, tcfg in remote}
             for name, fut in futures.items():
-                fut.result()
+                try:
+                    fut.result()
+                except Exception as exc:  # noqa: BLE001 - submitit reports remote failures as several types
+                    raise SweepError(f"training run {name} failed: {error_line(exc)} (logs: "
+                                     f"{info[name]['dir']}/submitit)") from None
                 info[name]["trained"] = f"{time.perf_counter() - starts[name]:.0f} s (submitit)"
     return info
 
