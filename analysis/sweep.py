@@ -1,4 +1,4 @@
-"""`python -m analysis.sweep --cfg configs/sweep_tiny.yaml [key.sub=value ...]`: run analyses over many checkpoints.
+"""`python -m analysis.sweep --cfg configs/sweep_tiny.yaml [key.sub=value ...]`: Run analyses over many checkpoints.
 
 Thin command line over :func:`repa_probe.sweeps.sweep.run_sweep`; see `--help`.
 """
