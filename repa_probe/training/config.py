@@ -200,10 +200,11 @@ def _dotlist_to_dict(overrides: Sequence[str]) -> dict:
     return out
 
 
-def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
-    """Read a YAML config (or the embedded default when ``path`` is None) and apply dotlist overrides.
+def load_structured(schema: type, path: Optional[str] = None, overrides: Sequence[str] = ()) -> Any:
+    """Read a YAML file (optional) into the dataclass ``schema`` and apply ``key.sub=value`` overrides.
 
-    Unknown keys, wrong value types, a missing file and invalid choices raise ConfigError (one line).
+    Generic over the schema (training, sweep and study configs share it). Unknown keys, wrong value types, a
+    missing file and invalid YAML raise ConfigError (one line); value ranges are the caller's to check.
     """
     layers = []
     if path is not None:
@@ -217,21 +218,29 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")
         try:
-            _check_keys(data, Config, "")
+            _check_keys(data, schema, "")
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
         layers.append(data)
     over = _dotlist_to_dict(overrides)
-    _check_keys(over, Config, "")
+    _check_keys(over, schema, "")
     layers.append(over)
-    base = OmegaConf.structured(Config)
+    base = OmegaConf.structured(schema)
     try:
         merged = OmegaConf.merge(base, *layers)
-        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         msg = str(exc).splitlines()[0]
         key = getattr(exc, "full_key", None)
         raise ConfigError(f"bad value for '{key}': {msg}" if key else msg) from None
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config (or the embedded default when ``path`` is None) and apply dotlist overrides.
+
+    Unknown keys, wrong value types, a missing file and invalid choices raise ConfigError (one line).
+    """
+    cfg: Config = load_structured(Config, path, overrides)
     validate(cfg)
     return cfg
 

@@ -1,0 +1,110 @@
+"""Gather the finished units of a sweep into one table per analysis, with its cross-checkpoint figures.
+
+``{sweep}/results/{analysis}/``: the analysis' CSV (the library's own writer and columns), ``summary.json``
+(units done, and every missing unit with its job's state, error and log path: a partial aggregate says what
+it lacks) and ``figures/`` (the single-run commands' plotting code over all checkpoints; alignment vs training
+step and probe accuracy vs block per run). Only units with a ``done.json`` marker are read, so a unit that was
+interrupted and recomputed appears once.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+from pathlib import Path
+
+from repa_probe.sweeps.jobs import write_json
+from repa_probe.sweeps.plan import Job
+from repa_probe.sweeps.registry import get_analysis
+
+log = logging.getLogger("repa_probe")
+INT_COLUMNS = {"step", "layer", "n", "num_train", "num_test", "num_samples", "steps", "seed"}
+STR_COLUMNS = {"checkpoint", "source", "metric", "method"}
+
+
+def _cell(column: str, text: str):
+    if text == "":
+        return None
+    if column in STR_COLUMNS:
+        return text
+    try:
+        if column in INT_COLUMNS or (column == "timestep" and not any(c in text for c in ".eE")):
+            return int(text)
+        return float(text)
+    except ValueError:
+        return text  # e.g. layer = "target"
+
+
+def read_table(path: Path) -> list[dict]:
+    """A result CSV back into typed rows (ints, floats, None for empty cells)."""
+    with open(path, newline="") as f:
+        return [{k: _cell(k, v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _dedupe(rows: list[dict]) -> list[dict]:
+    """Identical rows once (e.g. the encoder reference of a probe, computed by every unit)."""
+    seen, out = set(), []
+    for r in rows:
+        key = tuple(sorted((k, str(v)) for k, v in r.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(r)
+    return out
+
+
+def correlate_results(sweep_dir: Path, correlations: list[dict]) -> list[dict]:
+    """Run :func:`repa_probe.analysis.correlate.run_correlate` over every gathered table for each ``{x, y,
+    last_only}``, into ``results/correlation/<x>_vs_<y>/``. A correlation that cannot be computed (a quantity
+    missing because its jobs failed, fewer than 3 checkpoints) is recorded with its one-line error, never fatal."""
+    from repa_probe.analysis.correlate import run_correlate
+    from repa_probe.analysis.plots import slug
+    from repa_probe.errors import ReproError
+
+    results = Path(sweep_dir) / "results"
+    tables = sorted(p for p in results.glob("*/*.csv") if p.parent.name != "correlation")
+    out = []
+    for c in correlations:
+        where = results / "correlation" / f"{slug(c['x'])}_vs_{slug(c['y'])}"
+        try:
+            summary = run_correlate(tables, c["x"], c["y"], where, last_only=c.get("last_only", False))
+            out.append(dict(c, dir=str(where), summary=summary, error=None))
+        except ReproError as exc:
+            log.warning("correlation %s vs %s: %s", c["x"], c["y"], exc)
+            out.append(dict(c, dir=str(where), summary=None, error=str(exc)))
+    return out
+
+
+def aggregate(jobs: list[Job], sweep_dir: Path, status: dict) -> dict:
+    """Write ``results/<analysis>/`` for every analysis of ``jobs``; ``status``: job key -> {state, log, error}.
+
+    Returns ``{analysis: summary}`` (also written as each ``summary.json``).
+    """
+    out: dict = {}
+    for name in dict.fromkeys(j.analysis for j in jobs):
+        spec = get_analysis(name)
+        mine = [j for j in jobs if j.analysis == name]
+        rows, missing, runs = [], [], {}
+        for job in mine:
+            for u in job.units:
+                runs[u.ckpt.label] = u.ckpt.run
+                table = Path(u.out_dir) / spec.table
+                if u.done and table.is_file():
+                    rows += read_table(table)
+                else:
+                    st = status.get(job.key, {})
+                    missing.append(dict(checkpoint=u.ckpt.label, unit=u.key, job=job.key,
+                                        state=st.get("state", "not run"), error=st.get("error"), log=st.get("log")))
+        rows = _dedupe(rows)
+        res = Path(sweep_dir) / "results" / name
+        res.mkdir(parents=True, exist_ok=True)
+        spec.write_table(rows, res / spec.table)
+        figures = spec.figures(rows, res / "figures", runs, mine[0].options) if rows else []
+        summary = dict(analysis=name, options=mine[0].options, units=sum(len(j.units) for j in mine),
+                       done=sum(u.done for j in mine for u in j.units), complete=not missing, missing=missing,
+                       checkpoints=sorted({r["checkpoint"] for r in rows if r.get("checkpoint")}),
+                       files=dict(csv=spec.table, figures=[str(p.relative_to(res)) for p in figures]))
+        write_json(res / "summary.json", summary)
+        if missing:
+            log.warning("%s: partial results, %d unit(s) missing: %s", name, len(missing),
+                        ", ".join(m["checkpoint"] for m in missing))
+        out[name] = summary
+    return out
