@@ -301,10 +301,9 @@ def _step_from_name(path: Path) -> int | None:
     return int(path.stem) if path.stem.isdigit() else None
 
 
-def _check_against_model(config: dict, sd: Mapping[str, torch.Tensor]) -> None:
-    """Compare keys and shapes with a meta-device model; raise a one-line CheckpointError."""
-    with torch.device("meta"):
-        ref = DiffusionTransformer(**config).state_dict()
+def _check_against_model(model: DiffusionTransformer, sd: Mapping[str, torch.Tensor]) -> None:
+    """Compare keys and shapes with ``model`` (a meta-device model); raise a one-line CheckpointError."""
+    ref = model.state_dict()
     missing = [k for k in ref if k not in sd]
     unexpected = [k for k in sd if k not in ref]
     if missing or unexpected:
@@ -388,9 +387,9 @@ def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema
         config.setdefault("time_convention", "repa")
         config["z_dims"] = list(config.get("z_dims", []))
         try:
-            _check_against_model(config, sd)
             with torch.device("meta"):
                 model = DiffusionTransformer(**config)
+            _check_against_model(model, sd)
         except (TypeError, ValueError) as exc:
             raise CheckpointError(f"cannot build a model from config: {_one_line(exc)}") from exc
         sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}

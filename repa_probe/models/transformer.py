@@ -79,7 +79,8 @@ class DiffusionTransformer(nn.Module):
         self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, z, projector_type, projector_kernel)
                                         for z in z_dims)
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
-        self.initialize_weights()
+        if self.pos_embed.device.type != "meta":  # a meta model (shapes only, e.g. load_model) has nothing to fill
+            self.initialize_weights()
 
     @property
     def family(self) -> str:
