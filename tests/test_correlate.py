@@ -159,3 +159,17 @@ def test_different_timesteps_join_on_shared_ones_with_a_warning(tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="repa_probe"):
         points, stats = correlate_table(df, "cknna@block2,t=0", "fid_inception", bootstrap=0, permutations=0)
     assert stats["n"] == 8 and "t=0 is missing from" in caplog.text
+
+
+def test_constant_quantity_warns_that_the_correlation_is_undefined(caplog):
+    import pandas as pd
+
+    from repa_probe.analysis.correlate import correlate_table
+
+    rows = [dict(checkpoint=f"r{k}/{s}", run=f"r{k}", step=s, layer="target", timestep=None, metric="lds", value=0.5)
+            for k in range(2) for s in (1, 2)]
+    rows += [dict(checkpoint=f"r{k}/{s}", run=f"r{k}", step=s, layer=None, timestep=None, metric="fd_x",
+                  value=float(k + s)) for k in range(2) for s in (1, 2)]
+    with caplog.at_level("WARNING", logger="repa_probe"):
+        _, stats = correlate_table(pd.DataFrame(rows), "lds@target", "fd_x", bootstrap=0, permutations=0)
+    assert any("same value (0.5) at every checkpoint" in w for w in stats["warnings"])

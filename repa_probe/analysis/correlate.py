@@ -278,6 +278,10 @@ def correlate_table(df: pd.DataFrame, x: str | Quantity, y: str | Quantity, last
     if dropped:
         warnings.append(f"{len(dropped)} checkpoint(s) have only one of x and y and are left out: "
                         f"{', '.join(dropped[:5])}{' ...' if len(dropped) > 5 else ''}")
+    for name, q in (("x", qx), ("y", qy)):
+        if len(points) and points[name].nunique() == 1:
+            warnings.append(f"{q} has the same value ({points[name].iloc[0]:.6g}) at every checkpoint: the "
+                            "correlation is undefined (NaN); e.g. a target metric of runs that share one target")
     for w in warnings:
         log.warning("%s", w)
     if len(points) < MIN_CHECKPOINTS:
