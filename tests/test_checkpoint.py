@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from repa_probe.models.layout import LayoutError
 from repa_probe.checkpoint import (
     CHECKPOINT_FORMAT,
     CheckpointError,
@@ -214,7 +215,7 @@ def test_infer_config_rules():
     assert infer_config(sd, num_heads=8)["num_heads"] == 8
     with torch.device("meta"):
         odd = create_model("SiT-S/2", depth=1, hidden_size=36, num_heads=3)
-    with pytest.raises(CheckpointError, match="num_heads"):
+    with pytest.raises(LayoutError, match="num_heads"):
         infer_config(odd.state_dict())
     with torch.device("meta"):
         qk = create_model("SiT-S/2", depth=1, hidden_size=36, num_heads=3, qk_norm=True)
