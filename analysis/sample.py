@@ -27,7 +27,7 @@ applied for t in [--guidance-low, --guidance-high] (REPA time, t = 1 noise); REP
 EXAMPLES = """\
 examples:
   python -m analysis.sample --ckpt runs/tiny/checkpoints/0000200.pt --num-samples 64 --steps 50 --out samples/tiny
-  python -m analysis.sample --ckpt last.pt --family REPA --cfg-scale 1.8 --guidance-high 0.7 --labels random \\
+  python -m analysis.sample --ckpt last.pt --cfg-scale 1.8 --guidance-high 0.7 --labels random \\
       --num-samples 50000 --batch-size 64 --out samples/repa_xl
 """
 

@@ -11,9 +11,11 @@ from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
 
 EPILOG = """\
 The config names runs (every checkpoint in {run}/checkpoints) or checkpoint globs, the analyses with the
-keyword options of their library entry points, and a launcher (local or slurm). Each (checkpoint x analysis)
-is a unit; alignment groups the units of one run in one job (shared encoder features). Finished units are
-skipped (--force redoes them); results are gathered under {sweep.out_dir}/{sweep.name}/results/.
+options of their library entry points (alignment, with the spatial metrics as metric: cknna,lds,...; probe;
+segment; fid: sampling + FID / FD), correlations to compute on the gathered tables ({x, y} quantities of
+analysis.correlate) and a launcher (local or slurm). Each (checkpoint x analysis) is a unit; alignment groups
+the units of one run in one job (shared encoder features). Finished units are skipped (--force redoes them);
+results are gathered under {sweep.out_dir}/{sweep.name}/results/ (results/correlation/ for correlations).
 
 examples:
   python -m analysis.sweep --cfg configs/sweep_tiny.yaml
