@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from repa_probe.analysis.features import ModelInputs, extract_features, resolve_layers
-from repa_probe.analysis.spatial import SPATIAL_METRICS, grid_shape, spatial_metrics
+from repa_probe.analysis.spatial import grid_shape, spatial_metrics
 from repa_probe.analysis.targets import encoder_features
 from repa_probe.timesteps import label
 
