@@ -16,15 +16,16 @@ def resolve_device(device: str | torch.device | None = "auto", option: str = "--
     A string torch cannot read, or a CUDA device that this machine lacks, is a :class:`DeviceError` that
     names ``option`` (``--device``, ``train.device``...).
     """
+    eq = " " if option.startswith("-") else "="  # --device cpu, but train.device=cpu
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise DeviceError(f"{option} {device!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
+        raise DeviceError(f"{option}{eq}{device!r} is not a device (auto, cpu, cuda, cuda:1, ...)") from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise DeviceError(f"{option} {device}: CUDA is not available on this machine; use {option} cpu")
+            raise DeviceError(f"{option}{eq}{device}: CUDA is not available on this machine; use {option}{eq}cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"{option} {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise DeviceError(f"{option}{eq}{device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev

@@ -65,3 +65,15 @@ def test_cli_config_typo_exits_2_with_one_line(tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ConfigError:") and "train" in lines[0]
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_train_on_missing_cuda_is_a_one_line_error(tmp_path):
+    from repa_probe.devices import DeviceError
+    from repa_probe.training import trainer
+    from repa_probe.training.config import load_config
+
+    with pytest.raises(DeviceError, match=r"^train.device=cuda: CUDA is not available on this machine; "
+                                          r"use train.device=cpu$"):
+        trainer.train(load_config(None, [f"run.out_dir={tmp_path}", "train.device=cuda"]))
+    assert not list(tmp_path.iterdir())  # nothing written before the check

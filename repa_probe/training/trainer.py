@@ -35,6 +35,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from repa_probe.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_training_checkpoint
+from repa_probe.devices import resolve_device
 from repa_probe.errors import ReproError
 from repa_probe.training import rundir
 from repa_probe.training.accel import autocast_for, check_flash_attention, prepare_step_modules
@@ -50,12 +51,10 @@ class TrainingDiverged(ReproError, RuntimeError):
 
 
 def _device(cfg: Config, dist: DistInfo) -> torch.device:
-    want = cfg.train.device
-    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
-        if not torch.cuda.is_available():
-            raise RuntimeError("train.device=cuda but no CUDA device is available; set train.device=cpu")
-        return torch.device("cuda", dist.local_rank)
-    return torch.device("cpu")
+    """``train.device`` read by the shared :func:`~repa_probe.devices.resolve_device`; CUDA: this process's
+    local GPU."""
+    dev = resolve_device(cfg.train.device, "train.device")
+    return torch.device("cuda", dist.local_rank) if dev.type == "cuda" else dev
 
 
 @torch.no_grad()
@@ -247,9 +246,7 @@ def train(cfg: Config) -> Path:
     """Train according to ``cfg``; returns the run directory. Raises on bad input or divergence."""
     torch.backends.cuda.matmul.allow_tf32 = cfg.train.tf32
     torch.backends.cudnn.allow_tf32 = cfg.train.tf32
-    device_type = "cuda" if (cfg.train.device == "cuda" or
-                             (cfg.train.device == "auto" and torch.cuda.is_available())) else "cpu"
-    dist = init_distributed(device_type)
+    dist = init_distributed(resolve_device(cfg.train.device, "train.device").type)
     try:
         return _train(cfg, dist)
     finally:
