@@ -77,3 +77,13 @@ def test_train_on_missing_cuda_is_a_one_line_error(tmp_path):
                                           r"use train.device=cpu$"):
         trainer.train(load_config(None, [f"run.out_dir={tmp_path}", "train.device=cuda"]))
     assert not list(tmp_path.iterdir())  # nothing written before the check
+
+
+def test_batch_not_divisible_by_micro_batches_is_a_config_error(tmp_path):
+    from repa_probe.training import trainer
+    from repa_probe.training.config import load_config
+
+    with pytest.raises(ConfigError, match=r"train.batch_size=10 is not divisible by the 1 process\(es\) x "
+                                          r"train.grad_accum=3"):
+        trainer.train(load_config(None, [f"run.out_dir={tmp_path}", "train.batch_size=10", "train.grad_accum=3",
+                                         "train.device=cpu"]))

@@ -111,7 +111,7 @@ def test_extract_latents_repa_layout(vae, tmp_path):
         np.testing.assert_array_equal(png, ds.x[i].permute(1, 2, 0).numpy())
     img_labels = json.loads((tmp_path / "images" / "dataset.json").read_text())["labels"]
     assert img_labels == [[f"00000/img{i:08d}.png", i % 3] for i in range(5)]
-    with pytest.raises(FileExistsError):
+    with pytest.raises(VAEInputError, match="--overwrite"):
         extract_latents(ds, vae, tmp_path, batch_size=2, progress=False)
 
 

@@ -195,11 +195,11 @@ def extract_latents(dataset, vae: LatentVAE, out_dir: str | os.PathLike, batch_s
     out = Path(out_dir)
     lat_dir, img_dir = out / "vae-sd", out / "images"
     if (lat_dir / "dataset.json").exists() and not overwrite:
-        raise FileExistsError(f"{lat_dir / 'dataset.json'} exists; pass overwrite=True to re-extract")
+        raise VAEInputError(f"{lat_dir / 'dataset.json'} exists; pass overwrite=True (--overwrite) to re-extract")
     n = len(dataset)
     total = 2 * n if flip else n
     if total > 10 ** 8:
-        raise ValueError(f"{total} items do not fit the 8-digit REPA file naming")
+        raise VAEInputError(f"{total} items do not fit the 8-digit REPA file naming (at most 10^8)")
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     lat_labels: list = [None] * total
     img_labels: list = [None] * total

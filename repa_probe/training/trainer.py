@@ -40,7 +40,7 @@ from repa_probe.errors import ReproError
 from repa_probe.training import rundir
 from repa_probe.training.accel import autocast_for, check_flash_attention, prepare_step_modules
 from repa_probe.training.builders import Batches, build_encoder, build_model, build_objective, model_inputs
-from repa_probe.training.config import Config, to_dict, to_yaml
+from repa_probe.training.config import Config, ConfigError, to_dict, to_yaml
 from repa_probe.training.distributed import DistInfo, agree, cleanup_distributed, init_distributed
 
 log = logging.getLogger("repa_probe")
@@ -257,7 +257,7 @@ def _start(cfg: Config, dist: DistInfo) -> tuple:
     """Run directory, file log, state (resumed when a checkpoint exists). Returns (run, handler, state)."""
     device = _device(cfg, dist)
     if cfg.train.batch_size % (dist.world_size * cfg.train.grad_accum):
-        raise ValueError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {dist.world_size} "
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {dist.world_size} "
                          f"process(es) x train.grad_accum={cfg.train.grad_accum} micro-batches")
     run = rundir.prepare(cfg.run.out_dir, cfg.run.name)
     handler = rundir.add_file_log(run) if dist.is_main else None
