@@ -21,13 +21,12 @@ import importlib.util  # noqa: E402
 import logging  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from tools.golden.common import log  # noqa: E402
+from tools.golden.common import commit_of, log  # noqa: E402
 
 PARTS = ("models", "losses", "metrics", "sampling", "spatial")
 REPOS = {  # CLI key -> GitHub repository of the official code
@@ -61,19 +60,6 @@ def discover(names) -> dict[str, object]:
                 raise  # the part exists but one of its own imports is missing: a real error
             log.info("golden part %r not present (%s.py), skipped", name, module_name)
     return found
-
-
-def commit_of(path: Path | None, given: dict[str, str], key: str) -> str:
-    """The checkout's commit: ``--commit KEY=SHA`` if given, else ``git rev-parse HEAD`` in it, else "unknown"."""
-    if key in given:
-        return given[key]
-    if path is None:
-        return "-"
-    try:
-        return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git work tree; pass --commit KEY=SHA)"
 
 
 def readme(args, repos, commits, written: dict[str, list[Path]]) -> str:
@@ -113,7 +99,7 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     written = {}
     for name, module in discover(names).items():
-        files = module.write(args.out, repos)
+        files = module.write(args.out, repos, commits=commits)
         written[name] = files
         log.info("part %s: %d file(s)", name, len(files))
     big = [f"{f} ({f.stat().st_size} bytes)" for fs in written.values() for f in fs if f.stat().st_size > 2_000_000]

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import logging
 import os
+import subprocess
 import sys
 import tempfile
 import types
@@ -81,6 +82,20 @@ def stub_modules(*names: str, **attributes: Any) -> Iterator[list[str]]:
     finally:
         for name in stubbed:
             sys.modules.pop(name, None)
+
+
+def commit_of(path: Path | None, given: dict[str, str] | None = None, key: str = "") -> str:
+    """A checkout's commit: ``given[key]`` (``--commit KEY=SHA``) if there, else ``git rev-parse HEAD`` in it,
+    else "unknown"; "-" without a checkout."""
+    if given and key in given:
+        return given[key]
+    if path is None:
+        return "-"
+    try:
+        return subprocess.run(["git", "-C", str(path), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git work tree; pass --commit KEY=SHA)"
 
 
 def need(repos: dict[str, Path], *keys: str, part: str) -> bool:

@@ -117,7 +117,7 @@ def sit_transport_loss(repos: dict[str, Path]) -> dict:
     return dict(x1=x1, y=y, t_sit=t_sit, noise=noise, x_t=x_t, model_out=model_out, loss=terms["loss"])
 
 
-def write(out_dir: Path, repos: dict[str, Path]) -> list[Path]:
+def write(out_dir: Path, repos: dict[str, Path], commits: dict[str, str] | None = None) -> list[Path]:
     """Write every loss record whose repos were given."""
     out_dir, written = Path(out_dir), []
     if need(repos, "dit", part="losses:dit"):

@@ -68,7 +68,7 @@ def values(metrics_mod, a: torch.Tensor, b: torch.Tensor) -> dict[str, float]:
     return {k: float(v) for k, v in out.items()}
 
 
-def write(out_dir: Path, repos: dict[str, Path]) -> list[Path]:
+def write(out_dir: Path, repos: dict[str, Path], commits: dict[str, str] | None = None) -> list[Path]:
     """Write ``metrics_features.pt`` and ``metrics.json``."""
     if not need(repos, "platonic", part="metrics"):
         return []

@@ -83,7 +83,7 @@ def run_with_hidden(model: torch.nn.Module, x, t, y):
     return out, torch.stack(hidden)
 
 
-def write(out_dir: Path, repos: dict[str, Path]) -> list[Path]:
+def write(out_dir: Path, repos: dict[str, Path], commits: dict[str, str] | None = None) -> list[Path]:
     """Write the state dict and the forward-pass record of every model whose repo was given."""
     written = []
     for name, (repo_key, config, _) in CONFIGS.items():

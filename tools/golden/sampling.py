@@ -15,12 +15,13 @@ import argparse
 import contextlib
 import importlib
 import logging
-import subprocess
 import sys
 import types
 from pathlib import Path
 
 import torch
+
+from tools.golden.common import commit_of
 
 log = logging.getLogger("tools.golden")
 B, C, SIZE, HIDDEN, DEPTH, HEADS = 3, 4, 8, 32, 2, 2
@@ -57,14 +58,6 @@ def _randomise(model: torch.nn.Module, seed: int) -> dict:
 def _inputs(seed: int, num_classes: int):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(B, C, SIZE, SIZE, generator=g), torch.randint(0, num_classes, (B,), generator=g)
-
-
-def _commit(repo: Path) -> str:
-    try:
-        return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git work tree)"
 
 
 def repa_cases(repo: Path) -> dict:
@@ -159,7 +152,7 @@ def sit_cases(repo: Path) -> dict:
 PARTS = {"repa": repa_cases, "dit": dit_cases, "sit": sit_cases}
 
 
-def write(out_dir: Path, repos: dict) -> list:
+def write(out_dir: Path, repos: dict, commits: dict | None = None) -> list:
     """Write ``sampling_<repo>.pt`` for each official repo given in ``repos``; returns the paths written."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -170,7 +163,7 @@ def write(out_dir: Path, repos: dict) -> list:
             log.warning("sampling golden: no %s repo given, skipping sampling_%s.pt", key, key)
             continue
         data = make(Path(repo))
-        data["source"] = f"{key} @ {_commit(Path(repo))}"
+        data["source"] = f"{key} @ {commit_of(Path(repo), commits, key)}"
         path = out_dir / f"sampling_{key}.pt"
         torch.save(data, path)
         written.append(path)

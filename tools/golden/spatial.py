@@ -13,12 +13,13 @@ import argparse
 import importlib.util
 import logging
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from tools.golden.common import commit_of
 
 log = logging.getLogger("tools.golden")
 
@@ -95,16 +96,7 @@ def _cases(gen: torch.Generator) -> list[dict]:
     ]
 
 
-def _commit(repo: Path) -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-        return out.stdout.strip() or "unknown (not a git checkout)"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown (git unavailable)"
-
-
-def write(out_dir: Path, repos: dict[str, Path]) -> list[Path]:
+def write(out_dir: Path, repos: dict[str, Path], commits: dict[str, str] | None = None) -> list[Path]:
     """Run iREPA's metric functions on :func:`_cases` and write ``out_dir/spatial.pt`` ([] without --irepa)."""
     if repos.get("irepa") is None:
         log.warning("golden part 'spatial' skipped: no iREPA checkout given (--irepa PATH)")
@@ -120,7 +112,7 @@ def write(out_dir: Path, repos: dict[str, Path]) -> list[Path]:
         case["calls"] = records
         if case["masks"] is None:
             del case["masks"]
-    record = {"source": f"End2End-Diffusion/iREPA metrics/spatial_metrics.py @ {_commit(Path(repos['irepa']))}",
+    record = {"source": f"End2End-Diffusion/iREPA metrics/spatial_metrics.py @ {commit_of(Path(repos['irepa']), commits, 'irepa')}",
               "cases": cases}
     path = Path(out_dir) / FILE
     path.parent.mkdir(parents=True, exist_ok=True)
