@@ -31,7 +31,7 @@ def test_tiny_study_writes_its_report(tmp_path):
         "model.hidden_size=64,data.num_samples=256,train.tensorboard=false]",
         "analyses.alignment.num_samples=32", "analyses.alignment.timesteps='0.5'",
         "analyses.probe.checkpoint_steps=[8]", "analyses.probe.num_train=48", "analyses.probe.num_test=24",
-        "analyses.fid.num_samples=32", "analyses.fid.steps=4"])
+        "analyses.fid.num_samples=32", "analyses.fid.steps=4", "analyses.fid.checkpoint_steps=[8]"])
     record = run_study(cfg, command="pytest")
     root = tmp_path / "tiny"
     assert not record["sweep"]["failed"]
@@ -42,7 +42,7 @@ def test_tiny_study_writes_its_report(tmp_path):
     assert "## What was run" in md and "| repa | SiT-S/4 | 2 | 64 | 8 |" in md and "| baseline |" in md
     assert "## alignment" in md and "6/6 units (complete)" in md and "## probe" in md and "3/3 units" in md
     assert "## fid" in md and "## Correlations across checkpoints" in md
-    assert "| pearson | 6 |" in md and "| spearman | 6 |" in md  # both correlations over the six checkpoints
+    assert "| pearson | 3 |" in md and "| spearman | 3 |" in md  # both correlations over the three final checkpoints
     for ckpt in ("repa/0000004", "repa/0000008", "irepa/0000008", "baseline/0000004", "baseline/0000008"):
         assert f"| {ckpt} |" in md  # every checkpoint in the tables
     assert {"lds", "cds", "rmsc", "cknna"} <= {line.split(" | ")[3] for line in md.splitlines()
