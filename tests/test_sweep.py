@@ -1,5 +1,6 @@
 """Sweeps: config, expansion and skip, launchers (SLURM without a cluster), dry run, end to end on the local
 executor with a job killed mid-way, and aggregation of partial results."""
+import dataclasses
 import json
 import os
 import signal
@@ -12,7 +13,7 @@ import pytest
 from repa_probe.sweeps.aggregate import read_table
 from repa_probe.sweeps.config import LauncherConfig, SweepError, load_sweep_config
 from repa_probe.sweeps.launch import make_executor, slurm_parameters, submit_and_watch
-from repa_probe.sweeps.plan import DONE, expand, pending
+from repa_probe.sweeps.plan import DONE, Checkpoint, Job, Unit, expand, pending
 from repa_probe.sweeps.sweep import run_sweep
 from repa_probe.training.config import ConfigError
 
@@ -267,3 +268,34 @@ def test_failed_job_error_is_the_remote_error_line():
     killed = UncompletedJobError("Job 7 (task: 0) with path /logs/7_0_result.pkl\nhas not produced any output "
                                  "(state: INTERRUPTED)\nError stream produced:\n----\nsome log line")
     assert error_line(killed) == "job has not produced any output (state: INTERRUPTED)"
+
+
+def test_aggregate_is_not_redrawn_when_nothing_changed(tmp_path, monkeypatch):
+    """A rerun of a finished sweep reuses the gathered table and figures; a changed unit redraws them."""
+    import json
+
+    from repa_probe.sweeps import aggregate as agg
+    from repa_probe.sweeps.registry import get_analysis
+
+    ckpt = Checkpoint(str(tmp_path / "a.pt"), "run/0000001", "run", 1)
+    unit = Unit("alignment", ckpt, "u1", str(tmp_path / "units" / "u1"))
+    Path(unit.out_dir).mkdir(parents=True)
+    table = Path(unit.out_dir) / "alignment.csv"
+    get_analysis("alignment").write_table([dict(checkpoint="run/0000001", step=1, layer=1, timestep=0.5,
+                                                metric="cknna", value=0.25, n=8)], table)
+    (Path(unit.out_dir) / "done.json").write_text("{}")
+    job = Job("j1", "alignment", {"timesteps": "0.5"}, [unit])
+    calls = []
+    spec = get_analysis("alignment")
+    monkeypatch.setattr(agg, "get_analysis", lambda name: dataclasses.replace(
+        spec, figures=lambda *a: calls.append(1) or []))
+    first = agg.aggregate([job], tmp_path, {})
+    again = agg.aggregate([job], tmp_path, {})
+    assert len(calls) == 1 and again["alignment"]["done"] == first["alignment"]["done"] == 1
+    get_analysis("alignment").write_table([dict(checkpoint="run/0000001", step=1, layer=1, timestep=0.5,
+                                                metric="cknna", value=0.5, n=8)], table)
+    os.utime(table, ns=(1, 1))  # a different modification time, whatever the clock's resolution
+    agg.aggregate([job], tmp_path, {})
+    assert len(calls) == 2
+    rows = json.loads((tmp_path / "results" / "alignment" / "summary.json").read_text())
+    assert rows["checkpoints"] == ["run/0000001"]

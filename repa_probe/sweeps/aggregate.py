@@ -12,7 +12,7 @@ import csv
 import logging
 from pathlib import Path
 
-from repa_probe.sweeps.jobs import write_json
+from repa_probe.sweeps.jobs import read_json, write_json
 from repa_probe.sweeps.plan import Job
 from repa_probe.sweeps.registry import get_analysis
 
@@ -51,6 +51,23 @@ def _dedupe(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _fingerprint(paths) -> list:
+    """What a gathered result depends on: each input file with its size and modification time (ns)."""
+    out = []
+    for p in sorted(Path(q) for q in paths):
+        st = p.stat()
+        out.append([str(p), st.st_size, st.st_mtime_ns])
+    return out
+
+
+def _unchanged(summary_path: Path, stamp: list, *outputs: Path) -> dict | None:
+    """The previous summary when it was made from the same inputs and its outputs still exist, else None."""
+    previous = read_json(summary_path)
+    if previous and previous.get("stamp") == stamp and all(Path(o).exists() for o in outputs):
+        return previous
+    return None
+
+
 def correlate_results(sweep_dir: Path, correlations: list[dict]) -> list[dict]:
     """Run :func:`repa_probe.analysis.correlate.run_correlate` over every gathered table for each ``{x, y,
     last_only}``, into ``results/correlation/<x>_vs_<y>/``. A correlation that cannot be computed (a quantity
@@ -61,11 +78,17 @@ def correlate_results(sweep_dir: Path, correlations: list[dict]) -> list[dict]:
 
     results = Path(sweep_dir) / "results"
     tables = sorted(p for p in results.glob("*/*.csv") if p.parent.name != "correlation")
-    out = []
+    out, stamp = [], _fingerprint(tables)
     for c in correlations:
         where = results / "correlation" / f"{slug(c['x'])}_vs_{slug(c['y'])}"
+        previous = _unchanged(where / "summary.json", stamp + [c.get("last_only", False)], where / "correlation.csv")
+        if previous is not None:  # same tables: the bootstrap and permutations are not run again
+            out.append(dict(c, dir=str(where), summary=previous, error=None))
+            continue
         try:
             summary = run_correlate(tables, c["x"], c["y"], where, last_only=c.get("last_only", False))
+            summary["stamp"] = stamp + [c.get("last_only", False)]
+            write_json(where / "summary.json", summary)
             out.append(dict(c, dir=str(where), summary=summary, error=None))
         except ReproError as exc:
             log.warning("correlation %s vs %s: %s", c["x"], c["y"], exc)
@@ -82,29 +105,35 @@ def aggregate(jobs: list[Job], sweep_dir: Path, status: dict) -> dict:
     for name in dict.fromkeys(j.analysis for j in jobs):
         spec = get_analysis(name)
         mine = [j for j in jobs if j.analysis == name]
-        rows, missing, runs = [], [], {}
+        rows, missing, runs, tables = [], [], {}, []
         for job in mine:
             for u in job.units:
                 runs[u.ckpt.label] = u.ckpt.run
                 table = Path(u.out_dir) / spec.table
                 if u.done and table.is_file():
                     rows += read_table(table)
+                    tables.append(table)
                 else:
                     st = status.get(job.key, {})
                     missing.append(dict(checkpoint=u.ckpt.label, unit=u.key, job=job.key,
                                         state=st.get("state", "not run"), error=st.get("error"), log=st.get("log")))
-        rows = _dedupe(rows)
+        if missing:
+            log.warning("%s: partial results, %d unit(s) missing: %s", name, len(missing),
+                        ", ".join(m["checkpoint"] for m in missing))
         res = Path(sweep_dir) / "results" / name
+        stamp = [_fingerprint(tables), missing, mine[0].options]
+        previous = _unchanged(res / "summary.json", stamp, res / spec.table)
+        if previous is not None:  # nothing new since the last aggregation: table and figures are current
+            out[name] = previous
+            continue
+        rows = _dedupe(rows)
         res.mkdir(parents=True, exist_ok=True)
         spec.write_table(rows, res / spec.table)
         figures = spec.figures(rows, res / "figures", runs, mine[0].options) if rows else []
         summary = dict(analysis=name, options=mine[0].options, units=sum(len(j.units) for j in mine),
                        done=sum(u.done for j in mine for u in j.units), complete=not missing, missing=missing,
                        checkpoints=sorted({r["checkpoint"] for r in rows if r.get("checkpoint")}),
-                       files=dict(csv=spec.table, figures=[str(p.relative_to(res)) for p in figures]))
+                       files=dict(csv=spec.table, figures=[str(p.relative_to(res)) for p in figures]), stamp=stamp)
         write_json(res / "summary.json", summary)
-        if missing:
-            log.warning("%s: partial results, %d unit(s) missing: %s", name, len(missing),
-                        ", ".join(m["checkpoint"] for m in missing))
         out[name] = summary
     return out
