@@ -195,15 +195,15 @@ def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema
         ``(model, info)``: a float32 CPU model in eval mode, loaded strictly, and its ModelInfo.
     """
     path = Path(path)
+    obj = safe_load(path) if loaded is None else loaded  # its errors name the path already
     try:
         forced = None if (time_convention or family) is None else convention_of(time_convention or family)
-        obj = safe_load(path) if loaded is None else loaded
         source, step, config, args = _read_layout(obj, path)
         use_ema, sd = _pick_weights(obj, source, prefer_ema)
         config = _model_config(config, sd, args, num_heads, encoder_depth, forced)
         model = _build(config, sd)
     except (CheckpointError, LayoutError, TimeError) as exc:
-        raise CheckpointError(str(exc) if str(exc).startswith(f"{path}:") else f"{path}: {exc}") from exc
+        raise CheckpointError(f"{path}: {exc}") from exc
     info = ModelInfo(
         family=model.family, size=size_name(config), time_convention=model.time_convention,
         source_format=source, step=None if step is None else int(step), ema=use_ema,
@@ -263,8 +263,6 @@ def _build(config: dict, sd: dict) -> DiffusionTransformer:
             model = DiffusionTransformer(**config)
         _check_against_model(model, sd)
     except (TypeError, ValueError) as exc:
-        if isinstance(exc, (LayoutError, TimeError)):
-            raise
         raise CheckpointError(f"cannot build a model from config: {_one_line(exc)}") from exc
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)

@@ -77,7 +77,7 @@ def correlate_results(sweep_dir: Path, correlations: list[dict]) -> list[dict]:
     from repa_probe.errors import ReproError
 
     results = Path(sweep_dir) / "results"
-    tables = sorted(p for p in results.glob("*/*.csv") if p.parent.name != "correlation")
+    tables = sorted(results.glob("*/*.csv"))  # the analyses' tables (correlations live one level deeper)
     out, stamp = [], _fingerprint(tables)
     for c in correlations:
         where = results / "correlation" / f"{slug(c['x'])}_vs_{slug(c['y'])}"

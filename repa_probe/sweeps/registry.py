@@ -20,6 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Sequence
 
+from repa_probe.analysis.alignment import CSV_COLUMNS as ALIGNMENT_COLUMNS
+from repa_probe.analysis.fid import CSV_COLUMNS as FID_COLUMNS
+from repa_probe.analysis.options import AlignmentOptions, ProbeOptions
+from repa_probe.analysis.probing import CSV_COLUMNS as PROBE_COLUMNS
 from repa_probe.timesteps import label
 from repa_probe.training.config import ConfigError
 
@@ -82,7 +86,7 @@ def analysis_names() -> list[str]:
 
 # ------------------------------------------------------------------------------------------ alignment
 def _run_alignment(ckpts: Sequence[Path], out_dir: Path, options: dict, cache_dir: Path) -> dict:
-    from repa_probe.analysis.alignment import AlignmentOptions, run_alignment
+    from repa_probe.analysis.alignment import run_alignment
 
     return run_alignment(list(ckpts), out_dir, AlignmentOptions(cache_dir=cache_dir, progress=False, **options))
 
@@ -91,7 +95,6 @@ def _alignment_figures(rows: list[dict], out_dir: Path, runs: dict, options: dic
     """Per checkpoint heatmaps, checkpoints compared per block, and alignment vs training step per run (the
     spatial metrics' target rows are a reference, not a block)."""
     from repa_probe.analysis import plots
-    from repa_probe.analysis.alignment import AlignmentOptions
 
     opts = AlignmentOptions(timesteps=options.get("timesteps", AlignmentOptions.timesteps),
                             plot_timestep=options.get("plot_timestep"))
@@ -99,16 +102,9 @@ def _alignment_figures(rows: list[dict], out_dir: Path, runs: dict, options: dic
     return plots.make_figures(model_rows, out_dir, plot_timestep=label(opts.plot_timestep), runs=runs)
 
 
-def _alignment_sources() -> tuple:
-    from repa_probe.analysis.alignment import AlignmentOptions
-
-    return (AlignmentOptions,)
-
-
 # ---------------------------------------------------------------------------------- probe, segment
 def _probe_runner(task: str) -> Callable:
     def run(ckpts: Sequence[Path], out_dir: Path, options: dict, cache_dir: Path) -> dict:
-        from repa_probe.analysis.options import ProbeOptions
         from repa_probe.analysis.probing import run_probes
 
         return run_probes(list(ckpts), out_dir, ProbeOptions(task=task, cache_dir=cache_dir, progress=False,
@@ -130,12 +126,6 @@ def _probe_figures(task: str) -> Callable:
             paths += make_probe_figures(mine, out_dir, f"{prefix}_{slug(run)}", metrics, title=run)
         return paths
     return figures
-
-
-def _probe_sources() -> tuple:
-    from repa_probe.analysis.options import ProbeOptions
-
-    return (ProbeOptions,)
 
 
 # ------------------------------------------------------------------------------------ sampling + FID
@@ -160,17 +150,11 @@ def _fid_sources() -> tuple:
     return run_fid, sample_checkpoints
 
 
-def _columns(module: str, name: str = "CSV_COLUMNS") -> tuple:
-    import importlib
-
-    return tuple(getattr(importlib.import_module(module), name))
-
-
-register(AnalysisSpec("alignment", _run_alignment, _alignment_sources, "alignment.csv",
-                      _columns("repa_probe.analysis.alignment"), _alignment_figures, shares_work=True,
+register(AnalysisSpec("alignment", _run_alignment, lambda: (AlignmentOptions,), "alignment.csv",
+                      ALIGNMENT_COLUMNS, _alignment_figures, shares_work=True,
                       report_figures=("steps_*.png", "layers_t*.png")))
-register(AnalysisSpec("probe", _probe_runner("linear"), _probe_sources, "probe.csv",
-                      _columns("repa_probe.analysis.probing"), _probe_figures("linear")))
-register(AnalysisSpec("segment", _probe_runner("segmentation"), _probe_sources, "segment.csv",
-                      _columns("repa_probe.analysis.probing"), _probe_figures("segmentation")))
-register(AnalysisSpec("fid", _run_fid, _fid_sources, "fid.csv", _columns("repa_probe.analysis.fid"), _fid_figures))
+register(AnalysisSpec("probe", _probe_runner("linear"), lambda: (ProbeOptions,), "probe.csv",
+                      PROBE_COLUMNS, _probe_figures("linear")))
+register(AnalysisSpec("segment", _probe_runner("segmentation"), lambda: (ProbeOptions,), "segment.csv",
+                      PROBE_COLUMNS, _probe_figures("segmentation")))
+register(AnalysisSpec("fid", _run_fid, _fid_sources, "fid.csv", FID_COLUMNS, _fid_figures))
