@@ -37,7 +37,7 @@ class AnalysisSpec:
     run: Callable  # (ckpts: list[Path], out_dir: Path, options: dict, cache_dir: Path) -> summary dict
     option_sources: Callable  # () -> options dataclasses / functions whose fields / keyword parameters are valid
     table: str  # CSV written into each unit's directory and gathered under results/<name>/
-    columns: Sequence[str]  # the table's columns (the library's own), written back with runner.write_csv
+    columns: Sequence[str]  # the table's columns (the library's own), written back with writers.write_csv
     figures: Callable  # (rows, out_dir: Path, runs: {checkpoint label: run}, options) -> list[Path]
     shares_work: bool = False
     report_figures: tuple = ("*.png",)  # figures (globs under results/<name>/figures) shown in a study report
