@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from repa_probe.analysis.core.features import ModelInputs, extract_features, prepare_inputs
+from repa_probe.analysis.core.features import CaptureSettings, ModelInputs, extract_features, prepare_inputs
 from repa_probe.objectives import FlowMatching
 from repa_probe.analysis.probes import fit_linear_probe
 
@@ -59,12 +59,13 @@ def bench_extraction(name: str, n: int, batch: int, pool: str, device: torch.dev
     inputs = _inputs(name, n)
     obj = FlowMatching()
     small = ModelInputs(inputs.data[:batch], inputs.labels[:batch], inputs.indices[:batch], inputs.pixel)
-    extract_features(model, obj, small, [0.25], "all", pool=pool, device=device, batch_size=batch, progress=False)
+    extract_features(model, obj, small, [0.25], "all", pool=pool,
+                     settings=CaptureSettings(device=device, batch_size=batch, progress=False))
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
-    fs = extract_features(model, obj, inputs, [0.25], "all", pool=pool, device=device, batch_size=batch,
-                          progress=False)
+    fs = extract_features(model, obj, inputs, [0.25], "all", pool=pool,
+                          settings=CaptureSettings(device=device, batch_size=batch, progress=False))
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0

@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from repa_probe.data import ShapesDataset
 from repa_probe.encoders.target import load_encoder
-from repa_probe.analysis.core.features import FeatureError, extract_features, module_device, prepare_inputs
+from repa_probe.analysis.core.features import (CaptureSettings, FeatureError, extract_features, module_device,
+                                               prepare_inputs)
 from repa_probe.sampling.noise import seeded_noise
 from repa_probe.models import DiffusionTransformer
 from repa_probe.objectives import FlowMatching, GaussianDiffusion
@@ -47,10 +48,12 @@ def _manual_hidden(model, x_t, t, y, layer):
 
 def test_one_pass_capture_equals_truncated_forwards(shapes):
     model, obj = _model(), FlowMatching()
-    fs = extract_features(model, obj, shapes, [0.3, 0.8], layers="all", batch_size=5, seed=7, progress=False)
-    tokens = extract_features(model, obj, shapes, [0.3], layers=[1, 3], pool="tokens", batch_size=12, seed=7,
-                              progress=False)
-    proj = extract_features(model, obj, shapes, [0.3], pool="projector", batch_size=12, seed=7, progress=False)
+    fs = extract_features(model, obj, shapes, [0.3, 0.8], layers="all",
+                          settings=CaptureSettings(batch_size=5, seed=7, progress=False))
+    tokens = extract_features(model, obj, shapes, [0.3], layers=[1, 3], pool="tokens",
+                              settings=CaptureSettings(batch_size=12, seed=7, progress=False))
+    proj = extract_features(model, obj, shapes, [0.3], pool="projector",
+                            settings=CaptureSettings(batch_size=12, seed=7, progress=False))
     x0 = torch.stack([shapes[i]["image"] for i in range(len(shapes))]).float() / 127.5 - 1.0
     idx = torch.arange(len(shapes))
     y = torch.full((len(shapes),), 4)  # the null class
@@ -80,7 +83,7 @@ def test_deeper_blocks_are_not_run():
     for i, block in enumerate(model.blocks):
         block.register_forward_hook(lambda mod, inp, out, i=i: calls.append(i))
     extract_features(model, FlowMatching(), ShapesDataset(4, resolution=8, seed=0), [0.5], layers=[2],
-                     batch_size=4, progress=False)
+                     settings=CaptureSettings(batch_size=4, progress=False))
     assert calls == [0, 1]
 
 
@@ -94,12 +97,16 @@ def test_same_noise_for_every_checkpoint_batch_and_call(shapes):
 
     obj = Recording()
     for seed_model, bs in ((0, 12), (5, 12), (0, 5)):
-        extract_features(_model(seed=seed_model), obj, shapes, [0.5], batch_size=bs, seed=1, progress=False)
+        extract_features(_model(seed=seed_model), obj, shapes, [0.5],
+                         settings=CaptureSettings(batch_size=bs, seed=1, progress=False))
     assert torch.equal(seen[0], seen[1])                            # two "checkpoints", identical noise
     torch.testing.assert_close(torch.cat(seen[2:]), seen[0], rtol=0, atol=0)  # batch composition irrelevant
-    a = extract_features(_model(), FlowMatching(), shapes, [0.5], batch_size=12, seed=1, progress=False)
-    b = extract_features(_model(), FlowMatching(), shapes, [0.5], batch_size=4, seed=1, progress=False)
-    c = extract_features(_model(), FlowMatching(), shapes, [0.5], batch_size=12, seed=2, progress=False)
+    a = extract_features(_model(), FlowMatching(), shapes, [0.5],
+                         settings=CaptureSettings(batch_size=12, seed=1, progress=False))
+    b = extract_features(_model(), FlowMatching(), shapes, [0.5],
+                         settings=CaptureSettings(batch_size=4, seed=1, progress=False))
+    c = extract_features(_model(), FlowMatching(), shapes, [0.5],
+                         settings=CaptureSettings(batch_size=12, seed=2, progress=False))
     torch.testing.assert_close(a.get(3, 0.5), b.get(3, 0.5), rtol=1e-4, atol=1e-4)
     assert not torch.allclose(a.get(3, 0.5), c.get(3, 0.5), atol=1e-3)  # another seed, other noise
 
@@ -129,7 +136,8 @@ def test_model_time_per_convention_and_ddpm_steps(shapes):
             return inner(x, t, y, layers=layers)
 
         model.forward_features = spy
-        extract_features(model, obj, shapes, ts, layers=[1], batch_size=12, seed=0, progress=False)
+        extract_features(model, obj, shapes, ts, layers=[1],
+                         settings=CaptureSettings(batch_size=12, seed=0, progress=False))
     x0 = torch.stack([shapes[i]["image"] for i in range(len(shapes))]).float() / 127.5 - 1.0
     noise = seeded_noise(0, torch.arange(12), (3, 8, 8))
     assert torch.allclose(got["repa"][0][1], torch.tensor(0.25)) and torch.allclose(got["sit"][0][1], torch.tensor(0.75))
@@ -140,31 +148,34 @@ def test_model_time_per_convention_and_ddpm_steps(shapes):
     abar = ddpm.tables["alphas_cumprod"][250].item()
     torch.testing.assert_close(x250, abar ** 0.5 * x0 + (1 - abar) ** 0.5 * noise, rtol=1e-5, atol=1e-5)
     with pytest.raises(TimeError, match="does not fit objective"):
-        extract_features(_model("ddpm"), FlowMatching(), shapes, [0.5], progress=False)
+        extract_features(_model("ddpm"), FlowMatching(), shapes, [0.5], settings=CaptureSettings(progress=False))
     with pytest.raises(TimeError, match=r"\[0, 1\]"):
-        extract_features(_model(), FlowMatching(), shapes, [1.5], progress=False)
+        extract_features(_model(), FlowMatching(), shapes, [1.5], settings=CaptureSettings(progress=False))
     with pytest.raises(TimeError, match="ambiguous"):
-        extract_features(_model("ddpm"), ddpm, shapes, [250], progress=False)
-    fs = extract_features(_model("ddpm"), ddpm, shapes, [Step(7)], layers=[1], progress=False)
+        extract_features(_model("ddpm"), ddpm, shapes, [250], settings=CaptureSettings(progress=False))
+    fs = extract_features(_model("ddpm"), ddpm, shapes, [Step(7)], layers=[1], settings=CaptureSettings(progress=False))
     assert fs.get(1, "step:7").shape == (12, 32) and fs.model_times == [7]
 
 
 def test_bad_layers_pool_labels_and_device(shapes):
     model, obj = _model(), FlowMatching()
     with pytest.raises(FeatureError, match=r"layers \[5\] are outside 1..4"):
-        extract_features(model, obj, shapes, [0.5], layers=[1, 5], progress=False)
+        extract_features(model, obj, shapes, [0.5], layers=[1, 5], settings=CaptureSettings(progress=False))
     with pytest.raises(FeatureError, match="outside"):
-        extract_features(model, obj, shapes, [0.5], layers=[0], progress=False)
+        extract_features(model, obj, shapes, [0.5], layers=[0], settings=CaptureSettings(progress=False))
     with pytest.raises(FeatureError, match="reads block 2 only"):
-        extract_features(model, obj, shapes, [0.5], layers=[3], pool="projector", progress=False)
+        extract_features(model, obj, shapes, [0.5], layers=[3], pool="projector",
+                         settings=CaptureSettings(progress=False))
     with pytest.raises(FeatureError, match="pool must be"):
-        extract_features(model, obj, shapes, [0.5], pool="max", progress=False)
+        extract_features(model, obj, shapes, [0.5], pool="max", settings=CaptureSettings(progress=False))
     with pytest.raises(FeatureError, match="no null class"):
-        extract_features(_model(class_dropout_prob=0.0), obj, shapes, [0.5], progress=False)
+        extract_features(_model(class_dropout_prob=0.0), obj, shapes, [0.5], settings=CaptureSettings(progress=False))
     with pytest.raises(FeatureError, match="move the model first"):
-        extract_features(model, obj, shapes, [0.5], device="meta", progress=False)
-    true = extract_features(model, obj, shapes, [0.5], labels="true", batch_size=12, progress=False)
-    null = extract_features(model, obj, shapes, [0.5], labels="null", batch_size=12, progress=False)
+        extract_features(model, obj, shapes, [0.5], settings=CaptureSettings(device="meta", progress=False))
+    true = extract_features(model, obj, shapes, [0.5],
+                            settings=CaptureSettings(labels="true", batch_size=12, progress=False))
+    null = extract_features(model, obj, shapes, [0.5],
+                            settings=CaptureSettings(labels="null", batch_size=12, progress=False))
     assert not torch.allclose(true.get(1, 0.5), null.get(1, 0.5))  # the class embedding modulates the blocks
     assert not true.get(1, 0.5).requires_grad  # extracted without autograd
     assert torch.equal(true.labels, torch.arange(12) % 4)

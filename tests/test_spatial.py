@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from repa_probe.analysis import metrics as M
-from repa_probe.analysis.metrics.spatial import SpatialMetricError, cds, lds, pair_counts, rmsc, spatial_metrics, srss
+from repa_probe.analysis.metrics.spatial import (SpatialMetricError, SpatialSettings, cds, lds, pair_counts, rmsc,
+                                               spatial_metrics, srss)
 from repa_probe.errors import ReproError
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "spatial.pt"
@@ -119,10 +120,10 @@ def test_agrees_with_irepa_golden_values():
     checked = 0
     for case in _golden_cases():
         for call in case["calls"]:
-            kwargs = {KWARGS[k]: v for k, v in call["kwargs"].items()}
-            if call["metric"] == "srss":
-                kwargs["masks"] = case["masks"]
-            got = spatial_metrics(case["tokens"], [call["metric"]], (case["H"], case["W"]), **kwargs)[call["metric"]]
+            settings = SpatialSettings(**{KWARGS[k]: v for k, v in call["kwargs"].items()})
+            masks = case["masks"] if call["metric"] == "srss" else None
+            got = spatial_metrics(case["tokens"], [call["metric"]], (case["H"], case["W"]), masks=masks,
+                                  settings=settings)[call["metric"]]
             want = call["value"]
             assert got.shape == want.shape
             assert torch.equal(got.isnan(), want.isnan()), (case["name"], call)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from analysis.alignment import main
-from repa_probe.analysis.core.features import extract_features, prepare_inputs
+from repa_probe.analysis.core.features import CaptureSettings, extract_features, prepare_inputs
 from repa_probe.analysis.core.inputs import build_analysis_dataset, load_checkpoints, resolve_encoder, resolve_source
 from repa_probe.analysis.core.options import AlignmentOptions, OptionsError
 from repa_probe.analysis.metrics.spatial import lds, srss
@@ -49,7 +49,7 @@ def test_cli_lds_matches_the_metric_on_the_tokens(run, tmp_path):
     dataset, _ = build_analysis_dataset(source, opts.split, opts.num_samples)
     encoder = resolve_encoder([entry], opts, source.resolution)
     fs = extract_features(entry.model, entry.objective, prepare_inputs(dataset, progress=False), [0.0, 1.0],
-                          [1, 3], pool="tokens", progress=False)
+                          [1, 3], pool="tokens", settings=CaptureSettings(progress=False))
     got = {(r["layer"], r["timestep"]): float(r["value"]) for r in rows}
     for layer in (1, 3):
         for t in (0.0, 1.0):
@@ -73,6 +73,26 @@ def test_srss_uses_the_shapes_masks_and_is_skipped_without_masks(run, tmp_path, 
                      "--layers", "2", "--timesteps", "0.5", "--num-samples", "16", "--no-cache", "-q"]) == 0
     assert "srss skipped" in caplog.text
     assert {r["metric"] for r in _rows(tmp_path / "d" / "alignment.csv")} == {"lds"}
+
+
+@pytest.mark.slow
+def test_every_metric_shares_one_forward_pass_per_batch_and_timestep(run, tmp_path, monkeypatch):
+    from repa_probe.models import DiffusionTransformer
+
+    calls = []
+    forward = DiffusionTransformer.forward_features
+    monkeypatch.setattr(DiffusionTransformer, "forward_features",
+                        lambda self, *a, **k: calls.append(k["layers"]) or forward(self, *a, **k))
+    common = ["--ckpt", str(run), "--layers", "1,3", "--timesteps", "0,0.5,1", "--num-samples", "12",
+              "--batch-size", "8", "--no-cache", "-q"]
+    assert main(common + ["--out", str(tmp_path / "all"), "--metric", "cknna,lds,cds,srss,rmsc"]) == 0
+    assert calls == [[0, 2]] * 6                  # 2 batches x 3 timesteps, both blocks in each pass
+    calls.clear()
+    assert main(common + ["--out", str(tmp_path / "one"), "--metric", "cknna"]) == 0
+    assert len(calls) == 6
+    both, alone = _rows(tmp_path / "all" / "alignment.csv"), _rows(tmp_path / "one" / "alignment.csv")
+    assert [r for r in both if r["metric"] == "cknna"] == alone      # same numbers as CKNNA alone
+    assert {r["metric"] for r in both} == {"cknna", "lds", "cds", "srss", "rmsc"}
 
 
 def test_token_masks_pool_and_filter():

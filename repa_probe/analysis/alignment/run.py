@@ -23,7 +23,8 @@ from typing import Callable, Sequence
 import torch
 
 from repa_probe.analysis import metrics as M
-from repa_probe.analysis.core.features import ModelInputs, extract_features, prepare_inputs
+from repa_probe.analysis.core.capture import MeanPool, capture
+from repa_probe.analysis.core.features import CaptureSettings, ModelInputs, capture_spec, prepare_inputs
 from repa_probe.analysis.core.inputs import (build_analysis_dataset, check_class_labels, check_times_and_layers,
                                         resolve_encoder, resolve_source)
 from repa_probe.analysis.core.options import METRICS, TARGET_KINDS, AlignmentOptions
@@ -90,9 +91,27 @@ def _inputs_and_target(data, target, opts: AlignmentOptions, vae) -> tuple[Model
     return data, target
 
 
+def cross_rows(pooled: dict, target: torch.Tensor, opts: AlignmentOptions, device) -> list[dict]:
+    """Model-vs-encoder rows (no checkpoint / step yet) from mean-pooled features ``pooled[(layer, t)]: (N, D)``
+    and the raw target ``(N, D)``, for the :data:`METRICS` among ``opts.metric``."""
+    b = M.prepare_features(target.float()).to(device)
+    n, rows = len(target), []
+    for (layer, t), feats in pooled.items():
+        a = M.prepare_features(feats.float()).to(device)
+        for name in cross_metrics(opts.metric):
+            fn = metric_function(name, opts.topk)
+            if opts.bootstrap:
+                value, lo, hi = M.bootstrap(fn, a, b, n=opts.bootstrap, seed=opts.seed)
+            else:
+                value, lo, hi = fn(a, b), None, None
+            rows.append(dict(layer=layer, timestep=label(t), metric=name, value=float(value), ci_low=lo, ci_high=hi,
+                             n=n))
+    return rows
+
+
 def alignment_table(model, objective, data, target, options: AlignmentOptions | None = None, *, vae=None,
                     device=None, checkpoint: str = "model", step: int | None = None) -> list[dict]:
-    """Alignment rows for one model, no files written.
+    """Alignment rows for one model, no files written (one capture pass over every block and timestep).
 
     Args:
         model, objective: a DiffusionTransformer on ``device`` (default: its own) and its objective.
@@ -107,30 +126,20 @@ def alignment_table(model, objective, data, target, options: AlignmentOptions | 
         dicts with the :data:`CSV_COLUMNS` keys (``ci_low``/``ci_high`` None without bootstrap).
     """
     opts = options or AlignmentOptions()
-    device = next(model.parameters()).device if device is None else torch.device(device)
-    names = cross_metrics(opts.metric)
-    if not names:
+    if not cross_metrics(opts.metric):
         raise AlignmentError(f"alignment_table computes {', '.join(METRICS)}; got only {opts.metric} "
                              "(spatial metrics: repa_probe.analysis.alignment.spatial)")
     data, target = _inputs_and_target(data, target, opts, vae)
-    n = len(data)
-    check_metric_settings(names, n, opts.topk, opts.bootstrap)
-    b = M.prepare_features(target.float()).to(device)
-    rows = []
-    for t in opts.timesteps:
-        fs = extract_features(model, objective, data, [t], opts.layers, pool="mean", device=device,
-                              batch_size=opts.batch_size, seed=opts.seed, labels=opts.labels, progress=opts.progress)
-        for layer in fs.layers:
-            a = M.prepare_features(fs.get(layer, t).float()).to(device)
-            for name in names:
-                fn = metric_function(name, opts.topk)
-                if opts.bootstrap:
-                    value, lo, hi = M.bootstrap(fn, a, b, n=opts.bootstrap, seed=opts.seed)
-                else:
-                    value, lo, hi = fn(a, b), None, None
-                rows.append(dict(checkpoint=checkpoint, step=step, layer=layer, timestep=label(t), metric=name,
-                                 value=float(value), ci_low=lo, ci_high=hi, n=n))
-    return rows
+    check_metric_settings(cross_metrics(opts.metric), len(data), opts.topk, opts.bootstrap)
+    spec = capture_spec(model, data, opts.timesteps, opts.layers, _capture_settings(opts, device))
+    pooled = MeanPool()
+    capture(model, objective, data, spec, [pooled])
+    return [dict(checkpoint=checkpoint, step=step, **r) for r in cross_rows(pooled.features, target, opts, spec.device)]
+
+
+def _capture_settings(opts: AlignmentOptions, device) -> CaptureSettings:
+    return CaptureSettings(device=device, batch_size=opts.batch_size, seed=opts.seed, labels=opts.labels,
+                           progress=opts.progress)
 
 
 def cross_metrics(names: Sequence[str]) -> list[str]:
@@ -162,7 +171,7 @@ class AlignmentAnalysis(Analysis):
 
     def setup(self, run: Run) -> None:
         opts = run.options
-        check_times_and_layers(run.entries, opts)
+        self.layers = check_times_and_layers(run.entries, opts)
         self.source = resolve_source(run.entries, opts, need_encoder=True)
         self.dataset, self.split = build_analysis_dataset(self.source, opts.split, opts.num_samples)
         check_class_labels(run.entries, opts.labels, getattr(self.dataset, "num_classes", None))
@@ -178,16 +187,24 @@ class AlignmentAnalysis(Analysis):
         self.target = encoder_features(self.encoder.to(run.device), self.dataset, opts.target_kind,
                                        cache_dir=opts.cache_dir, batch_size=opts.batch_size,
                                        progress=opts.progress) if self.cross else None
-        self.spatial = SpatialAnalysis(
-            self.spatial_names, self.dataset, self.inputs, self.encoder, layers=opts.layers, timesteps=opts.timesteps,
-            device=run.device, batch_size=opts.batch_size, seed=opts.seed, labels=opts.labels,
-            bootstrap=opts.bootstrap, progress=opts.progress) if self.spatial_names else None
+        self.spatial = SpatialAnalysis(self.spatial_names, self.dataset, self.encoder, opts, run.device) \
+            if self.spatial_names else None
 
     def analyse(self, run: Run, entry, model) -> list[dict]:
-        rows = alignment_table(model, entry.objective, self.inputs, self.target, run.options, device=run.device,
-                               checkpoint=entry.label, step=entry.info.step) if self.cross else []
-        if self.spatial is not None:
-            rows += self.spatial.rows(model, entry.objective, entry.label, entry.info.step)
+        """One capture pass per checkpoint: the mean-pooled blocks (CKNNA & co.) and the spatial metrics of the
+        block tokens are reduced from the same forward passes."""
+        opts = run.options
+        spec = capture_spec(model, self.inputs, opts.timesteps, self.layers[entry.label],
+                            _capture_settings(opts, run.device))
+        pooled = MeanPool() if self.cross else None
+        spatial = self.spatial.reducer(model) if self.spatial is not None else None
+        reducers = [r for r in (pooled, spatial) if r is not None]
+        if reducers:
+            capture(model, entry.objective, self.inputs, spec, reducers)
+        rows = cross_rows(pooled.features, self.target, opts, run.device) if pooled is not None else []
+        rows = [dict(checkpoint=entry.label, step=entry.info.step, **r) for r in rows]
+        if spatial is not None:
+            rows += self.spatial.rows(spatial.values, entry.label, entry.info.step)
         return rows
 
     def figures(self, run: Run, rows: list[dict]) -> list:

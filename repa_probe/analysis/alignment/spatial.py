@@ -5,8 +5,9 @@ same seeded noise as CKNNA) gets :mod:`repa_probe.analysis.metrics.spatial`'s pe
 mean over images (NaN images, e.g. SRSS without a usable mask, left out; ``n`` = images used) and, with
 ``bootstrap``, a 95% percentile interval over images. The target encoder's patch tokens of the clean
 images give the reference rows (``layer = "target"``, no timestep, repeated for every checkpoint so that
-each checkpoint carries its own target's value). Tokens are processed in chunks of images (at most
-``budget_bytes`` of tokens at once); no ``(N, T, D)`` or ``(N, T, T)`` tensor is ever held.
+each checkpoint carries its own target's value). The model's values come from the alignment's single capture
+pass (:class:`SpatialValues` reduces each batch of tokens as it is captured); no ``(N, T, D)`` or ``(N, T, T)``
+tensor is ever held.
 
 SRSS masks: the dataset's ``mask`` (``0`` = background, ``255`` = VOC's void border, anything else =
 foreground), max-pooled to the token grid (a token is foreground if any of its pixels is); an image with
@@ -24,17 +25,18 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from repa_probe.analysis.core.features import ModelInputs, extract_features, resolve_layers
-from repa_probe.analysis.metrics.spatial import grid_shape, spatial_metrics
+from repa_probe.analysis.core.capture import Reducer, capture
+from repa_probe.analysis.core.features import CaptureSettings, ModelInputs, capture_spec
+from repa_probe.analysis.metrics.spatial import SpatialSettings, grid_shape, spatial_metrics
 from repa_probe.analysis.core.targets import encoder_features
 from repa_probe.timesteps import label
 
-__all__ = ["token_masks", "summarise", "model_spatial_values", "target_spatial_values",
+__all__ = ["token_masks", "summarise", "SpatialValues", "model_spatial_values", "target_spatial_values",
            "spatial_rows", "SpatialAnalysis"]
 
 log = logging.getLogger("repa_probe")
 
-BUDGET_BYTES = 1 << 30          # float32 tokens held at once (all requested blocks of one chunk of images)
+BUDGET_BYTES = 1 << 30          # float32 target-encoder tokens held at once
 MIN_FRACTION = 0.25             # iREPA keeps masks with >= 64 FG and >= 64 BG tokens of 256
 IGNORE_INDEX = 255
 
@@ -72,58 +74,55 @@ def summarise(values: torch.Tensor, bootstrap: int = 0, seed: int = 0) -> tuple[
     return float(v.mean()), lo, hi, n
 
 
-def _chunk_size(per_image_bytes: int, budget_bytes: int) -> int:
-    return max(1, int(budget_bytes // max(1, per_image_bytes)))
+class SpatialValues(Reducer):
+    """A capture reducer: per-image spatial metrics of every captured layer's tokens, ``values[(layer, t)] =
+    {name: (N,)}`` (float32, CPU). ``masks: (N, T)`` foreground on the model's token grid (SRSS);
+    ``settings``: :class:`~repa_probe.analysis.metrics.spatial.SpatialSettings` (default iREPA's code)."""
 
+    def __init__(self, names: Sequence[str], masks=None, settings: SpatialSettings | None = None):
+        self.names, self.masks, self.settings, self.values = list(names), masks, settings, {}
 
-def _metrics_of(tokens: torch.Tensor, names: Sequence[str], masks, device, options: dict) -> dict:
-    """Per-image values of ``tokens: (b, T, D)`` on ``device``, returned on the CPU."""
-    tokens = tokens.to(device)
-    m = None if masks is None else masks.to(device)
-    return {k: v.cpu() for k, v in spatial_metrics(tokens, names, masks=m, **options).items()}
+    def start(self, n: int) -> None:
+        self.n, self.values = n, {}
+
+    def add(self, key, t, rows: slice, tokens: torch.Tensor) -> None:
+        masks = None if self.masks is None else self.masks[rows].to(tokens.device)
+        got = spatial_metrics(tokens.float(), self.names, masks=masks, settings=self.settings)
+        out = self.values.setdefault((key, t), {k: torch.full((self.n,), math.nan) for k in self.names})
+        for k, v in got.items():
+            out[k][rows] = v.cpu()
 
 
 @torch.no_grad()
 def model_spatial_values(model, objective, inputs: ModelInputs, timesteps, layers, names: Sequence[str],
-                         masks=None, *, device=None, batch_size: int = 64, seed: int = 0, labels: str = "null",
-                         budget_bytes: int = BUDGET_BYTES, progress: bool = True, **options) -> dict:
-    """``{(layer, t): {name: (N,)}}`` per-image spatial metrics of the model's block tokens at each timestep.
+                         masks=None, settings: CaptureSettings | None = None) -> dict:
+    """``{(layer, t): {name: (N,)}}`` per-image spatial metrics of the model's block tokens at each timestep, in
+    one capture pass. ``masks``: ``(N, T)`` foreground masks on the model's token grid (needed for ``srss``)."""
+    spec = capture_spec(model, inputs, timesteps, layers, settings or CaptureSettings())
+    reducer = SpatialValues(names, masks)
+    capture(model, objective, inputs, spec, [reducer])
+    return reducer.values
 
-    ``masks``: ``(N, T)`` foreground masks on the model's token grid (needed for ``srss``); ``options``:
-    keyword arguments of :func:`~repa_probe.analysis.metrics.spatial.spatial_metrics`.
-    """
-    layer_list = resolve_layers(model, layers)
-    n = len(inputs)
-    step = _chunk_size(4 * len(layer_list) * model.num_tokens * model.hidden_size, budget_bytes)
-    parts: dict = {}
-    bar = tqdm(total=len(list(timesteps)) * math.ceil(n / step), desc="spatial", disable=not progress, leave=False)
-    for t in timesteps:
-        for a in range(0, n, step):
-            b = min(a + step, n)
-            sub = ModelInputs(inputs.data[a:b], inputs.labels[a:b], inputs.indices[a:b], inputs.pixel)
-            fs = extract_features(model, objective, sub, [t], layer_list, pool="tokens", device=device,
-                                  batch_size=batch_size, seed=seed, labels=labels, progress=False)
-            for layer in layer_list:
-                vals = _metrics_of(fs.get(layer, t), names, None if masks is None else masks[a:b], device, options)
-                parts.setdefault((layer, t), []).append(vals)
-            bar.update(1)
-    bar.close()
-    return {key: {k: torch.cat([p[k] for p in ps]) for k in names} for key, ps in parts.items()}
+
+def _chunk_size(per_image_bytes: int, budget_bytes: int) -> int:
+    return max(1, int(budget_bytes // max(1, per_image_bytes)))
 
 
 @torch.no_grad()
 def target_spatial_values(encoder, dataset, names: Sequence[str], masks=None, *, batch_size: int = 64,
-                          budget_bytes: int = BUDGET_BYTES, progress: bool = True, **options) -> dict:
-    """``{name: (N,)}`` per-image spatial metrics of the encoder's final patch tokens of the clean images."""
+                          progress: bool = True) -> dict:
+    """``{name: (N,)}`` per-image spatial metrics of the encoder's final patch tokens of the clean images
+    (at most :data:`BUDGET_BYTES` of tokens at once)."""
     device = next(encoder.parameters()).device
     n = len(dataset)
-    step = _chunk_size(4 * encoder.num_tokens * encoder.embed_dim, budget_bytes)
+    step = _chunk_size(4 * encoder.num_tokens * encoder.embed_dim, BUDGET_BYTES)
     parts = []
     for a in tqdm(range(0, n, step), desc="spatial target", disable=not progress, leave=False):
         b = min(a + step, n)
         tokens = encoder_features(encoder, Subset(dataset, range(a, b)), "patch", batch_size=batch_size,
-                                  progress=False)
-        parts.append(_metrics_of(tokens, names, None if masks is None else masks[a:b], device, options))
+                                  progress=False).to(device)
+        m = None if masks is None else masks[a:b].to(device)
+        parts.append({k: v.cpu() for k, v in spatial_metrics(tokens, names, masks=m).items()})
     return {k: torch.cat([p[k] for p in parts]) for k in names}
 
 
@@ -134,22 +133,18 @@ def spatial_rows(values: dict, checkpoint: str, step, bootstrap: int = 0, seed: 
         for name, v in per_metric.items():
             value, lo, hi, n = summarise(v, bootstrap, seed)
             rows.append(dict(checkpoint=checkpoint, step=step, layer=layer, timestep=None if t is None else label(t),
-                             metric=name, value=value,
-                             ci_low=lo, ci_high=hi, n=n))
+                             metric=name, value=value, ci_low=lo, ci_high=hi, n=n))
     return rows
 
 
 class SpatialAnalysis:
     """The spatial part of :class:`~repa_probe.analysis.alignment.AlignmentAnalysis`: masks (per token grid) and the
-    target's values computed once, then :meth:`rows` per checkpoint. ``names``: spatial metric names; SRSS is
-    dropped with a notice when the dataset has no masks."""
+    target's values computed once; per checkpoint a :meth:`reducer` joins the alignment's capture pass and
+    :meth:`rows` turns its values into rows. ``names``: spatial metric names (SRSS is dropped with a notice when
+    the dataset has no masks); ``options``: the alignment options (batch size, seed, bootstrap, progress)."""
 
-    def __init__(self, names: Sequence[str], dataset, inputs: ModelInputs, encoder, *, layers, timesteps, device,
-                 batch_size: int = 64, seed: int = 0, labels: str = "null", bootstrap: int = 0,
-                 progress: bool = True):
-        self.dataset, self.inputs, self.layers, self.timesteps = dataset, inputs, layers, list(timesteps)
-        self.kw = dict(device=device, batch_size=batch_size, seed=seed, labels=labels, progress=progress)
-        self.bootstrap, self.seed, self._masks = bootstrap, seed, {}
+    def __init__(self, names: Sequence[str], dataset, encoder, options, device):
+        self.dataset, self.options, self._masks = dataset, options, {}
         self.names = list(names)
         if "srss" in self.names and (len(dataset) == 0 or "mask" not in dataset[0]):
             log.warning("srss skipped: the dataset has no segmentation masks (shapes, voc and ade20k have them)")
@@ -158,25 +153,28 @@ class SpatialAnalysis:
         if self.names:
             encoder = encoder.to(device)
             masks = self.masks((encoder.grid_size, encoder.grid_size)) if "srss" in self.names else None
-            self.target = target_spatial_values(encoder, dataset, self.names, masks, batch_size=batch_size,
-                                                progress=progress)
+            self.target = target_spatial_values(encoder, dataset, self.names, masks, batch_size=options.batch_size,
+                                                progress=options.progress)
 
     def masks(self, grid: tuple[int, int]):
         """``(N, H*W)`` foreground masks on ``grid`` (cached)."""
         if grid not in self._masks:
-            self._masks[grid] = token_masks(self.dataset, grid, self.kw["batch_size"])
+            self._masks[grid] = token_masks(self.dataset, grid, self.options.batch_size)
         return self._masks[grid]
 
-    def rows(self, model, objective, checkpoint: str, step) -> list[dict]:
-        """Rows of one checkpoint: every block × timestep, plus the target's (``layer="target"``)."""
+    def reducer(self, model) -> SpatialValues | None:
+        """The capture reducer for ``model`` (its token grid's masks), None when no spatial metric is left."""
+        if not self.names:
+            return None
+        return SpatialValues(self.names, self.masks(grid_shape(model.num_tokens)) if "srss" in self.names else None)
+
+    def rows(self, values: dict, checkpoint: str, step) -> list[dict]:
+        """Rows of one checkpoint from its reducer's ``values`` (every block x timestep), plus the target's
+        (``layer="target"``)."""
         if not self.names:
             return []
-        grid = grid_shape(model.num_tokens)
-        masks = self.masks(grid) if "srss" in self.names else None
-        values = model_spatial_values(model, objective, self.inputs, self.timesteps, self.layers, self.names, masks,
-                                      **self.kw)
-        values[("target", None)] = self.target
-        return spatial_rows(values, checkpoint, step, self.bootstrap, self.seed)
+        values = {**values, ("target", None): self.target}
+        return spatial_rows(values, checkpoint, step, self.options.bootstrap, self.options.seed)
 
     def describe(self) -> dict:
         return dict(metrics=self.names, settings="iREPA code defaults: LDS near d=1, far d>=6; CDS d=1..8; "

@@ -14,17 +14,17 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from contextlib import nullcontext
-from typing import Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from repa_probe.analysis.core.capture import CaptureSpec, MeanPool, Tokens, capture, projector_tokens
 from repa_probe.analysis.core.options import LABEL_MODES
 from repa_probe.errors import ReproError
 from repa_probe.sampling.noise import seeded_noise
-from repa_probe.timesteps import DDPM_STEPS, check_objective, model_times, parse_time, parse_times
+from repa_probe.timesteps import check_objective, parse_time, parse_times
 
 log = logging.getLogger("repa_probe")
 
@@ -151,19 +151,18 @@ def resolve_layers(model, layers) -> list[int]:
     return out
 
 
-def _labels(model, inputs: ModelInputs, mode: str) -> torch.Tensor:
-    """Class labels fed to the model: the null class (unconditional) or the dataset's labels."""
-    if mode not in LABEL_MODES:
-        raise FeatureError(f"labels must be one of {LABEL_MODES}, got {mode!r}")
+def model_labels(model, labels: torch.Tensor, mode: str) -> torch.Tensor:
+    """Class labels fed to the model ``(N,)``: its null class (``mode="null"``, unconditional) or ``labels``.
+    ``mode`` is already one of :data:`LABEL_MODES` (checked by the options); this checks the model fits it."""
     rows, n_cls = model.y_embedder.num_rows, model.num_classes
     if mode == "null":
         if rows <= n_cls:
             raise FeatureError("the model has no null class (class_dropout_prob = 0): use labels='true'")
-        return torch.full_like(inputs.labels, n_cls)
-    if len(inputs.labels) and (int(inputs.labels.min()) < 0 or int(inputs.labels.max()) >= n_cls):
-        raise FeatureError(f"dataset labels span [{int(inputs.labels.min())}, {int(inputs.labels.max())}] "
+        return torch.full_like(labels, n_cls)
+    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n_cls):
+        raise FeatureError(f"dataset labels span [{int(labels.min())}, {int(labels.max())}] "
                            f"but the model has {n_cls} classes: use labels='null'")
-    return inputs.labels
+    return labels
 
 
 def module_device(module: torch.nn.Module, device, what: str) -> torch.device:
@@ -182,8 +181,6 @@ def module_device(module: torch.nn.Module, device, what: str) -> torch.device:
 
 def _pooled_layers(model, layers, pool: str) -> list[int]:
     """The 1-based blocks to capture for ``pool`` (``projector``: only block ``encoder_depth``)."""
-    if pool not in POOLS:
-        raise FeatureError(f"pool must be one of {POOLS}, got {pool!r}")
     layer_list = resolve_layers(model, layers)
     if pool == "projector":
         if not len(model.projectors):
@@ -195,58 +192,68 @@ def _pooled_layers(model, layers, pool: str) -> list[int]:
     return layer_list
 
 
-@torch.no_grad()
-def extract_features(model, objective, data, timesteps, layers="all", pool: str = "mean", vae=None,
-                     device=None, batch_size: int = 64, seed: int = 0, dtype: torch.dtype = torch.float32,
-                     labels: str = "null", num_workers: int = 0, progress: bool = True) -> FeatureSet:
-    """Hidden states of ``model`` for every sample of ``data`` at each timestep.
+@dataclasses.dataclass
+class CaptureSettings:
+    """How :func:`extract_features` runs: ``device`` (None = the model's own), ``batch_size``, noise ``seed``,
+    ``labels`` fed to the model (``"null"``: unconditional, ``"true"``: the dataset's), ``dtype`` of the stored
+    features (float32 or float16), ``num_workers`` (dataset loading), ``progress``. Checked when built."""
 
-    One forward pass per (batch, timestep) captures every requested block (the model's early-stopping
-    ``forward_features``: blocks after the deepest requested one are not run). bf16 autocast on CUDA,
-    fp32 on the CPU; features are stored on the CPU as ``dtype`` (float32 or float16).
+    device: Any = None
+    batch_size: int = 64
+    seed: int = 0
+    labels: str = "null"
+    dtype: torch.dtype = torch.float32
+    num_workers: int = 0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.labels not in LABEL_MODES:
+            raise FeatureError(f"labels must be one of {LABEL_MODES}, got {self.labels!r}")
+        if self.dtype not in (torch.float32, torch.float16):
+            raise FeatureError(f"dtype must be float32 or float16, got {self.dtype}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise FeatureError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+
+
+def capture_spec(model, inputs: ModelInputs, timesteps, layers, settings: CaptureSettings, extras=None,
+                 report=None) -> CaptureSpec:
+    """The :class:`~repa_probe.analysis.core.capture.CaptureSpec` of ``model`` on ``inputs``: ``layers`` checked
+    against its depth, the labels it is fed, its device (``settings.device`` must be where it is)."""
+    return CaptureSpec(resolve_layers(model, layers), parse_times(timesteps),
+                       model_labels(model, inputs.labels, settings.labels), settings.seed, settings.batch_size,
+                       module_device(model, settings.device, "model"), extras or {}, report, settings.progress)
+
+
+@torch.no_grad()
+def extract_features(model, objective, data, timesteps, layers="all", pool: str = "mean",
+                     settings: CaptureSettings | None = None, vae=None) -> FeatureSet:
+    """Hidden states of ``model`` for every sample of ``data`` at each timestep (one :func:`~repa_probe.
+    analysis.core.capture.capture` pass: one forward per (batch, timestep) for every requested block).
+    Features are stored on the CPU as ``settings.dtype``.
 
     Args:
-        model: a DiffusionTransformer, already on ``device`` (default: its own device), eval mode.
+        model: a DiffusionTransformer, already on ``settings.device`` (default: its own device), eval mode.
         objective: FlowMatching or GaussianDiffusion matching ``model.time_convention``.
-        data: a Dataset of dicts, an unshuffled DataLoader or :class:`ModelInputs`.
+        data: a Dataset of dicts, an unshuffled DataLoader or :class:`ModelInputs` (Datasets are encoded with
+            ``vae`` when given).
         timesteps: user times (see :func:`repa_probe.timesteps.parse_times`); the keys of the result.
         layers: ``"all"`` or 1-based block numbers (block 8 = REPA's encoder_depth 8).
         pool: ``"mean"`` -> ``(N, D)`` token mean; ``"tokens"`` -> ``(N, T, D)``; ``"projector"`` ->
             ``(N, z_dim)`` token mean of the first REPA projector's output (layer = encoder_depth only).
-        labels: ``"null"`` (unconditional class) or ``"true"`` (dataset labels).
+        settings: :class:`CaptureSettings` (device, batch size, seed, labels, dtype, workers, progress).
     """
-    if dtype not in (torch.float32, torch.float16):
-        raise FeatureError(f"dtype must be float32 or float16, got {dtype}")
+    s = settings or CaptureSettings()
+    if pool not in POOLS:
+        raise FeatureError(f"pool must be one of {POOLS}, got {pool!r}")
     check_objective(model.time_convention, objective)
     layer_list = _pooled_layers(model, layers, pool)
-    user_t = parse_times(timesteps)
-    process_t, model_t = model_times(user_t, model.time_convention, getattr(objective, "num_timesteps", DDPM_STEPS))
-    device = module_device(model, device, "model")
-    inputs = data if isinstance(data, ModelInputs) else prepare_inputs(data, vae, batch_size, num_workers, progress)
-    y_all = _labels(model, inputs, labels)
-    n = len(inputs)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    feats: dict = {}
-    steps = range(0, n, batch_size)
-    bar = tqdm(total=len(steps) * len(user_t), desc="features", disable=not progress, leave=False)
-    for start in steps:
-        stop = min(start + batch_size, n)
-        x0 = inputs.x0(start, stop, device)
-        y = y_all[start:stop].to(device)
-        noise = inputs.noise(start, stop, seed, device)
-        for t_user, t_proc, t_net in zip(user_t, process_t, model_t):
-            x_t = objective.add_noise(x0, t_proc.expand(stop - start).to(device), noise)
-            with autocast:
-                hidden = model.forward_features(x_t, t_net.expand(stop - start).to(device), y,
-                                                layers=[v - 1 for v in layer_list])
-                if pool == "projector":
-                    hidden = [model.project(hidden[0])[0]]
-            for layer, h in zip(layer_list, hidden):
-                out = h.float().mean(dim=1) if pool in ("mean", "projector") else h.float()
-                key = (layer, t_user)
-                if key not in feats:
-                    feats[key] = torch.empty((n, *out.shape[1:]), dtype=dtype)
-                feats[key][start:stop] = out.to(dtype).cpu()
-            bar.update(1)
-    bar.close()
-    return FeatureSet(feats, layer_list, user_t, model_t.tolist(), inputs.labels, inputs.indices, pool)
+    module_device(model, s.device, "model")
+    inputs = data if isinstance(data, ModelInputs) else prepare_inputs(data, vae, s.batch_size, s.num_workers,
+                                                                        s.progress)
+    extras = {"projector": projector_tokens} if pool == "projector" else {}
+    spec = capture_spec(model, inputs, timesteps, layer_list, s, extras, report=list(extras) or None)
+    user_t = spec.timesteps
+    store = Tokens(s.dtype) if pool == "tokens" else MeanPool(s.dtype)
+    net_t = capture(model, objective, inputs, spec, [store])
+    feats = {(layer_list[0] if key == "projector" else key, t): v for (key, t), v in store.features.items()}
+    return FeatureSet(feats, layer_list, user_t, net_t, inputs.labels, inputs.indices, pool)

@@ -27,6 +27,7 @@ Memory: images are processed in chunks of ``chunk_size`` (default: a ~256 MiB wo
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Iterable, Sequence
 
@@ -36,7 +37,7 @@ import torch.nn.functional as F
 from repa_probe.errors import ReproError
 
 __all__ = ["SPATIAL_METRICS", "SpatialMetricError", "lds", "cds", "srss", "rmsc", "spatial_metrics",
-           "grid_shape", "pair_counts"]
+           "grid_shape", "pair_counts", "SpatialSettings"]
 
 SPATIAL_METRICS = ("lds", "cds", "srss", "rmsc")
 VARIANTS = ("code", "paper")
@@ -155,14 +156,15 @@ def lds(tokens: torch.Tensor, grid: Sequence[int] | None = None, *, near: int | 
     """Local-vs-distant similarity ``(B,)`` of ``tokens: (B, T, D)``: mean K at ``1 <= d <= near`` minus mean
     K at ``d >= far``. Defaults: ``variant="code"`` near 1, far 6 (iREPA's code); ``"paper"`` near H/2-1,
     far H/2 (iREPA's paper, r = H/2)."""
-    return spatial_metrics(tokens, ["lds"], grid, near=near, far=far, variant=variant, chunk_size=chunk_size)["lds"]
+    settings = SpatialSettings(variant, near=near, far=far)
+    return spatial_metrics(tokens, ["lds"], grid, settings=settings, chunk_size=chunk_size)["lds"]
 
 
 def cds(tokens: torch.Tensor, grid: Sequence[int] | None = None, *, dmax: int = 8,
         chunk_size: int | None = None) -> torch.Tensor:
     """Correlation-decay slope ``(B,)`` of ``tokens: (B, T, D)``: ``-slope`` of the least-squares line through
     ``(d, mean K at d)`` for the distances ``1..dmax`` the grid has (iREPA: dmax = 8)."""
-    return spatial_metrics(tokens, ["cds"], grid, dmax=dmax, chunk_size=chunk_size)["cds"]
+    return spatial_metrics(tokens, ["cds"], grid, settings=SpatialSettings(dmax=dmax), chunk_size=chunk_size)["cds"]
 
 
 def rmsc(tokens: torch.Tensor, grid: Sequence[int] | None = None, *, sqrt: bool = True,
@@ -184,8 +186,8 @@ def srss(tokens: torch.Tensor, grid: Sequence[int] | None = None, *, masks: torc
     """Semantic-region self-similarity ``(B,)`` of ``tokens: (B, T, D)`` with foreground ``masks: (B, T)``
     (bool, or nonzero = foreground). Defaults: ``variant="code"`` d_pos 1, d_neg 6; ``"paper"`` both H/2.
     NaN for images with < 2 foreground tokens, no background token or no valid anchor (as iREPA)."""
-    return spatial_metrics(tokens, ["srss"], grid, masks=masks, d_pos=d_pos, d_neg=d_neg, d_pos_min=d_pos_min,
-                           variant=variant, chunk_size=chunk_size)["srss"]
+    settings = SpatialSettings(variant, d_pos=d_pos, d_neg=d_neg, d_pos_min=d_pos_min)
+    return spatial_metrics(tokens, ["srss"], grid, masks=masks, settings=settings, chunk_size=chunk_size)["srss"]
 
 
 def _srss_chunk(g: torch.Tensor, fg: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -202,42 +204,65 @@ def _srss_chunk(g: torch.Tensor, fg: torch.Tensor, pos: torch.Tensor, neg: torch
     return out.masked_fill(bad, float("nan"))
 
 
-def _resolve(variant: str, h: int, w: int, near, far, d_pos, d_neg) -> tuple[int, int, int, int]:
-    if variant not in VARIANTS:
-        raise SpatialMetricError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    r = _half(h, w)
-    dn, df, dp, dg = (1, 6, 1, 6) if variant == "code" else (max(1, r - 1), r, r, r)
-    return tuple(_check_int(name, dv if v is None else v) for name, v, dv in
-                 (("near", near, dn), ("far", far, df), ("d_pos", d_pos, dp), ("d_neg", d_neg, dg)))
+@dataclasses.dataclass(frozen=True)
+class SpatialSettings:
+    """Parameters of the spatial metrics (see :func:`lds`, :func:`cds`, :func:`srss`, :func:`rmsc`); None =
+    the ``variant``'s default: ``near``/``far`` (LDS), ``dmax`` (CDS), ``d_pos``/``d_neg``/``d_pos_min``
+    (SRSS), ``sqrt`` (RMSC). Checked when built (distances that need a grid are checked against it later)."""
+
+    variant: str = "code"
+    near: int | None = None
+    far: int | None = None
+    dmax: int = 8
+    d_pos: int | None = None
+    d_neg: int | None = None
+    d_pos_min: int = 1
+    sqrt: bool = True
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise SpatialMetricError(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        for name in ("near", "far", "d_pos", "d_neg"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name))
+        _check_int("dmax", self.dmax)
+        _check_int("d_pos_min", self.d_pos_min, 0)
+
+    def distances(self, h: int, w: int) -> tuple[int, int, int, int]:
+        """``(near, far, d_pos, d_neg)`` on an ``h x w`` grid (the variant's defaults where None)."""
+        r = _half(h, w)
+        defaults = (1, 6, 1, 6) if self.variant == "code" else (max(1, r - 1), r, r, r)
+        return tuple(dv if v is None else v for v, dv in
+                     zip((self.near, self.far, self.d_pos, self.d_neg), defaults))
 
 
 def spatial_metrics(tokens: torch.Tensor, names: Sequence[str] = SPATIAL_METRICS, grid: Sequence[int] | None = None,
-                    *, masks: torch.Tensor | None = None, near: int | None = None, far: int | None = None,
-                    dmax: int = 8, d_pos: int | None = None, d_neg: int | None = None, d_pos_min: int = 1,
-                    sqrt: bool = True, variant: str = "code", chunk_size: int | None = None) -> dict:
+                    *, masks: torch.Tensor | None = None, settings: SpatialSettings | None = None,
+                    chunk_size: int | None = None) -> dict:
     """Several metrics of ``tokens: (B, T, D)`` sharing one Gram matrix per chunk of images.
 
-    Returns ``{name: (B,) float32}`` for ``names`` (a subset of :data:`SPATIAL_METRICS`); the keyword
-    arguments are those of :func:`lds`, :func:`cds`, :func:`srss` and :func:`rmsc`.
+    Returns ``{name: (B,) float32}`` for ``names`` (a subset of :data:`SPATIAL_METRICS`); ``masks: (B, T)``
+    foreground (SRSS), ``settings`` the metrics' parameters (:class:`SpatialSettings`, default iREPA's code).
     """
     tokens, h, w = _check_tokens(tokens, grid)
+    s = settings or SpatialSettings()
     unknown = [n for n in names if n not in SPATIAL_METRICS]
     if unknown or not names:
         raise SpatialMetricError(f"unknown spatial metric(s) {unknown or names!r}; choose from "
                                  f"{', '.join(SPATIAL_METRICS)}")
-    near, far, d_pos, d_neg = _resolve(variant, h, w, near, far, d_pos, d_neg)
+    near, far, d_pos, d_neg = s.distances(h, w)
     if chunk_size is not None:
         _check_int("chunk_size", chunk_size)
     if "lds" in names:
         _need_far("LDS far", far, h, w)
-    if "cds" in names and min(_check_int("dmax", dmax), h + w - 2) < 2:
-        raise SpatialMetricError(f"CDS: a {h}x{w} grid with dmax={dmax} has fewer than 2 distances to fit a slope")
+    if "cds" in names and min(s.dmax, h + w - 2) < 2:
+        raise SpatialMetricError(f"CDS: a {h}x{w} grid with dmax={s.dmax} has fewer than 2 distances to fit a slope")
     fg = pos = neg = None
     if "srss" in names:
         fg = _foreground(masks, tokens)
         _need_far("SRSS d_neg", d_neg, h, w)
         dist = _distances(h, w, tokens.device)
-        pos = ((dist >= _check_int("d_pos_min", d_pos_min, 0)) & (dist <= d_pos)).float()
+        pos = ((dist >= s.d_pos_min) & (dist <= d_pos)).float()
         neg = (dist >= d_neg).float()
     out = {}
     if "lds" in names or "cds" in names or fg is not None:
@@ -245,9 +270,9 @@ def spatial_metrics(tokens: torch.Tensor, names: Sequence[str] = SPATIAL_METRICS
         if sums is not None:
             counts = pair_counts(h, w).to(tokens.device)
             out["lds"] = (_band_mean(sums, counts, 1, near) - _band_mean(sums, counts, far)).float()
-            out["cds"] = _cds_fit(sums, counts, dmax, h, w) if "cds" in names else None
+            out["cds"] = _cds_fit(sums, counts, s.dmax, h, w) if "cds" in names else None
     if "rmsc" in names:
-        out["rmsc"] = rmsc(tokens, (h, w), sqrt=sqrt, chunk_size=chunk_size)
+        out["rmsc"] = rmsc(tokens, (h, w), sqrt=s.sqrt, chunk_size=chunk_size)
     return {n: out[n] for n in names}
 
 

@@ -23,7 +23,7 @@ import dataclasses
 import logging
 from typing import Sequence
 
-from repa_probe.analysis.core.features import extract_features, prepare_inputs
+from repa_probe.analysis.core.features import CaptureSettings, extract_features, prepare_inputs
 from repa_probe.analysis.core.inputs import check_times_and_layers, resolve_encoder
 from repa_probe.analysis.core.options import ProbeOptions
 from repa_probe.analysis.probes import fit_linear_probe, fit_segmentation_probe
@@ -99,9 +99,10 @@ class ProbeAnalysis(Analysis):
         per_sample = model.hidden_size * (model.num_tokens if self.pool == "tokens" else 1) * len(opts.timesteps)
         n_total = sum(len(self.inputs[s]) for s in SPLITS)
         for group in layer_groups(layers, n_total, per_sample, opts.max_feature_gb * 2 ** 30):
-            feats = {s: extract_features(model, entry.objective, self.inputs[s], opts.timesteps, group, pool=self.pool,
-                                         device=run.device, batch_size=opts.batch_size, seed=opts.seed,
-                                         labels="null", progress=opts.progress) for s in SPLITS}
+            settings = CaptureSettings(device=run.device, batch_size=opts.batch_size, seed=opts.seed, labels="null",
+                                       progress=opts.progress)
+            feats = {s: extract_features(model, entry.objective, self.inputs[s], opts.timesteps, group, self.pool,
+                                         settings) for s in SPLITS}
             for t in opts.timesteps:
                 for layer in group:
                     base = dict(checkpoint=entry.label, step=entry.info.step, source="model", layer=layer,
