@@ -26,7 +26,7 @@ With only --ckpt and --out, dataset, encoder, VAE and objective come from our ch
 
 Outputs in --out: alignment.csv (checkpoint, step, layer, timestep, metric, value, ci_low, ci_high, n),
 summary.json (best block per checkpoint/timestep/metric, settings, versions), options.json (the resolved
-options) and figures/ (PDF + PNG).
+options) and figures/ (PDF + PNG; --figures).
 """
 
 EXAMPLES = """\
@@ -40,7 +40,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     from analysis.common import add_checkpoint_options, add_running_options
-    from repa_probe.analysis.core.options import METRICS, TARGET_KINDS
+    from repa_probe.analysis.core.options import FIGURE_SETS, METRICS, TARGET_KINDS
     from repa_probe.timesteps import TIME_HELP
 
     p = OneLineParser(prog="python -m analysis.alignment", description=DESCRIPTION.format(time_help=TIME_HELP),
@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_running_options(g, batch_size=256)
     g.add_argument("--plot-timestep", metavar="T", help="timestep of the cross-checkpoint figures (default: the "
                    "one nearest 0.5)")
+    g.add_argument("--figures", default="summary", choices=FIGURE_SETS,
+                   help="summary (default): per metric the checkpoints compared by block and the training curve "
+                        "of each run; all: also a heatmap and a by-layer plot per checkpoint and metric; none")
     g.add_argument("--cache-dir", default=os.environ.get("REPA_PROBE_CACHE", "~/.cache/repa_probe/features"),
                    help="where encoder features are cached across runs (default: $REPA_PROBE_CACHE or "
                         "%(default)s)")

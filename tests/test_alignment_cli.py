@@ -11,6 +11,7 @@ import torch
 
 import repa_probe.analysis.alignment.run as alignment
 from analysis.alignment import main
+from repa_probe.analysis.alignment.plots import make_figures
 from repa_probe.analysis.alignment.run import CSV_COLUMNS, AlignmentOptions, alignment_table
 from repa_probe.analysis.core.inputs import (DataSource, build_analysis_dataset, build_config_encoder,
                                         load_checkpoints)
@@ -93,10 +94,8 @@ def test_cli_end_to_end_on_a_run(run, tmp_path, capsys):
     assert options == summary["options"] and options["timesteps"] == [0.0, 0.5, 1.0] and options["bootstrap"] == 4
     assert [c["weights"] for c in summary["checkpoints"]] == ["model", "model"]  # EMA not warmed up after 2 steps
     assert summary["versions"]["torch"] == torch.__version__
-    figs = {Path(p).name for p in summary["files"]["figures"]}
-    for stem in ("heatmap_tiny_0000001_cknna", "layers_tiny_0000002_cknna", "layers_t0.5_cknna",
-                 "steps_tiny_t0.5_cknna"):
-        assert {stem + ".pdf", stem + ".png"} <= figs
+    figs = {Path(p).name for p in summary["files"]["figures"]}    # --figures summary (default): the paper's few
+    assert figs == {f"{s}.{ext}" for s in ("layers_t0.5_cknna", "steps_tiny_t0.5_cknna") for ext in ("pdf", "png")}
     for name in figs:
         data = (out / "figures" / name).read_bytes()
         assert len(data) > 2000 and data[:4] in (b"%PDF", b"\x89PNG")
@@ -113,6 +112,10 @@ def test_cli_end_to_end_on_a_run(run, tmp_path, capsys):
     assert len(table) == 4
     for r in table:
         assert r["ci_low"] is None and r["value"] == pytest.approx(csv_values[r["layer"]], abs=1e-5)
+    every = {p.name for p in make_figures(table, tmp_path / "all", 0.5, which="all")}
+    assert every == {f"{stem}.{ext}" for stem in ("heatmap_x_cknna", "layers_x_cknna", "layers_t0.5_cknna")
+                     for ext in ("pdf", "png")}
+    assert make_figures(table, tmp_path / "none", 0.5, which="none") == []
 
 
 def test_analysis_rebuilds_the_training_encoder(run):

@@ -84,7 +84,7 @@ def test_every_metric_shares_one_forward_pass_per_batch_and_timestep(run, tmp_pa
     monkeypatch.setattr(DiffusionTransformer, "forward_features",
                         lambda self, *a, **k: calls.append(k["layers"]) or forward(self, *a, **k))
     common = ["--ckpt", str(run), "--layers", "1,3", "--timesteps", "0,0.5,1", "--num-samples", "12",
-              "--batch-size", "8", "--no-cache", "-q"]
+              "--batch-size", "8", "--no-cache", "--figures", "none", "-q"]
     assert main(common + ["--out", str(tmp_path / "all"), "--metric", "cknna,lds,cds,srss,rmsc"]) == 0
     assert calls == [[0, 2]] * 6                  # 2 batches x 3 timesteps, both blocks in each pass
     calls.clear()
@@ -93,6 +93,7 @@ def test_every_metric_shares_one_forward_pass_per_batch_and_timestep(run, tmp_pa
     both, alone = _rows(tmp_path / "all" / "alignment.csv"), _rows(tmp_path / "one" / "alignment.csv")
     assert [r for r in both if r["metric"] == "cknna"] == alone      # same numbers as CKNNA alone
     assert {r["metric"] for r in both} == {"cknna", "lds", "cds", "srss", "rmsc"}
+    assert not any((tmp_path / "all" / "figures").iterdir())                  # --figures none
 
 
 def test_token_masks_pool_and_filter():

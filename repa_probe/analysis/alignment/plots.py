@@ -1,6 +1,7 @@
 """Figures of the alignment analysis (one PDF + PNG each, drawn in the shared style of
-:mod:`repa_probe.analysis.core.plots`): per checkpoint a layer × timestep heatmap and a by-layer plot; per
-metric the checkpoints compared at one timestep; per run the training curve.
+:mod:`repa_probe.analysis.core.plots`): per metric the checkpoints compared at one timestep and per run the
+training curve (``--figures summary``, the default); with ``--figures all`` also per checkpoint a layer ×
+timestep heatmap and a by-layer plot.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import seaborn as sns
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
+from repa_probe.analysis.core.options import FIGURE_SETS
 from repa_probe.analysis.core.plots import (LAYER_LABEL, TIME_LABEL, _band, _figure, _legend, _lines, _palette,
                                             _step_label, _style, frame, save_figure, slug, time_tag, time_value)
 
@@ -96,16 +98,20 @@ def by_step(rows, timestep, metric: str, stem: Path, checkpoints: Iterable[str] 
         return save_figure(fig, stem)
 
 
-def make_figures(rows, out_dir, plot_timestep, runs: dict | None = None) -> list[Path]:
-    """All figures for an analysis: per checkpoint a heatmap and a by-layer plot; per metric the
-    checkpoints compared at ``plot_timestep``; per run with two or more steps, the training curve.
+def make_figures(rows, out_dir, plot_timestep, runs: dict | None = None, which: str = "summary") -> list[Path]:
+    """Figures of an analysis, ``which`` of :data:`FIGURE_SETS`: ``summary`` (what a paper shows: per metric the
+    checkpoints compared by block at ``plot_timestep``, and per run with two or more steps the training
+    curve), ``all`` (also per checkpoint a layer x timestep heatmap and a by-layer plot), ``none``.
     ``runs``: checkpoint label -> run name (or None). Returns the written paths."""
     df = frame(rows)
     out, paths = Path(out_dir), []
+    if which == "none" or df.empty:
+        return paths
     for metric in dict.fromkeys(df.metric):
-        for ckpt in dict.fromkeys(df.checkpoint):
-            paths += heatmap(rows, ckpt, metric, out / f"heatmap_{slug(ckpt)}_{metric}")
-            paths += by_layer(rows, ckpt, metric, out / f"layers_{slug(ckpt)}_{metric}")
+        if which == "all":
+            for ckpt in dict.fromkeys(df.checkpoint):
+                paths += heatmap(rows, ckpt, metric, out / f"heatmap_{slug(ckpt)}_{metric}")
+                paths += by_layer(rows, ckpt, metric, out / f"layers_{slug(ckpt)}_{metric}")
         paths += by_layer_checkpoints(rows, plot_timestep, metric,
                                       out / f"layers_t{time_tag(plot_timestep)}_{metric}")
         for run in sorted({r for r in (runs or {}).values() if r is not None}):

@@ -212,7 +212,8 @@ class AlignmentAnalysis(Analysis):
 
         runs = {e.label: e.run for e in run.entries}
         model_rows = [r for r in rows if r["layer"] != "target"]  # the target's spatial rows are a reference
-        return plots.make_figures(model_rows, run.out / "figures", label(run.options.plot_timestep), runs=runs)
+        return plots.make_figures(model_rows, run.out / "figures", label(run.options.plot_timestep), runs=runs,
+                                  which=run.options.figures)
 
     def summary(self, run: Run, rows: list[dict]) -> dict:
         opts = run.options

@@ -24,6 +24,7 @@ SPLITS = ("auto", "train", "val", "test")
 LABEL_MODES = ("null", "true")
 METRICS = ("cknna", "mutual_knn", "cka", "unbiased_cka", "cycle_knn")
 TARGET_KINDS = ("cls", "mean_patch")
+FIGURE_SETS = ("summary", "all", "none")
 TASKS = ("linear", "segmentation")
 BACKENDS = ("sklearn", "torch")
 
@@ -181,7 +182,9 @@ class AlignmentOptions(AnalysisOptions):
     """:class:`AnalysisOptions` plus the alignment's own: ``num_samples`` (N images; default min(10000, size),
     procedural shapes 512), ``target_kind`` (cls | mean_patch), ``metric`` (names of :data:`METRICS` and of the spatial metrics), ``topk``
     (k of the kNN metrics), ``bootstrap`` (half-sampling replicates for 95% intervals, 0 = off),
-    ``plot_timestep`` (time of the cross-checkpoint figures; default: the one nearest 0.5)."""
+    ``plot_timestep`` (time of the cross-checkpoint figures; default: the one nearest 0.5), ``figures``
+    (summary: per metric the checkpoints compared and the training curves; all: also per checkpoint
+    heatmaps and by-layer plots; none)."""
 
     batch_size: int = 256
     num_samples: int | None = None
@@ -190,9 +193,11 @@ class AlignmentOptions(AnalysisOptions):
     topk: int = 10
     bootstrap: int = 0
     plot_timestep: Any = None
+    figures: str = "summary"
 
     def validate(self) -> None:
         super().validate()
+        _choice("figures", self.figures, FIGURE_SETS)
         self.num_samples = _int("num_samples", self.num_samples, optional=True)
         _choice("target_kind", self.target_kind, TARGET_KINDS)
         self.metric = parse_metrics(self.metric)
