@@ -9,8 +9,9 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 
 from analysis.correlate import main
-from repa_probe.analysis.correlation.correlate import (CorrelateError, Quantity, correlate_table, correlation, load_tables,
-                                           parse_quantity)
+from repa_probe.analysis.correlation.correlate import (CorrelateError, Quantity, correlate_table, correlation,
+                                                      load_tables, parse_quantity)
+from repa_probe.timesteps import Step
 
 ALIGN_COLS = ("checkpoint", "step", "layer", "timestep", "metric", "value", "ci_low", "ci_high", "n")
 FID_COLS = ("checkpoint", "step", "metric", "value", "num_samples", "method", "steps", "cfg_scale", "guidance_low",
@@ -27,8 +28,10 @@ def _write(path: Path, cols, rows) -> Path:
     return path
 
 
-def make_runs(root: Path, rho: float = -0.8, runs: int = 4, per_run: int = 15, timesteps=(0.0, 0.5), seed: int = 0):
-    """Runs whose fid_inception has correlation ``rho`` with cknna@block2,t=0.5 (other layers / t are noise).
+def make_runs(root: Path, rho: float = -0.8, runs: int = 4, per_run: int = 15, timesteps=(0.0, 0.5), seed: int = 0,
+              signal_t=0.5):
+    """Runs whose fid_inception has correlation ``rho`` with cknna@block2,t=``signal_t`` (other layers / t are
+    noise).
 
     Returns the true x and y arrays in table order."""
     rng = np.random.default_rng(seed)
@@ -43,7 +46,7 @@ def make_runs(root: Path, rho: float = -0.8, runs: int = 4, per_run: int = 15, t
             xs.append(x), ys.append(y)
             for t in timesteps:
                 for layer in (1, 2, 3):
-                    v = x if (layer == 2 and t == 0.5) else rng.normal()
+                    v = x if (layer == 2 and t == signal_t) else rng.normal()
                     align.append(dict(checkpoint=ck, step=step, layer=layer, timestep=t, metric="cknna", value=v, n=64))
             align.append(dict(checkpoint=ck, step=step, layer="target", metric="lds", value=target_lds, n=64))
             fid.append(dict(checkpoint=ck, step=step, metric="fid_inception", value=20 + 5 * y, num_samples=1000))
@@ -58,7 +61,8 @@ def test_parse_quantity():
     assert parse_quantity("cknna@best,t=0.5") == Quantity("cknna", "best", 0.5)
     assert parse_quantity("lds@target") == Quantity("lds", "target", None)
     assert parse_quantity("fid_inception") == Quantity("fid_inception")
-    for bad in ("cknna@layer", "cknna,t=x", "", "a b"):
+    assert parse_quantity("cknna@8,t=step:250") == Quantity("cknna", 8, Step(250))
+    for bad in ("cknna@layer", "cknna,t=x", "", "a b", "cknna,t=250", "cknna,t=1.5"):
         with pytest.raises(CorrelateError):
             parse_quantity(bad)
 
@@ -159,6 +163,20 @@ def test_different_timesteps_join_on_shared_ones_with_a_warning(tmp_path, caplog
     with caplog.at_level(logging.WARNING, logger="repa_probe"):
         points, stats = correlate_table(df, "cknna@block2,t=0", "fid_inception", bootstrap=0, permutations=0)
     assert stats["n"] == 8 and "t=0 is missing from" in caplog.text
+
+
+def test_ddpm_step_times_join_and_a_bad_time_is_one_line(tmp_path):
+    x, y = make_runs(tmp_path, timesteps=("step:250", "step:500"), signal_t="step:500")
+    df = load_tables([tmp_path])
+    assert set(df.timestep.dropna()) == {Step(250), Step(500)}       # not NaN: read by the time owner
+    points, stats = correlate_table(df, "cknna@block2,t=step:500", "fid_inception", bootstrap=0, permutations=0)
+    assert stats["n"] == len(x) and stats["pearson"]["r"] == pytest.approx(pearsonr(x, y)[0], abs=1e-9)
+    with pytest.raises(CorrelateError, match="give a timestep.*step:250, step:500"):
+        correlate_table(df, "cknna@block2", "fid_inception", bootstrap=0, permutations=0)
+    _write(tmp_path / "bad" / "alignment.csv", ALIGN_COLS, [dict(checkpoint="r/1", layer=1, timestep="soon",
+                                                                 metric="cknna", value=0.1)])
+    with pytest.raises(CorrelateError, match="bad/alignment.csv: column timestep: .*'soon' is not a time"):
+        load_tables([tmp_path / "bad"])
 
 
 def test_constant_quantity_warns_that_the_correlation_is_undefined(caplog):

@@ -5,7 +5,8 @@ searched recursively, or glob patterns; one or more runs), joins them per checkp
 checkpoint for ``x`` and ``y`` and reports Pearson's r and Spearman's ρ with percentile-bootstrap 95%
 intervals over checkpoints and two-sided permutation p-values.
 
-Quantity syntax: ``METRIC[@LAYER][,t=T]``
+Quantity syntax: ``METRIC[@LAYER][,t=T]`` (``T`` a time in [0, 1] or ``step:N``, as in the tables; times are read
+by :mod:`repa_probe.timesteps`, so DiT tables written ``step:250`` join like any other)
 
 * ``cknna@block8,t=0.5`` (or ``@8``): block 8 at t = 0.5; ``cknna@best,t=0.5``: the best block per checkpoint;
 * ``lds@target``: the target encoder's value (spatial rows of ``alignment.csv``; no timestep);
@@ -33,6 +34,7 @@ from scipy.stats import rankdata
 
 from repa_probe.analysis.core.writers import write_json, write_text
 from repa_probe.errors import ReproError
+from repa_probe.timesteps import Step, TimeError, UserTime, as_float, parse_time
 
 __all__ = ["CorrelateError", "Quantity", "parse_quantity", "find_tables", "load_tables", "select", "join",
            "correlation", "correlate_table", "run_correlate", "TABLE_NAMES"]
@@ -41,7 +43,7 @@ log = logging.getLogger("repa_probe")
 
 TABLE_NAMES = ("alignment.csv", "probe.csv", "segment.csv", "fid.csv")
 MIN_CHECKPOINTS = 3
-_SPEC = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:@\s*([A-Za-z0-9_]+))?\s*(?:,\s*t\s*=\s*([0-9.eE+\-]+))?\s*$")
+_SPEC = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:@\s*([A-Za-z0-9_]+))?\s*(?:,\s*t\s*=\s*([A-Za-z0-9:.+\-]+))?\s*$")
 
 
 class CorrelateError(ReproError, ValueError):
@@ -54,11 +56,22 @@ class Quantity:
 
     metric: str
     layer: int | str | None = None
-    t: float | None = None
+    t: UserTime | None = None
 
     def __str__(self) -> str:
         layer = "" if self.layer is None else f"@block{self.layer}" if isinstance(self.layer, int) else f"@{self.layer}"
-        return f"{self.metric}{layer}" + ("" if self.t is None else f",t={self.t:g}")
+        return f"{self.metric}{layer}" + ("" if self.t is None else f",t={_tstr(self.t)}")
+
+
+def _time_key(value) -> UserTime:
+    """A time as the key tables are joined on (:func:`repa_probe.timesteps.parse_time`: ``0.5`` or ``Step(250)``;
+    floats rounded to 1e-6 so that a CSV round trip keeps them equal)."""
+    t = parse_time(value)
+    return t if isinstance(t, Step) else round(t, 6)
+
+
+def _tstr(t: UserTime) -> str:
+    return str(t) if isinstance(t, Step) else f"{t:g}"
 
 
 def parse_quantity(text: str, what: str = "x") -> Quantity:
@@ -77,9 +90,9 @@ def parse_quantity(text: str, what: str = "x") -> Quantity:
         else:
             raise CorrelateError(f"--{what} {text!r}: layer must be blockN, N, best or target, got {layer!r}")
     try:
-        t = None if t is None else float(t)
-    except ValueError:
-        raise CorrelateError(f"--{what} {text!r}: t must be a number, got {t!r}") from None
+        t = None if t is None else _time_key(t)
+    except TimeError as exc:
+        raise CorrelateError(f"--{what} {text!r}: {exc}") from None
     return Quantity(metric, layer, t)
 
 
@@ -124,15 +137,24 @@ def _read(path: Path) -> pd.DataFrame:
         "file": str(path), "checkpoint": df["checkpoint"].astype(str),
         "step": pd.to_numeric(df.get("step", pd.Series(np.nan, index=df.index)), errors="coerce"),
         "layer": layer.fillna("").astype(str).str.replace(r"\.0$", "", regex=True),
-        "timestep": pd.to_numeric(df.get("timestep", pd.Series(np.nan, index=df.index)), errors="coerce").round(6),
+        "timestep": _times(df, path),
         "metric": df["metric"].astype(str), "value": pd.to_numeric(df["value"], errors="coerce")})
     out["run"] = [c.split("/", 1)[0] if "/" in c else c for c in out["checkpoint"]]
     return out
 
 
+def _times(df: pd.DataFrame, path: Path) -> list:
+    """The table's timestep column read by the time owner (``0.5``, ``step:250``; None where empty)."""
+    try:
+        return [None if pd.isna(v) or str(v).strip() == "" else _time_key(v)
+                for v in df.get("timestep", pd.Series(None, index=df.index, dtype=object))]
+    except TimeError as exc:
+        raise CorrelateError(f"{path}: column timestep: {exc}") from None
+
+
 def load_tables(items: Sequence) -> pd.DataFrame:
     """Every row of every table as one long frame: file, run, checkpoint, step, layer (str: '' / '8' /
-    'target'), timestep (NaN without), metric, value."""
+    'target'), timestep (``0.5`` or ``Step(250)``; None without), metric, value."""
     return pd.concat([_read(p) for p in find_tables(items)], ignore_index=True)
 
 
@@ -142,12 +164,12 @@ def _available(df: pd.DataFrame) -> str:
     parts = []
     for metric, g in df.groupby("metric", sort=True):
         layers = sorted({v for v in g["layer"] if v not in ("", "target")}, key=lambda v: (not v.isdigit(), v.zfill(9)))
-        ts = sorted({float(v) for v in g["timestep"].dropna()})
+        ts = sorted(set(g["timestep"].dropna()), key=as_float)
         desc = metric
         if layers:
             desc += f"@block{layers[0]}..{layers[-1]}|best" if len(layers) > 1 else f"@block{layers[0]}"
         if ts:
-            desc += ",t=" + "|".join(f"{v:g}" for v in ts)
+            desc += ",t=" + "|".join(_tstr(v) for v in ts)
         if (g["layer"] == "target").any():
             desc += f"; {metric}@target"
         parts.append(desc)
@@ -161,22 +183,24 @@ def _pick_timestep(rows: pd.DataFrame, q: Quantity, warnings: list) -> pd.DataFr
     per_file = {f: set(g["timestep"].dropna()) for f, g in rows[timed].groupby("file")}
     shared = set.intersection(*per_file.values())
     if len({frozenset(v) for v in per_file.values()}) > 1:
-        rest = sorted(set.union(*per_file.values()) - shared)
+        rest = set.union(*per_file.values()) - shared
         warnings.append(f"{q.metric}: the tables have different timesteps; shared: "
-                        f"{', '.join(f'{v:g}' for v in sorted(shared)) or 'none'}; not in every table: "
-                        f"{', '.join(f'{v:g}' for v in rest)}")
+                        f"{_tlist(shared) or 'none'}; not in every table: {_tlist(rest)}")
     t = q.t
     if t is None:
         if len(shared) != 1:
-            raise CorrelateError(f"{q}: give a timestep (,t=T); shared by all tables: "
-                                 f"{', '.join(f'{v:g}' for v in sorted(shared)) or 'none'}")
+            raise CorrelateError(f"{q}: give a timestep (,t=T); shared by all tables: {_tlist(shared) or 'none'}")
         t = next(iter(shared))
-    lacking = [f for f, ts in per_file.items() if round(t, 6) not in ts]
+    lacking = [f for f, ts in per_file.items() if t not in ts]
     if len(lacking) == len(per_file):
-        raise CorrelateError(f"{q}: no table has t={t:g}; available: {_available(rows)}")
+        raise CorrelateError(f"{q}: no table has t={_tstr(t)}; available: {_available(rows)}")
     if lacking:
-        warnings.append(f"{q}: t={t:g} is missing from {', '.join(lacking)}: their checkpoints are left out")
-    return rows[rows["timestep"] == round(t, 6)]
+        warnings.append(f"{q}: t={_tstr(t)} is missing from {', '.join(lacking)}: their checkpoints are left out")
+    return rows[rows["timestep"].map(lambda v: v == t)]
+
+
+def _tlist(times) -> str:
+    return ", ".join(_tstr(v) for v in sorted(times, key=as_float))
 
 
 def select(df: pd.DataFrame, q: Quantity, warnings: list | None = None) -> pd.DataFrame:
