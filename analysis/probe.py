@@ -91,6 +91,11 @@ def build_parser(task: str = "linear") -> argparse.ArgumentParser:
         g.add_argument("--backend", default="sklearn", choices=("sklearn", "torch"),
                        help="sklearn: logistic regression (L-BFGS, C sweep); torch: AdamW linear head (lr x weight "
                             "decay sweep, streams mini-batches, GPU when available)")
+        g.add_argument("--c-grid", metavar="C,C", help="inverse regularisation grid of the sklearn probe, chosen on "
+                       "a held-out 20%% of the training split (default 0.001,0.01,0.1,1,10)")
+        g.add_argument("--lr", metavar="LR,LR", help="learning-rate grid of the torch probe (default 0.001,0.01)")
+    else:
+        g.add_argument("--lr", metavar="LR", help="AdamW learning rate of the segmentation probe (default 0.02)")
     g.add_argument("--epochs", type=int, metavar="E", help="training epochs of the torch probe / most epochs of the "
                    "segmentation probe (default 30 / 10)")
     g.add_argument("--encoder-reference", action="store_true", help="also probe the target encoder's own features "

@@ -82,11 +82,13 @@ def test_probe_cli_torch_backend_on_digits(tiny_ckpt, tmp_path):
     out = tmp_path / "digits"
     assert probe_main(["--ckpt", tiny_ckpt, "--out", str(out), "--data", "digits", "--num-train", "60",
                        "--num-test", "40", "--layers", "2", "--timesteps", "0", "--backend", "torch", "--epochs", "3",
-                       "--device", "cpu", "-q"]) == 0
+                       "--lr", "0.005", "--device", "cpu", "-q"]) == 0
     rows = _rows(out / "probe.csv")
     assert {r["metric"] for r in rows} == {"top1", "top5"} and all(r["num_test"] == "40" for r in rows)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["details"][0]["backend"] == "torch" and summary["details"][0]["hparams"]["epochs"] == 3
+    sweep = summary["details"][0]["sweep"]                           # --lr 0.005 x the weight-decay grid
+    assert {p["lr"] for p in sweep} == {0.005} and summary["settings"]["probe_options"]["lrs"] == [0.005]
     assert summary["settings"]["num_classes"] == 10
     assert (out / "figures" / "probe_top5.png").is_file()  # 10 classes: top-5 is informative
 
@@ -168,6 +170,9 @@ def test_probe_cli_on_image_folder(tiny_ckpt, tmp_path, capsys):
     (["--num-train", "0", "--data", "digits"], "--num-train must be an integer >= 1"),
     (["--data", "voc", "/x"], "ProbeSetupError: --data 'voc' is not a linear probe dataset"),
     (["--timesteps", "0,3"], "ambiguous: write step:3"),
+    (["--c-grid", "0.1,-1"], "--c-grid must be numbers > 0"),
+    (["--lr", "0.1"], "--lr applies to the torch linear probe"),
+    (["--backend", "torch", "--c-grid", "1"], "--c-grid is the grid of the sklearn"),
 ])
 def test_probe_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys, args, match):
     argv = ["--out", str(tmp_path / "o"), "-q"] + args
@@ -181,6 +186,20 @@ def test_probe_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys, args, match)
     assert err.startswith("error:") and "\n" not in err
     import re
     assert re.search(match, err), err
+
+
+def test_probe_hyper_parameters_reach_the_probe_configs():
+    from repa_probe.analysis.core.options import OptionsError, ProbeOptions
+    from repa_probe.analysis.probes import LinearProbeConfig, SegProbeConfig
+    from repa_probe.analysis.probes.run import probe_config
+
+    assert probe_config(ProbeOptions(c_grid="0.1,1", seed=3)) == LinearProbeConfig(Cs=(0.1, 1.0), seed=3)
+    assert probe_config(ProbeOptions(backend="torch", lr=[0.1], epochs=2)) == \
+        LinearProbeConfig(backend="torch", lrs=(0.1,), epochs=2)
+    assert probe_config(ProbeOptions(task="segmentation", lr="0.05", epochs=4)) == SegProbeConfig(lr=0.05, epochs=4)
+    assert probe_config(ProbeOptions()) == LinearProbeConfig()
+    with pytest.raises(OptionsError, match="one learning rate"):
+        ProbeOptions(task="segmentation", lr="0.1,0.2")
 
 
 def test_layer_groups():

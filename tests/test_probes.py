@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from repa_probe.analysis.probes import (ProbeInputError, confusion_matrix, fit_linear_probe, fit_segmentation_probe,
-                                        iou_from_confusion, miou, stratified_holdout)
+from repa_probe.analysis.probes import (LinearProbeConfig, ProbeInputError, SegProbeConfig, confusion_matrix,
+                                        fit_linear_probe, fit_segmentation_probe, iou_from_confusion, miou,
+                                        stratified_holdout)
 from repa_probe.analysis.probes.common import channel_stats
 from repa_probe.analysis.probes.segmentation import upsample_logits
 from repa_probe.data import DatasetError, ShapesDataset
@@ -32,7 +33,7 @@ def _blobs(n, d=16, k=K, sep=3.0, seed=0):
 def test_linear_probe_separable_and_random(backend):
     tx, ty = _blobs(240, seed=0)
     vx, vy = _blobs(240, seed=1)
-    res = fit_linear_probe(tx, ty, vx, vy, backend=backend)
+    res = fit_linear_probe(tx, ty, vx, vy, config=LinearProbeConfig(backend=backend))
     assert res.top1 >= 0.97
     # 4 classes: top-5 would be 1 by construction, so it is not reported
     assert res.top5 is None and res.topk is None and list(res.metrics()) == ["top1"]
@@ -40,7 +41,7 @@ def test_linear_probe_separable_and_random(backend):
     assert res.hparams["selection"] == "held-out" and res.val_top1 is not None and res.sweep
     g = torch.Generator().manual_seed(5)
     rnd = fit_linear_probe(torch.randn(240, 16, generator=g), ty, torch.randn(240, 16, generator=g), vy,
-                           backend=backend)
+                           config=LinearProbeConfig(backend=backend))
     assert abs(rnd.top1 - 1 / K) < 0.12, rnd.top1  # chance = 0.25; binomial sd over 240 samples ≈ 0.028
 
 
@@ -48,7 +49,7 @@ def test_linear_probe_separable_and_random(backend):
 def test_top5_with_many_classes(backend):
     tx, ty = _blobs(300, d=12, k=10, sep=0.6, seed=0)
     vx, vy = _blobs(300, d=12, k=10, sep=0.6, seed=1)
-    res = fit_linear_probe(tx, ty, vx, vy, backend=backend, num_classes=10)
+    res = fit_linear_probe(tx, ty, vx, vy, num_classes=10, config=LinearProbeConfig(backend=backend))
     assert 0.1 < res.top1 < res.top5 < 1.0  # overlapping classes: top-5 strictly easier, not trivial
     assert res.topk == 5 and list(res.metrics()) == ["top1", "top5"] and res.to_dict()["top5"] == res.top5
 
@@ -60,8 +61,8 @@ def test_torch_backend_streams_from_memmap(tmp_path):
     mm[:] = tx.numpy()
     mm.flush()
     ro = np.load(tmp_path / "x.npy", mmap_mode="r")
-    a = fit_linear_probe(ro, ty.numpy(), vx.numpy(), vy.numpy(), backend="torch", epochs=5)
-    b = fit_linear_probe(tx.half().float(), ty, vx, vy, backend="torch", epochs=5)
+    a = fit_linear_probe(ro, ty.numpy(), vx.numpy(), vy.numpy(), config=LinearProbeConfig(backend="torch", epochs=5))
+    b = fit_linear_probe(tx.half().float(), ty, vx, vy, config=LinearProbeConfig(backend="torch", epochs=5))
     assert a.top1 == b.top1 and a.hparams == b.hparams
 
 
@@ -71,7 +72,7 @@ def test_standardisation_uses_train_split_and_survives_constant_columns():
     const = torch.full((200, 1), 7.0)
     big = 1e6  # a rescaled column: standardisation must undo it
     res = fit_linear_probe(torch.cat([tx * big, const], 1), ty, torch.cat([vx * big, const], 1), vy,
-                           backend="sklearn")
+                           config=LinearProbeConfig(backend="sklearn"))
     assert res.top1 >= 0.97
     x = torch.randn(6, 5, 3, dtype=torch.float64) * 4 + 100
     mean, std = channel_stats(x, "x", 2, torch.device("cpu"))
@@ -94,9 +95,9 @@ def test_stratified_holdout():
 def test_small_training_split_skips_the_sweep():
     tx, ty = _blobs(8, seed=0)  # 2 per class: floor(0.2 * 2) = 0 held out
     vx, vy = _blobs(8, seed=1)
-    res = fit_linear_probe(tx, ty, vx, vy, backend="sklearn")
+    res = fit_linear_probe(tx, ty, vx, vy, config=LinearProbeConfig(backend="sklearn"))
     assert res.hparams["selection"] == "default" and res.val_top1 is None and res.sweep == []
-    fixed = fit_linear_probe(tx, ty, vx, vy, backend="sklearn", Cs=(1.0,))
+    fixed = fit_linear_probe(tx, ty, vx, vy, config=LinearProbeConfig(backend="sklearn", Cs=(1.0,)))
     assert fixed.hparams["selection"] == "fixed" and fixed.hparams["C"] == 1.0
 
 
@@ -126,7 +127,8 @@ def _bad_inputs():
 @pytest.mark.parametrize("args,kwargs,match", _bad_inputs())
 def test_linear_probe_bad_input(args, kwargs, match):
     with pytest.raises(ProbeInputError, match=match) as info:
-        fit_linear_probe(*args, **kwargs)
+        fit_linear_probe(*args, config=LinearProbeConfig(**{k: v for k, v in kwargs.items() if k != "num_classes"}),
+                         num_classes=kwargs.get("num_classes"))
     assert "\n" not in str(info.value)
 
 
@@ -164,17 +166,17 @@ def test_segmentation_probe_on_shapes():
     tr_tok, tr_mask = _shape_tokens("train", 48)
     te_tok, te_mask = _shape_tokens("val", 48, seed=2)
     kw = dict(epochs=20, batch_size=8, lr=3e-2)
-    res = fit_segmentation_probe(tr_tok, tr_mask, te_tok, te_mask, K + 1, **kw)
+    res = fit_segmentation_probe(tr_tok, tr_mask, te_tok, te_mask, K + 1, config=SegProbeConfig(**kw))
     # 8x8 patches upsampled to 32x32 blur the shape outlines: ~0.72 is the ceiling, noise gives ~0.17
     assert res.miou > 0.6 and res.pixel_acc > 0.9, res
     assert res.token_grid == (8, 8) and res.mask_size == (32, 32) and len(res.per_class_iou) == K + 1
     maps = te_tok.transpose(1, 2).reshape(48, 16, 8, 8)  # (N, D, h, w) layout gives the same probe
     res_maps = fit_segmentation_probe(tr_tok.transpose(1, 2).reshape(48, 16, 8, 8), tr_mask, maps, te_mask, K + 1,
-                                      **kw)
+                                      config=SegProbeConfig(**kw))
     assert res_maps.miou == pytest.approx(res.miou, abs=1e-6)
     g = torch.Generator().manual_seed(3)
     noise = fit_segmentation_probe(torch.randn(48, 64, 16, generator=g), tr_mask, torch.randn(48, 64, 16, generator=g),
-                                   te_mask, K + 1, **kw)
+                                   te_mask, K + 1, config=SegProbeConfig(**kw))
     assert noise.miou < 0.3, noise
 
 
@@ -194,17 +196,18 @@ def test_upsample_logits_matches_bilinear_interpolation(shape, size):
 def test_segmentation_early_stopping():
     tr_tok, tr_mask = _shape_tokens("train", 40)
     te_tok, te_mask = _shape_tokens("val", 20, seed=2)
-    full = fit_segmentation_probe(tr_tok, tr_mask, te_tok, te_mask, K + 1, epochs=4, batch_size=8, val_fraction=0)
+    full = fit_segmentation_probe(tr_tok, tr_mask, te_tok, te_mask, K + 1,
+                                  config=SegProbeConfig(epochs=4, batch_size=8, val_fraction=0))
     assert full.hparams["epochs_run"] == 4 and full.hparams["val_miou"] is None and full.hparams["num_fit"] == 40
     # features without any signal: the held-out mIoU stops improving, so training stops long before 30 epochs
     g = torch.Generator().manual_seed(3)
     noise = fit_segmentation_probe(torch.randn(40, 64, 16, generator=g), tr_mask, torch.randn(20, 64, 16, generator=g),
-                                   te_mask, K + 1, epochs=30, batch_size=8, patience=2)
+                                   te_mask, K + 1, config=SegProbeConfig(epochs=30, batch_size=8, patience=2))
     hp = noise.hparams
     assert hp["num_fit"] == 36 and hp["epochs_run"] < 30 and hp["epochs_run"] - hp["best_epoch"] == 2, hp
     assert 0.0 <= hp["val_miou"] <= 1.0
     with pytest.raises(ProbeInputError, match="patience"):
-        fit_segmentation_probe(tr_tok, tr_mask, te_tok, te_mask, K + 1, patience=0)
+        fit_segmentation_probe(tr_tok, tr_mask, te_tok, te_mask, K + 1, config=SegProbeConfig(patience=0))
 
 
 def test_segmentation_ignore_index_is_not_learned():
@@ -212,7 +215,7 @@ def test_segmentation_ignore_index_is_not_learned():
     te_tok, te_mask = _shape_tokens("val", 16, seed=2)
     tr_mask = tr_mask.clone()
     tr_mask[:, :, :16] = 255  # left halves unlabelled
-    res = fit_segmentation_probe(tr_tok, tr_mask, te_tok, te_mask, K + 1, epochs=5)
+    res = fit_segmentation_probe(tr_tok, tr_mask, te_tok, te_mask, K + 1, config=SegProbeConfig(epochs=5))
     assert math.isfinite(res.miou)
 
 
@@ -238,7 +241,7 @@ def _seg_bad_inputs():
 @pytest.mark.parametrize("args,match", _seg_bad_inputs())
 def test_segmentation_bad_input(args, match):
     with pytest.raises(ProbeInputError, match=match) as info:
-        fit_segmentation_probe(*args, epochs=1)
+        fit_segmentation_probe(*args, config=SegProbeConfig(epochs=1))
     assert "\n" not in str(info.value)
 
 

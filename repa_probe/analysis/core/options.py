@@ -12,6 +12,7 @@ naming the flag. :meth:`to_dict` is what an analysis writes to ``options.json``.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Any, Sequence
 
@@ -77,6 +78,20 @@ def parse_metrics(value) -> list[str]:
     if bad or not names:
         raise OptionsError(f"--metric: unknown metric(s) {bad or value!r}; choose from {', '.join(known)}")
     return names
+
+
+def _positive_floats(name: str, value) -> list[float] | None:
+    """None, or a comma list / sequence of numbers > 0 (``"0.01,0.1"`` -> ``[0.01, 0.1]``)."""
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    try:
+        out = [float(str(v).strip()) for v in items if str(v).strip()]
+    except ValueError:
+        out = []
+    if not out or not all(math.isfinite(v) and v > 0 for v in out):
+        raise OptionsError(f"{flag(name)} must be numbers > 0 (comma list like 0.01,0.1), got {value!r}")
+    return out
 
 
 def _times(name: str, value) -> list[UserTime]:
@@ -221,7 +236,9 @@ class AlignmentOptions(AnalysisOptions):
 class ProbeOptions(AnalysisOptions):
     """:class:`AnalysisOptions` plus the probes' own: ``task`` (linear | segmentation), ``num_train`` /
     ``num_test`` (images per split; default the whole split, shapes 2000 / 500), ``backend`` (sklearn | torch,
-    linear only), ``epochs`` (torch / segmentation probe), ``encoder_reference`` (also probe the encoder),
+    linear only), the probe's hyper-parameters (None = its defaults): ``c_grid`` (inverse regularisation grid of
+    the sklearn probe), ``lr`` (learning-rate grid of the torch linear probe; one value for the segmentation
+    probe), ``epochs`` (torch / segmentation probe); ``encoder_reference`` (also probe the encoder),
     ``max_feature_gb`` (features held per extraction pass). The model is always fed its null class."""
 
     timesteps: Any = (0.0, 0.25, 0.5)
@@ -229,6 +246,8 @@ class ProbeOptions(AnalysisOptions):
     num_train: int | None = None
     num_test: int | None = None
     backend: str = "sklearn"
+    c_grid: Any = None
+    lr: Any = None
     epochs: int | None = None
     encoder_reference: bool = False
     max_feature_gb: float = 4.0
@@ -242,6 +261,14 @@ class ProbeOptions(AnalysisOptions):
         self.num_train = _int("num_train", self.num_train, optional=True)
         self.num_test = _int("num_test", self.num_test, optional=True)
         self.epochs = _int("epochs", self.epochs, optional=True)
+        self.c_grid = _positive_floats("c_grid", self.c_grid)
+        self.lr = _positive_floats("lr", self.lr)
+        if self.c_grid is not None and (self.task, self.backend) != ("linear", "sklearn"):
+            raise OptionsError("--c-grid is the grid of the sklearn linear probe (--backend sklearn)")
+        if self.lr is not None and (self.task, self.backend) == ("linear", "sklearn"):
+            raise OptionsError("--lr applies to the torch linear probe (--backend torch) and the segmentation probe")
+        if self.lr is not None and self.task == "segmentation" and len(self.lr) != 1:
+            raise OptionsError(f"--lr: the segmentation probe takes one learning rate, got {self.lr}")
         if isinstance(self.max_feature_gb, bool) or not isinstance(self.max_feature_gb, numbers.Real) \
                 or not self.max_feature_gb > 0:
             raise OptionsError(f"--max-feature-gb must be a number > 0, got {self.max_feature_gb!r}")

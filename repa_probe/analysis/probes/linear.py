@@ -34,9 +34,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from threadpoolctl import threadpool_limits
 
-from repa_probe.analysis.probes.common import (Array, ProbeInputError, channel_stats, check_features, check_finite, check_labels, chunks,
-                     gather, resolve_device, rows_per_chunk)
+from repa_probe.analysis.probes.common import (Array, ProbeInputError, channel_stats, check_features, check_finite,
+                                               check_labels, chunks, gather, resolve_device, rows_per_chunk)
 
 BACKENDS = ("sklearn", "torch")
 TOPK = 5  # top-k accuracy is reported only with more than TOPK classes (else it is 1 by construction)
@@ -96,6 +97,62 @@ class ProbeResult:
         if self.top5 is None:
             del d["top5"], d["topk"]
         return d
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearProbeConfig:
+    """How :func:`fit_linear_probe` fits (checked when built, :class:`ProbeInputError`).
+
+    ``backend``: "sklearn" (logistic regression, L-BFGS, grid ``Cs``, ``max_iter``) or "torch" (AdamW linear
+    head, grid ``lrs`` x ``weight_decays``, ``epochs``, ``batch_size``); ``val_fraction``: share of each class
+    held out of the training split to choose the hyper-parameters (with a single grid point, or when the
+    held-out part would be empty or leave fewer than two classes to fit on, the grid's middle point is used
+    without a sweep); ``seed``: the held-out split and the torch backend's shuffling.
+    """
+
+    backend: str = "sklearn"
+    val_fraction: float = 0.2
+    seed: int = 0
+    Cs: tuple = DEFAULT_CS
+    max_iter: int = 1000
+    lrs: tuple = (1e-3, 1e-2)
+    weight_decays: tuple = (1e-4, 1e-1)
+    epochs: int = 30
+    batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ProbeInputError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ProbeInputError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        grids = {"Cs": self.Cs} if self.backend == "sklearn" else {"lrs": self.lrs, "weight_decays": self.weight_decays}
+        for name, grid in grids.items():
+            if len(grid) == 0 or any(not (isinstance(v, numbers.Real) and v >= 0) for v in grid):
+                raise ProbeInputError(f"{name} must be a non-empty sequence of non-negative numbers, got {grid!r}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ProbeInputError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+
+    @property
+    def grid_size(self) -> int:
+        return len(self.Cs) if self.backend == "sklearn" else len(self.lrs) * len(self.weight_decays)
+
+
+@dataclasses.dataclass
+class _Problem:
+    """One fit: features ``train_x (N, D)`` / ``test_x (M, D)`` (raw arrays for torch, standardised numpy for
+    sklearn), int64 labels, the held-out ``split`` ``(fit_idx, val_idx)`` or ``(None, None)``, the classes,
+    ``k`` of top-k, the training ``mean``/``std`` ``(D,)`` and the ``device``."""
+
+    train_x: Any
+    train_y: Any
+    test_x: Any
+    test_y: Any
+    split: tuple
+    num_classes: int
+    k: int
+    mean: Any = None
+    std: Any = None
+    device: Any = None
 
 
 def stratified_holdout(y: torch.Tensor, fraction: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,12 +225,12 @@ def _sk_scores(clf, x: np.ndarray, num_classes: int) -> torch.Tensor:
     return out
 
 
-def _fit_sklearn(tx, ty, vx, vy, split, num_classes, k, seed, Cs, max_iter):
-    from threadpoolctl import threadpool_limits
-
-    candidates = [{"C": float(c)} for c in Cs]
+def _fit_sklearn(p: _Problem, cfg: LinearProbeConfig):
+    tx, ty, vx, vy, num_classes, k, seed, max_iter = p.train_x, p.train_y, p.test_x, p.test_y, p.num_classes, p.k, \
+        cfg.seed, cfg.max_iter
+    candidates = [{"C": float(c)} for c in cfg.Cs]
     sweep: list[dict] = []
-    fit_idx, val_idx = split
+    fit_idx, val_idx = p.split
     with threadpool_limits(limits=1):
         fitted = {}
         if fit_idx is not None:
@@ -237,37 +294,25 @@ def evaluate_linear_heads(heads, x: Array, y: torch.Tensor, idx: torch.Tensor, m
     return counts
 
 
-def _fit_torch(train_x, train_y, test_x, test_y, split, mean, std, num_classes, k, seed, device,
-               lrs, weight_decays, epochs, batch_size):
-    candidates = [{"lr": float(lr), "weight_decay": float(wd)} for lr, wd in itertools.product(lrs, weight_decays)]
+def _fit_torch(p: _Problem, cfg: LinearProbeConfig):
+    candidates = [{"lr": float(lr), "weight_decay": float(wd)} for lr, wd in itertools.product(cfg.lrs,
+                                                                                                cfg.weight_decays)]
     sweep: list[dict] = []
-    fit_idx, val_idx = split
+    fit_idx, val_idx = p.split
+    train = lambda idx, configs: train_linear_heads(p.train_x, p.train_y, idx, p.mean, p.std, p.num_classes, configs,
+                                                    cfg.epochs, cfg.batch_size, p.device, cfg.seed)
     if fit_idx is not None:
-        heads = train_linear_heads(train_x, train_y, fit_idx, mean, std, num_classes, candidates, epochs,
-                                   batch_size, device, seed)
-        counts = evaluate_linear_heads(heads, train_x, train_y, val_idx, mean, std, 1, device)
+        counts = evaluate_linear_heads(train(fit_idx, candidates), p.train_x, p.train_y, val_idx, p.mean, p.std, 1,
+                                       p.device)
         sweep = [{**c, "val_top1": n1 / len(val_idx)} for c, (n1, _) in zip(candidates, counts)]
     chosen, val = _select(sweep, candidates)
-    all_idx = torch.arange(train_x.shape[0])
-    head = train_linear_heads(train_x, train_y, all_idx, mean, std, num_classes, [chosen], epochs, batch_size,
-                              device, seed)
-    (top1, topk), = evaluate_linear_heads(head, test_x, test_y, torch.arange(test_x.shape[0]), mean, std, k, device)
-    return top1, topk, {**chosen, "epochs": epochs, "batch_size": batch_size, "optimizer": "AdamW"}, sweep, val
+    head = train(torch.arange(p.train_x.shape[0]), [chosen])
+    (top1, topk), = evaluate_linear_heads(head, p.test_x, p.test_y, torch.arange(p.test_x.shape[0]), p.mean, p.std,
+                                          p.k, p.device)
+    return top1, topk, {**chosen, "epochs": cfg.epochs, "batch_size": cfg.batch_size, "optimizer": "AdamW"}, sweep, val
 
 
 # ----------------------------------------------------------------------------------------------- entry point
-def _check_settings(backend: str, val_fraction: float, grids: dict, epochs: int, batch_size: int) -> None:
-    if backend not in BACKENDS:
-        raise ProbeInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ProbeInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    for name, grid in grids.items():
-        if len(grid) == 0 or any(not (isinstance(v, numbers.Real) and v >= 0) for v in grid):
-            raise ProbeInputError(f"{name} must be a non-empty sequence of non-negative numbers, got {grid!r}")
-    if epochs < 1 or batch_size < 1:
-        raise ProbeInputError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-
-
 def _checked_inputs(train_x, train_y, test_x, test_y, num_classes):
     """Validated ``(train_x, train_y, test_x, test_y, num_classes)`` (labels as int64 tensors)."""
     train_x = check_features(train_x, "train_x", (2,))
@@ -291,59 +336,51 @@ def _checked_inputs(train_x, train_y, test_x, test_y, num_classes):
     return train_x, ty, test_x, vy, num_classes
 
 
-def fit_linear_probe(train_x: Array, train_y: Any, test_x: Array, test_y: Any, backend: str = "sklearn",
-                     num_classes: int | None = None, val_fraction: float = 0.2, seed: int = 0,
-                     device: Any = None, Cs: Sequence[float] = DEFAULT_CS, max_iter: int = 1000,
-                     lrs: Sequence[float] = (1e-3, 1e-2), weight_decays: Sequence[float] = (1e-4, 1e-1),
-                     epochs: int = 30, batch_size: int = 256) -> ProbeResult:
+def fit_linear_probe(train_x: Array, train_y: Any, test_x: Array, test_y: Any,
+                     config: LinearProbeConfig | None = None, num_classes: int | None = None,
+                     device: Any = None) -> ProbeResult:
     """Fit a linear probe on ``train_x: (N, D)`` / ``train_y: (N,)`` and report test accuracy.
 
     Args:
         train_x, test_x: feature matrices ``(N, D)`` / ``(M, D)``: torch tensors or numpy arrays (memmaps
             welcome), any floating dtype; computed on in float32.
         train_y, test_y: integer class labels ``(N,)`` / ``(M,)``.
-        backend: "sklearn" (logistic regression, L-BFGS, grid ``Cs``) or "torch" (AdamW linear head, grid
-            ``lrs`` x ``weight_decays``, ``epochs``, ``batch_size``; ``device`` None = CUDA if available).
+        config: :class:`LinearProbeConfig` (backend, grids, held-out fraction, seed, epochs, batch size).
         num_classes: the declared classes ``0..num_classes-1``; None = ``max(label) + 1`` over both splits.
-        val_fraction: share of each class held out of the training split to choose the hyper-parameters.
-            With a single grid point, or when the held-out part would be empty or leave fewer than two
-            classes to fit on, the grid's middle point is used without a sweep (``hparams["selection"]``).
-        seed: seeds the held-out split and the torch backend's shuffling.
+        device: the torch backend's device (None = CUDA if available).
 
     Raises:
         ProbeInputError: empty splits, NaN / inf features, mismatched lengths or widths, non-integer labels,
-            labels outside the declared classes, a training split with a single class, unknown backend.
+            labels outside the declared classes, a training split with a single class.
     """
-    _check_settings(backend, val_fraction, {"Cs": Cs} if backend == "sklearn" else
-                    {"lrs": lrs, "weight_decays": weight_decays}, epochs, batch_size)
+    cfg = config or LinearProbeConfig()
     train_x, ty, test_x, vy, num_classes = _checked_inputs(train_x, train_y, test_x, test_y, num_classes)
 
     t0 = time.perf_counter()
-    dev = resolve_device(device) if backend == "torch" else torch.device("cpu")
+    dev = resolve_device(device) if cfg.backend == "torch" else torch.device("cpu")
     mean, std = channel_stats(train_x, "train_x", 1, dev)
     check_finite(test_x, "test_x", dev)
     k = TOPK if reports_topk(num_classes) else 1
-    n_grid = len(Cs) if backend == "sklearn" else len(lrs) * len(weight_decays)
     split: tuple = (None, None)
-    selection = "fixed" if n_grid == 1 else "default"
-    if n_grid > 1 and val_fraction > 0:
-        fit_idx, val_idx = stratified_holdout(ty, val_fraction, seed)
+    selection = "fixed" if cfg.grid_size == 1 else "default"
+    if cfg.grid_size > 1 and cfg.val_fraction > 0:
+        fit_idx, val_idx = stratified_holdout(ty, cfg.val_fraction, cfg.seed)
         if len(val_idx) > 0 and len(torch.unique(ty[fit_idx])) >= 2:
             split, selection = (fit_idx, val_idx), "held-out"
 
-    if backend == "sklearn":
-        tx, vx = _standardised_numpy(train_x, mean, std), _standardised_numpy(test_x, mean, std)
+    if cfg.backend == "sklearn":
         sk_split = tuple(None if s is None else s.numpy() for s in split)
-        top1, topk, hparams, sweep, chosen_val = _fit_sklearn(tx, ty.numpy(), vx, vy.numpy(), sk_split,
-                                                              num_classes, k, seed, Cs, max_iter)
+        problem = _Problem(_standardised_numpy(train_x, mean, std), ty.numpy(), _standardised_numpy(test_x, mean, std),
+                           vy.numpy(), sk_split, num_classes, k)
+        top1, topk, hparams, sweep, chosen_val = _fit_sklearn(problem, cfg)
     else:
-        top1, topk, hparams, sweep, chosen_val = _fit_torch(train_x, ty, test_x, vy, split, mean, std, num_classes,
-                                                            k, seed, dev, lrs, weight_decays, epochs, batch_size)
+        problem = _Problem(train_x, ty, test_x, vy, split, num_classes, k, mean, std, dev)
+        top1, topk, hparams, sweep, chosen_val = _fit_torch(problem, cfg)
     hparams["selection"] = selection
     if split[0] is not None:
-        hparams["val_fraction"] = val_fraction
+        hparams["val_fraction"] = cfg.val_fraction
     m = test_x.shape[0]
     top5, k_out = (topk / m, k) if reports_topk(num_classes) else (None, None)
     return ProbeResult(top1=top1 / m, top5=top5, topk=k_out, hparams=hparams, val_top1=chosen_val, sweep=sweep,
-                       backend=backend, num_train=int(train_x.shape[0]), num_test=int(m), num_classes=num_classes,
+                       backend=cfg.backend, num_train=int(train_x.shape[0]), num_test=int(m), num_classes=num_classes,
                        fit_seconds=time.perf_counter() - t0)

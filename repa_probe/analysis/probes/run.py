@@ -26,7 +26,7 @@ from typing import Sequence
 from repa_probe.analysis.core.features import CaptureSettings, extract_features, prepare_inputs
 from repa_probe.analysis.core.inputs import check_times_and_layers, resolve_encoder
 from repa_probe.analysis.core.options import ProbeOptions
-from repa_probe.analysis.probes import fit_linear_probe, fit_segmentation_probe
+from repa_probe.analysis.probes import LinearProbeConfig, SegProbeConfig, fit_linear_probe, fit_segmentation_probe
 from repa_probe.analysis.probes.inputs import ProbeSetupError, collect_masks, resolve_probe_data
 from repa_probe.analysis.probes.plots import chance_levels, make_probe_figures
 from repa_probe.analysis.core.runner import Analysis, Run, run_analysis
@@ -56,6 +56,17 @@ def _metric_rows(task: str, result, base: dict) -> list[dict]:
             for k, v in result.metrics().items()]  # top5 only with more than 5 classes
 
 
+def probe_config(opts: ProbeOptions) -> LinearProbeConfig | SegProbeConfig:
+    """The probe's hyper-parameters from the options (``c_grid``, ``lr``, ``epochs``; defaults otherwise)."""
+    given = {"epochs": opts.epochs} if opts.epochs is not None else {}
+    if opts.task == "segmentation":
+        given.update({"lr": opts.lr[0]} if opts.lr is not None else {})
+        return SegProbeConfig(seed=opts.seed, **given)
+    given.update({"Cs": tuple(opts.c_grid)} if opts.c_grid is not None else {})
+    given.update({"lrs": tuple(opts.lr)} if opts.lr is not None else {})
+    return LinearProbeConfig(backend=opts.backend, seed=opts.seed, **given)
+
+
 class ProbeAnalysis(Analysis):
     """Linear or segmentation probes as a :class:`~repa_probe.analysis.core.runner.Analysis`."""
 
@@ -72,6 +83,7 @@ class ProbeAnalysis(Analysis):
     def setup(self, run: Run) -> None:
         opts = run.options
         self.layers = check_times_and_layers(run.entries, opts)
+        self.fit_config = probe_config(opts)
         self.data = resolve_probe_data(run.entries, opts)
         self.encoder = resolve_encoder(run.entries, opts, self.data.source.resolution) \
             if opts.encoder_reference else None
@@ -118,27 +130,23 @@ class ProbeAnalysis(Analysis):
     def summary(self, run: Run, rows: list[dict]) -> dict:
         opts = run.options
         settings = dict(self.data.info, pool=self.pool, labels="null", time_convention=TIME_HELP,
-                        backend=opts.backend if self.task == "linear" else None, probe_options=self._probe_options(opts))
+                        backend=opts.backend if self.task == "linear" else None,
+                        probe_options=dataclasses.asdict(self.fit_config))
         enc = self.encoder
         return {"task": self.task, "settings": settings, "rows": rows, "details": self.details,
                 "encoder": None if enc is None else {"name": enc.name, "cache_key": enc.cache_key, "source": enc.source}}
 
     # ---- helpers
-    @staticmethod
-    def _probe_options(opts) -> dict:
-        return {"epochs": opts.epochs} if opts.epochs is not None else {}
 
     def _fit(self, run: Run, train_x, test_x, base: dict) -> list[dict]:
         """Fit one probe; its metric rows (its details are kept for the summary)."""
         opts, y = run.options, self.targets
         if self.task == "linear":
-            res = fit_linear_probe(train_x, y["train"], test_x, y["test"], backend=opts.backend,
-                                   num_classes=self.data.num_classes, seed=opts.seed,
-                                   device=run.device if opts.backend == "torch" else None, **self._probe_options(opts))
+            res = fit_linear_probe(train_x, y["train"], test_x, y["test"], self.fit_config, self.data.num_classes,
+                                   device=run.device if opts.backend == "torch" else None)
         else:
             res = fit_segmentation_probe(train_x, y["train"], test_x, y["test"], self.data.num_classes,
-                                         ignore_index=self.data.ignore_index, device=run.device, seed=opts.seed,
-                                         **self._probe_options(opts))
+                                         self.data.ignore_index, self.fit_config, device=run.device)
         rows = _metric_rows(self.task, res, base)
         self.details.append(dict(base, **res.to_dict()))
         where = base["source"] if base["layer"] is None else f"block {base['layer']} t={base['timestep']}"
@@ -184,4 +192,4 @@ def run_segmentation_probes(ckpts: Sequence, out_dir, options: ProbeOptions | No
 
 
 __all__ = ["run_probes", "run_linear_probes", "run_segmentation_probes", "layer_groups", "ProbeAnalysis",
-           "ProbeOptions", "CSV_COLUMNS", "TASKS"]
+           "ProbeOptions", "CSV_COLUMNS", "TASKS", "probe_config"]

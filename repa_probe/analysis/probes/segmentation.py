@@ -185,6 +185,31 @@ class _Head(torch.nn.Module):
         return logits.reshape(b, *grid, -1).permute(0, 3, 1, 2)
 
 
+@dataclasses.dataclass(frozen=True)
+class SegProbeConfig:
+    """How :func:`fit_segmentation_probe` trains (checked when built, :class:`ProbeInputError`): ``batchnorm``
+    (DINOv2 "lin." BatchNorm without affine), AdamW ``epochs`` (the most run; the cosine schedule spans them),
+    ``lr``, ``weight_decay``, ``batch_size``; ``seed`` (held-out split and batch order); early stopping:
+    ``floor(val_fraction * N)`` training images held out, the epoch of best held-out mIoU kept, stop after
+    ``patience`` epochs without a gain (``val_fraction=0``: all ``epochs`` on every image)."""
+
+    batchnorm: bool = True
+    epochs: int = EPOCHS
+    lr: float = 2e-2
+    weight_decay: float = 1e-4
+    batch_size: int = 64
+    seed: int = 0
+    val_fraction: float = VAL_FRACTION
+    patience: int = PATIENCE
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.weight_decay < 0 or self.patience < 1 \
+                or not 0 <= self.val_fraction < 1:
+            raise ProbeInputError(f"need epochs >= 1, batch_size >= 1, lr > 0, weight_decay >= 0, patience >= 1, "
+                                  f"val_fraction in [0, 1); got {self.epochs}, {self.batch_size}, {self.lr}, "
+                                  f"{self.weight_decay}, {self.patience}, {self.val_fraction}")
+
+
 def _split(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(fit, held-out) sample indices, ``floor(val_fraction * n)`` random samples held out; no held-out part
     (an empty tensor) when that would be 0 samples or leave none to fit on."""
@@ -241,10 +266,11 @@ def _valid_miou(conf: torch.Tensor) -> float:
     return iou_from_confusion(conf)[0] if int(conf.sum()) else -1.0
 
 
-def _fit_head(head, data: _Data, fit_idx, val_idx, num_classes, ignore_index, batchnorm, epochs, lr, weight_decay,
-              batch_size, patience, seed) -> dict:
+def _fit_head(head, data: _Data, fit_idx, val_idx, num_classes: int, ignore_index: int, cfg: SegProbeConfig) -> dict:
     """Train ``head`` (AdamW, cosine over ``epochs``); with held-out samples, keep the epoch of best held-out mIoU
     and stop after ``patience`` epochs without a gain. Returns what was run (epochs, best epoch, held-out mIoU)."""
+    epochs, lr, weight_decay, batch_size, patience = cfg.epochs, cfg.lr, cfg.weight_decay, cfg.batch_size, cfg.patience
+    batchnorm, seed = cfg.batchnorm, cfg.seed
     opt = torch.optim.AdamW([{"params": [head.conv.weight], "weight_decay": weight_decay},
                              {"params": [head.conv.bias], "weight_decay": 0.0}], lr=lr)
     total = max(1, epochs * math.ceil(len(fit_idx) / batch_size))
@@ -267,10 +293,8 @@ def _fit_head(head, data: _Data, fit_idx, val_idx, num_classes, ignore_index, ba
 
 
 def fit_segmentation_probe(train_tokens: Array, train_masks: Array, test_tokens: Array, test_masks: Array,
-                           num_classes: int, ignore_index: int = 255, batchnorm: bool = True, epochs: int = EPOCHS,
-                           lr: float = 2e-2, weight_decay: float = 1e-4, batch_size: int = 64,
-                           device: Any = None, seed: int = 0, val_fraction: float = VAL_FRACTION,
-                           patience: int = PATIENCE) -> SegResult:
+                           num_classes: int, ignore_index: int = 255, config: SegProbeConfig | None = None,
+                           device: Any = None) -> SegResult:
     """Train a linear segmentation probe and score it on the test split.
 
     Args:
@@ -278,22 +302,16 @@ def fit_segmentation_probe(train_tokens: Array, train_masks: Array, test_tokens:
             ``(N, D, h, w)`` feature maps; torch tensors or numpy arrays (memmaps welcome), any float dtype.
         train_masks, test_masks: ``(N, H, W)`` integer class maps (values ``0..num_classes-1`` or
             ``ignore_index``); the logits are bilinearly upsampled from ``(h, w)`` to ``(H, W)``.
-        num_classes: number of classes K. ``batchnorm``: DINOv2 "lin." BatchNorm without affine.
-        epochs, lr, weight_decay, batch_size: AdamW schedule (cosine decay per step over ``epochs``, the
-            most epochs run); ``device`` None = CUDA when available; ``seed`` fixes the split and batch order.
-        val_fraction, patience: early stopping. ``floor(val_fraction * N)`` training images are held out; after
-            every epoch the probe is scored on them, the epoch with the best held-out mIoU is kept, and training
-            stops after ``patience`` epochs without a gain. ``val_fraction=0``: all ``epochs`` on every image.
+        num_classes: number of classes K.
+        config: :class:`SegProbeConfig` (BatchNorm, AdamW schedule, seed, early stopping).
+        device: None = CUDA when available.
 
     Raises:
         ProbeInputError: empty inputs, NaN / inf tokens, mismatched sample counts or widths, non-integer
             masks, mask classes outside ``0..num_classes-1`` other than ``ignore_index``, non-square grids.
     """
+    cfg = config or SegProbeConfig()
     num_classes = check_num_classes(num_classes)
-    if epochs < 1 or batch_size < 1 or lr <= 0 or weight_decay < 0 or patience < 1 or not 0 <= val_fraction < 1:
-        raise ProbeInputError(f"need epochs >= 1, batch_size >= 1, lr > 0, weight_decay >= 0, patience >= 1, "
-                              f"val_fraction in [0, 1); got {epochs}, {batch_size}, {lr}, {weight_decay}, {patience}, "
-                              f"{val_fraction}")
     train_tokens = check_features(train_tokens, "train_tokens", (3, 4))
     test_tokens = check_features(test_tokens, "test_tokens", (3, 4))
     ch, dim, h, w = _grid(train_tokens, "train_tokens")
@@ -310,15 +328,14 @@ def fit_segmentation_probe(train_tokens: Array, train_masks: Array, test_tokens:
     check_finite(test_tokens, "test_tokens", dev)
     train = _Data(train_tokens, train_masks, (h, w), mean, std, dev)
     test = _Data(test_tokens, test_masks, (h_t, w_t), mean, std, dev)
-    head = _Head(dim, num_classes, batchnorm).to(dev)
-    fit_idx, val_idx = _split(n, val_fraction, seed)
-    stopping = _fit_head(head, train, fit_idx, val_idx, num_classes, ignore_index, batchnorm, epochs, lr,
-                         weight_decay, batch_size, patience, seed)
-    conf = _confusion(head, test, torch.arange(m), num_classes, ignore_index, batch_size)
+    head = _Head(dim, num_classes, cfg.batchnorm).to(dev)
+    fit_idx, val_idx = _split(n, cfg.val_fraction, cfg.seed)
+    stopping = _fit_head(head, train, fit_idx, val_idx, num_classes, ignore_index, cfg)
+    conf = _confusion(head, test, torch.arange(m), num_classes, ignore_index, cfg.batch_size)
     score, acc, per_class = iou_from_confusion(conf)
-    hparams = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
-               "batchnorm": batchnorm, "optimizer": "AdamW", "upsample": "bilinear", "val_fraction": val_fraction,
-               "patience": patience, "num_fit": len(fit_idx), **stopping}
+    hparams = {"epochs": cfg.epochs, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "batch_size": cfg.batch_size,
+               "batchnorm": cfg.batchnorm, "optimizer": "AdamW", "upsample": "bilinear",
+               "val_fraction": cfg.val_fraction, "patience": cfg.patience, "num_fit": len(fit_idx), **stopping}
     return SegResult(miou=score, pixel_acc=acc, per_class_iou=per_class, hparams=hparams, num_train=n, num_test=m,
                      num_classes=num_classes, token_grid=(h, w), mask_size=tuple(int(s) for s in test_masks.shape[1:]),
                      fit_seconds=time.perf_counter() - t0)
