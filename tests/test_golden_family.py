@@ -99,7 +99,8 @@ def test_reg_sampler_needs_class_token_noise_with_per_sample_noise(reg):
     model, _ = reg
     g = _golden("reg_sampling.pt")
     with pytest.raises(SamplingError, match="cls_noise"):
-        sample(model, g["noise"], g["labels"], method="sde", steps=2, generator=lambda step, like: torch.zeros_like(like))
+        sample(model, g["noise"], g["labels"], method="sde", steps=2,
+               generator=lambda step, like: torch.zeros_like(like))
     out = sample(model, g["noise"], g["labels"], method="euler", steps=2, cls_noise=g["cls_noise"])
     assert out.shape == g["noise"].shape and torch.isfinite(out).all()
 

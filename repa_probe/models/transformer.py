@@ -261,7 +261,8 @@ class DiffusionTransformer(nn.Module):
 def _check_class_token(cls_token_dim, projector_type: str) -> int:
     """REG's class-token width (0 = none) as an int; the conv projector needs a square grid, so not with REG."""
     if isinstance(cls_token_dim, bool) or not isinstance(cls_token_dim, int) or cls_token_dim < 0:
-        raise ModelInputError(f"invalid DiffusionTransformer config: cls_token_dim must be an int >= 0, got {cls_token_dim!r}")
+        raise ModelInputError(f"invalid DiffusionTransformer config: cls_token_dim must be an int >= 0, "
+                              f"got {cls_token_dim!r}")
     if cls_token_dim and projector_type != "mlp":
         raise ModelInputError("invalid DiffusionTransformer config: REG's class token (cls_token_dim > 0) needs the "
                               f"mlp projector (the conv projector reads a square token grid), got {projector_type!r}")

@@ -29,8 +29,8 @@ class AttentionTap:
     def __init__(self, attentions: Sequence[nn.Module], prefix: int = 0, what: str = "model"):
         missing = [i for i, a in enumerate(attentions) if not (hasattr(a, "q_norm") and hasattr(a, "k_norm"))]
         if missing:
-            raise ObjectiveError(f"HASTE attention alignment: the {what}'s attention modules {missing} have no q_norm / "
-                                 "k_norm to read queries and keys from (a timm-style ViT attention is needed)")
+            raise ObjectiveError(f"HASTE attention alignment: the {what}'s attention modules {missing} have no "
+                                 "q_norm / k_norm to read queries and keys from (a timm-style ViT attention is needed)")
         self.prefix = int(prefix)
         self.q: list = [None] * len(attentions)
         self.k: list = [None] * len(attentions)
@@ -49,7 +49,8 @@ class AttentionTap:
         """Per tapped module ``(B, h, N - prefix, N - prefix)`` logits of the first ``heads`` heads (all: None),
         from the last forward pass."""
         if any(q is None for q in self.q):
-            raise ObjectiveError("HASTE attention alignment: no attention was recorded (the tapped modules did not run)")
+            raise ObjectiveError("HASTE attention alignment: no attention was recorded (the tapped modules did "
+                                 "not run)")
         p = self.prefix
         out = []
         for q, k in zip(self.q, self.k):

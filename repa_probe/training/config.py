@@ -65,13 +65,13 @@ class RepaConfig:
 
 @dataclass
 class RegConfig:
-    cls_coeff: float = 0.0  # REG: weight of the class-token loss (paper 0.03); > 0 denoises the encoder CLS as an extra token
+    cls_coeff: float = 0.0  # REG: class-token loss weight (paper 0.03); > 0 denoises the encoder CLS as a token
 
 
 @dataclass
 class HasteConfig:
     attn_coeff: float = 0.0  # HASTE: weight of the attention-map alignment loss (paper 0.5); 0 = off
-    stop_step: Optional[int] = None  # HASTE: from this step on no alignment loss (REPA, attention) and no encoder; null = never
+    stop_step: Optional[int] = None  # HASTE: no alignment (REPA, attention) nor encoder from this step; null = never
     student_blocks: List[int] = field(default_factory=lambda: [5, 6, 7, 8])  # 1-based model blocks (HASTE: 5-8)
     teacher_layers: List[int] = field(default_factory=lambda: [9, 10, 11, 12])  # 1-based encoder layers (DINOv2-B 9-12)
 

@@ -3,7 +3,7 @@
 One step (global batch B over W processes, each with B/W samples)::
 
     images, labels ──► VAE posterior sample (or pixels in [-1, 1]) ──► x0: (b, C, H, W)
-    images ─────────► frozen encoder ──► patch tokens z: (b, T, Dz)          (only when repa.proj_coeff > 0)
+    images ─────────► frozen encoder ──► patch tokens z: (b, T, Dz) (REPA, REG, HASTE only)
     t, ε, label dropout  (drawn for the GLOBAL batch from one seeded generator; each rank keeps rows rank::W)
     x_t = objective.add_noise(x0, t, ε);  out, zs~ = model(x_t, objective.model_time(t), y)
     loss = objective.loss(out, ...).mean() + proj_coeff · repa_loss(zs~, [z])  (+ REG / HASTE terms: training.family)

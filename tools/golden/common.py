@@ -112,6 +112,23 @@ def official_args(train_py: Path, argv: list[str]) -> argparse.Namespace:
     return scope["parse_args"](argv)
 
 
+def random_model(cls, config: dict, seed: int) -> torch.nn.Module:
+    """``cls(**config)`` with seeded random weights everywhere but ``pos_embed`` (:func:`randomize_`), eval mode."""
+    gen = seed_all(seed)
+    model = cls(**config)
+    randomize_(model, gen)
+    return model.eval()
+
+
+def training_checkpoint(model: torch.nn.Module, ema: torch.nn.Module, train_py: Path, argv: list[str],
+                        steps: int) -> dict:
+    """``{model, ema, opt, args, steps}`` as REPA's train.py (and REG's, HASTE's) saves it: AdamW's state dict at
+    their settings, ``args`` from their ``parse_args(argv)``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "args": official_args(train_py, argv), "steps": steps}
+
+
 def need(repos: dict[str, Path], *keys: str, part: str) -> bool:
     """True when every repo in ``keys`` was given; otherwise log a notice naming the missing ones."""
     missing = [k for k in keys if repos.get(k) is None]

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from tools.golden.common import GoldenError, import_file, need, official_args, randomize_, save_pt, seed_all
+from tools.golden.common import GoldenError, import_file, need, random_model, save_pt, seed_all, training_checkpoint
 
 B, TOKENS, RANK = 2, 256, 2
 CONFIG = dict(path_type="linear", input_size=32, patch_size=2, in_channels=4, hidden_size=24, decoder_hidden_size=24,
@@ -32,20 +32,11 @@ TRAIN_ARGV = ["--exp-name", "golden", "--model", "SiT-B/2", "--encoder-depth", "
               "--early-stop-point", "250000"]
 
 
-def build(repo: Path, seed: int) -> torch.nn.Module:
-    sit = import_file("golden_haste_models_sit", repo / "models" / "sit.py")
-    gen = seed_all(seed)
-    model = sit.SiT(**CONFIG)
-    randomize_(model, gen)
-    return model.eval()
-
-
 def checkpoint(repo: Path) -> tuple[dict, torch.nn.Module]:
-    model, ema = build(repo, 30), build(repo, 31)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
-    args = official_args(repo / "train.py", TRAIN_ARGV)
-    return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": args,
-            "steps": 250000}, ema
+    """REPA's training checkpoint layout (which their train.py keeps) and the EMA model."""
+    cls = import_file("golden_haste_models_sit", repo / "models" / "sit.py").SiT
+    model, ema = random_model(cls, CONFIG, 30), random_model(cls, CONFIG, 31)
+    return training_checkpoint(model, ema, repo / "train.py", TRAIN_ARGV, 250000), ema
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from tools.golden.common import (GoldenError, import_file, need, official_args, randomize_, save_pt, seed_all)
+from tools.golden.common import GoldenError, import_file, need, random_model, save_pt, seed_all, training_checkpoint
 
 B = 4
 NUM_CLASSES = 1000  # their sampler hard-codes the null label 1000
@@ -42,32 +42,27 @@ SAMPLING = {  # case -> their sampler's settings (cls_cfg_scale <= 0: the class 
 
 def _modules(repo: Path):
     sit = import_file("golden_reg_models_sit", repo / "models" / "sit.py")
-    return sit, import_file("golden_reg_loss", repo / "loss.py"), import_file("golden_reg_samplers", repo / "samplers.py")
-
-
-def build(repo: Path, seed: int) -> torch.nn.Module:
-    """Their SiT with seeded random weights everywhere but ``pos_embed`` (whose class-token row stays zero)."""
-    sit, _, _ = _modules(repo)
-    gen = seed_all(seed)
-    model = sit.SiT(**CONFIG)
-    randomize_(model, gen)
-    return model.eval()
+    loss, samplers = repo / "loss.py", repo / "samplers.py"
+    return sit, import_file("golden_reg_loss", loss), import_file("golden_reg_samplers", samplers)
 
 
 def checkpoint(repo: Path) -> tuple[dict, torch.nn.Module]:
     """``{model, ema, opt, args, steps}`` as their train.py saves it, and the EMA model."""
-    model, ema = build(repo, 20), build(repo, 21)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
-    args = official_args(repo / "train.py", TRAIN_ARGV)
-    return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "args": args,
-            "steps": 4000}, ema
+    cls = _modules(repo)[0].SiT
+    model, ema = random_model(cls, CONFIG, 20), random_model(cls, CONFIG, 21)
+    return training_checkpoint(model, ema, repo / "train.py", TRAIN_ARGV, 4000), ema
+
+
+def _latents(seed: int) -> tuple[torch.Generator, torch.Tensor]:
+    """A generator seeded with ``seed`` and the ``(B, C, H, W)`` latents drawn first from it."""
+    gen = torch.Generator().manual_seed(seed)
+    s = CONFIG["input_size"]
+    return gen, torch.randn(B, CONFIG["in_channels"], s, s, generator=gen)
 
 
 @torch.no_grad()
 def forward_record(ema: torch.nn.Module) -> dict:
-    gen = torch.Generator().manual_seed(22)
-    s = CONFIG["input_size"]
-    x = torch.randn(B, CONFIG["in_channels"], s, s, generator=gen)
+    gen, x = _latents(22)
     t = torch.cat([torch.tensor([0.0]), torch.rand(B - 2, generator=gen), torch.tensor([1.0])])
     y = torch.tensor([0, 17, NUM_CLASSES, NUM_CLASSES - 1], dtype=torch.int64)
     cls_token = torch.randn(B, CLS_DIM, generator=gen)
@@ -86,9 +81,7 @@ def forward_record(ema: torch.nn.Module) -> dict:
 def loss_record(repo: Path, ema: torch.nn.Module) -> dict:
     """Their SILoss; its draws (t, noise, class-token noise) are replayed from the global RNG and checked."""
     _, loss_mod, _ = _modules(repo)
-    gen = torch.Generator().manual_seed(23)
-    s = CONFIG["input_size"]
-    x0 = torch.randn(B, CONFIG["in_channels"], s, s, generator=gen)
+    gen, x0 = _latents(23)
     y = torch.tensor([3, NUM_CLASSES, 999, 40], dtype=torch.int64)
     cls_token = torch.randn(B, CLS_DIM, generator=gen)
     _, own, _ = ema(x0, torch.full((B,), 0.5), y, cls_token=cls_token)  # targets that partly agree (cos ~ 0.5)
@@ -117,9 +110,7 @@ def loss_record(repo: Path, ema: torch.nn.Module) -> dict:
 @torch.no_grad()
 def sampling_record(repo: Path, ema: torch.nn.Module) -> dict:
     _, _, samplers = _modules(repo)
-    gen = torch.Generator().manual_seed(25)
-    s = CONFIG["input_size"]
-    noise = torch.randn(B, CONFIG["in_channels"], s, s, generator=gen)
+    gen, noise = _latents(25)
     labels = torch.randint(0, NUM_CLASSES, (B,), generator=gen)
     cls_noise = torch.randn(B, CLS_DIM, generator=gen)
     cases = {}
