@@ -29,7 +29,7 @@ import torch
 
 from repa_probe.analysis.core.features import CaptureSettings, ModelInputs, extract_features, prepare_inputs
 from repa_probe.objectives import FlowMatching
-from repa_probe.analysis.probes import fit_linear_probe
+from repa_probe.analysis.probes import LinearProbeConfig, fit_linear_probe
 
 
 def _model(name: str, device: torch.device):
@@ -81,7 +81,7 @@ def bench_fit(backend: str, n: int, dim: int, classes: int, device: torch.device
     xtr = centres[ytr] + torch.randn(n, dim, generator=g)
     xte = centres[yte] + torch.randn(n // 5, dim, generator=g)
     t0 = time.perf_counter()
-    res = fit_linear_probe(xtr, ytr, xte, yte, backend=backend, num_classes=classes, device=device)
+    res = fit_linear_probe(xtr, ytr, xte, yte, LinearProbeConfig(backend=backend), num_classes=classes, device=device)
     dt = time.perf_counter() - t0
     return dict(bench="fit", backend=backend, n_train=n, n_test=n // 5, dim=dim, classes=classes,
                 seconds=round(dt, 2), top1=round(res.top1, 4), hparams=res.hparams,
