@@ -37,6 +37,16 @@ def test_tiny_yaml_is_the_embedded_default():
     assert to_dict(load_config(str(ROOT / "configs/tiny.yaml"))) == to_dict(Config())
 
 
+def test_encoder_depth_is_checked_once_when_the_config_loads():
+    with pytest.raises(ConfigError, match="repa.encoder_depth=5 is larger than the model depth 4"):
+        load_config(None, ["repa.encoder_depth=5"])                   # tiny: depth 4, before anything is built
+    with pytest.raises(ConfigError, match="repa.encoder_depth=29 is larger than the model depth 28"):
+        load_config(None, ["model.name=SiT-XL/2", "model.depth=null", "repa.encoder_depth=29"])
+    with pytest.raises(ConfigError, match="repa.encoder_depth must be positive"):
+        load_config(None, ["repa.encoder_depth=0"])
+    assert load_config(None, ["repa.encoder_depth=4"]).repa.encoder_depth == 4
+
+
 @pytest.mark.parametrize("name", ["repa_sit", "repa_dit", "sit_baseline", "dit_baseline", "tiny"])
 def test_shipped_configs_load(name):
     cfg = load_config(str(ROOT / f"configs/{name}.yaml"))

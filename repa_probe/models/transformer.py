@@ -56,8 +56,11 @@ class DiffusionTransformer(nn.Module):
                  projector_kernel: int = 3, cls_token_dim: int = 0):
         super().__init__()
         z_dims = tuple(int(z) for z in z_dims)
-        _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
-                      num_classes, class_dropout_prob, learn_sigma, encoder_depth, z_dims, projector_dim, time_convention)
+        _check_config(dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
+                           hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                           num_classes=num_classes, class_dropout_prob=class_dropout_prob, learn_sigma=learn_sigma,
+                           encoder_depth=encoder_depth, z_dims=z_dims, projector_dim=projector_dim,
+                           time_convention=time_convention))
         self._config = dict(
             input_size=int(input_size), patch_size=int(patch_size), in_channels=int(in_channels),
             hidden_size=int(hidden_size), depth=int(depth), num_heads=int(num_heads),
@@ -281,12 +284,16 @@ def _check_cls_input(cls_token_dim: int, batch: int, cls_token) -> None:
                               f"class token), got {got}")
 
 
-def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
-                  num_classes, class_dropout_prob, learn_sigma, encoder_depth, z_dims, projector_dim,
-                  time_convention) -> None:
-    """Raise ModelInputError on an inconsistent constructor configuration."""
-    ints = dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
-                hidden_size=hidden_size, depth=depth, num_heads=num_heads)
+def _check_config(c: dict) -> None:
+    """Raise ModelInputError on an inconsistent constructor configuration ``c`` (the constructor's keywords as
+    given, before any conversion)."""
+    ints = {k: c[k] for k in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads")}
+    input_size, patch_size, hidden_size, depth, num_heads = (ints[k] for k in ("input_size", "patch_size",
+                                                                               "hidden_size", "depth", "num_heads"))
+    mlp_ratio, num_classes, class_dropout_prob, learn_sigma = (c[k] for k in ("mlp_ratio", "num_classes",
+                                                                              "class_dropout_prob", "learn_sigma"))
+    encoder_depth, z_dims, projector_dim, time_convention = (c[k] for k in ("encoder_depth", "z_dims",
+                                                                            "projector_dim", "time_convention"))
     bad_int = [f"{k}={v!r}" for k, v in ints.items() if isinstance(v, bool) or not isinstance(v, int) or v < 1]
     checks = [
         (time_convention not in TIME_CONVENTIONS,

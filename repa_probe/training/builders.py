@@ -72,16 +72,11 @@ def build_model(cfg: Config, batches: "Batches", enc):
     """The diffusion transformer for this config (REPA projector when ``repa.proj_coeff > 0``, REG's class token
     of the encoder's width when ``reg.cls_coeff > 0``)."""
     from repa_probe.models import create_model
-    from repa_probe.models.registry import model_kwargs
 
     m, r = cfg.model, cfg.repa
     channels, side = latent_shape(cfg, batches.vae)
     overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")
                  if getattr(m, k) is not None}
-    depth = overrides.get("depth", model_kwargs(m.name)["depth"])
-    if r.encoder_depth > depth:
-        raise ConfigError(f"repa.encoder_depth={r.encoder_depth} is larger than the model depth {depth}; "
-                          f"set repa.encoder_depth to at most {depth}")
     ddpm = cfg.objective.kind == "ddpm"
     model = create_model(m.name, input_size=side, in_channels=channels, num_classes=batches.num_classes,
                          class_dropout_prob=m.class_dropout_prob, qk_norm=m.qk_norm,

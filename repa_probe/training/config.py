@@ -19,6 +19,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from repa_probe.errors import ReproError
+from repa_probe.models.registry import model_kwargs
+from repa_probe.models.transformer import ModelInputError
 
 
 class ConfigError(ReproError, ValueError):
@@ -271,12 +273,13 @@ def validate(cfg: Config) -> None:
     positive = {"train.steps": cfg.train.steps, "train.batch_size": cfg.train.batch_size,
                 "train.grad_accum": cfg.train.grad_accum,
                 "train.log_every": cfg.train.log_every, "train.ckpt_every": cfg.train.ckpt_every,
-                "repa.encoder_depth": cfg.repa.encoder_depth, "data.resolution": cfg.data.resolution}
+                "data.resolution": cfg.data.resolution}
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
     if cfg.repa.proj_coeff < 0:
         raise ConfigError(f"repa.proj_coeff must be >= 0, got {cfg.repa.proj_coeff}")
+    _validate_encoder_depth(cfg)
     _validate_family(cfg)
     if cfg.repa.projector_kernel < 1 or cfg.repa.projector_kernel % 2 == 0:
         raise ConfigError(f"repa.projector_kernel must be a positive odd int, got {cfg.repa.projector_kernel}")
@@ -289,6 +292,20 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
     if cfg.train.keep_last < 1:
         raise ConfigError(f"train.keep_last must be >= 1, got {cfg.train.keep_last}")
+
+
+def _validate_encoder_depth(cfg: Config) -> None:
+    """``repa.encoder_depth`` in ``1..depth`` (the one check of it: the builders and the model trust it; an unknown
+    ``model.name`` is left to the model registry's error)."""
+    try:
+        depth = cfg.model.depth or model_kwargs(cfg.model.name)["depth"]
+    except ModelInputError:
+        depth = None
+    if cfg.repa.encoder_depth < 1:
+        raise ConfigError(f"repa.encoder_depth must be positive, got {cfg.repa.encoder_depth}")
+    if depth is not None and cfg.repa.encoder_depth > depth:
+        raise ConfigError(f"repa.encoder_depth={cfg.repa.encoder_depth} is larger than the model depth {depth}; "
+                          f"set repa.encoder_depth to at most {depth}")
 
 
 def _validate_family(cfg: Config) -> None:

@@ -60,14 +60,11 @@ def metric_function(name: str, topk: int) -> Callable:
 
 
 def check_metric_settings(metrics: Sequence[str], n: int, topk: int, bootstrap: int) -> None:
-    """Raise AlignmentError when N, k or the bootstrap cannot work together."""
+    """Raise AlignmentError when N, k or the bootstrap cannot work together (their own ranges are checked by
+    :class:`AlignmentOptions`: ``topk >= 2``, ``bootstrap`` 0 or >= 2)."""
     if n < 4:
         raise AlignmentError(f"need at least 4 samples, got N = {n}")
-    if bootstrap and (bootstrap < 2):
-        raise AlignmentError(f"--bootstrap must be 0 (off) or >= 2 replicates, got {bootstrap}")
     if any(m in KNN_METRICS for m in metrics):
-        if topk < 2:
-            raise AlignmentError(f"--topk must be >= 2, got {topk}")
         if topk >= n:
             raise AlignmentError(f"--topk {topk} must be smaller than the number of samples N = {n}")
         half = int(round(0.5 * n))

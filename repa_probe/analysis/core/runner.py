@@ -2,7 +2,8 @@
 
 An analysis is a subclass of :class:`Analysis` that fills in a few hooks; :func:`run_analysis` does the rest:
 
-1. check the options (validated :class:`~repa_probe.analysis.core.options.AnalysisOptions`), resolve the device;
+1. take the options (they validate when built, :class:`~repa_probe.analysis.core.options.AnalysisOptions`);
+   resolve the device;
 2. load every checkpoint once (:func:`~repa_probe.analysis.core.inputs.load_checkpoints`: our files and official
    ones; small models stay in memory), then ``analysis.setup(run)``: validate everything else and resolve
    the light inputs (data, VAE, encoder) — every user error surfaces here, before any heavy work — and
@@ -119,8 +120,7 @@ def run_analysis(analysis: Analysis, ckpts: Sequence, out_dir, options) -> dict:
 
     Returns the summary dict (also written to ``summary.json``).
     """
-    options.validate()
-    device = resolve_device(options.device)
+    device = resolve_device(options.device)  # options validated themselves when built
     run = Run(options, Path(out_dir), device, load_checkpoints(ckpts, options))
     analysis.setup(run)
     out = make_out_dir(out_dir)
