@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "metrics lds, cds, srss, rmsc (iREPA; rows per block x timestep plus layer=target for the "
                    "encoder's patch tokens) (comma list; default cknna)")
     g.add_argument("--topk", type=int, default=10, help="k of the kNN metrics (default 10, platonic-rep's)")
-    g.add_argument("--bootstrap", type=int, default=0, metavar="B", help="half-sampling replicates for 95%% "
-                   "intervals (0 = off; e.g. 100)")
+    g.add_argument("--bootstrap", type=int, default=0, metavar="B", help="half-sampling (CKNNA, ...) / bootstrap "
+                   "(spatial metrics) replicates for 95%% intervals, kept in replicates.npz for the comparisons of a "
+                   "study report (0 = off; e.g. 100)")
     g = p.add_argument_group("running")
     add_running_options(g, batch_size=256)
     g.add_argument("--plot-timestep", metavar="T", help="timestep of the cross-checkpoint figures (default: the "

@@ -103,6 +103,8 @@ def build_parser(task: str = "linear") -> argparse.ArgumentParser:
     add_running_options(g, batch_size=64)
     g.add_argument("--max-feature-gb", type=float, default=4.0, help="features held in memory per extraction pass "
                    "(default 4; more layers take more passes)")
+    g.add_argument("--bootstrap", type=int, default=200, metavar="B", help="replicates over test images for 95%% "
+                   "intervals of linear-probe accuracy (replicates.npz, report.md; default 200, 0 = off)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_debug_flags(g)
     return p

@@ -95,15 +95,17 @@ def take_replicates(rows: Iterable[dict]) -> dict:
 
 
 def write_replicates(store: dict, path: Path) -> Path | None:
-    """``{key: (reps (B,), scale)}`` -> ``path`` (npz, atomically); nothing written for an empty store."""
+    """``{key: (reps (B,), scale)}`` -> ``path`` (npz, atomically); an empty store writes nothing and removes
+    an earlier file (so a rerun without bootstrap leaves no stale replicates)."""
+    path = Path(path)
     if not store:
+        path.unlink(missing_ok=True)
         return None
     keys = list(store)
     width = max(len(store[k][0]) for k in keys)
     values = np.full((len(keys), width), np.nan, dtype=np.float32)
     for i, k in enumerate(keys):
         values[i, : len(store[k][0])] = store[k][0]
-    path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.npz")
     np.savez_compressed(tmp, keys=np.array(keys), values=values, scale=np.array([store[k][1] for k in keys]))
     tmp.replace(path)
