@@ -9,6 +9,6 @@
 * :mod:`.document`, :mod:`.markdown`, :mod:`.html`, :mod:`.latex` — one block list, three renderers;
 * :mod:`.run_report` — the short ``report.md`` of a single-run command.
 
-Used by :mod:`repa_probe.sweeps.report` (studies) and :mod:`repa_probe.analysis.runner` (single runs); this
+Used by :mod:`repa_probe.sweeps.report` (studies) and :mod:`repa_probe.analysis.core.runner` (single runs); this
 package imports nothing from ``analysis`` or ``sweeps``.
 """
