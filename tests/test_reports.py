@@ -52,6 +52,18 @@ def test_paired_difference_interval_is_narrower_and_keys_survive_the_csv(tmp_pat
     assert not path.exists()  # a rerun without bootstrap leaves no stale replicates
 
 
+def check_sentences(found: list[dict]) -> None:
+    """Every number of each finding's sentence (after "where:") is its ``findings.csv`` value, rounded to the
+    decimals printed: a, b, difference and, when there is one, the interval."""
+    for r in found:
+        texts = re.findall(NUMBER, r["sentence"].split(": ", 2)[-1])
+        columns = ("value_a", "value_b", "difference") + (("ci_low", "ci_high") if r["ci_low"] else ())
+        assert len(texts) >= len(columns), r["sentence"]
+        for text, column in zip(texts, columns):
+            places = len(text.split(".")[1]) if "." in text else 0
+            assert abs(float(text) - float(r[column])) <= 0.5 * 10 ** -places + 1e-12, (r["sentence"], column)
+
+
 def _data(effect: float = 0.12) -> ReportData:
     """Two runs and a baseline, two checkpoints each, an alignment table with replicates and an FD table."""
     rng = np.random.default_rng(0)
@@ -98,13 +110,7 @@ def test_findings_sentences_quote_the_csv(built):
     by = {(r["run_a"], r["metric"]): r for r in found}
     assert by[("repa", "cknna")]["resolved"] == "True" and by[("other", "cknna")]["resolved"] == "False"
     assert "unresolved" in by[("other", "cknna")]["sentence"] and by[("repa", "cknna")]["block_a"] == "2"
-    for r in found:
-        numbers = [float(x) for x in re.findall(NUMBER, r["sentence"].split(": ", 2)[-1])]
-        csv_values = [float(r[c]) for c in ("value_a", "value_b", "difference", "ci_low", "ci_high")]
-        texts = re.findall(NUMBER, r["sentence"].split(": ", 2)[-1])
-        for text, value, want in zip(texts, numbers, csv_values):
-            places = len(text.split(".")[1]) if "." in text else 0
-            assert abs(value - want) <= 0.5 * 10 ** -places + 1e-12, (r["sentence"], text, want)
+    check_sentences(found)
     rows = parts.tables[0][1]  # the compact table prints the sentences' numbers
     repa = next(r for r in rows if r["run"] == "repa")
     assert repa["CKNNA (t = 0.5)"] in by[("repa", "cknna")]["sentence"]

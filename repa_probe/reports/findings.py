@@ -58,14 +58,15 @@ class Finding:
         steps = {self.a.row.get("step"), self.b.row.get("step")}
         if None not in steps:
             parts.append(f"step {'/'.join(str(s) for s in sorted(steps))}")
-        return ", ".join(parts)
+        text = ", ".join(parts)
+        return text if not text or text.startswith("at ") else f"at {text}"
 
     def diff_text(self) -> str:
         return N.fmt_interval(self.difference, *self.ci, sign=True)
 
     def sentence(self) -> str:
-        hint = " (lower is better)" if N.lower_is_better(self.metric) else ""
-        text = (f"{self.a.run} vs {self.b.run}: {N.metric_label(self.metric)}{hint} {self.where()}: "
+        hint = ", lower is better" if N.lower_is_better(self.metric) else ""
+        text = (f"{self.a.run} vs {self.b.run}: {N.metric_label(self.metric)} {self.where()}{hint}: "
                 f"{self.a.text} vs {self.b.text}, {self.diff_text()}")
         if self.resolved is None:
             return text + " (no interval: the analysis stored no bootstrap replicates)."

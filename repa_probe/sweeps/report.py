@@ -90,7 +90,8 @@ def _appendix(root: Path, record: dict) -> list[tuple]:
         status = "complete" if summary["complete"] else f"PARTIAL: {len(summary['missing'])} unit(s) missing"
         csv_path = res / summary["files"]["csv"]
         rows = read_table(csv_path) if csv_path.is_file() else []
-        text = f"{summary['done']}/{summary['units']} units ({status}). Full table: `{os.path.relpath(csv_path, root)}`."
+        text = (f"{summary['done']}/{summary['units']} units ({status}). Full table: "
+                f"`{os.path.relpath(csv_path, root)}`.")
         if rows and "layer" in rows[0]:
             best = write_rows(best_rows(rows), root / "tables" / f"best-{name}.csv")
             text += f" Best block of every checkpoint, timestep and metric: `{os.path.relpath(best, root)}`."

@@ -131,7 +131,8 @@ def evaluate(samples: np.ndarray, ref: Reference, spaces, device="cpu", batch_si
     """Metrics of uint8 ``samples (N, H, W, 3)`` against ``ref`` in every FeatureSpace of ``spaces``; with
     the Inception space also IS (ADM: 10 contiguous splits, no shuffle), KID and precision/recall (k = 3,
     Inception pool3 features; they need reference images). With ``bootstrap`` > 0, ``replicates`` (a dict)
-    receives each Fréchet distance's replicates over the samples (:func:`~repa_probe.analysis.metrics.frechet.fd_replicates`)."""
+    receives each Fréchet distance's replicates over the samples
+    (:func:`~repa_probe.analysis.metrics.frechet.fd_replicates`)."""
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
     from torch_fidelity.metric_kid import kid_featuresdict_to_metric
     from torch_fidelity.metric_prc import prc_featuresdict_to_metric
