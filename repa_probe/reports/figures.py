@@ -8,6 +8,7 @@ Okabe-Ito colour-blind palette (with a marker per run), viridis heatmaps, each s
 """
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 from typing import Optional
@@ -15,6 +16,7 @@ from typing import Optional
 from matplotlib.ticker import MaxNLocator
 
 COLUMN_IN, PAGE_IN = 3.4, 7.0
+DPI = 200
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000", "#F0E442")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 STYLE = {"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
@@ -27,25 +29,36 @@ def run_style(runs: list[str]) -> dict:
     return {r: (PALETTE[i % len(PALETTE)], MARKERS[i % len(MARKERS)]) for i, r in enumerate(runs)}
 
 
+def styled(draw):
+    """Run a drawing function under :data:`STYLE` (matplotlib's ``rc_context``: global rcParams untouched)."""
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context(STYLE):
+            return draw(*args, **kwargs)
+    return wrapper
+
+
 def _figure(width: str, height: float, panels: int = 1):
-    import matplotlib
     from matplotlib.figure import Figure
 
-    matplotlib.rcParams.update(STYLE)
     fig = Figure(figsize=(PAGE_IN if width == "page" else COLUMN_IN, height), layout="constrained")
     return fig, [fig.add_subplot(1, panels, k + 1) for k in range(panels)]
 
 
 def save(fig, stem: Path) -> list[Path]:
-    """``stem.pdf`` (vector) and ``stem.png`` (200 dpi); returns both paths."""
+    """``<stem>.pdf`` (vector) and ``<stem>.png`` (:data:`DPI`); returns both paths. Every figure file of the
+    project is written here (the analyses' quick-look figures too)."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
-    paths = [stem.with_suffix(".pdf"), stem.with_suffix(".png")]
+    paths = [stem.with_name(stem.name + ".pdf"), stem.with_name(stem.name + ".png")]
     fig.savefig(paths[0])
-    fig.savefig(paths[1], dpi=200)
+    fig.savefig(paths[1], dpi=DPI)
     return paths
 
 
+@styled
 def heatmaps(grids: dict, label: str, stem: Path) -> list[Path]:
     """``grids``: run -> ``{(block, t): value}``; one panel per run, block on y (1 at the bottom), timestep
     on x, one colour bar for all panels."""
@@ -90,6 +103,7 @@ def _legend(fig, axes) -> None:
         fig.legend(handles, labels, loc="outside upper center", ncol=min(len(labels), 6), frameon=False)
 
 
+@styled
 def metric_vs_step(panels: dict, styles: dict, stem: Path, fd: Optional[dict] = None,
                    fd_label: Optional[str] = None) -> list[Path]:
     """``panels``: panel title -> run -> ``[(step, value, low, high)]``, one panel each (column width for
@@ -112,6 +126,7 @@ def metric_vs_step(panels: dict, styles: dict, stem: Path, fd: Optional[dict] = 
     return save(fig, stem)
 
 
+@styled
 def scatter(points: list[dict], xlabel: str, ylabel: str, title: str, styles: dict, stem: Path) -> list[Path]:
     """``points``: ``{run, step, x, y}`` per checkpoint; steps annotated."""
     if not points:
@@ -131,6 +146,7 @@ def scatter(points: list[dict], xlabel: str, ylabel: str, title: str, styles: di
     return save(fig, stem)
 
 
+@styled
 def probe_vs_block(panels: dict, chance: Optional[float], encoder: dict, label: str, styles: dict,
                    stem: Path) -> list[Path]:
     """``panels``: panel title (a timestep) -> run -> ``[(block, value)]``; ``chance`` (dotted grey) and the

@@ -38,10 +38,12 @@ def decimals(value, low=None, high=None) -> int:
 
 
 def fmt(value, places: int | None = None, sign: bool = False) -> str:
-    """``value`` with ``places`` decimals (default :func:`decimals`); ``sign``: always a leading + or -.
-    Non-finite or missing values are ``"n/a"``; ``-0.00`` is written ``0.00``."""
+    """``value`` with ``places`` decimals (default :func:`decimals`; an int as is); ``sign``: always a leading
+    + or -. Non-finite or missing values are ``"n/a"``; ``-0.00`` is written ``0.00``."""
     if not finite(value):
         return "n/a"
+    if isinstance(value, int) and places is None:  # counts stay integers
+        return f"{value:+d}" if sign else str(value)
     places = decimals(value) if places is None else places
     text = f"{value:{'+' if sign else ''}.{places}f}"
     if float(text) == 0:
@@ -51,9 +53,9 @@ def fmt(value, places: int | None = None, sign: bool = False) -> str:
 
 def fmt_interval(value, low, high, sign: bool = False) -> str:
     """``"0.471 [0.451, 0.491]"`` (all three with the interval's decimals), or the value alone."""
-    places = decimals(value, low, high)
     if not (finite(low) and finite(high)):
-        return fmt(value, places, sign)
+        return fmt(value, sign=sign)
+    places = decimals(value, low, high)
     return f"{fmt(value, places, sign)} [{fmt(low, places, sign)}, {fmt(high, places, sign)}]"
 
 

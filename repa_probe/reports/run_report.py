@@ -5,7 +5,8 @@ intervals where the analysis stored bootstrap replicates) and links to the files
   spatial values;
 * probe / segment: for each checkpoint and timestep, the best block; the encoder's own accuracy;
 * fid: every metric of every checkpoint;
-* correlate: Pearson and Spearman with intervals and permutation p-values.
+* correlate: Pearson and Spearman with intervals and permutation p-values;
+* any other analysis of the run skeleton: its first rows.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ from repa_probe.reports import document as D
 from repa_probe.reports import numbers as N
 from repa_probe.reports.bootstrap import interval, row_key
 from repa_probe.reports.markdown import write_markdown
+
+MAX_ROWS = 20
 
 
 def _value(row: dict, replicates: dict) -> str:
@@ -71,7 +74,9 @@ def headline_blocks(analysis: str, rows: list[dict], replicates: dict, summary: 
                                                                                v.get("ci_high")),
                               p_perm=N.fmt(v.get("p_perm"), 3))
                          for k, v in summary.items() if k in ("pearson", "spearman") and isinstance(v, dict)])]
-    return []
+    shown = [dict(r, value=_value(r, replicates)) for r in rows[:MAX_ROWS] if N.finite(r.get("value"))]
+    more = [D.para(f"First {MAX_ROWS} of {len(rows)} rows: the CSV has them all.")] if len(rows) > MAX_ROWS else []
+    return ([D.table(shown)] if shown else []) + more
 
 
 def write_run_report(out_dir, analysis: str, rows: list[dict], replicates: Optional[dict] = None,
