@@ -9,6 +9,7 @@ Okabe-Ito colour-blind palette (with a marker per run), viridis heatmaps, each s
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from pathlib import Path
 from typing import Optional
@@ -52,6 +53,7 @@ def save(fig, stem: Path) -> list[Path]:
     project is written here (the analyses' quick-look figures too)."""
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("fontTools").setLevel(logging.WARNING)  # its font subsetting logs every table at INFO
     paths = [stem.with_name(stem.name + ".pdf"), stem.with_name(stem.name + ".png")]
     fig.savefig(paths[0])
     fig.savefig(paths[1], dpi=DPI)
@@ -100,7 +102,8 @@ def _line(ax, pts: list, style: tuple, label: Optional[str], dashed: bool = Fals
 def _legend(fig, axes) -> None:
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, loc="outside upper center", ncol=min(len(labels), 6), frameon=False)
+        per_row = 6 if fig.get_figwidth() > COLUMN_IN else 3  # a column-wide legend wraps to more rows
+        fig.legend(handles, labels, loc="outside upper center", ncol=min(len(labels), per_row), frameon=False)
 
 
 @styled

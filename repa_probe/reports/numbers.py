@@ -52,11 +52,12 @@ def fmt(value, places: int | None = None, sign: bool = False) -> str:
 
 
 def fmt_interval(value, low, high, sign: bool = False) -> str:
-    """``"0.471 [0.451, 0.491]"`` (all three with the interval's decimals), or the value alone."""
+    """``"0.471 [0.451, 0.491]"`` (all three with the interval's decimals; ``sign``: a signed value, e.g. a
+    difference ``"+0.14 [0.11, 0.17]"``), or the value alone."""
     if not (finite(low) and finite(high)):
         return fmt(value, sign=sign)
     places = decimals(value, low, high)
-    return f"{fmt(value, places, sign)} [{fmt(low, places, sign)}, {fmt(high, places, sign)}]"
+    return f"{fmt(value, places, sign)} [{fmt(low, places)}, {fmt(high, places)}]"
 
 
 def metric_label(name: str) -> str:

@@ -42,9 +42,12 @@ def build_paper(choice: ReportChoice, data: ReportData, root: Path, correlations
     parts.files.append(T.write_rows([f.csv_row() for f in found], root / "findings.csv", CSV_COLUMNS))
     cells = T.summary_cells(choice, data)
     parts.files.append(T.write_rows(T.summary_csv_rows(cells), root / "tables" / "summary.csv"))
+    times = sorted({N.time_label(s.row["timestep"]) for e in cells for s in e["cells"].values()
+                    if s.row.get("timestep") is not None})
     parts.tables = [D.table(T.summary_rows(cells), "summary",
-                            "Each run at its final checkpoint (block: the one its comparison uses). Raw values "
-                            "with intervals: `tables/summary.csv`.")]
+                            f"Each run at its final checkpoint, at t = {' / '.join(times) or '-'} (t = 0 clean, 1 "
+                            "noise) and the block its comparison uses. Raw values with intervals: "
+                            "`tables/summary.csv`.")]
     if found:
         parts.tables.append(D.table(T.findings_rows(found), "comparisons",
                                     "Differences A - B with paired bootstrap 95% intervals (`findings.csv`)."))

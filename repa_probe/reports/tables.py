@@ -37,8 +37,7 @@ def summary_cells(choice: ReportChoice, data: ReportData) -> list[dict]:
                 row = pick(rows, ckpt, metric, block, t)
                 if row is None:
                     continue
-                col = N.metric_label(metric) + (f" (t = {N.time_label(t)})" if t is not None else "")
-                entry["cells"][col] = side(data, analysis, run, row)
+                entry["cells"][N.metric_label(metric)] = side(data, analysis, run, row)
                 entry["step"] = entry["step"] or row.get("step")
                 if row.get("layer") is not None and entry["block"] is None:
                     entry["block"] = row["layer"]
