@@ -26,7 +26,7 @@ With only --ckpt and --out, dataset, encoder, VAE and objective come from our ch
 
 Outputs in --out: alignment.csv (checkpoint, step, layer, timestep, metric, value, ci_low, ci_high, n),
 summary.json (best block per checkpoint/timestep/metric, settings, versions), options.json (the resolved
-options) and figures/ (PDF + PNG).
+options), report.md (the headline numbers), replicates.npz (with --bootstrap) and figures/ (PDF + PNG).
 """
 
 EXAMPLES = """\
@@ -111,8 +111,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for b in (b for b in summary["best"] if b["timestep"] == plot_t):
         print(f"{b['checkpoint']}  t={b['timestep']}  {b['metric']}: best block {b['best_layer']} "
               f"({b['value']:.4f})")
-    print(f"wrote {os.path.join(args.out, 'alignment.csv')}, summary.json and {len(summary['files']['figures'])} "
-          f"figure files")
+    print(f"wrote {os.path.join(args.out, 'alignment.csv')}, summary.json, report.md and "
+          f"{len(summary['files']['figures'])} figure files")
     return 0
 
 

@@ -25,7 +25,7 @@ works offline. Fréchet distances are computed in float64.
 Reference (--ref): an ADM reference batch .npz (mu/sigma; its arr_0 only for KID and precision/recall), an
 image folder or .npz of images, or OUT/reference_stats.pt of an earlier run.
 Outputs: fid.csv (checkpoint, step, metric, value, num_samples, sampler settings), summary.json,
-reference_stats.pt, figures/fid_vs_step.{pdf,png}.
+reference_stats.pt, figures/fid_vs_step.{pdf,png}, report.md and, with --bootstrap, replicates.npz.
 """
 
 EXAMPLES = """\
@@ -85,7 +85,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     for r in summary["rows"]:
         print(f"{r['checkpoint']}  {r['metric']}: {r['value']:.4f}  (n={r['num_samples']})")
-    print(f"wrote {summary['files']['csv']}, summary.json and {len(summary['files']['figures'])} figure files")
+    print(f"wrote {summary['files']['csv']}, summary.json, report.md and {len(summary['files']['figures'])} "
+          "figure files")
     return 0
 
 
