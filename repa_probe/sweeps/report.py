@@ -50,8 +50,8 @@ def report_data(record: dict) -> ReportData:
         path = res / name / summary["files"]["csv"]
         tables[name] = read_table(path) if path.is_file() else []
         replicates[name] = read_replicates([res / name / REPLICATES])
-    labels = {r.get("checkpoint") for rows in tables.values() for r in rows if r.get("checkpoint")}
-    run_of = {c: c.rsplit("/", 1)[0] for c in labels if c.rsplit("/", 1)[0] in runs}
+    run_of = {c["label"]: c["run"] for s in record["sweep"]["results"].values() for c in s.get("checkpoints", [])
+              if isinstance(c, dict) and c.get("run") in runs}  # the aggregates' label -> run
     repa_block = {k: (v.get("encoder_depth") if (v.get("proj_coeff") or 0) > 0 else None)
                   for k, v in record["runs"].items()}
     return ReportData(tables, replicates, run_of, repa_block, runs)
