@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from tools.golden.common import log, need, randomize_, repo_on_path, save_pt, seed_all, stub_modules
+from tools.golden.models import run_with_hidden
 
 NUM_CLASSES = 10
 BATCH = 4
@@ -83,21 +84,15 @@ def build(models, config: dict, seed: int) -> torch.nn.Module:
     return model.eval()
 
 
-@torch.no_grad()
 def forward_record(model, config: dict, seed: int) -> dict:
+    """Fixed inputs (t in SiT time, 0 and 1 included; one null label), their output and every block's output."""
     gen = torch.Generator().manual_seed(1000 + seed)
     s, c = config["input_size"], config["in_channels"]
     x = torch.randn(BATCH, c, s, s, generator=gen)
     t = torch.cat([torch.tensor([0.0]), torch.rand(BATCH - 2, generator=gen), torch.tensor([1.0])])
     y = torch.tensor([0, 3, NUM_CLASSES, NUM_CLASSES - 1], dtype=torch.int64)
-    hidden = []
-    hooks = [b.register_forward_hook(lambda m, i, o: hidden.append(o.detach().clone())) for b in model.blocks]
-    try:
-        out = model(x, t, y)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {"config": dict(config), "x": x, "t": t, "y": y, "out": out, "hidden": torch.stack(hidden)}
+    out, hidden = run_with_hidden(model, x, t, y)
+    return {"config": dict(config), "x": x, "t": t, "y": y, "out": out, "hidden": hidden}
 
 
 def loss_record(model, transport_pkg, seed: int = 30) -> dict:
