@@ -178,6 +178,9 @@ class LightningDiT(DiffusionTransformer):
         # read by _make_block / _make_final_layer while DiffusionTransformer.__init__ builds the layers
         object.__setattr__(self, "options", LightningOptions(bool(swiglu), bool(rmsnorm), bool(rope), bool(wo_shift)))
         super().__init__(**kwargs)
+        if rope and self.cls_token_dim:
+            raise ModelInputError("invalid LightningDiT config: RoPE has a table for the patch tokens only; "
+                                  "REG's class token (cls_token_dim) needs rope off")
         self._config.update(dataclasses.asdict(self.options))
         self.feat_rope = AxialRoPE(self.hidden_size // self.num_heads, self.grid_size) if rope else None
         for block in self.blocks:
