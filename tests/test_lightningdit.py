@@ -88,6 +88,8 @@ def test_released_xl1_layout_and_name():
         create_model("SiT-S/2", swiglu=True)
     with pytest.raises(ModelInputError, match="divisible by 4"):
         create_model("LightningDiT-S/2", hidden_size=36, num_heads=6)
+    with pytest.raises(ModelInputError, match="cls_token_dim"):  # REG's extra token has no RoPE row
+        create_model("LightningDiT-S/2", depth=1, cls_token_dim=8)
 
 
 def test_loss_terms_match_their_transport_with_cosine_loss():

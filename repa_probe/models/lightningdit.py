@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from repa_probe.models.layers import Attention, FinalLayer, Mlp, ModelInputError
+from repa_probe.models.layers import Attention, Mlp, ModelInputError
 from repa_probe.models.transformer import DiffusionTransformer
 
 ROPE_THETA = 10000.0
@@ -178,9 +178,6 @@ class LightningDiT(DiffusionTransformer):
         # read by _make_block / _make_final_layer while DiffusionTransformer.__init__ builds the layers
         object.__setattr__(self, "options", LightningOptions(bool(swiglu), bool(rmsnorm), bool(rope), bool(wo_shift)))
         super().__init__(**kwargs)
-        if rope and self.cls_token_dim:
-            raise ModelInputError("invalid LightningDiT config: RoPE has a table for the patch tokens only; "
-                                  "REG's class token (cls_token_dim) needs rope off")
         self._config.update(dataclasses.asdict(self.options))
         self.feat_rope = AxialRoPE(self.hidden_size // self.num_heads, self.grid_size) if rope else None
         for block in self.blocks:
@@ -189,13 +186,16 @@ class LightningDiT(DiffusionTransformer):
 
     def _make_block(self) -> nn.Module:
         c = self._config
+        if self.options.rope and c.get("cls_token_dim"):
+            raise ModelInputError("invalid LightningDiT config: RoPE has a table for the patch tokens only; "
+                                  "REG's class token (cls_token_dim) needs rope off")
         if self.options.rope and (c["hidden_size"] // c["num_heads"]) % 4:
             raise ModelInputError(f"invalid LightningDiT config: rope needs head_dim = hidden_size / num_heads "
                                   f"divisible by 4, got {c['hidden_size']} / {c['num_heads']}")
         return LightningBlock(c["hidden_size"], c["num_heads"], c["mlp_ratio"], c["qk_norm"], self.options)
 
     def _make_final_layer(self) -> nn.Module:
-        layer = FinalLayer(self.hidden_size, self.patch_size, self.out_channels)
+        layer = super()._make_final_layer()
         if self.options.rmsnorm:
             layer.norm_final = RMSNorm(self.hidden_size)
         return layer
