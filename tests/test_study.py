@@ -105,7 +105,9 @@ def test_tiny_study_writes_its_report(tmp_path):
         assert f"{ckpt}," in best
     assert "tables/best-alignment.csv" in md
     assert json.loads((root / "study.json").read_text())["runs"]["baseline"]["proj_coeff"] == 0.0
-    # rerun: nothing trained or computed again
+    # rerun: nothing trained or computed again, no figure redrawn
+    drawn = (root / "figures" / "heatmap-cknna.pdf").stat().st_mtime_ns
     again = run_study(cfg, command="pytest")
     assert all(r["trained"] == "existing" for r in again["runs"].values())
+    assert (root / "figures" / "heatmap-cknna.pdf").stat().st_mtime_ns == drawn and (root / "report.tex").is_file()
     assert not again["sweep"]["failed"]
