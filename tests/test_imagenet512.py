@@ -73,6 +73,7 @@ def test_training_and_alignment_at_1024_tokens_with_encoder_tokens_resized(tmp_p
     tokens resized to the model grid), the alignment (CKNNA per block) and a spatial metric at 1024 tokens."""
     from repa_probe.analysis.alignment.run import alignment_table
     from repa_probe.analysis.alignment.spatial import model_spatial_values
+    from repa_probe.analysis.core.features import CaptureSettings
     from repa_probe.analysis.core.features import prepare_inputs
     from repa_probe.analysis.core.inputs import (DataSource, build_analysis_dataset, build_config_encoder,
                                                  load_checkpoints)
@@ -94,5 +95,6 @@ def test_training_and_alignment_at_1024_tokens_with_encoder_tokens_resized(tmp_p
     assert {(r["layer"], r["timestep"]) for r in rows} == {(1, 0.0), (2, 0.0), (1, 1.0), (2, 1.0)}
     assert all(-1 <= r["value"] <= 1 for r in rows)
     inputs = prepare_inputs(torch.utils.data.Subset(dataset, range(3)), progress=False)
-    values = model_spatial_values(entry.model, entry.objective, inputs, [0.5], [1], ["lds"], progress=False)
+    values = model_spatial_values(entry.model, entry.objective, inputs, [0.5], [1], ["lds"],
+                                  settings=CaptureSettings(progress=False))
     assert values[(1, 0.5)]["lds"].shape == (3,) and torch.isfinite(values[(1, 0.5)]["lds"]).all()
