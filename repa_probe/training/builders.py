@@ -57,12 +57,15 @@ def encoder_kind(cfg: Config) -> str:
 
 
 def latent_shape(cfg: Config, vae) -> Tuple[int, int]:
-    """(channels, side) of what the diffusion model sees: VAE latents or pixels."""
+    """(channels, side) of what the diffusion model sees: the VAE's latents (its ``latent_channels`` and
+    ``downsample_factor``, e.g. 4 x f8 for SD-VAE, 32 x f16 for VA-VAE) or pixels (3, resolution)."""
     if vae is None:
         return 3, cfg.data.resolution
-    if cfg.data.resolution % 8:
-        raise ConfigError(f"data.resolution={cfg.data.resolution} must be a multiple of 8 for the VAE")
-    return 4, cfg.data.resolution // 8
+    f = vae.downsample_factor
+    if cfg.data.resolution % f:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} must be a multiple of {f} for vae.name={vae.name} "
+                          f"(it downsamples by {f})")
+    return vae.latent_channels, cfg.data.resolution // f
 
 
 def build_model(cfg: Config, batches: "Batches", enc):
