@@ -36,6 +36,7 @@ from repa_probe.analysis.core.runner import Analysis, Run, run_analysis
 from repa_probe.analysis.alignment.spatial import SpatialAnalysis
 from repa_probe.analysis.core.targets import dataset_identity, encoder_features
 from repa_probe.errors import ReproError
+from repa_probe.reports.bootstrap import interval
 from repa_probe.timesteps import TIME_HELP, label
 
 __all__ = ["alignment_table", "run_alignment", "best_layers", "metric_function", "check_metric_settings",
@@ -110,7 +111,8 @@ def alignment_table(model, objective, data, target, options: AlignmentOptions | 
             batch_size, target_kind, cache_dir, progress); default ``AlignmentOptions()``.
         checkpoint, step: the row labels.
     Returns:
-        dicts with the :data:`CSV_COLUMNS` keys (``ci_low``/``ci_high`` None without bootstrap).
+        dicts with the :data:`CSV_COLUMNS` keys (``ci_low``/``ci_high`` None without bootstrap; with it also
+        ``replicates`` (B,) and ``replicate_scale``, see :mod:`repa_probe.reports.bootstrap`).
     """
     opts = options or AlignmentOptions()
     device = next(model.parameters()).device if device is None else torch.device(device)
@@ -127,26 +129,25 @@ def alignment_table(model, objective, data, target, options: AlignmentOptions | 
         fs = extract_features(model, objective, data, [t], opts.layers, pool="mean", device=device,
                               batch_size=opts.batch_size, seed=opts.seed, labels=opts.labels, progress=opts.progress)
         for layer in fs.layers:
-            base = dict(checkpoint=checkpoint, step=step, layer=layer, timestep=label(t), n=n)
-            rows += _metric_rows(fs.get(layer, t), b, names, opts, base, device)
-            if fs.class_token:  # REG: the class token, its own "layer"
-                rows += _metric_rows(fs.class_token[(layer, t)], b, names, opts, base, device, suffix=CLASS_TOKEN)
+            a = M.prepare_features(fs.get(layer, t).float()).to(device)
+            cls = M.prepare_features(fs.class_token[(layer, t)].float()).to(device) if fs.class_token else None
+            for name in names:
+                row = dict(checkpoint=checkpoint, step=step, layer=layer, timestep=label(t), metric=name, n=n)
+                fn = metric_function(name, opts.topk)
+                rows.append(_with_interval(row, fn, a, b, opts))
+                if cls is not None:  # REG: the class token, its own "layer"
+                    rows.append(_with_interval(dict(row, metric=name + CLASS_TOKEN), fn, cls, b, opts))
     return rows
 
 
-def _metric_rows(features: torch.Tensor, b: torch.Tensor, names, opts: AlignmentOptions, base: dict, device,
-                 suffix: str = "") -> list[dict]:
-    """Rows of ``names`` between model ``features: (N, D)`` (prepared here) and the prepared target ``b``."""
-    a = M.prepare_features(features.float()).to(device)
-    rows = []
-    for name in names:
-        fn = metric_function(name, opts.topk)
-        if opts.bootstrap:
-            value, lo, hi = M.bootstrap(fn, a, b, n=opts.bootstrap, seed=opts.seed)
-        else:
-            value, lo, hi = fn(a, b), None, None
-        rows.append(dict(base, metric=name + suffix, value=float(value), ci_low=lo, ci_high=hi))
-    return rows
+def _with_interval(row: dict, fn: Callable, a: torch.Tensor, b: torch.Tensor, opts: AlignmentOptions) -> dict:
+    """``row`` with ``value`` and, with ``opts.bootstrap``, its half-sampling interval and ``replicates``
+    (popped into ``replicates.npz`` by the run skeleton)."""
+    if not opts.bootstrap:
+        return dict(row, value=float(fn(a, b)), ci_low=None, ci_high=None)
+    value, reps, scale = M.bootstrap_replicates(fn, a, b, n=opts.bootstrap, seed=opts.seed)
+    low, high = interval(value, reps, scale)
+    return dict(row, value=value, ci_low=low, ci_high=high, replicates=reps, replicate_scale=scale)
 
 
 def cross_metrics(names: Sequence[str]) -> list[str]:
