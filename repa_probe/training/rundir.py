@@ -81,13 +81,19 @@ def prepare(out_dir: str, name: str) -> Path:
     return run
 
 
-def remove_new_run(run: Path) -> None:
-    """Undo :func:`prepare` of a run folder made by a start that failed (only while it holds no checkpoint)."""
+def remove_new_run(run: Path, made: Path) -> None:
+    """Undo :func:`prepare` after a start that failed: remove ``run`` (only while it holds no checkpoint) and
+    its parents up to ``made``, the first folder that start created."""
     if list_checkpoints(run / "checkpoints"):
         return
     for path in sorted(run.rglob("*"), key=lambda p: len(p.parts), reverse=True):
         path.rmdir() if path.is_dir() else path.unlink(missing_ok=True)
-    run.rmdir()
+    for folder in [run, *run.parents]:
+        if not folder.is_dir() or any(folder.iterdir()):
+            break
+        folder.rmdir()
+        if folder == made:
+            break
 
 
 def list_checkpoints(ckpt_dir: Path) -> List[Tuple[int, Path]]:

@@ -261,7 +261,7 @@ def _start(cfg: Config, dist: DistInfo) -> tuple:
                          f"process(es) x train.grad_accum={cfg.train.grad_accum} micro-batches")
     run_path = Path(cfg.run.out_dir) / cfg.run.name
     rundir.check_same_run(run_path, to_dict(cfg))
-    made = not run_path.exists()
+    made = next((p for p in [*reversed(run_path.parents), run_path] if not p.exists()), None)  # made by this start
     run = rundir.prepare(cfg.run.out_dir, cfg.run.name)
     handler = rundir.add_file_log(run) if dist.is_main else None
     try:
@@ -273,8 +273,8 @@ def _start(cfg: Config, dist: DistInfo) -> tuple:
         if handler is not None:
             log.removeHandler(handler)
             handler.close()
-        if made and dist.is_main:  # a failed start leaves no half-made run folder
-            rundir.remove_new_run(run)
+        if made is not None and dist.is_main:  # a failed start leaves no half-made run folder
+            rundir.remove_new_run(run, made)
         raise
     if dist.is_main:
         (run / "config.yaml").write_text(to_yaml(cfg))

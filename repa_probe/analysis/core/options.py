@@ -60,7 +60,7 @@ def parse_layers(value) -> str | list[int]:
     """``"all"`` / None or 1-based block numbers (``"1,4,8"`` or a list) -> ``"all"`` or a sorted unique list."""
     if value is None or value == "all":
         return "all"
-    items = value.split(",") if isinstance(value, str) else list(value)
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
     try:
         given = [int(str(v).strip()) for v in items if str(v).strip()]
     except ValueError:
