@@ -38,7 +38,6 @@ class SweepJob:
                 continue
             out = Path(unit.out_dir)
             out.mkdir(parents=True, exist_ok=True)
-            (out / DONE).unlink(missing_ok=True)  # a forced rerun: not done until it finishes again
             log.info("%s %s: running into %s", self.job.analysis, unit.ckpt.label, out)
             start = time.perf_counter()
             spec.run([Path(unit.ckpt.path)], out, dict(self.job.options), Path(self.cache_dir))
