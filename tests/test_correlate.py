@@ -121,6 +121,7 @@ def test_cli_writes_csv_json_and_figures(tmp_path, capsys):
     figs = {Path(p).name for p in summary["files"]["figures"]}
     assert {"scatter_cknna_block2_t_0.5_vs_fid_inception.pdf", "steps_cknna_block2_t_0.5_vs_fid_inception.png"} <= figs
     assert all((out / p).stat().st_size > 0 for p in summary["files"]["figures"])
+    assert "| pearson | 10 |" in (out / "report.md").read_text()
 
 
 def _one_line_error(capsys, argv) -> str:
@@ -223,3 +224,18 @@ def test_tables_of_different_checkpoints_need_the_same_n_and_seed_but_not_the_sa
     (tmp_path / "r2" / "options.json").write_text(json.dumps(dict(num_samples=64, seed=3)))
     with pytest.raises(CorrelateError, match="hold different checkpoints.*seed 0 vs 3"):
         check_settings(df)
+
+
+def test_a_second_correlation_into_the_same_out_removes_the_first_ones_figures(tmp_path, caplog):
+    make_runs(tmp_path / "t", runs=2, per_run=3)
+    out = tmp_path / "o"
+    base = ["--tables", str(tmp_path / "t"), "--y", "fid_inception", "--out", str(out), "--bootstrap", "0",
+            "--permutations", "0"]
+    assert main(base + ["--x", "cknna@block2,t=0.5"]) == 0
+    first = set(json.loads((out / "summary.json").read_text())["files"]["figures"])
+    with caplog.at_level(logging.WARNING, logger="repa_probe"):
+        assert main(base + ["--x", "cknna@block1,t=0"]) == 0
+    now = {str(p.relative_to(out)) for p in (out / "figures").rglob("*") if p.is_file()}
+    assert now == set(json.loads((out / "summary.json").read_text())["files"]["figures"]) and not first & now
+    assert "held the outputs of an earlier correlation; removed correlation.csv" in caplog.text
+    assert not (out / "INCOMPLETE").exists()

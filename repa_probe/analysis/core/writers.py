@@ -98,31 +98,21 @@ def read_json(path, default=None):
 
 
 # ------------------------------------------------------------------------------------ one run per folder
-def _listed_files(files) -> list[str]:
-    """Every relative path named in a summary's ``files`` entry (strings, lists, dicts of them)."""
-    if isinstance(files, str):
-        return [files]
-    if isinstance(files, dict):
-        files = list(files.values())
-    return [p for v in (files if isinstance(files, list) else []) for p in _listed_files(v)]
-
-
 def begin_outputs(out, names: Sequence[str]) -> list[str]:
-    """Make ``out`` hold one run's outputs: remove an earlier run's (``names``, the files its ``summary.json``
-    lists, everything under ``figures/``, left-over ``.*.tmp`` files; other files are left alone) and write
-    the :data:`INCOMPLETE` marker, which :func:`end_outputs` removes once the run is complete.
+    """Make ``out`` hold one run's outputs: remove an earlier run's (``names``, ``summary.json``, everything
+    under ``figures/``, left-over ``.*.tmp`` files; other files, such as sample folders a run resumes, are
+    left alone) and write the :data:`INCOMPLETE` marker, which :func:`end_outputs` removes once the run is
+    complete.
 
     Returns the removed paths, relative to ``out``.
     """
     out = Path(out)
-    listed = _listed_files((read_json(out / "summary.json", {}) or {}).get("files", []))
-    candidates = [out / n for n in [*names, "summary.json", *listed]]
+    candidates = [out / n for n in [*names, "summary.json"]]
     candidates += sorted(p for p in (out / "figures").rglob("*") if p.is_file()) if (out / "figures").is_dir() else []
     candidates += sorted(out.glob(".*.tmp"))
     removed = []
     for path in dict.fromkeys(candidates):
-        inside = path.resolve().is_relative_to(out.resolve())
-        if inside and path.is_file():
+        if path.is_file():
             path.unlink()
             removed.append(str(path.relative_to(out)))
     write_text(out / INCOMPLETE, "The run writing this folder has not finished (interrupted or failed): its "

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-from repa_probe.analysis.core.writers import read_json, write_json, write_text
+from repa_probe.analysis.core.writers import begin_outputs, end_outputs, read_json, write_json, write_text
 from repa_probe.errors import ReproError
 
 __all__ = ["CorrelateError", "Quantity", "parse_quantity", "find_tables", "load_tables", "select", "join",
@@ -366,10 +366,12 @@ def correlate_table(df: pd.DataFrame, x: str | Quantity, y: str | Quantity, last
 
 def run_correlate(tables: Sequence, x: str, y: str, out_dir, last_only: bool = False, bootstrap: int = 2000,
                   permutations: int = 10000, seed: int = 0) -> dict:
-    """Tables -> ``out_dir/correlation.csv`` (the joined points), ``summary.json`` and ``figures/`` (scatter
-    coloured by run with steps annotated; both quantities vs training step on twin axes). Returns the summary."""
+    """Tables -> ``out_dir/correlation.csv`` (the joined points), ``summary.json``, ``report.md`` (the
+    statistics) and ``figures/`` (scatter coloured by run with steps annotated; both quantities vs training
+    step on twin axes). Returns the summary."""
     from repa_probe.analysis.correlation.plots import scatter, versus_step
     from repa_probe.analysis.core.plots import slug
+    from repa_probe.reports.run_report import write_run_report
 
     for name, v in (("--bootstrap", bootstrap), ("--permutations", permutations)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -381,6 +383,9 @@ def run_correlate(tables: Sequence, x: str, y: str, out_dir, last_only: bool = F
         (out / "figures").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CorrelateError(f"--out {out} is not writable ({exc.strerror or exc})") from None
+    removed = begin_outputs(out, ["correlation.csv", "report.md"])
+    if removed:
+        log.warning("--out %s held the outputs of an earlier correlation; removed %s", out, ", ".join(removed))
     write_text(out / "correlation.csv", points.to_csv(index=False))
     stem = f"{slug(stats['x'])}_vs_{slug(stats['y'])}"
     figures = scatter(points, stats, out / "figures" / f"scatter_{stem}")
@@ -389,5 +394,7 @@ def run_correlate(tables: Sequence, x: str, y: str, out_dir, last_only: bool = F
     summary = dict(stats, tables=[str(p) for p in files],
                    files={"csv": "correlation.csv", "figures": [str(p.relative_to(out)) for p in figures]})
     write_json(summary, out / "summary.json")
+    write_run_report(out, "correlate", [], None, summary, [out / "correlation.csv", out / "summary.json", *figures])
+    end_outputs(out)
     return summary
 
