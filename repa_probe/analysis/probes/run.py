@@ -33,6 +33,7 @@ from repa_probe.analysis.probes.plots import chance_levels, make_probe_figures
 from repa_probe.analysis.core.runner import Analysis, Run, run_analysis
 from repa_probe.analysis.core.targets import encoder_features
 from repa_probe.reports.bootstrap import resample_means
+from repa_probe.reports.numbers import fmt
 from repa_probe.timesteps import TIME_HELP, label
 
 log = logging.getLogger("repa_probe")
@@ -158,7 +159,7 @@ class ProbeAnalysis(Analysis):
         self.details.append(dict(base, **res.to_dict()))
         where = base["source"] if base["layer"] is None else f"block {base['layer']} t={base['timestep']}"
         log.info("%s %s %s: %s", self.name, base["checkpoint"], where,
-                 ", ".join(f"{r['metric']}={r['value']:.4f}" for r in rows))
+                 ", ".join(f"{r['metric']}={fmt(r['value'])}" for r in rows))
         return rows
 
     def _warn_unselected(self, res) -> None:
