@@ -10,6 +10,10 @@ REPA's own CKNNA code is unreleased (REPA issue #54), so this follows platonic-r
 
 Time: user times as in :mod:`repa_probe.timesteps` (t = 0 clean data, t = 1 pure noise, or ``step:N``).
 
+REG models: the mean-pooled features are the patch tokens'; the class token is analysed as its own "layer": its
+hidden state at each block and timestep against the same target, in rows whose metric is ``<metric>_cls``
+(e.g. ``cknna_cls``) — see :mod:`repa_probe.analysis.core.class_token` for the class token they are given.
+
 :func:`alignment_table` works on in-memory objects and returns rows; :func:`run_alignment` goes from
 checkpoint files to ``alignment.csv``, ``summary.json``, ``options.json`` and figures through the shared
 run skeleton (:mod:`repa_probe.analysis.core.runner`), validating every input first.
@@ -23,7 +27,8 @@ from typing import Callable, Sequence
 import torch
 
 from repa_probe.analysis import metrics as M
-from repa_probe.analysis.core.capture import MeanPool, capture
+from repa_probe.analysis.core.capture import MeanPool, capture, class_key
+from repa_probe.analysis.core.class_token import attach_class_tokens, class_token_encoder
 from repa_probe.analysis.core.features import CaptureSettings, ModelInputs, capture_spec, prepare_inputs
 from repa_probe.analysis.core.inputs import (build_analysis_dataset, check_class_labels, check_times_and_layers,
                                         resolve_encoder, resolve_source)
@@ -37,12 +42,13 @@ from repa_probe.timesteps import TIME_HELP, label
 
 __all__ = ["alignment_table", "run_alignment", "best_layers", "metric_function", "check_metric_settings",
            "AlignmentAnalysis", "AlignmentOptions", "AlignmentError", "METRICS", "KNN_METRICS", "TARGET_KINDS",
-           "CSV_COLUMNS"]
+           "CSV_COLUMNS", "CLASS_TOKEN"]
 
 log = logging.getLogger("repa_probe")
 
 KNN_METRICS = ("cknna", "mutual_knn", "cycle_knn")
 CSV_COLUMNS = ("checkpoint", "step", "layer", "timestep", "metric", "value", "ci_low", "ci_high", "n")
+CLASS_TOKEN = "_cls"  # metric suffix of a REG model's class-token rows
 FEATURE_PREP = ("platonic-rep: clamp |x| at the mean per-sample 0.95 quantile, then L2 rows; per (layer, "
                 "timestep) on the model side")
 
@@ -64,10 +70,10 @@ def check_metric_settings(metrics: Sequence[str], n: int, topk: int, bootstrap: 
     """Raise AlignmentError when N, k or the bootstrap cannot work together (their own ranges are checked by
     :class:`AlignmentOptions`: ``topk >= 2``, ``bootstrap`` 0 or >= 2)."""
     if n < 4:
-        raise AlignmentError(f"need at least 4 samples, got N = {n}")
+        raise AlignmentError(f"--num-samples: the metrics need at least 4 images, got N = {n}")
     if any(m in KNN_METRICS for m in metrics):
         if topk >= n:
-            raise AlignmentError(f"--topk {topk} must be smaller than the number of samples N = {n}")
+            raise AlignmentError(f"--topk {topk} must be smaller than the number of images N = {n} (--num-samples)")
         half = int(round(0.5 * n))
         if bootstrap and topk >= half:
             raise AlignmentError(f"--bootstrap resamples N/2 = {half} rows, which must exceed --topk {topk}")
@@ -95,10 +101,16 @@ def cross_rows(pooled: dict, target: torch.Tensor, opts: AlignmentOptions, devic
     b = M.prepare_features(target.float()).to(device)
     n, rows = len(target), []
     for (layer, t), feats in pooled.items():
+        if not isinstance(layer, int):
+            continue                                  # a REG class token: with its block below
         a = M.prepare_features(feats.float()).to(device)
+        cls = pooled.get((class_key(layer), t))
+        cls = None if cls is None else M.prepare_features(cls.float()).to(device)
         for name in cross_metrics(opts.metric):
-            row = dict(layer=layer, timestep=label(t), metric=name, n=n)
-            rows.append(_with_interval(row, metric_function(name, opts.topk), a, b, opts))
+            row, fn = dict(layer=layer, timestep=label(t), metric=name, n=n), metric_function(name, opts.topk)
+            rows.append(_with_interval(row, fn, a, b, opts))
+            if cls is not None:                       # REG: the class token, its own "layer"
+                rows.append(_with_interval(dict(row, metric=name + CLASS_TOKEN), fn, cls, b, opts))
     return rows
 
 
@@ -180,6 +192,7 @@ class AlignmentAnalysis(Analysis):
         self.dataset, self.split = build_analysis_dataset(self.source, opts.split, opts.num_samples)
         check_class_labels(run.entries, opts.labels, getattr(self.dataset, "num_classes", None))
         self.encoder = resolve_encoder(run.entries, opts, self.source.resolution)
+        self.cls_encoder = class_token_encoder(run.entries, self.encoder)
         self.cross = cross_metrics(opts.metric)
         self.spatial_names = [m for m in opts.metric if m not in self.cross]
         check_metric_settings(self.cross, len(self.dataset), opts.topk, opts.bootstrap)
@@ -188,6 +201,7 @@ class AlignmentAnalysis(Analysis):
         opts, vae = run.options, self.source.vae
         self.inputs = prepare_inputs(self.dataset, vae.to(run.device) if vae is not None else None,
                                      opts.batch_size, progress=opts.progress)
+        attach_class_tokens(self.inputs, self.dataset, self.cls_encoder, opts, run.device)
         self.target = encoder_features(self.encoder.to(run.device), self.dataset, opts.target_kind,
                                        cache_dir=opts.cache_dir, batch_size=opts.batch_size,
                                        progress=opts.progress) if self.cross else None

@@ -81,6 +81,8 @@ class SpatialValues(Reducer):
     {name: (N,)}`` (float32, CPU). ``masks: (N, T)`` foreground on the model's token grid (SRSS);
     ``settings``: :class:`~repa_probe.analysis.metrics.spatial.SpatialSettings` (default iREPA's code)."""
 
+    class_tokens = False  # a REG class token is one token: no spatial structure
+
     def __init__(self, names: Sequence[str], masks=None, settings: SpatialSettings | None = None):
         self.names, self.masks, self.settings, self.values = list(names), masks, settings, {}
 

@@ -9,7 +9,9 @@ reducer sees more than one batch of tokens at a time, so the alignment with five
 
 Extra "layers": a :class:`CaptureSpec` may name derived outputs (``extras``: name -> function of the model and
 the captured blocks, e.g. :func:`projector_tokens`; a class token or a latent are added the same way); the
-reducers see them under that name, like a block number (``report``: the keys handed on, default all).
+reducers see them under that name, like a block number (``report``: the keys handed on, default all). A REG
+model's class token (fed noised with the image's t, from :meth:`ModelInputs.class_tokens`) is stripped from every
+block's tokens and handed on as its own "layer" :func:`class_key` (to reducers with ``class_tokens``).
 
 Time: user times (``t = 0`` clean data, ``t = 1`` pure noise, or ``step:N``) are mapped to each model's
 input by :func:`repa_probe.timesteps.model_times`. Noise: :meth:`ModelInputs.noise` (keyed by the seed and the
@@ -28,6 +30,18 @@ from repa_probe.timesteps import DDPM_STEPS, model_times
 
 #: a derived output: ``f(model, hidden: {layer: (b, T, D)}) -> (b, T', D')`` (under the capture's autocast)
 Extra = Callable[[Any, dict], torch.Tensor]
+
+
+CLASS_TOKEN = "cls"
+
+
+def class_key(layer) -> tuple:
+    """The key of a REG model's class token at block ``layer`` (its own "layer")."""
+    return (CLASS_TOKEN, layer)
+
+
+def is_class_token(key) -> bool:
+    return isinstance(key, tuple) and len(key) == 2 and key[0] == CLASS_TOKEN
 
 
 def projector_tokens(model, hidden: dict) -> torch.Tensor:
@@ -58,7 +72,10 @@ class CaptureSpec:
 
 
 class Reducer:
-    """Receives the tokens of every captured layer for each (batch, timestep) and keeps what it needs."""
+    """Receives the tokens of every captured layer for each (batch, timestep) and keeps what it needs.
+    ``class_tokens``: whether it also receives a REG model's class token (key :func:`class_key`, ``(b, 1, D)``)."""
+
+    class_tokens = True
 
     def start(self, n: int) -> None:
         """Called once before the pass with the number of samples."""
@@ -121,15 +138,26 @@ def capture(model, objective, inputs, spec: CaptureSpec, reducers: Sequence[Redu
         b = rows.stop - rows.start
         x0, noise = inputs.x0(rows.start, rows.stop, device), inputs.noise(rows.start, rows.stop, spec.seed, device)
         y = spec.labels[rows].to(device)
+        cls = inputs.class_tokens(rows.start, rows.stop, spec.seed, device, model.cls_token_dim) \
+            if getattr(model, "cls_token_dim", 0) else None
         for t_user, t_proc, t_net in zip(spec.timesteps, process_t, model_t):
-            x_t = objective.add_noise(x0, t_proc.expand(b).to(device), noise)
+            t_b = t_proc.expand(b).to(device)
+            x_t = objective.add_noise(x0, t_b, noise)
+            kwargs = {} if cls is None else dict(cls_token=objective.add_noise(cls[0], t_b, cls[1]), prefix=True)
             with autocast:
-                hidden = dict(zip(spec.layers, model.forward_features(x_t, t_net.expand(b).to(device), y,
-                                                                      layers=blocks)))
-                hidden.update({name: fn(model, hidden) for name, fn in spec.extras.items()})
-            for key in spec.keys:
+                raw = dict(zip(spec.layers, model.forward_features(x_t, t_net.expand(b).to(device), y,
+                                                                   layers=blocks, **kwargs)))
+                raw.update({name: fn(model, raw) for name, fn in spec.extras.items()})
+            p = model.num_prefix_tokens if kwargs else 0       # REG: the class token leads every block's tokens
+            hidden = {key: h[:, p:] for key, h in raw.items()}
+            keys = spec.keys
+            if p:
+                hidden.update({class_key(layer): raw[layer][:, :p] for layer in spec.layers})
+                keys = keys + [class_key(layer) for layer in spec.layers]
+            for key in keys:
                 for r in reducers:
-                    r.add(key, t_user, rows, hidden[key])
+                    if r.class_tokens or not is_class_token(key):
+                        r.add(key, t_user, rows, hidden[key])
             bar.update(1)
     bar.close()
     return model_t.tolist()

@@ -7,6 +7,10 @@ Determinism: the noise of sample ``i`` depends only on ``(seed, dataset index i)
 generator, :func:`repa_probe.sampling.noise.seeded_noise`), so every checkpoint, timestep, batch size and
 device sees the same noise for the same image. VAE latents are the posterior mean (scaled), not a sample.
 
+REG models (``cls_token_dim > 0``) take the class token of their training encoder as an input: it is noised with
+the image's t (its own seeded noise) from :attr:`ModelInputs.cls`; their block outputs lose that token before
+pooling (patch tokens only), and it is kept apart as :attr:`FeatureSet.class_token` (analysed as its own "layer").
+
 Shapes: N samples, C/H/W model input, T tokens, D width.
 """
 from __future__ import annotations
@@ -20,10 +24,11 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from repa_probe.analysis.core.capture import CaptureSpec, MeanPool, Tokens, capture, projector_tokens
+from repa_probe.analysis.core.capture import (CaptureSpec, MeanPool, Tokens, capture, is_class_token,
+                                              projector_tokens)
 from repa_probe.analysis.core.options import LABEL_MODES
 from repa_probe.errors import ReproError
-from repa_probe.sampling.noise import seeded_noise
+from repa_probe.sampling.noise import CLASS_TOKEN_KEY, seeded_noise
 from repa_probe.timesteps import check_objective, parse_time, parse_times
 
 log = logging.getLogger("repa_probe")
@@ -41,13 +46,15 @@ class ModelInputs:
 
     ``data``: uint8 images ``(N, 3, H, W)`` when ``pixel`` (mapped to [-1, 1] per batch) or float32
     latents ``(N, C, h, w)`` (VAE posterior mean * scale + bias); ``labels: (N,)`` int64;
-    ``indices: (N,)`` int64 dataset indices (they key the noise).
+    ``indices: (N,)`` int64 dataset indices (they key the noise); ``cls: (N, D_c)`` float32 clean class tokens
+    of a REG model's training encoder, or None (see :mod:`repa_probe.analysis.core.class_token`).
     """
 
     data: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor
     pixel: bool
+    cls: torch.Tensor | None = None
     _noise: dict = dataclasses.field(default_factory=dict, repr=False)
 
     #: the noise of the whole dataset is memoised (per seed) up to this many bytes, else recomputed per batch
@@ -66,6 +73,19 @@ class ModelInputs:
             self._noise[seed] = torch.cat([seeded_noise(seed, self.indices[i:i + 1024], shape)
                                            for i in range(0, len(self), 1024)])
         return self._noise[seed][start:stop].to(device)
+
+    def class_tokens(self, start: int, stop: int, seed: int, device, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """REG: rows ``start:stop`` of the clean class tokens and their seeded noise, float32 ``(b, dim)`` each."""
+        if self.cls is None or self.cls.shape[1:] != (dim,):
+            got = "none" if self.cls is None else f"width {self.cls.shape[-1]}"
+            raise FeatureError(f"a REG model needs the class tokens of its training encoder (width {dim}), got {got}")
+        noise = seeded_noise(seed ^ CLASS_TOKEN_KEY, self.indices[start:stop], (dim,), device=device)
+        return self.cls[start:stop].to(device).float(), noise
+
+    def subset(self, start: int, stop: int) -> "ModelInputs":
+        """Rows ``start:stop`` (same noise keys: the dataset indices travel along)."""
+        cls = None if self.cls is None else self.cls[start:stop]
+        return ModelInputs(self.data[start:stop], self.labels[start:stop], self.indices[start:stop], self.pixel, cls)
 
     def x0(self, start: int, stop: int, device) -> torch.Tensor:
         """Rows ``start:stop`` as float32 model inputs ``(b, C, H, W)`` on ``device``."""
@@ -117,7 +137,8 @@ class FeatureSet:
     ``features[(layer, t)]``: ``(N, D)`` pooled or ``(N, T, D)`` tokens, on the CPU; ``layers`` 1-based
     block numbers; ``timesteps`` the user times (floats or :class:`~repa_probe.timesteps.Step`);
     ``model_times`` what the network received for each;
-    ``labels: (N,)``; ``indices: (N,)``.
+    ``labels: (N,)``; ``indices: (N,)``; ``class_token[(layer, t)]``: REG models, the class token's ``(N, D)``
+    hidden state (empty otherwise).
     """
 
     features: dict
@@ -127,6 +148,7 @@ class FeatureSet:
     labels: torch.Tensor
     indices: torch.Tensor
     pool: str
+    class_token: dict = dataclasses.field(default_factory=dict)
 
     def get(self, layer: int, t) -> torch.Tensor:
         """Features of block ``layer`` (1-based) at user timestep ``t``: ``(N, D)`` or ``(N, T, D)``."""
@@ -255,5 +277,10 @@ def extract_features(model, objective, data, timesteps, layers="all", pool: str 
     user_t = spec.timesteps
     store = Tokens(s.dtype) if pool == "tokens" else MeanPool(s.dtype)
     net_t = capture(model, objective, inputs, spec, [store])
-    feats = {(layer_list[0] if key == "projector" else key, t): v for (key, t), v in store.features.items()}
-    return FeatureSet(feats, layer_list, user_t, net_t, inputs.labels, inputs.indices, pool)
+    feats, class_token = {}, {}
+    for (key, t), v in store.features.items():
+        if is_class_token(key):                       # REG: the class token's (N, 1, D) or (N, D) hidden state
+            class_token[(key[1], t)] = v.reshape(v.shape[0], -1)
+        else:
+            feats[(layer_list[0] if key == "projector" else key, t)] = v
+    return FeatureSet(feats, layer_list, user_t, net_t, inputs.labels, inputs.indices, pool, class_token)

@@ -12,6 +12,7 @@ naming the flag. :meth:`to_dict` is what an analysis writes to ``options.json``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import numbers
 from typing import Any, Sequence
@@ -28,6 +29,8 @@ TARGET_KINDS = ("cls", "mean_patch")
 FIGURE_SETS = ("summary", "all", "none")
 TASKS = ("linear", "segmentation")
 BACKENDS = ("sklearn", "torch")
+
+log = logging.getLogger("repa_probe")
 
 
 class OptionsError(ReproError, ValueError):
@@ -55,18 +58,35 @@ def _int(name: str, value, minimum: int = 1, optional: bool = False) -> int | No
     return int(value)
 
 
+def _replicates(value) -> int:
+    """``--bootstrap``: 0 (off) or at least 2 replicates."""
+    value = _int("bootstrap", value, minimum=0)
+    if value == 1:
+        raise OptionsError("--bootstrap must be 0 (off) or >= 2 replicates, got 1")
+    return value
+
+
 def parse_layers(value) -> str | list[int]:
     """``"all"`` / None or 1-based block numbers (``"1,4,8"`` or a list) -> ``"all"`` or a sorted unique list."""
     if value is None or value == "all":
         return "all"
-    items = value.split(",") if isinstance(value, str) else list(value)
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
     try:
-        out = sorted({int(str(v).strip()) for v in items if str(v).strip()})
+        given = [int(str(v).strip()) for v in items if str(v).strip()]
     except ValueError:
         raise OptionsError(f"--layers must be 'all' or 1-based block numbers like 1,4,8, got {value!r}") from None
+    out = sorted(set(given))
     if not out or out[0] < 1:
         raise OptionsError(f"--layers must be 'all' or 1-based block numbers like 1,4,8, got {value!r}")
+    _say_merged("--layers", given, out)
     return out
+
+
+def _say_merged(option: str, given: list, kept: list) -> None:
+    """Warn when ``given`` named a value twice (each is computed once: ``kept``)."""
+    if len(kept) < len(given):
+        twice = sorted({str(v) for v in given if given.count(v) > 1})
+        log.warning("%s: %s given more than once; each is computed once", option, ", ".join(twice))
 
 
 def parse_metrics(value) -> list[str]:
@@ -95,10 +115,14 @@ def _positive_floats(name: str, value) -> list[float] | None:
 
 
 def _times(name: str, value) -> list[UserTime]:
+    """Parsed times in the order given; a time named twice (``0.5,0.50``) is kept once, with a warning."""
     try:
-        return parse_times(value, flag(name))
+        given = parse_times(value, flag(name))
     except TimeError as exc:
         raise OptionsError(str(exc)) from None
+    kept = list(dict.fromkeys(given))
+    _say_merged(flag(name), given, kept)
+    return kept
 
 
 @dataclasses.dataclass
@@ -217,9 +241,7 @@ class AlignmentOptions(AnalysisOptions):
         _choice("target_kind", self.target_kind, TARGET_KINDS)
         self.metric = parse_metrics(self.metric)
         self.topk = _int("topk", self.topk, minimum=2)
-        self.bootstrap = _int("bootstrap", self.bootstrap, minimum=0)
-        if self.bootstrap == 1:
-            raise OptionsError("--bootstrap must be 0 (off) or >= 2 replicates, got 1")
+        self.bootstrap = _replicates(self.bootstrap)
         if self.plot_timestep is None:
             self.plot_timestep = min(self.timesteps, key=lambda v: (abs(as_float(v) - 0.5), as_float(v)))
         else:
@@ -258,7 +280,7 @@ class ProbeOptions(AnalysisOptions):
     def validate(self) -> None:
         super().validate()
         _choice("task", self.task, TASKS)
-        self.bootstrap = _int("bootstrap", self.bootstrap, minimum=0)
+        self.bootstrap = _replicates(self.bootstrap)
         _choice("backend", self.backend, BACKENDS)
         if self.labels != "null":
             raise OptionsError("--labels must be null for probes: the true class would hand the probe its answer")

@@ -23,6 +23,7 @@ import dataclasses
 import logging
 from typing import Sequence
 
+from repa_probe.analysis.core.class_token import attach_class_tokens, class_token_encoder
 from repa_probe.analysis.core.features import CaptureSettings, extract_features, prepare_inputs
 from repa_probe.analysis.core.inputs import check_times_and_layers, resolve_encoder
 from repa_probe.analysis.core.options import ProbeOptions
@@ -32,6 +33,7 @@ from repa_probe.analysis.probes.plots import chance_levels, make_probe_figures
 from repa_probe.analysis.core.runner import Analysis, Run, run_analysis
 from repa_probe.analysis.core.targets import encoder_features
 from repa_probe.reports.bootstrap import resample_means
+from repa_probe.reports.numbers import fmt
 from repa_probe.timesteps import TIME_HELP, label
 
 log = logging.getLogger("repa_probe")
@@ -87,6 +89,7 @@ class ProbeAnalysis(Analysis):
         self.task = task
         self.name, self.pool, self.metrics, self.ref_kinds = TASKS[task]
         self.details: list[dict] = []
+        self.warnings: list[str] = []
 
     # ---- hooks
     def setup(self, run: Run) -> None:
@@ -96,6 +99,7 @@ class ProbeAnalysis(Analysis):
         self.data = resolve_probe_data(run.entries, opts)
         self.encoder = resolve_encoder(run.entries, opts, self.data.source.resolution) \
             if opts.encoder_reference else None
+        self.cls_encoder = class_token_encoder(run.entries, self.encoder)  # REG models take its class token
 
     def prepare(self, run: Run) -> list[dict]:
         """Model inputs and probe targets of both splits; the encoder reference rows."""
@@ -103,6 +107,8 @@ class ProbeAnalysis(Analysis):
         vae = vae.to(run.device) if vae is not None else None
         self.inputs = {s: prepare_inputs(getattr(self.data, s), vae, opts.batch_size, progress=opts.progress)
                        for s in SPLITS}
+        for s in SPLITS:
+            attach_class_tokens(self.inputs[s], getattr(self.data, s), self.cls_encoder, opts, run.device)
         # The noise of an image is keyed by (seed, index). Test indices continue after the training ones, so no
         # test image shares its noise with a training image: with shared noise, a probe could read the label
         # off the noise pattern whenever labels follow the index (shapes: label = index % classes).
@@ -143,6 +149,7 @@ class ProbeAnalysis(Analysis):
                         probe_options=dataclasses.asdict(self.fit_config))
         enc = self.encoder
         return {"task": self.task, "settings": settings, "rows": rows, "details": self.details,
+                "warnings": self.warnings,
                 "encoder": None if enc is None else {"name": enc.name, "cache_key": enc.cache_key, "source": enc.source}}
 
     # ---- helpers
@@ -157,11 +164,30 @@ class ProbeAnalysis(Analysis):
             res = fit_segmentation_probe(train_x, y["train"], test_x, y["test"], self.data.num_classes,
                                          self.data.ignore_index, self.fit_config, device=run.device)
         rows = _metric_rows(self.task, res, base, opts.bootstrap, opts.seed)
+        self._warn_unselected(res)
         self.details.append(dict(base, **res.to_dict()))
         where = base["source"] if base["layer"] is None else f"block {base['layer']} t={base['timestep']}"
         log.info("%s %s %s: %s", self.name, base["checkpoint"], where,
-                 ", ".join(f"{r['metric']}={r['value']:.4f}" for r in rows))
+                 ", ".join(f"{r['metric']}={fmt(r['value'])}" for r in rows))
         return rows
+
+    def _warn_unselected(self, res) -> None:
+        """Say once (log and ``summary.json`` ``warnings``) when too few training images left no held-out part:
+        the linear probe's C (or learning rate) is then not chosen on held-out data, the segmentation probe
+        keeps its last epoch."""
+        if self.task == "linear" and res.hparams.get("selection") == "default":
+            what = (f"the linear probe's hyper-parameters were not chosen on a held-out part (--num-train "
+                    f"{res.num_train} for {res.num_classes} classes leaves none): the grid's middle point "
+                    f"{ {k: v for k, v in res.hparams.items() if k != 'selection'} } was used; give each class at "
+                    "least 5 training images")
+        elif self.task == "segmentation" and res.hparams.get("num_fit") == res.num_train:
+            what = (f"the segmentation probe had no held-out images (--num-train {res.num_train}): every epoch was "
+                    "run and the last one kept; use --num-train 10 or more for early stopping")
+        else:
+            return
+        if what not in self.warnings:
+            log.warning("WARNING: %s", what)
+            self.warnings.append(what)
 
     def _reference_rows(self, run: Run) -> list[dict]:
         """Probe rows of the target encoder's own features (one per reference kind)."""
