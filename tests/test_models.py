@@ -48,11 +48,12 @@ def _inputs(model: DiffusionTransformer, batch: int = 3, seed: int = 1, int_time
 
 def test_list_models_names():
     names = list_models()
-    assert len(names) == 24
+    assert len(names) == 28
     for prefix in ("SiT", "DiT"):
         for size in ("S", "B", "L", "XL"):
             for p in (2, 4, 8):
                 assert f"{prefix}-{size}/{p}" in names
+            assert (f"{prefix}-{size}/1" in names) == (prefix == "SiT")  # REPA-E's SiT-XL/1; DiT has no patch 1
 
 
 @pytest.mark.parametrize("name", list_models())

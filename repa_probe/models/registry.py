@@ -1,8 +1,9 @@
-"""Named model configurations: ``SiT-{S,B,L,XL}/{2,4,8}`` and ``DiT-{S,B,L,XL}/{2,4,8}``.
+"""Named model configurations: ``SiT-{S,B,L,XL}/{1,2,4,8}`` and ``DiT-{S,B,L,XL}/{2,4,8}``.
 
 The name prefix is the architecture: ``SiT-*`` builds SiT as REPA trains it (``time_convention="repa"``: float
 time with t=0 data, ``learn_sigma=False``); ``DiT-*`` builds DiT (``time_convention="ddpm"``,
-``learn_sigma=True``). An official SiT file is ``SiT-*`` with ``time_convention="sit"`` (t=0 noise). All use
+``learn_sigma=True``). An official SiT file is ``SiT-*`` with ``time_convention="sit"`` (t=0 noise). Patch 1 (``SiT-XL/1``, REPA-E's model on 16x16x32 VA-VAE
+latents) exists for SiT only, as in REPA-E's ``models/sit.py``. All use
 ``mlp_ratio`` 4, 1000 classes plus the null class, and no projectors unless ``z_dims`` is given.
 """
 
@@ -18,7 +19,8 @@ MODEL_SIZES: dict[str, dict[str, int]] = {
     "L": dict(depth=24, hidden_size=1024, num_heads=16),
     "XL": dict(depth=28, hidden_size=1152, num_heads=16),
 }
-PATCH_SIZES = (2, 4, 8)
+PATCH_SIZES = (1, 2, 4, 8)
+ARCH_PATCH_SIZES = {"SiT": PATCH_SIZES, "DiT": (2, 4, 8)}  # DiT's code registers no patch 1
 ARCHITECTURES: dict[str, dict] = {  # name prefix -> constructor defaults
     "SiT": dict(time_convention="repa", learn_sigma=False),
     "DiT": dict(time_convention="ddpm", learn_sigma=True),
@@ -28,14 +30,16 @@ CONSTRUCTOR_KEYWORDS = tuple(p for p in inspect.signature(DiffusionTransformer._
 
 def list_models() -> list[str]:
     """All registered names, e.g. ``["DiT-B/2", ..., "SiT-XL/8"]``."""
-    return sorted(f"{prefix}-{size}/{p}" for prefix in ARCHITECTURES for size in MODEL_SIZES for p in PATCH_SIZES)
+    return sorted(f"{prefix}-{size}/{p}" for prefix in ARCHITECTURES for size in MODEL_SIZES
+                  for p in ARCH_PATCH_SIZES[prefix])
 
 
 def model_kwargs(name: str) -> dict:
     """Constructor keywords of a registered name (without overrides)."""
     prefix, _, rest = name.partition("-")
     size, _, patch = rest.partition("/")
-    if prefix not in ARCHITECTURES or size not in MODEL_SIZES or patch not in {str(p) for p in PATCH_SIZES}:
+    patches = {str(p) for p in ARCH_PATCH_SIZES.get(prefix, ())}
+    if prefix not in ARCHITECTURES or size not in MODEL_SIZES or patch not in patches:
         raise ModelInputError(f"unknown model name {name!r}; valid names: {', '.join(list_models())}")
     return dict(**MODEL_SIZES[size], patch_size=int(patch), **ARCHITECTURES[prefix])
 

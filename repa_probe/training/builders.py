@@ -52,12 +52,13 @@ def build_encoder(cfg: Config, device: torch.device, required: bool = False):
 
 
 def latent_shape(cfg: Config, vae) -> Tuple[int, int]:
-    """(channels, side) of what the diffusion model sees: VAE latents or pixels."""
+    """(channels, side) of what the diffusion model sees: VAE latents (C channels, f-times smaller) or pixels."""
     if vae is None:
         return 3, cfg.data.resolution
-    if cfg.data.resolution % 8:
-        raise ConfigError(f"data.resolution={cfg.data.resolution} must be a multiple of 8 for the VAE")
-    return 4, cfg.data.resolution // 8
+    f = vae.downsample_factor
+    if cfg.data.resolution % f:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} must be a multiple of {f} for the VAE")
+    return vae.latent_channels, cfg.data.resolution // f
 
 
 def build_model(cfg: Config, batches: "Batches", enc):
@@ -79,12 +80,20 @@ def build_model(cfg: Config, batches: "Batches", enc):
                          learn_sigma=ddpm and cfg.objective.learn_sigma, time_convention="ddpm" if ddpm else "repa",
                          encoder_depth=r.encoder_depth, projector_dim=r.projector_dim, projector_type=r.projector,
                          projector_kernel=r.projector_kernel,
-                         z_dims=(enc.embed_dim,) if enc is not None else (), **overrides)
+                         z_dims=(enc.embed_dim,) if enc is not None else (), **overrides, **_latent_norm(cfg))
+    if model.bn is not None:  # REPA-E: the BatchNorm starts from the VAE's latent statistics
+        stats = batches.vae.latent_stats()
+        model.bn.init_from_stats(stats["latents_bias"], 1.0 / stats["latents_scale"])
     if enc is not None:
         eg, mg = enc.grid_size, model.grid_size
         if eg != mg:
             log.info("encoder token grid %dx%d is resized to the model grid %dx%d (bilinear)", eg, eg, mg, mg)
     return model
+
+
+def _latent_norm(cfg: Config) -> dict:
+    """Model keywords of ``vae.latent_norm``: REPA-E's BatchNorm on the latents, or nothing."""
+    return {"bn_momentum": cfg.vae.bn_momentum} if cfg.vae.latent_norm == "batchnorm" else {}
 
 
 class Batches:
@@ -135,8 +144,9 @@ def model_inputs(batch: dict, vae, enc, device: torch.device, gen: torch.Generat
                  cfg: Config, grid: int, enc_autocast=None):
     """Turn a data batch into (x0, encoder tokens or None, labels) on ``device``.
 
-    x0: (b, C, H, W) — VAE latents sampled from the posterior (stored moments or encoded on the fly), or
-    pixels scaled to [-1, 1] when there is no VAE. The posterior noise is drawn for the global batch.
+    x0: (b, C, H, W) — VAE latents sampled from the posterior (stored moments or encoded on the fly) and
+    normalised by the VAE's scale / statistics (raw with ``vae.latent_norm=batchnorm``: the model's BatchNorm
+    normalises them in the step), or pixels scaled to [-1, 1] when there is no VAE. The posterior noise is drawn for the global batch.
     ``enc_autocast``: context for the frozen encoder (the training autocast on GPU, as in REPA). With
     ``repa.spatial_norm_gamma`` set, the tokens (on the model's grid) are spatially normalised (iREPA), float32.
     """
@@ -149,7 +159,8 @@ def model_inputs(batch: dict, vae, enc, device: torch.device, gen: torch.Generat
         W = dist.world_size
         mean, std = moments.float().chunk(2, dim=1)
         eps = torch.randn((mean.shape[0] * W, *mean.shape[1:]), generator=gen, device=device)[dist.rank::W]
-        x0 = (mean + std * eps) * vae.scale + vae.bias
+        x0 = mean + std * eps
+        x0 = x0 if cfg.vae.latent_norm == "batchnorm" else vae.normalize(x0)
     z = None
     if enc is not None:
         from repa_probe.objectives import match_token_grid, spatial_normalize

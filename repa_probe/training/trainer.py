@@ -42,6 +42,7 @@ from repa_probe.training.accel import autocast_for, check_flash_attention, prepa
 from repa_probe.training.builders import Batches, build_encoder, build_model, build_objective, model_inputs
 from repa_probe.training.config import Config, ConfigError, to_dict, to_yaml
 from repa_probe.training.distributed import DistInfo, agree, cleanup_distributed, init_distributed
+from repa_probe.training.e2e import LOSS_NAMES, E2EParts, build_e2e, e2e_step
 
 log = logging.getLogger("repa_probe")
 
@@ -60,8 +61,14 @@ def _device(cfg: Config, dist: DistInfo) -> torch.device:
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema ← decay·ema + (1 − decay)·model over all parameters (frozen pos_embed included, as REPA):
-    one ``torch._foreach_lerp_`` over the parameter lists (a few fused kernels, no per-tensor Python loop)."""
+    one ``torch._foreach_lerp_`` over the parameter lists (a few fused kernels, no per-tensor Python loop).
+    Float buffers (REPA-E's latent BatchNorm statistics) are averaged too, others copied (REPA-E's EMA)."""
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+    for e, m in zip(ema.buffers(), model.buffers()):
+        if e.is_floating_point():
+            e.lerp_(m, 1.0 - decay)
+        else:
+            e.copy_(m)
 
 
 class _StopFlag:
@@ -112,9 +119,11 @@ class TrainState:
     gen: torch.Generator
     net: Optional[torch.nn.Module] = None
     enc_net: Optional[torch.nn.Module] = None
+    e2e: Optional[E2EParts] = None  # vae.tune=true (REPA-E): the trained VAE, discriminator, their optimisers
     step: int = 0
     checked: int = 0
     first_bad: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    bad_term: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
     @classmethod
     def build(cls, cfg: Config, dist: DistInfo, device: torch.device) -> "TrainState":
@@ -133,8 +142,10 @@ class TrainState:
         gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
         vae = batches.vae.to(device) if batches.vae is not None else None
         model.train()
+        e2e = build_e2e(cfg, vae, device) if cfg.vae.tune else None
+        zero = torch.zeros((), dtype=torch.int64, device=device)
         return cls(cfg, dist, device, batches, enc, model, ema, build_objective(cfg), vae, params, opt, scaler,
-                   gen, net=model, enc_net=enc, first_bad=torch.zeros((), dtype=torch.int64, device=device))
+                   gen, net=model, enc_net=enc, e2e=e2e, first_bad=zero, bad_term=zero.clone())
 
     def _rng_state(self) -> dict:
         state = {"generator": self.gen.get_state(), "torch": torch.get_rng_state()}
@@ -149,7 +160,7 @@ class TrainState:
                 "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "rng": self._rng_state(), "data": self.batches.state_dict(), "config": to_dict(self.cfg),
-                "model_config": self.model.config}
+                "model_config": self.model.config, **(self.e2e.state_dict() if self.e2e is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved (in place: compiled / DDP wrappers keep working)."""
@@ -159,6 +170,10 @@ class TrainState:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
+        if self.e2e is not None:
+            if "opt_vae" not in state:
+                raise CheckpointError("vae.tune=true cannot resume from a checkpoint without the VAE's training state")
+            self.e2e.load_state_dict(state)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
@@ -191,16 +206,23 @@ def _micro_loss(s: TrainState, x_t, t, y, x0, noise, z_enc) -> tuple:
 def train_step(s: TrainState) -> dict:
     """One optimiser step on the next batch; returns detached scalar logs on the device (no host sync).
 
+    ``vae.tune=true``: REPA-E's step (:func:`repa_probe.training.e2e.e2e_step`: VAE, discriminator and
+    diffusion model, three optimisers). A model with a latent BatchNorm normalises the clean latents with it.
+
     Calls ``s.net`` (the model, compiled or DDP-wrapped). With ``train.grad_accum = k`` the batch runs as k
     equal micro-batches whose gradients add up to the full batch's (same samples, noise and labels as k = 1;
     DDP reduces once, on the last). A non-finite loss is recorded in ``s.first_bad`` (read by
     :func:`check_finite`); the step itself never stops on it.
     """
+    if s.e2e is not None:
+        return _finish_step(s, *e2e_step(s, objective_noise))
     cfg, obj = s.cfg, s.objective
     batch = s.batches.next()
     x0, z_enc, y = model_inputs(batch, s.vae, s.enc_net, s.device, s.gen, s.dist, cfg, s.model.grid_size,
                                 enc_autocast=autocast_for(cfg, s.device))  # frozen encoder under autocast, as REPA
     t, noise, y = objective_noise(obj, x0, y, s.gen, s.dist, cfg, s.batches.num_classes)
+    if s.model.bn is not None:  # REPA-E's latent BatchNorm (train mode: batch statistics)
+        x0 = s.model.bn(x0)
     x_t = obj.add_noise(x0, t, noise)
     k = cfg.train.grad_accum  # micro-batches: same samples and noise, gradients summed before the step
     micro = x0.shape[0] // k
@@ -219,11 +241,18 @@ def train_step(s: TrainState) -> dict:
     gnorm = torch.nn.utils.clip_grad_norm_(s.params, clip)
     s.scaler.step(s.opt)
     s.scaler.update()
-    update_ema(s.ema, s.model, cfg.train.ema_decay)
-    s.step += 1
-    ok = torch.isfinite(logs["total"]) | (s.first_bad > 0)
-    s.first_bad = torch.where(ok, s.first_bad, s.step)  # first non-finite step, recorded on the device
     logs["grad_norm"] = gnorm.detach()
+    return _finish_step(s, logs, logs["total"].reshape(1))
+
+
+def _finish_step(s: TrainState, logs: dict, losses: torch.Tensor) -> dict:
+    """EMA, step count, and the first non-finite step with the index of its first bad loss (on the device)."""
+    update_ema(s.ema, s.model, s.cfg.train.ema_decay)
+    s.step += 1
+    finite = torch.isfinite(losses)
+    new = ~finite.all() & (s.first_bad == 0)
+    s.first_bad = torch.where(new, s.step, s.first_bad)  # first non-finite step, recorded on the device
+    s.bad_term = torch.where(new, (~finite).int().argmax(), s.bad_term)
     return logs
 
 
@@ -238,7 +267,8 @@ def check_finite(s: TrainState) -> None:
     bad, lo = int(first.item()), s.checked + 1
     s.checked = s.step
     if bad:
-        raise TrainingDiverged(f"non-finite loss at step {bad} (checked steps {lo}-{s.step}: the loss is checked "
+        what = LOSS_NAMES[int(s.bad_term.item())] if s.e2e is not None and s.first_bad.item() == bad else "loss"
+        raise TrainingDiverged(f"non-finite {what} at step {bad} (checked steps {lo}-{s.step}: the loss is checked "
                                f"every train.log_every={s.cfg.train.log_every} steps and before each checkpoint)")
 
 
@@ -288,6 +318,8 @@ def _train(cfg: Config, dist: DistInfo) -> Path:
             return run
         check_flash_attention(cfg, s.model, s.device)
         prepare_step_modules(s)
+        if s.e2e is not None:
+            s.e2e.prepare(s.dist, s.device)
         _loop(s, run / "checkpoints", rundir.MetricLogger(run, cfg.train.tensorboard) if dist.is_main else None)
     finally:
         if handler is not None:
