@@ -135,6 +135,8 @@ class TrainState:
         ema = build_model(cfg, batches, enc).to(device)
         ema.load_state_dict(model.state_dict())  # the EMA starts as an exact copy
         ema.requires_grad_(False).eval()
+        if cfg.vae.tune:  # REPA-E trains pos_embed too: its requires_grad(model, True) after the VAE step
+            model.pos_embed.requires_grad_(True)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                 weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=True)

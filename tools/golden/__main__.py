@@ -28,10 +28,11 @@ import torch  # noqa: E402
 
 from tools.golden.common import commit_of, log  # noqa: E402
 
-PARTS = ("models", "losses", "metrics", "sampling", "spatial")
+PARTS = ("models", "losses", "metrics", "sampling", "spatial", "repae")
 REPOS = {  # CLI key -> GitHub repository of the official code
     "dit": "facebookresearch/DiT", "sit": "willisma/SiT", "repa": "sihyun-yu/REPA",
     "platonic": "minyoungg/platonic-rep", "irepa": "End2End-Diffusion/iREPA",
+    "repae": "End2End-Diffusion/REPA-E",
 }
 
 
