@@ -1,0 +1,219 @@
+"""REPA-E end to end (vae.tune=true): stop-gradient, the frozen model in the VAE update, the BatchNorm across
+processes, exact resume (also after kill -9), NaN in each of the three losses, LPIPS weights, the tiny run."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from repa_probe.checkpoint import load_model, safe_load
+from repa_probe.encoders.vae_losses import LPIPSWeightsError, load_lpips
+from repa_probe.models.latent_norm import LatentBatchNorm
+from repa_probe.training import e2e
+from repa_probe.training.builders import model_inputs
+from repa_probe.training.config import load_config
+from repa_probe.training.distributed import DistInfo
+from repa_probe.training.trainer import TrainingDiverged, TrainState, train
+from train.cli import main as train_main
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = ROOT / "configs" / "repae_tiny.yaml"
+SMALL = ["data.num_samples=32", "train.batch_size=8", "model.depth=2", "model.hidden_size=32", "model.num_heads=2",
+         "repa.projector_dim=32", "repa.encoder_depth=1", "vae_loss.disc_channels=8", "train.tensorboard=false",
+         "train.log_every=2"]
+
+
+def cfg_for(tmp_path, *extra, name="r"):
+    return load_config(str(CFG), [f"run.out_dir={tmp_path}", f"run.name={name}", *SMALL, *extra])
+
+
+def _state_and_inputs(tmp_path, *extra):
+    cfg = cfg_for(tmp_path, *extra)
+    s = TrainState.build(cfg, DistInfo(), torch.device("cpu"))
+    x, z_enc, y = model_inputs(s.batches.next(), None, s.enc, s.device, s.gen, s.dist, cfg, s.model.grid_size)
+    eps = torch.randn(x.shape[0], 4, 4, 4)
+    t, noise = torch.rand(x.shape[0]), torch.randn(eps.shape)
+    return s, e2e.StepInputs(x, y, y, z_enc, t, noise, eps)
+
+
+def _grads_at_vae_step(s):
+    """Wrap the VAE optimiser: the gradient norm it sees when it steps."""
+    seen = []
+    step = s.e2e.opt_vae.step
+
+    def wrapped(*a, **k):
+        seen.append(sum(float(p.grad.abs().sum()) for p in s.e2e.vae.parameters() if p.grad is not None))
+        return step(*a, **k)
+    s.e2e.opt_vae.step = wrapped
+    return seen
+
+
+def test_diffusion_loss_never_reaches_the_vae_but_the_repa_term_does(tmp_path):
+    # only the REPA term trains the VAE here: its own losses are weighted 0
+    off = ["vae_loss.recon_weight=0", "vae_loss.kl_weight=0", "vae_loss.disc_weight=0"]
+    s, inp = _state_and_inputs(tmp_path, *off)
+    seen = _grads_at_vae_step(s)
+    e2e.e2e_update(s, inp)
+    assert seen[0] > 0  # REPA reached the VAE
+    # after the diffusion update (its backward ran last) the VAE holds no gradient at all
+    assert all(p.grad is None for p in s.e2e.vae.parameters())
+    s2, inp2 = _state_and_inputs(tmp_path, *off, "repa.vae_coeff=0")
+    seen2 = _grads_at_vae_step(s2)
+    e2e.e2e_update(s2, inp2)
+    assert seen2[0] == 0.0  # nothing else reaches it: the diffusion loss is stopped at z
+
+
+def test_vae_update_leaves_the_diffusion_model_and_its_statistics_untouched(tmp_path):
+    s, inp = _state_and_inputs(tmp_path)
+    before = {k: v.clone() for k, v in s.model.state_dict().items()}
+    out = s.e2e.vae_net(inp.x, inp.eps)
+    logs = e2e._vae_update(s, inp, out)
+    after = s.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the VAE update moved the diffusion model"
+    assert all(p.grad is None for p in s.model.parameters())
+    assert s.model.training and all(p.requires_grad for p in s.params)  # restored for the diffusion update
+    assert float(logs["vae_repa"]) < 0
+    # the diffusion update then moves the BatchNorm statistics (batch statistics in train mode)
+    e2e._diffusion_update(s, inp, out[2].detach())
+    assert not torch.equal(before["bn.running_mean"], s.model.bn.running_mean)
+    assert int(s.model.bn.num_batches_tracked) == 1
+
+
+def _bn_worker(rank, world, port, x, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        bn = LatentBatchNorm(x.shape[1]).train()
+        y = bn(x.chunk(world)[rank])
+        torch.save({"y": y, "mean": bn.running_mean, "var": bn.running_var}, Path(out_dir) / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_latent_batchnorm_statistics_are_global_across_two_gloo_processes(tmp_path):
+    x = torch.randn(8, 4, 3, 3) * torch.tensor([1.0, 2.0, 0.5, 3.0]).reshape(1, 4, 1, 1) + 1.5
+    mp.spawn(_bn_worker, args=(2, 29541, x, str(tmp_path)), nprocs=2, join=True)
+    ref = LatentBatchNorm(4).train()
+    y_ref = ref(x)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"{rank}.pt", weights_only=True)
+        torch.testing.assert_close(got["y"], y_ref.chunk(2)[rank], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got["mean"], ref.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got["var"], ref.running_var, rtol=1e-5, atol=1e-6)
+
+
+def _same_checkpoints(a, b):
+    for key in ("model", "ema", "vae", "discriminator"):
+        assert a[key].keys() == b[key].keys()
+        for k in a[key]:
+            assert torch.equal(a[key][k], b[key][k]), f"{key}.{k}"
+    for key in ("opt", "opt_vae", "opt_disc"):
+        sa, sb = a[key]["state"], b[key]["state"]
+        assert all(torch.equal(sa[i][n], sb[i][n]) for i in sa for n in sa[i]), key
+    assert torch.equal(a["rng"]["generator"], b["rng"]["generator"]) and a["data"] == b["data"]
+
+
+def test_resume_is_exact_with_three_optimisers_also_after_kill_9(tmp_path):
+    common = ["train.ckpt_every=2", "train.keep_last=5"]
+    train(cfg_for(tmp_path, "train.steps=4", *common, name="straight"))
+    train(cfg_for(tmp_path, "train.steps=2", *common, name="split"))
+    train(cfg_for(tmp_path, "train.steps=4", *common, name="split"))
+    a = safe_load(tmp_path / "straight/checkpoints/0000004.pt")
+    _same_checkpoints(a, safe_load(tmp_path / "split/checkpoints/0000004.pt"))
+    assert {"vae", "vae_config", "discriminator", "opt_vae", "opt_disc"} <= set(a)
+    # kill -9 once the first checkpoint is written, then run the same command again
+    cmd = [sys.executable, "-m", "train", "--cfg", str(CFG), f"run.out_dir={tmp_path}", "run.name=killed", *SMALL,
+           *common, "train.steps=400"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same float reductions as here
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "killed/checkpoints/0000002.pt"
+    deadline = time.time() + 120
+    while not first.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.exists()
+    for p in (tmp_path / "killed/checkpoints").glob("*.pt"):
+        if int(p.stem) > 2:
+            p.unlink()  # keep the state right after step 2, as if killed before the next save
+    train(cfg_for(tmp_path, "train.steps=4", *common, name="killed"))
+    _same_checkpoints(a, safe_load(tmp_path / "killed/checkpoints/0000004.pt"))
+
+
+@pytest.mark.parametrize("where, name", [("vae", "VAE loss"), ("disc", "discriminator loss"),
+                                         ("diffusion", "diffusion loss")])
+def test_nan_in_each_loss_stops_with_one_line_naming_it(tmp_path, monkeypatch, capsys, where, name):
+    calls = {"n": 0}
+
+    def poison(fn, key):
+        """``fn`` whose third call (step 3) returns NaN in ``key`` (or as a whole)."""
+        def wrapped(*a, **k):
+            calls["n"] += 1
+            out = fn(*a, **k)
+            if calls["n"] != 3:
+                return out
+            return {**out, key: out[key] * float("nan")} if key else out * float("nan")
+        return wrapped
+    if where == "vae":
+        monkeypatch.setattr(e2e, "vae_loss_terms", poison(e2e.vae_loss_terms, "vae"))
+    elif where == "disc":
+        monkeypatch.setattr(e2e, "hinge_d_loss", poison(e2e.hinge_d_loss, None))
+    else:
+        from repa_probe.objectives.flow import FlowMatching
+        monkeypatch.setattr(FlowMatching, "loss", poison(FlowMatching.loss, "loss"))
+    with pytest.raises(SystemExit) as exc:
+        train_main(["--cfg", str(CFG), f"run.out_dir={tmp_path}", "run.name=nan", *SMALL, "train.steps=6",
+                    "train.ckpt_every=2"])
+    assert exc.value.code == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and f"non-finite {name} at step 3" in err[0], err
+    ckpts = sorted(p.name for p in (tmp_path / "nan/checkpoints").glob("*.pt"))
+    assert ckpts == ["0000002.pt"]  # the last good one
+
+
+def test_lpips_without_weights_is_one_line_naming_the_key(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train_main(["--cfg", str(CFG), f"run.out_dir={tmp_path}", *SMALL, "vae_loss.perceptual_weight=1"])
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exc.value.code == 2 and len(err) == 1 and "vae_loss.lpips_weights=" in err[0]
+    lins = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(lins, tmp_path / "vgg.pth")
+    with pytest.raises(LPIPSWeightsError, match="vae_loss.vgg_weights="):
+        load_lpips(str(tmp_path / "vgg.pth"), str(tmp_path / "missing.pth"))
+
+
+def test_lpips_loads_its_weights_and_measures_distances(tmp_path):
+    from torchvision.models import vgg16
+
+    torch.manual_seed(0)
+    torch.save(vgg16(weights=None).features.state_dict(), tmp_path / "features.pth")
+    vgg = {f"features.{k}": v for k, v in torch.load(tmp_path / "features.pth", weights_only=True).items()}
+    torch.save(vgg, tmp_path / "vgg16.pth")
+    lins = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
+    torch.save(lins, tmp_path / "lin.pth")
+    lp = load_lpips(str(tmp_path / "lin.pth"), str(tmp_path / "vgg16.pth"))
+    assert torch.equal(lp.net.slice1[0].weight, vgg["features.0.weight"]) and torch.equal(lp.lin4.model[1].weight,
+                                                                                          lins["lin4.model.1.weight"])
+    a, b = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert float(lp(a, a).abs().max()) == 0.0 and bool((lp(a, b) > 0).all())
+
+
+def test_tiny_repae_run_tunes_the_vae_and_lowers_its_repa_loss(tmp_path):
+    """The same short run with the REPA term into the VAE (repa.vae_coeff=1.5) and without (0)."""
+    from repa_probe.training import rundir
+
+    runs = {c: train(cfg_for(tmp_path, f"repa.vae_coeff={c}", "train.steps=8", "train.log_every=8",
+                             name=f"c{c}")) for c in (1.5, 0)}
+    vae_repa = {c: rundir.read_metrics(r)[-1]["vae_repa"] for c, r in runs.items()}
+    assert vae_repa[1.5] < vae_repa[0], vae_repa
+    ckpt = safe_load(runs[1.5] / "checkpoints/0000008.pt")
+    fresh = TrainState.build(cfg_for(tmp_path, name="fresh"), DistInfo(), torch.device("cpu")).e2e.vae.state_dict()
+    assert any(not torch.equal(fresh[k], ckpt["vae"][k]) for k in fresh)
+    model, info = load_model(runs[1.5] / "checkpoints/0000008.pt")
+    assert model.bn is not None and not model.bn.training and info.step == 8
