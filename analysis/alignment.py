@@ -40,7 +40,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     from analysis.common import add_checkpoint_options, add_running_options
-    from repa_probe.analysis.options import METRICS, TARGET_KINDS
+    from repa_probe.analysis.core.options import METRICS, TARGET_KINDS
     from repa_probe.timesteps import TIME_HELP
 
     p = OneLineParser(prog="python -m analysis.alignment", description=DESCRIPTION.format(time_help=TIME_HELP),
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from repa_probe.analysis.alignment import AlignmentOptions, run_alignment
+    from repa_probe.analysis.alignment.run import AlignmentOptions, run_alignment
     from repa_probe.errors import one_line_errors
 
     with one_line_errors(args.debug):

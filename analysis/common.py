@@ -1,5 +1,5 @@
 """Flags shared by the analysis command lines (each maps to the field of the same name in
-:class:`repa_probe.analysis.options.AnalysisOptions`)."""
+:class:`repa_probe.analysis.core.options.AnalysisOptions`)."""
 from __future__ import annotations
 
 import argparse

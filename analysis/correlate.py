@@ -1,6 +1,6 @@
 """`python -m analysis.correlate`: does a representation property predict generation quality across checkpoints?
 
-Thin command line over :func:`repa_probe.analysis.correlate.run_correlate`; see `--help`.
+Thin command line over :func:`repa_probe.analysis.correlation.correlate.run_correlate`; see `--help`.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from repa_probe.analysis.correlate import run_correlate
+    from repa_probe.analysis.correlation.correlate import run_correlate
     from repa_probe.errors import one_line_errors
 
     with one_line_errors(args.debug):

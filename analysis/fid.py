@@ -1,6 +1,6 @@
 """`python -m analysis.fid`: FID / FD of samples (or of every checkpoint of a run) against a reference.
 
-Thin command line over :func:`repa_probe.analysis.fid.run_fid`; see `--help`.
+Thin command line over :func:`repa_probe.analysis.generation.fid.run_fid`; see `--help`.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from repa_probe.analysis.fid import run_fid
+    from repa_probe.analysis.generation.fid import run_fid
     from repa_probe.errors import one_line_errors
 
     with one_line_errors(args.debug):

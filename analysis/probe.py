@@ -1,6 +1,6 @@
 """`python -m analysis.probe`: linear classification probes on the hidden states of diffusion transformers.
 
-Thin command line over :func:`repa_probe.analysis.probing.run_probes`; see `--help`. `analysis.segment` reuses
+Thin command line over :func:`repa_probe.analysis.probes.run.run_probes`; see `--help`. `analysis.segment` reuses
 this parser for the segmentation probe.
 """
 from __future__ import annotations
@@ -115,7 +115,7 @@ def main(argv: Optional[List[str]] = None, task: str = "linear") -> int:
         p.error(f"--data takes a name and at most one directory, got {' '.join(args.data)}")
     data, root = (args.data + [None])[:2] if args.data else (None, None)
     setup_logging(args.verbose)
-    from repa_probe.analysis.probing import ProbeOptions, run_probes
+    from repa_probe.analysis.probes.run import ProbeOptions, run_probes
     from repa_probe.errors import one_line_errors
 
     with one_line_errors(args.debug):

@@ -1,6 +1,6 @@
 """`python -m analysis.sample`: draw samples of a checkpoint (or every checkpoint of a run) into a folder.
 
-Thin command line over :func:`repa_probe.analysis.generate.sample_checkpoints`; see `--help`.
+Thin command line over :func:`repa_probe.analysis.generation.generate.sample_checkpoints`; see `--help`.
 """
 from __future__ import annotations
 
@@ -88,9 +88,9 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     with one_line_errors(args.debug):
         if args.num_samples is None:
-            from repa_probe.analysis.generate import GenerateError
+            from repa_probe.analysis.generation.generate import GenerateError
             raise GenerateError("--num-samples is required (50000 for FID-50K)")
-        from repa_probe.analysis.generate import sample_checkpoints
+        from repa_probe.analysis.generation.generate import sample_checkpoints
 
         done = sample_checkpoints(args.ckpt, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
                                   device=args.device, progress=not args.quiet, **sampler_kwargs(args))

@@ -1,6 +1,6 @@
 """`python -m analysis.segment`: linear segmentation probes (mIoU) on diffusion-transformer patch tokens.
 
-Thin command line over :func:`repa_probe.analysis.probing.run_probes` (task "segmentation"); the parser is
+Thin command line over :func:`repa_probe.analysis.probes.run.run_probes` (task "segmentation"); the parser is
 :func:`analysis.probe.build_parser`. See `--help`.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Probe throughput: feature extraction (images/s) and linear-probe fitting time.
 
-1. Extraction: :func:`repa_probe.analysis.features.extract_features` with every block captured (mean pooling and
+1. Extraction: :func:`repa_probe.analysis.core.features.extract_features` with every block captured (mean pooling and
    token features), random-initialised models, one timestep:
    - ``tiny``: the default training config's model (SiT-S/4 body, depth 6, width 128) on the built-in
      shapes at 32 px, pixel space (images rendered and prepared as in a probe run);
@@ -27,7 +27,7 @@ import time
 
 import torch
 
-from repa_probe.analysis.features import ModelInputs, extract_features, prepare_inputs
+from repa_probe.analysis.core.features import ModelInputs, extract_features, prepare_inputs
 from repa_probe.objectives import FlowMatching
 from repa_probe.analysis.probes import fit_linear_probe
 

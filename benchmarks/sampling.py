@@ -3,7 +3,7 @@
 Sampling: a random SiT-B/2 (256-px latents 4×32×32) on the CPU, a few steps, our ``repa_probe.sampling.sample``
 against REPA's own ``samplers.py`` loop (``--repa DIR``, default /work/official/REPA; without it, a plain
 per-step float32 Euler loop written here). Both call the same network, so the ratio measures the sampler
-overhead only. FD features: ``repa_probe.analysis.fid.extract`` (torch-fidelity's DataLoader path) against a
+overhead only. FD features: ``repa_probe.analysis.generation.fid.extract`` (torch-fidelity's DataLoader path) against a
 direct ``encoder.cls`` loop on the same uint8 images.
 
   python benchmarks/sampling.py                       # SiT-B/2, euler 4 steps + SDE 4 steps with CFG, batch 8
@@ -80,7 +80,7 @@ def bench_sampling(args, device):
 
 
 def bench_features(args, device):
-    from repa_probe.analysis.fid import extract, register_encoder
+    from repa_probe.analysis.generation.fid import extract, register_encoder
     from repa_probe.encoders.target import load_encoder
 
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Benchmark the spatial metrics: ``repa_probe.analysis.spatial.spatial_metrics`` (LDS, CDS, SRSS, RMSC together,
+"""Benchmark the spatial metrics: ``repa_probe.analysis.metrics.spatial.spatial_metrics`` (LDS, CDS, SRSS, RMSC together,
 one Gram per chunk of images) against a naive baseline, on N images × 256 tokens (16×16) × D = 1152 float32.
 
 Tokens: a bilinearly upsampled 4×4 random field plus noise (so the metrics are not ~0), generated batch by batch
@@ -29,7 +29,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from repa_probe.analysis.spatial import spatial_metrics
+from repa_probe.analysis.metrics.spatial import spatial_metrics
 
 H = W = 16
 T, D = H * W, 1152

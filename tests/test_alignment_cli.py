@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-import repa_probe.analysis.alignment as alignment
+import repa_probe.analysis.alignment.run as alignment
 from analysis.alignment import main
-from repa_probe.analysis.alignment import CSV_COLUMNS, AlignmentOptions, alignment_table
-from repa_probe.analysis.inputs import (DataSource, build_analysis_dataset, build_config_encoder,
+from repa_probe.analysis.alignment.run import CSV_COLUMNS, AlignmentOptions, alignment_table
+from repa_probe.analysis.core.inputs import (DataSource, build_analysis_dataset, build_config_encoder,
                                         load_checkpoints)
 
 ROOT = Path(__file__).resolve().parents[1]

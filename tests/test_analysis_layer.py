@@ -7,10 +7,10 @@ import torch
 import repa_probe.checkpoint as checkpoint
 from analysis.alignment import build_parser as alignment_parser
 from analysis.probe import build_parser as probe_parser
-from repa_probe.analysis.inputs import (AnalysisInputError, check_times_and_layers, load_checkpoints, resolve_encoder,
+from repa_probe.analysis.core.inputs import (AnalysisInputError, check_times_and_layers, load_checkpoints, resolve_encoder,
                                         resolve_source)
-from repa_probe.analysis.options import AlignmentOptions, AnalysisOptions, OptionsError, ProbeOptions
-from repa_probe.analysis.runner import Analysis, run_analysis
+from repa_probe.analysis.core.options import AlignmentOptions, AnalysisOptions, OptionsError, ProbeOptions
+from repa_probe.analysis.core.runner import Analysis, run_analysis
 from repa_probe.models import create_model
 from repa_probe.objectives import FlowMatching
 from repa_probe.timesteps import Step
@@ -166,7 +166,7 @@ def test_run_skeleton_fails_before_writing_anything(ckpts, tmp_path):
 
 def test_alignment_of_a_dit_file_at_an_explicit_step(tmp_path):
     """DDPM steps flow through to the table and the figures as the user wrote them (``step:500``)."""
-    from repa_probe.analysis.alignment import run_alignment
+    from repa_probe.analysis.alignment.run import run_alignment
 
     path = tmp_path / "DiT-S-4.pt"
     torch.save(create_model("DiT-S/4", **{**TINY, "z_dims": ()}).state_dict(), path)

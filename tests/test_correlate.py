@@ -9,7 +9,7 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 
 from analysis.correlate import main
-from repa_probe.analysis.correlate import (CorrelateError, Quantity, correlate_table, correlation, load_tables,
+from repa_probe.analysis.correlation.correlate import (CorrelateError, Quantity, correlate_table, correlation, load_tables,
                                            parse_quantity)
 
 ALIGN_COLS = ("checkpoint", "step", "layer", "timestep", "metric", "value", "ci_low", "ci_high", "n")
@@ -164,7 +164,7 @@ def test_different_timesteps_join_on_shared_ones_with_a_warning(tmp_path, caplog
 def test_constant_quantity_warns_that_the_correlation_is_undefined(caplog):
     import pandas as pd
 
-    from repa_probe.analysis.correlate import correlate_table
+    from repa_probe.analysis.correlation.correlate import correlate_table
 
     rows = [dict(checkpoint=f"r{k}/{s}", run=f"r{k}", step=s, layer="target", timestep=None, metric="lds", value=0.5)
             for k in range(2) for s in (1, 2)]

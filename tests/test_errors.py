@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from repa_probe import errors
-from repa_probe.analysis.features import FeatureError
+from repa_probe.analysis.core.features import FeatureError
 from repa_probe.checkpoint import CheckpointError
 from repa_probe.data.common import DatasetError
 from repa_probe.encoders import EncoderWeightsError

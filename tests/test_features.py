@@ -1,4 +1,4 @@
-"""Tests for repa_probe.analysis.features: one-pass capture, seeded noise, model time per family, encoder cache."""
+"""Tests for repa_probe.analysis.core.features: one-pass capture, seeded noise, model time per family, encoder cache."""
 import types
 
 import pytest
@@ -7,10 +7,11 @@ import torch.nn as nn
 
 from repa_probe.data import ShapesDataset
 from repa_probe.encoders.target import load_encoder
-from repa_probe.analysis.features import FeatureError, extract_features, module_device, prepare_inputs, seeded_noise
+from repa_probe.analysis.core.features import FeatureError, extract_features, module_device, prepare_inputs
+from repa_probe.sampling.noise import seeded_noise
 from repa_probe.models import DiffusionTransformer
 from repa_probe.objectives import FlowMatching, GaussianDiffusion
-from repa_probe.analysis.targets import encoder_cache_key, encoder_features
+from repa_probe.analysis.core.targets import encoder_cache_key, encoder_features
 from repa_probe.timesteps import Step, TimeError
 
 TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=4, num_heads=2, num_classes=4,

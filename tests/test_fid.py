@@ -6,9 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from repa_probe.analysis import fid
-from repa_probe.analysis.fid import FIDError, ImageArray, Reference, evaluate, read_reference, register_encoder
-from repa_probe.analysis.frechet import FrechetError, frechet_distance, statistics
+from repa_probe.analysis.generation import fid
+from repa_probe.analysis.generation.fid import FIDError, ImageArray, Reference, evaluate, read_reference, register_encoder
+from repa_probe.analysis.metrics.frechet import FrechetError, frechet_distance, statistics
 from repa_probe.encoders.target import load_encoder
 
 METHODS = ("eigvals", "sqrtm")

@@ -8,7 +8,7 @@ from PIL import Image
 
 from analysis.probe import main as probe_main
 from analysis.segment import main as segment_main
-from repa_probe.analysis.probing import CSV_COLUMNS, layer_groups
+from repa_probe.analysis.probes.run import CSV_COLUMNS, layer_groups
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from repa_probe.data import DatasetError, ShapesDataset
-from repa_probe.analysis.probes import (ADE20KSegmentation, ProbeInputError, VOCSegmentation, confusion_matrix,
-                               fit_linear_probe, fit_segmentation_probe, iou_from_confusion, miou,
-                               stratified_holdout)
+from repa_probe.analysis.probes import (ProbeInputError, confusion_matrix, fit_linear_probe, fit_segmentation_probe,
+                                        iou_from_confusion, miou, stratified_holdout)
 from repa_probe.analysis.probes.common import channel_stats
 from repa_probe.analysis.probes.segmentation import upsample_logits
+from repa_probe.data import DatasetError, ShapesDataset
+from repa_probe.data.segmentation import ADE20KSegmentation, VOCSegmentation
 
 K = 4
 

@@ -6,7 +6,7 @@ states and the encoder's mean patch tokens, on held-out shapes, must be clearly 
 """
 import torch
 
-from repa_probe.analysis.alignment import AlignmentOptions, alignment_table
+from repa_probe.analysis.alignment.run import AlignmentOptions, alignment_table
 from repa_probe.training.builders import build_encoder, build_objective
 from repa_probe.checkpoint import load_model
 from repa_probe.training.config import load_config

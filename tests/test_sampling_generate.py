@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from repa_probe.analysis import generate as gen
-from repa_probe.analysis.generate import GenerateError, SamplerSettings, generate, sample_labels
+from repa_probe.analysis.generation import generate as gen
+from repa_probe.analysis.generation.generate import GenerateError, SamplerSettings, generate, sample_labels
 from repa_probe.models import DiffusionTransformer
 from repa_probe.sampling import SamplingError
 

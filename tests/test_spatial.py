@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from repa_probe.analysis import metrics as M
-from repa_probe.analysis.spatial import SpatialMetricError, cds, lds, pair_counts, rmsc, spatial_metrics, srss
+from repa_probe.analysis.metrics.spatial import SpatialMetricError, cds, lds, pair_counts, rmsc, spatial_metrics, srss
 from repa_probe.errors import ReproError
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "spatial.pt"

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from analysis.alignment import main
-from repa_probe.analysis.features import extract_features, prepare_inputs
-from repa_probe.analysis.inputs import build_analysis_dataset, load_checkpoints, resolve_encoder, resolve_source
-from repa_probe.analysis.options import AlignmentOptions, OptionsError
-from repa_probe.analysis.spatial import lds, srss
-from repa_probe.analysis.spatial_alignment import summarise, token_masks
-from repa_probe.analysis.targets import encoder_features
+from repa_probe.analysis.core.features import extract_features, prepare_inputs
+from repa_probe.analysis.core.inputs import build_analysis_dataset, load_checkpoints, resolve_encoder, resolve_source
+from repa_probe.analysis.core.options import AlignmentOptions, OptionsError
+from repa_probe.analysis.metrics.spatial import lds, srss
+from repa_probe.analysis.alignment.spatial import summarise, token_masks
+from repa_probe.analysis.core.targets import encoder_features
 
 
 @pytest.fixture(scope="module")

@@ -261,7 +261,7 @@ def test_failed_job_error_is_the_remote_error_line():
 
     remote = FailedJobError(
         "Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent call "
-        "last):\n  File \"x.py\", line 1, in f\n    raise AlignmentError('bad')\nrepa_probe.analysis.inputs."
+        "last):\n  File \"x.py\", line 1, in f\n    raise AlignmentError('bad')\nrepa_probe.analysis.core.inputs."
         "AlignmentError: --timesteps: 'abc' is not a number\n\n----------------------\nYou can check full logs "
         "with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - /logs/1_0_log.err\n  - /logs/1_0_log.out")
     assert error_line(remote) == "AlignmentError: --timesteps: 'abc' is not a number"

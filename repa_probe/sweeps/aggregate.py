@@ -12,7 +12,7 @@ import csv
 import logging
 from pathlib import Path
 
-from repa_probe.sweeps.jobs import read_json, write_json
+from repa_probe.analysis.core.writers import read_json, write_json
 from repa_probe.sweeps.plan import Job
 from repa_probe.sweeps.registry import get_analysis
 
@@ -69,11 +69,11 @@ def _unchanged(summary_path: Path, stamp: list, *outputs: Path) -> dict | None:
 
 
 def correlate_results(sweep_dir: Path, correlations: list[dict]) -> list[dict]:
-    """Run :func:`repa_probe.analysis.correlate.run_correlate` over every gathered table for each ``{x, y,
+    """Run :func:`repa_probe.analysis.correlation.correlate.run_correlate` over every gathered table for each ``{x, y,
     last_only}``, into ``results/correlation/<x>_vs_<y>/``. A correlation that cannot be computed (a quantity
     missing because its jobs failed, fewer than 3 checkpoints) is recorded with its one-line error, never fatal."""
-    from repa_probe.analysis.correlate import run_correlate
-    from repa_probe.analysis.plots import slug
+    from repa_probe.analysis.correlation.correlate import run_correlate
+    from repa_probe.analysis.core.plots import slug
     from repa_probe.errors import ReproError
 
     results = Path(sweep_dir) / "results"
@@ -88,7 +88,7 @@ def correlate_results(sweep_dir: Path, correlations: list[dict]) -> list[dict]:
         try:
             summary = run_correlate(tables, c["x"], c["y"], where, last_only=c.get("last_only", False))
             summary["stamp"] = stamp + [c.get("last_only", False)]
-            write_json(where / "summary.json", summary)
+            write_json(summary, where / "summary.json")
             out.append(dict(c, dir=str(where), summary=summary, error=None))
         except ReproError as exc:
             log.warning("correlation %s vs %s: %s", c["x"], c["y"], exc)
@@ -134,6 +134,6 @@ def aggregate(jobs: list[Job], sweep_dir: Path, status: dict) -> dict:
                        done=sum(u.done for j in mine for u in j.units), complete=not missing, missing=missing,
                        checkpoints=sorted({r["checkpoint"] for r in rows if r.get("checkpoint")}),
                        files=dict(csv=spec.table, figures=[str(p.relative_to(res)) for p in figures]), stamp=stamp)
-        write_json(res / "summary.json", summary)
+        write_json(summary, res / "summary.json")
         out[name] = summary
     return out

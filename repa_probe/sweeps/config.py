@@ -90,9 +90,9 @@ CORRELATION_KEYS = ("x", "y", "last_only")
 
 
 def validate_correlations(items, where: str = "correlations") -> List[dict]:
-    """Each item a mapping with ``x`` and ``y`` (quantities of :mod:`repa_probe.analysis.correlate`), optional
+    """Each item a mapping with ``x`` and ``y`` (quantities of :mod:`repa_probe.analysis.correlation.correlate`), optional
     ``last_only``; quantities are parsed here so a typo fails before any job runs."""
-    from repa_probe.analysis.correlate import parse_quantity
+    from repa_probe.analysis.correlation.correlate import parse_quantity
 
     out = []
     for k, item in enumerate(items or []):

@@ -8,37 +8,13 @@ continues inside the unit too).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
+from repa_probe.analysis.core.writers import write_json
+
 log = logging.getLogger("repa_probe")
-
-
-def write_json(path: Path, obj) -> None:
-    """``obj`` as JSON at ``path``, atomically (temporary file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_json(path: Path, default=None):
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return default
 
 
 class SweepJob:
@@ -65,10 +41,10 @@ class SweepJob:
             log.info("%s %s: running into %s", self.job.analysis, unit.ckpt.label, out)
             start = time.perf_counter()
             spec.run([Path(unit.ckpt.path)], out, dict(self.job.options), Path(self.cache_dir))
-            write_json(out / DONE, dict(analysis=self.job.analysis, checkpoint=unit.ckpt.label, path=unit.ckpt.path,
-                                        run=unit.ckpt.run, step=unit.ckpt.step, table=spec.table,
-                                        seconds=round(time.perf_counter() - start, 2), options=self.job.options,
-                                        finished=time.strftime("%Y-%m-%dT%H:%M:%S")))
+            write_json(dict(analysis=self.job.analysis, checkpoint=unit.ckpt.label, path=unit.ckpt.path,
+                            run=unit.ckpt.run, step=unit.ckpt.step, table=spec.table,
+                            seconds=round(time.perf_counter() - start, 2), options=self.job.options,
+                            finished=time.strftime("%Y-%m-%dT%H:%M:%S")), out / DONE)
             ran.append(unit.ckpt.label)
         return {"job": self.job.key, "ran": ran}
 

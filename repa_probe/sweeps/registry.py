@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Sequence
 
-from repa_probe.analysis.alignment import CSV_COLUMNS as ALIGNMENT_COLUMNS
-from repa_probe.analysis.fid import CSV_COLUMNS as FID_COLUMNS
-from repa_probe.analysis.options import AlignmentOptions, ProbeOptions
-from repa_probe.analysis.probing import CSV_COLUMNS as PROBE_COLUMNS
+from repa_probe.analysis.alignment.run import CSV_COLUMNS as ALIGNMENT_COLUMNS
+from repa_probe.analysis.generation.fid import CSV_COLUMNS as FID_COLUMNS
+from repa_probe.analysis.core.options import AlignmentOptions, ProbeOptions
+from repa_probe.analysis.probes.run import CSV_COLUMNS as PROBE_COLUMNS
 from repa_probe.timesteps import label
 from repa_probe.training.config import ConfigError
 
@@ -37,7 +37,7 @@ class AnalysisSpec:
     run: Callable  # (ckpts: list[Path], out_dir: Path, options: dict, cache_dir: Path) -> summary dict
     option_sources: Callable  # () -> options dataclasses / functions whose fields / keyword parameters are valid
     table: str  # CSV written into each unit's directory and gathered under results/<name>/
-    columns: Sequence[str]  # the table's columns (the library's own), written back with runner.write_csv
+    columns: Sequence[str]  # the table's columns (the library's own), written back with writers.write_csv
     figures: Callable  # (rows, out_dir: Path, runs: {checkpoint label: run}, options) -> list[Path]
     shares_work: bool = False
     report_figures: tuple = ("*.png",)  # figures (globs under results/<name>/figures) shown in a study report
@@ -61,7 +61,7 @@ class AnalysisSpec:
         return options
 
     def write_table(self, rows: list[dict], path: Path) -> None:
-        from repa_probe.analysis.runner import write_csv
+        from repa_probe.analysis.core.writers import write_csv
 
         write_csv(rows, path, self.columns)
 
@@ -86,7 +86,7 @@ def analysis_names() -> list[str]:
 
 # ------------------------------------------------------------------------------------------ alignment
 def _run_alignment(ckpts: Sequence[Path], out_dir: Path, options: dict, cache_dir: Path) -> dict:
-    from repa_probe.analysis.alignment import run_alignment
+    from repa_probe.analysis.alignment.run import run_alignment
 
     return run_alignment(list(ckpts), out_dir, AlignmentOptions(cache_dir=cache_dir, progress=False, **options))
 
@@ -94,7 +94,7 @@ def _run_alignment(ckpts: Sequence[Path], out_dir: Path, options: dict, cache_di
 def _alignment_figures(rows: list[dict], out_dir: Path, runs: dict, options: dict) -> list[Path]:
     """Per checkpoint heatmaps, checkpoints compared per block, and alignment vs training step per run (the
     spatial metrics' target rows are a reference, not a block)."""
-    from repa_probe.analysis import plots
+    from repa_probe.analysis.alignment import plots
 
     opts = AlignmentOptions(timesteps=options.get("timesteps", AlignmentOptions.timesteps),
                             plot_timestep=options.get("plot_timestep"))
@@ -105,7 +105,7 @@ def _alignment_figures(rows: list[dict], out_dir: Path, runs: dict, options: dic
 # ---------------------------------------------------------------------------------- probe, segment
 def _probe_runner(task: str) -> Callable:
     def run(ckpts: Sequence[Path], out_dir: Path, options: dict, cache_dir: Path) -> dict:
-        from repa_probe.analysis.probing import run_probes
+        from repa_probe.analysis.probes.run import run_probes
 
         return run_probes(list(ckpts), out_dir, ProbeOptions(task=task, cache_dir=cache_dir, progress=False,
                                                              **options))
@@ -115,9 +115,9 @@ def _probe_runner(task: str) -> Callable:
 def _probe_figures(task: str) -> Callable:
     def figures(rows: list[dict], out_dir: Path, runs: dict, options: dict) -> list[Path]:
         """Metric vs block (panels per timestep) over all checkpoints, and one figure per run."""
-        from repa_probe.analysis.plots import slug
+        from repa_probe.analysis.core.plots import slug
         from repa_probe.analysis.probes.plots import make_probe_figures
-        from repa_probe.analysis.probing import TASKS
+        from repa_probe.analysis.probes.run import TASKS
 
         prefix, _, metrics, _ = TASKS[task]  # metrics without rows (top-5 of <= 5 classes) are skipped
         paths = make_probe_figures(rows, out_dir, prefix, metrics)
@@ -132,20 +132,20 @@ def _probe_figures(task: str) -> Callable:
 def _run_fid(ckpts: Sequence[Path], out_dir: Path, options: dict, cache_dir: Path) -> dict:
     """Sample each checkpoint into ``out_dir/samples`` (resumable: a requeued job continues its folder), then
     FID / FD against the reference."""
-    from repa_probe.analysis.fid import run_fid
+    from repa_probe.analysis.generation.fid import run_fid
 
     return run_fid(out_dir, ckpts=list(ckpts), progress=False, **options)
 
 
 def _fid_figures(rows: list[dict], out_dir: Path, runs: dict, options: dict) -> list[Path]:
-    from repa_probe.analysis.fid import fid_vs_step
+    from repa_probe.analysis.generation.fid import fid_vs_step
 
     return fid_vs_step(rows, Path(out_dir) / "fid_vs_step")
 
 
 def _fid_sources() -> tuple:
-    from repa_probe.analysis.fid import run_fid
-    from repa_probe.analysis.generate import sample_checkpoints
+    from repa_probe.analysis.generation.fid import run_fid
+    from repa_probe.analysis.generation.generate import sample_checkpoints
 
     return run_fid, sample_checkpoints
 

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from repa_probe.sweeps.config import (LauncherConfig, SweepConfig, SweepError, SweepSection, validate_analyses,
                                       validate_correlations, validate_launcher)
-from repa_probe.sweeps.jobs import write_json
+from repa_probe.analysis.core.writers import write_json
 from repa_probe.sweeps.launch import error_line
 from repa_probe.training.config import ConfigError, load_config, load_structured
 
@@ -140,6 +140,6 @@ def run_study(cfg: StudyConfig, force: bool = False, retry_failed: bool = False,
                              correlations=sweep["correlations"]),
                   seconds=dict(training=round(t1 - t0, 1), analyses=round(t2 - t1, 1)),
                   finished=time.strftime("%Y-%m-%d %H:%M:%S"))
-    write_json(root / "study.json", record)
+    write_json(record, root / "study.json")
     record["report"] = [str(p) for p in write_report(root, record)]
     return record

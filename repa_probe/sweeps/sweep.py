@@ -16,7 +16,7 @@ import yaml
 
 from repa_probe.sweeps.aggregate import aggregate, correlate_results
 from repa_probe.sweeps.config import SweepConfig, SweepError
-from repa_probe.sweeps.jobs import read_json, write_json
+from repa_probe.analysis.core.writers import read_json, write_json
 from repa_probe.sweeps.launch import submit_and_watch
 from repa_probe.sweeps.plan import Job, expand, pending
 
@@ -75,7 +75,7 @@ def run_sweep(cfg: SweepConfig, force: bool = False, retry_failed: bool = False,
         for t in tracked:
             state[t.job.key] = dict(state=t.state, job_id=t.handle.job_id if t.handle else None, log=t.log_path,
                                     error=t.error, checkpoints=[u.ckpt.label for u in t.job.units])
-        write_json(root / "state.json", state)
+        write_json(state, root / "state.json")
 
     tracked = submit_and_watch(submit, cfg.launcher, root / "logs", root / "cache", cfg.sweep.name, out=out,
                                on_change=record)

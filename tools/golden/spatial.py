@@ -12,14 +12,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
-from tools.golden.common import commit_of
+from tools.golden.common import commit_of, save_pt
 
 log = logging.getLogger("tools.golden")
 
@@ -114,15 +112,7 @@ def write(out_dir: Path, repos: dict[str, Path], commits: dict[str, str] | None 
             del case["masks"]
     record = {"source": f"End2End-Diffusion/iREPA metrics/spatial_metrics.py @ {commit_of(Path(repos['irepa']), commits, 'irepa')}",
               "cases": cases}
-    path = Path(out_dir) / FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{FILE}.", suffix=".tmp")
-    os.close(fd)
-    torch.save(record, tmp)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    torch.load(path, weights_only=True)
-    return [path]
+    return [save_pt(record, Path(out_dir) / FILE)]
 
 
 if __name__ == "__main__":

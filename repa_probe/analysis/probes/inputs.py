@@ -1,6 +1,6 @@
 """What the probe runs are measured on: the train / test splits of a probe dataset, and their masks.
 
-The dataset, VAE and encoder are resolved by the shared resolver (:mod:`repa_probe.analysis.inputs`: from
+The dataset, VAE and encoder are resolved by the shared resolver (:mod:`repa_probe.analysis.core.inputs`: from
 the options, else from our checkpoints' training config); this module only picks the probe splits of that
 source. Nothing here computes features. Errors are one-line :class:`ProbeSetupError` (or the resolver's
 AnalysisInputError, the loaders' DatasetError / VAEWeightsError / EncoderWeightsError).
@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from repa_probe.analysis.inputs import SHAPES_SIZES, DataSource, resolve_source
+from repa_probe.analysis.core.inputs import SHAPES_SIZES, DataSource, resolve_source
 from repa_probe.analysis.probes.linear import default_probe_data
 from repa_probe.errors import ReproError
 
@@ -59,12 +59,12 @@ def _capped(ds, n: int | None, what: str):
 
 def probe_split(task: str, source: DataSource, split: str, num: int | None):
     """One split (``"train"`` or ``"test"``) of the probe dataset ``source.name``, capped to ``num`` samples
-    (evenly spaced; shapes: :data:`~repa_probe.analysis.inputs.SHAPES_SIZES`).
+    (evenly spaced; shapes: :data:`~repa_probe.analysis.core.inputs.SHAPES_SIZES`).
 
     ``test`` is the held-out split: shapes ``val``, digits ``test``, imagefolder ``root/val``, VOC ``val``,
     ADE20K ``validation``.
     """
-    from repa_probe.analysis.probes.datasets import ADE20KSegmentation, VOCSegmentation
+    from repa_probe.data.segmentation import ADE20KSegmentation, VOCSegmentation
     from repa_probe.data import build_dataset
 
     name, root, res = source.name, source.root, source.resolution
@@ -89,7 +89,7 @@ def probe_split(task: str, source: DataSource, split: str, num: int | None):
 
 def resolve_probe_data(entries: Sequence, options) -> ProbeData:
     """Train / test datasets of ``options.task`` and the VAE, checked against every model's input
-    (``options``: :class:`~repa_probe.analysis.options.ProbeOptions`)."""
+    (``options``: :class:`~repa_probe.analysis.core.options.ProbeOptions`)."""
     task = options.task
     source = resolve_source(entries, options)
     probe_name = default_probe_data(source.name) if task == "linear" and source.from_config else source.name

@@ -1,6 +1,6 @@
 """Probe figures: a metric (top-1, mIoU, ...) against the block, one panel per timestep, one line per
 checkpoint, and the reference encoder as dashed horizontal lines. PDF + PNG, styled like the alignment
-figures (:mod:`repa_probe.analysis.plots`: seaborn whitegrid / paper context, colour-blind palettes, Agg canvas,
+figures (:mod:`repa_probe.analysis.core.plots`: seaborn whitegrid / paper context, colour-blind palettes, Agg canvas,
 no global pyplot state).
 
 Rows are the ``probe.csv`` / ``segment.csv`` dicts: checkpoint, step, source ("model" or
@@ -16,7 +16,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from repa_probe.analysis.plots import LAYER_LABEL, _palette, _style, frame, save_figure, slug
+from repa_probe.analysis.core.plots import LAYER_LABEL, _palette, _style, frame, save_figure, slug
 
 METRIC_NAMES = {"top1": "Top-1 accuracy", "top5": "Top-5 accuracy", "miou": "mIoU", "pixel_acc": "Pixel accuracy"}
 MAX_COLUMNS = 4

@@ -1,9 +1,9 @@
-"""The run skeleton every analysis of checkpoints shares, and the result writers.
+"""The run skeleton every analysis of checkpoints shares (the file writers are in :mod:`repa_probe.analysis.core.writers`).
 
 An analysis is a subclass of :class:`Analysis` that fills in a few hooks; :func:`run_analysis` does the rest:
 
-1. check the options (validated :class:`~repa_probe.analysis.options.AnalysisOptions`), resolve the device;
-2. load every checkpoint once (:func:`~repa_probe.analysis.inputs.load_checkpoints`: our files and official
+1. check the options (validated :class:`~repa_probe.analysis.core.options.AnalysisOptions`), resolve the device;
+2. load every checkpoint once (:func:`~repa_probe.analysis.core.inputs.load_checkpoints`: our files and official
    ones; small models stay in memory), then ``analysis.setup(run)``: validate everything else and resolve
    the light inputs (data, VAE, encoder) — every user error surfaces here, before any heavy work — and
    make the output directory (checked writable);
@@ -27,11 +27,8 @@ Sketch of a new analysis::
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
-import json
 import logging
-import math
 import platform
 import subprocess
 import time
@@ -40,52 +37,11 @@ from typing import Any, Sequence
 
 import torch
 
-from repa_probe.analysis.inputs import AnalysisInputError, CheckpointEntry, load_checkpoints
+from repa_probe.analysis.core.inputs import AnalysisInputError, CheckpointEntry, load_checkpoints
+from repa_probe.analysis.core.writers import write_csv, write_json
 from repa_probe.devices import resolve_device
 
 log = logging.getLogger("repa_probe")
-
-
-# ------------------------------------------------------------------------------------------- writers
-def write_csv(rows: Sequence[dict], path: Path, columns: Sequence[str]) -> Path:
-    """Rows -> CSV with ``columns`` (missing or None values as empty cells; extra keys ignored), atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
-    tmp.replace(path)
-    return path
-
-
-def _clean(obj):
-    """NaN / inf floats -> None, recursively (strict JSON)."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def _json_default(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, (Path, torch.device)) or dataclasses.is_dataclass(obj):
-        return str(obj)
-    return repr(obj)
-
-
-def write_json(obj: Any, path: Path) -> Path:
-    """``obj`` -> strict JSON (NaN/inf as null; paths, devices, times as strings), written atomically."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_clean(obj), indent=2, default=_json_default))
-    tmp.replace(path)
-    return path
 
 
 def versions() -> dict:

@@ -1,7 +1,7 @@
 """Sampling to a folder: ``{index:06d}.png`` per sample, an ADM-style ``samples.npz`` and ``grid.png``.
 
 Sample ``i`` is a pure function of ``(seed, i)``: its initial noise, its label (``random``) and every per-step
-noise of the SDE / DDPM come from the counter-based :func:`repa_probe.analysis.features.seeded_noise`, so any
+noise of the SDE / DDPM come from the counter-based :func:`repa_probe.sampling.noise.seeded_noise`, so any
 sample is reproducible alone, whatever the batch size, the device or the number of processes (``rank`` /
 ``world`` shard the indices ``i ≡ rank mod world``). PNGs are written atomically, so a folder interrupted
 half-way holds only complete images; running again samples only the missing indices. ``samples.npz``
@@ -14,8 +14,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -24,7 +22,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from repa_probe.analysis.features import seeded_noise
+from repa_probe.analysis.core.writers import atomic_write, write_text
+from repa_probe.sampling.noise import seeded_noise
 from repa_probe.errors import ReproError
 from repa_probe.sampling import methods_for, sample
 from repa_probe.sampling.guidance import make_guidance
@@ -101,15 +100,7 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 
 def _atomic_png(image: np.ndarray, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(image).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"), binary=True)
 
 
 def check_folder(out_dir: Path, settings: dict) -> None:
@@ -123,9 +114,7 @@ def check_folder(out_dir: Path, settings: dict) -> None:
             raise GenerateError(f"{out_dir} holds samples made with other settings ({', '.join(diff)}): "
                                 "use another --out or the same settings to resume")
     else:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(settings, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        write_text(path, json.dumps(settings, indent=1, sort_keys=True))
 
 
 def missing_indices(out_dir: Path, num_samples: int, rank: int = 0, world: int = 1) -> list[int]:
@@ -205,9 +194,7 @@ def load_pngs(out_dir: Path, num_samples: int) -> np.ndarray:
 def build_npz(out_dir: Path, num_samples: int) -> Path:
     """Stack the PNGs into ``samples.npz`` (``arr_0``, no ``mu`` key) and write ``grid.png``; atomic."""
     arr = load_pngs(out_dir, num_samples)
-    tmp = out_dir / f".{NPZ_FILE}.tmp.npz"
-    np.savez(tmp, arr_0=arr)
-    os.replace(tmp, out_dir / NPZ_FILE)
+    atomic_write(out_dir / NPZ_FILE, lambda f: np.savez(f, arr_0=arr), binary=True)
     save_grid(arr[:64], out_dir / GRID_FILE)
     return out_dir / NPZ_FILE
 
@@ -236,9 +223,9 @@ class SampledFolder:
 
 def load_checkpoints(ckpts, weights="auto", time_convention=None, encoder_depth=None) -> list:
     """``--ckpt`` files / run directories -> CheckpointEntry list, through the analysis resolver
-    (:func:`repa_probe.analysis.inputs.load_checkpoints`; the options are its checkpoint options)."""
-    from repa_probe.analysis.inputs import load_checkpoints as resolve
-    from repa_probe.analysis.options import AnalysisOptions
+    (:func:`repa_probe.analysis.core.inputs.load_checkpoints`; the options are its checkpoint options)."""
+    from repa_probe.analysis.core.inputs import load_checkpoints as resolve
+    from repa_probe.analysis.core.options import AnalysisOptions
 
     return resolve(ckpts, AnalysisOptions(weights=weights, time_convention=time_convention,
                                           encoder_depth=encoder_depth))

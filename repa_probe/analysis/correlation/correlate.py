@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import json
 import logging
 import math
-import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +31,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from repa_probe.analysis.core.writers import write_json, write_text
 from repa_probe.errors import ReproError
 
 __all__ = ["CorrelateError", "Quantity", "parse_quantity", "find_tables", "load_tables", "select", "join",
@@ -297,8 +296,8 @@ def run_correlate(tables: Sequence, x: str, y: str, out_dir, last_only: bool = F
                   permutations: int = 10000, seed: int = 0) -> dict:
     """Tables -> ``out_dir/correlation.csv`` (the joined points), ``summary.json`` and ``figures/`` (scatter
     coloured by run with steps annotated; both quantities vs training step on twin axes). Returns the summary."""
-    from repa_probe.analysis.correlate_plots import scatter, versus_step
-    from repa_probe.analysis.plots import slug
+    from repa_probe.analysis.correlation.plots import scatter, versus_step
+    from repa_probe.analysis.core.plots import slug
 
     for name, v in (("--bootstrap", bootstrap), ("--permutations", permutations)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -310,18 +309,13 @@ def run_correlate(tables: Sequence, x: str, y: str, out_dir, last_only: bool = F
         (out / "figures").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CorrelateError(f"--out {out} is not writable ({exc.strerror or exc})") from None
-    _atomic_text(out / "correlation.csv", points.to_csv(index=False))
+    write_text(out / "correlation.csv", points.to_csv(index=False))
     stem = f"{slug(stats['x'])}_vs_{slug(stats['y'])}"
     figures = scatter(points, stats, out / "figures" / f"scatter_{stem}")
     if points["step"].notna().any():
         figures += versus_step(points, stats, out / "figures" / f"steps_{stem}")
     summary = dict(stats, tables=[str(p) for p in files],
                    files={"csv": "correlation.csv", "figures": [str(p.relative_to(out)) for p in figures]})
-    _atomic_text(out / "summary.json", json.dumps(summary, indent=2))
+    write_json(summary, out / "summary.json")
     return summary
 
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

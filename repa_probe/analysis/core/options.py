@@ -16,7 +16,7 @@ import numbers
 from typing import Any, Sequence
 
 from repa_probe.errors import ReproError
-from repa_probe.analysis.spatial import SPATIAL_METRICS
+from repa_probe.analysis.metrics.spatial import SPATIAL_METRICS
 from repa_probe.timesteps import TimeError, UserTime, as_float, convention_of, label, parse_time, parse_times
 
 WEIGHTS = ("auto", "ema", "model")
@@ -69,7 +69,7 @@ def parse_layers(value) -> str | list[int]:
 
 def parse_metrics(value) -> list[str]:
     """``"cknna,lds"`` or a list -> list of metric names (each one of :data:`METRICS` or the spatial-structure
-    metrics :data:`~repa_probe.analysis.spatial.SPATIAL_METRICS`)."""
+    metrics :data:`~repa_probe.analysis.metrics.spatial.SPATIAL_METRICS`)."""
     names = [n.strip() for n in (value.split(",") if isinstance(value, str) else list(value)) if n.strip()]
     known = METRICS + SPATIAL_METRICS
     bad = [n for n in names if n not in known]

@@ -27,11 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from repa_probe.analysis.spatial import cds, lds, rmsc, srss  # spatial-structure metrics, re-exported
 from repa_probe.errors import ReproError
 
 __all__ = ["MetricInputError", "cknna", "mutual_knn", "cycle_knn", "cka", "unbiased_cka",
-           "prepare_features", "bootstrap", "lds", "cds", "srss", "rmsc"]
+           "prepare_features", "bootstrap"]
 
 _EPS = 1e-6                 # platonic-rep's denominator epsilon (CKA and CKNNA)
 _CHUNK_ELEMENTS = 1 << 25   # default working-set budget: ~32M elements per Gram / feature chunk

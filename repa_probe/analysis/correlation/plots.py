@@ -1,7 +1,7 @@
-"""Figures of :mod:`repa_probe.analysis.correlate` in the project's style (:mod:`repa_probe.analysis.plots`).
+"""Figures of :mod:`repa_probe.analysis.correlation.correlate` in the project's style (:mod:`repa_probe.analysis.core.plots`).
 
 ``points``: the joined frame (run, checkpoint, step, x, y); ``stats``: the summary of
-:func:`~repa_probe.analysis.correlate.correlate_table`. Each function writes ``<stem>.pdf`` and ``<stem>.png``.
+:func:`~repa_probe.analysis.correlation.correlate.correlate_table`. Each function writes ``<stem>.pdf`` and ``<stem>.png``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from repa_probe.analysis.plots import _figure, _legend, _palette, _step_label, _style, save_figure
+from repa_probe.analysis.core.plots import _figure, _legend, _palette, _step_label, _style, save_figure
 
 __all__ = ["scatter", "versus_step"]
 

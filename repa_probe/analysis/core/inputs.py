@@ -164,7 +164,7 @@ def _load(path: Path, raw, cfg, options, prefer_ema: bool):
 def load_checkpoints(items: Sequence, options) -> list[CheckpointEntry]:
     """Load (and so validate) every checkpoint of ``items`` (files or run directories); small models stay in
     memory. ``options``: ``weights``, ``time_convention``, ``encoder_depth`` (official files only: ours store
-    their depth) of :class:`~repa_probe.analysis.options.AnalysisOptions`."""
+    their depth) of :class:`~repa_probe.analysis.core.options.AnalysisOptions`."""
     from repa_probe.checkpoint import safe_load
 
     entries, labels = [], set()
@@ -190,7 +190,7 @@ def load_checkpoints(items: Sequence, options) -> list[CheckpointEntry]:
 def check_times_and_layers(entries: Sequence[CheckpointEntry], options) -> dict[str, list[int]]:
     """The 1-based blocks of each checkpoint (label -> list), after checking that ``options.timesteps`` fit
     its time convention and ``options.layers`` its depth."""
-    from repa_probe.analysis.features import FeatureError, resolve_layers
+    from repa_probe.analysis.core.features import FeatureError, resolve_layers
     from repa_probe.timesteps import DDPM_STEPS, TimeError, process_time
 
     out = {}

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from repa_probe.analysis.features import FeatureError, batch_loader, module_device
+from repa_probe.analysis.core.features import FeatureError, batch_loader, module_device
 
 log = logging.getLogger("repa_probe")
 

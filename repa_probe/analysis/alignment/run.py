@@ -12,7 +12,7 @@ Time: user times as in :mod:`repa_probe.timesteps` (t = 0 clean data, t = 1 pure
 
 :func:`alignment_table` works on in-memory objects and returns rows; :func:`run_alignment` goes from
 checkpoint files to ``alignment.csv``, ``summary.json``, ``options.json`` and figures through the shared
-run skeleton (:mod:`repa_probe.analysis.runner`), validating every input first.
+run skeleton (:mod:`repa_probe.analysis.core.runner`), validating every input first.
 """
 from __future__ import annotations
 
@@ -23,13 +23,13 @@ from typing import Callable, Sequence
 import torch
 
 from repa_probe.analysis import metrics as M
-from repa_probe.analysis.features import ModelInputs, extract_features, prepare_inputs
-from repa_probe.analysis.inputs import (build_analysis_dataset, check_class_labels, check_times_and_layers,
+from repa_probe.analysis.core.features import ModelInputs, extract_features, prepare_inputs
+from repa_probe.analysis.core.inputs import (build_analysis_dataset, check_class_labels, check_times_and_layers,
                                         resolve_encoder, resolve_source)
-from repa_probe.analysis.options import METRICS, TARGET_KINDS, AlignmentOptions
-from repa_probe.analysis.runner import Analysis, Run, run_analysis
-from repa_probe.analysis.spatial_alignment import SpatialAnalysis
-from repa_probe.analysis.targets import dataset_identity, encoder_features
+from repa_probe.analysis.core.options import METRICS, TARGET_KINDS, AlignmentOptions
+from repa_probe.analysis.core.runner import Analysis, Run, run_analysis
+from repa_probe.analysis.alignment.spatial import SpatialAnalysis
+from repa_probe.analysis.core.targets import dataset_identity, encoder_features
 from repa_probe.errors import ReproError
 from repa_probe.timesteps import TIME_HELP, label
 
@@ -97,7 +97,7 @@ def alignment_table(model, objective, data, target, options: AlignmentOptions | 
     Args:
         model, objective: a DiffusionTransformer on ``device`` (default: its own) and its objective.
         data: a Dataset of dicts (images are encoded with ``vae`` when given), or
-            :class:`~repa_probe.analysis.features.ModelInputs` (then ``target`` must be a tensor).
+            :class:`~repa_probe.analysis.core.features.ModelInputs` (then ``target`` must be a tensor).
         target: raw target features ``(N, D)`` (prepared here), or a TargetEncoder (its ``target_kind``
             features of ``data`` are computed, cached under ``cache_dir`` when set).
         options: :class:`AlignmentOptions` (layers, timesteps, metric, topk, bootstrap, labels, seed,
@@ -111,7 +111,7 @@ def alignment_table(model, objective, data, target, options: AlignmentOptions | 
     names = cross_metrics(opts.metric)
     if not names:
         raise AlignmentError(f"alignment_table computes {', '.join(METRICS)}; got only {opts.metric} "
-                             "(spatial metrics: repa_probe.analysis.spatial_alignment)")
+                             "(spatial metrics: repa_probe.analysis.alignment.spatial)")
     data, target = _inputs_and_target(data, target, opts, vae)
     n = len(data)
     check_metric_settings(names, n, opts.topk, opts.bootstrap)
@@ -152,9 +152,9 @@ def best_layers(rows: list[dict]) -> list[dict]:
 
 # ----------------------------------------------------------------------------------- the analysis
 class AlignmentAnalysis(Analysis):
-    """Alignment as a :class:`~repa_probe.analysis.runner.Analysis`: one dataset, one encoder target and the
+    """Alignment as a :class:`~repa_probe.analysis.core.runner.Analysis`: one dataset, one encoder target and the
     same noisy inputs for every checkpoint. Spatial-structure metrics among ``options.metric`` (lds, cds,
-    srss, rmsc) add per block x timestep rows from :class:`~repa_probe.analysis.spatial_alignment.SpatialAnalysis`
+    srss, rmsc) add per block x timestep rows from :class:`~repa_probe.analysis.alignment.spatial.SpatialAnalysis`
     and the target encoder's own rows (``layer = "target"``)."""
 
     name = "alignment"
@@ -191,7 +191,7 @@ class AlignmentAnalysis(Analysis):
         return rows
 
     def figures(self, run: Run, rows: list[dict]) -> list:
-        from repa_probe.analysis import plots
+        from repa_probe.analysis.alignment import plots
 
         runs = {e.label: e.run for e in run.entries}
         model_rows = [r for r in rows if r["layer"] != "target"]  # the target's spatial rows are a reference

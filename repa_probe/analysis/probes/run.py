@@ -12,7 +12,7 @@ The model always receives its null class (unconditional features): feeding the t
 the probe its answer. Optional reference rows probe the target encoder itself (CLS and mean-patch
 features for the linear probe, patch tokens for segmentation) on the same images.
 
-Runs on the shared skeleton (:mod:`repa_probe.analysis.runner`). Outputs in ``out_dir``: ``{prefix}.csv``
+Runs on the shared skeleton (:mod:`repa_probe.analysis.core.runner`). Outputs in ``out_dir``: ``{prefix}.csv``
 (one row per checkpoint, source, layer, timestep, metric; rewritten after every checkpoint), ``summary.json``
 (settings, rows and every probe's details: chosen hyper-parameters, held-out sweep, per-class IoU),
 ``options.json`` and ``figures/{prefix}_{metric}.{pdf,png}``; prefix = "probe" or "segment".
@@ -23,14 +23,14 @@ import dataclasses
 import logging
 from typing import Sequence
 
-from repa_probe.analysis.features import extract_features, prepare_inputs
-from repa_probe.analysis.inputs import check_times_and_layers, resolve_encoder
-from repa_probe.analysis.options import ProbeOptions
+from repa_probe.analysis.core.features import extract_features, prepare_inputs
+from repa_probe.analysis.core.inputs import check_times_and_layers, resolve_encoder
+from repa_probe.analysis.core.options import ProbeOptions
 from repa_probe.analysis.probes import fit_linear_probe, fit_segmentation_probe
 from repa_probe.analysis.probes.inputs import ProbeSetupError, collect_masks, resolve_probe_data
 from repa_probe.analysis.probes.plots import chance_levels, make_probe_figures
-from repa_probe.analysis.runner import Analysis, Run, run_analysis
-from repa_probe.analysis.targets import encoder_features
+from repa_probe.analysis.core.runner import Analysis, Run, run_analysis
+from repa_probe.analysis.core.targets import encoder_features
 from repa_probe.timesteps import TIME_HELP, label
 
 log = logging.getLogger("repa_probe")
@@ -57,7 +57,7 @@ def _metric_rows(task: str, result, base: dict) -> list[dict]:
 
 
 class ProbeAnalysis(Analysis):
-    """Linear or segmentation probes as a :class:`~repa_probe.analysis.runner.Analysis`."""
+    """Linear or segmentation probes as a :class:`~repa_probe.analysis.core.runner.Analysis`."""
 
     columns = CSV_COLUMNS
 

@@ -4,7 +4,7 @@ space of any target encoder of the project (registered as a torch-fidelity featu
 Each metric is named for its feature space (``fid_inception``, ``fd_dinov2_vitl14``, ``fd_<encoder>``), so a
 random-initialised test extractor can never be reported as FID. Features go through torch-fidelity's own
 extraction (``create_feature_extractor`` / ``get_featuresdict_from_dataset``); Fréchet distances are
-computed in float64 (:mod:`repa_probe.analysis.frechet`, torch-fidelity's formula). References: an ADM
+computed in float64 (:mod:`repa_probe.analysis.metrics.frechet`, torch-fidelity's formula). References: an ADM
 reference batch (``mu``/``sigma`` read from the ``.npz``; its ``arr_0`` only for KID and precision/recall),
 an image folder or ``.npz`` of images, or statistics cached by an earlier run (``reference_stats.pt``).
 """
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from repa_probe.analysis.fid_inputs import (  # noqa: F401 (re-exported: part of this module's API)
+from repa_probe.analysis.generation.fid_inputs import (  # noqa: F401 (re-exported: part of this module's API)
     FIDError, ImageArray, Reference, check_layout, image_height, load_images, read_reference, save_reference_stats)
-from repa_probe.analysis.frechet import frechet_distance, statistics
+from repa_probe.analysis.metrics.frechet import frechet_distance, statistics
 
 log = logging.getLogger("repa_probe")
 
@@ -174,7 +174,7 @@ def _run_reference(entries, ref_path):
     if not ours:
         raise FIDError("--ref is required for official checkpoints and for --samples (an ADM reference .npz, "
                        "an image folder or a reference_stats.pt)")
-    from repa_probe.analysis.inputs import DataSource, build_analysis_dataset
+    from repa_probe.analysis.core.inputs import DataSource, build_analysis_dataset
 
     c = ours[0].cfg
     source = DataSource(c.data.name, c.data.root, c.data.resolution, c.run.seed,
@@ -202,7 +202,7 @@ def _spaces(entries, inception_weights, fd_dinov2, dinov2_weights, encoder, enco
     if not fd_dinov2 and not encoder:
         ours = [e for e in entries if e.cfg is not None]
         if ours:
-            from repa_probe.analysis.inputs import build_config_encoder
+            from repa_probe.analysis.core.inputs import build_config_encoder
 
             enc = build_config_encoder(ours[0].cfg)
             spaces.append(register_encoder(enc, f"fd_{enc.name}"))
@@ -216,7 +216,7 @@ def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None,
             prc=False, num_samples=None, batch_size=64, device="auto", progress=True, **sampler) -> dict:
     """Sample every checkpoint of ``ckpts`` (or take the folders / ``.npz`` of ``samples``) and evaluate them:
     ``out_dir/fid.csv``, ``summary.json``, ``reference_stats.pt`` and ``figures/fid_vs_step.{pdf,png}``."""
-    from repa_probe.analysis import generate
+    from repa_probe.analysis.generation import generate
     from repa_probe.devices import resolve_device
 
     if (ckpts is None) == (samples is None):
@@ -258,7 +258,8 @@ def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None,
 
 
 def _write_outputs(out: Path, rows: list, reference: Reference, spaces) -> dict:
-    from repa_probe.analysis.runner import versions, write_csv, write_json
+    from repa_probe.analysis.core.runner import versions
+    from repa_probe.analysis.core.writers import write_csv, write_json
 
     out.mkdir(parents=True, exist_ok=True)
     save_reference_stats(reference, out / "reference_stats.pt")
@@ -275,7 +276,7 @@ def fid_vs_step(rows: list, stem: Path) -> list[Path]:
     """One panel per metric: value against training step, one line per run (PDF + PNG); [] without steps."""
     from matplotlib.figure import Figure
 
-    from repa_probe.analysis.plots import save_figure
+    from repa_probe.analysis.core.plots import save_figure
 
     rows = [r for r in rows if r.get("step") is not None]
     metrics = list(dict.fromkeys(r["metric"] for r in rows))

@@ -1,7 +1,7 @@
 """Spatial-structure metrics inside the alignment analysis (``analysis.alignment --metric lds,cds,srss,rmsc``).
 
 For every checkpoint × block × timestep the block's token grid ``(N, T, D)`` on the noisy input ``x_t`` (the
-same seeded noise as CKNNA) gets :mod:`repa_probe.analysis.spatial`'s per-image values; a row holds their
+same seeded noise as CKNNA) gets :mod:`repa_probe.analysis.metrics.spatial`'s per-image values; a row holds their
 mean over images (NaN images, e.g. SRSS without a usable mask, left out; ``n`` = images used) and, with
 ``bootstrap``, a 95% percentile interval over images. The target encoder's patch tokens of the clean
 images give the reference rows (``layer = "target"``, no timestep, repeated for every checkpoint so that
@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from repa_probe.analysis.features import ModelInputs, extract_features, resolve_layers
-from repa_probe.analysis.spatial import grid_shape, spatial_metrics
-from repa_probe.analysis.targets import encoder_features
+from repa_probe.analysis.core.features import ModelInputs, extract_features, resolve_layers
+from repa_probe.analysis.metrics.spatial import grid_shape, spatial_metrics
+from repa_probe.analysis.core.targets import encoder_features
 from repa_probe.timesteps import label
 
 __all__ = ["token_masks", "summarise", "model_spatial_values", "target_spatial_values",
@@ -90,7 +90,7 @@ def model_spatial_values(model, objective, inputs: ModelInputs, timesteps, layer
     """``{(layer, t): {name: (N,)}}`` per-image spatial metrics of the model's block tokens at each timestep.
 
     ``masks``: ``(N, T)`` foreground masks on the model's token grid (needed for ``srss``); ``options``:
-    keyword arguments of :func:`~repa_probe.analysis.spatial.spatial_metrics`.
+    keyword arguments of :func:`~repa_probe.analysis.metrics.spatial.spatial_metrics`.
     """
     layer_list = resolve_layers(model, layers)
     n = len(inputs)

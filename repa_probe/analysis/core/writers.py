@@ -1,0 +1,94 @@
+"""The project's file writers: every result file (CSV, JSON, text, PNG, ``.npz``) is written atomically.
+
+:func:`atomic_write` is the one rule: write to a temporary file in the target's folder, flush and fsync,
+``os.replace`` onto the target (a crash leaves the old file or the new one, never half of one), and give
+the file the usual mode (``0666`` minus the umask). Checkpoints use :func:`repa_probe.checkpoint.atomic_save`
+(the same rule for ``torch.save``).
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["atomic_write", "write_text", "write_csv", "write_json", "read_json"]
+
+
+def atomic_write(path, write: Callable, binary: bool = False) -> Path:
+    """Call ``write(f)`` on a temporary file beside ``path`` (text, or bytes with ``binary``), then move it
+    onto ``path``; the parent folder is created. Returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
+        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_text(path, text: str) -> Path:
+    """``text`` -> ``path``, atomically."""
+    return atomic_write(path, lambda f: f.write(text))
+
+
+def write_csv(rows: Sequence[dict], path, columns: Sequence[str]) -> Path:
+    """Rows -> CSV with ``columns`` (missing or None values as empty cells; extra keys ignored), atomically."""
+    def write(f):
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+
+    return atomic_write(path, write)
+
+
+def _clean(obj):
+    """NaN / inf floats -> None, recursively (strict JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def _json_default(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (Path, torch.device)) or dataclasses.is_dataclass(obj):
+        return str(obj)
+    return repr(obj)
+
+
+def write_json(obj: Any, path) -> Path:
+    """``obj`` -> strict JSON (NaN/inf as null; paths, devices, dataclasses as strings; tensors as lists),
+    indented, written atomically."""
+    return write_text(path, json.dumps(_clean(obj), indent=2, default=_json_default))
+
+
+def read_json(path, default=None):
+    """The JSON at ``path``, or ``default`` when it is missing or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return default
