@@ -189,10 +189,10 @@ def test_lpips_without_weights_is_one_line_naming_the_key(tmp_path, capsys):
 
 
 def test_lpips_loads_its_weights_and_measures_distances(tmp_path):
-    from torchvision.models import vgg16
+    from torchvision.models.vgg import cfgs, make_layers
 
     torch.manual_seed(0)
-    torch.save(vgg16(weights=None).features.state_dict(), tmp_path / "features.pth")
+    torch.save(make_layers(cfgs["D"]).state_dict(), tmp_path / "features.pth")
     vgg = {f"features.{k}": v for k, v in torch.load(tmp_path / "features.pth", weights_only=True).items()}
     torch.save(vgg, tmp_path / "vgg16.pth")
     lins = {f"lin{k}.model.1.weight": torch.rand(1, c, 1, 1) for k, c in enumerate((64, 128, 256, 512, 512))}
@@ -204,12 +204,17 @@ def test_lpips_loads_its_weights_and_measures_distances(tmp_path):
     assert float(lp(a, a).abs().max()) == 0.0 and bool((lp(a, b) > 0).all())
 
 
-def test_tiny_repae_run_tunes_the_vae_and_lowers_its_repa_loss(tmp_path):
-    """The same short run with the REPA term into the VAE (repa.vae_coeff=1.5) and without (0)."""
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The same short REPA-E run with the REPA term into the VAE (repa.vae_coeff=1.5) and without (0)."""
+    root = tmp_path_factory.mktemp("repae_runs")
+    return {c: train(cfg_for(root, f"repa.vae_coeff={c}", "train.steps=8", "train.log_every=8", "train.ckpt_every=8",
+                             name=f"c{c}")) for c in (1.5, 0)}
+
+
+def test_tiny_repae_run_tunes_the_vae_and_lowers_its_repa_loss(runs, tmp_path):
     from repa_probe.training import rundir
 
-    runs = {c: train(cfg_for(tmp_path, f"repa.vae_coeff={c}", "train.steps=8", "train.log_every=8",
-                             name=f"c{c}")) for c in (1.5, 0)}
     vae_repa = {c: rundir.read_metrics(r)[-1]["vae_repa"] for c, r in runs.items()}
     assert vae_repa[1.5] < vae_repa[0], vae_repa
     ckpt = safe_load(runs[1.5] / "checkpoints/0000008.pt")
@@ -217,3 +222,48 @@ def test_tiny_repae_run_tunes_the_vae_and_lowers_its_repa_loss(tmp_path):
     assert any(not torch.equal(fresh[k], ckpt["vae"][k]) for k in fresh)
     model, info = load_model(runs[1.5] / "checkpoints/0000008.pt")
     assert model.bn is not None and not model.bn.training and info.step == 8
+
+
+def test_export_vae_folder_opens_everywhere_and_feeds_the_second_stage(runs, tmp_path):
+    from diffusers import AutoencoderKL
+
+    from repa_probe.encoders.vae import load_vae
+    from repa_probe.trained_vae import load_checkpoint_vae
+    from train.export_vae import main as export_main
+    from train.extract_latents import main as extract_main
+
+    out = tmp_path / "e2e-vae"
+    assert export_main(["--ckpt", str(runs[1.5]), "--out", str(out)]) == 0
+    assert isinstance(AutoencoderKL.from_pretrained(out), AutoencoderKL)  # diffusers itself
+    exported, tuned = load_vae(out), load_checkpoint_vae(runs[1.5])
+    ema = safe_load(runs[1.5] / "checkpoints/0000008.pt")["ema"]
+    torch.testing.assert_close(exported.latent_stats()["latents_scale"].flatten(), ema["bn.running_var"].rsqrt())
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    assert torch.equal(exported.encode_moments(images), tuned.encode_moments(images))
+    raw = torch.randn(2, 4, 4, 4)
+    bn = load_model(runs[1.5] / "checkpoints/0000008.pt")[0].bn
+    torch.testing.assert_close(tuned.normalize(raw), bn(raw))  # the model's BatchNorm in eval mode
+    torch.testing.assert_close(tuned.denormalize(tuned.normalize(raw)), raw, rtol=1e-3, atol=1e-3)
+    # second stage: extract the tuned latents (from the run itself), train plain REPA on them
+    data = tmp_path / "latents"
+    assert extract_main(["--data", "shapes", "--resolution", "32", "--num-samples", "16", "--vae", str(runs[1.5]),
+                         "--out", str(data), "--num-workers", "0"]) == 0
+    stage2 = load_config(None, [f"run.out_dir={tmp_path}", "run.name=stage2", "data.name=repa", f"data.root={data}",
+                                f"vae.name={out}", "model.name=SiT-S/1", *SMALL[1:], "data.num_samples=16",
+                                "train.steps=2"])
+    ckpt = safe_load(train(stage2) / "checkpoints/0000002.pt")
+    assert "vae" not in ckpt and ckpt["model_config"]["in_channels"] == 4
+
+
+def test_shipped_repae_configs_are_the_recipe_and_the_tiny_run():
+    cfg = load_config(str(ROOT / "configs/repae_sit.yaml"))
+    assert (cfg.model.name, cfg.repa.encoder_depth, cfg.repa.proj_coeff, cfg.repa.vae_coeff) == ("SiT-XL/2", 8, 0.5, 1.5)
+    assert (cfg.train.steps, cfg.train.batch_size, cfg.optim.lr, cfg.vae.lr, cfg.vae_loss.disc_lr) == (
+        400_000, 256, 1e-4, 1e-4, 1e-4)
+    assert (cfg.vae.tune, cfg.vae.latent_norm, cfg.vae.bn_momentum, cfg.encoder.name) == (
+        True, "batchnorm", 0.1, "dinov2_vitb14")
+    assert (cfg.vae_loss.perceptual_weight, cfg.vae_loss.kl_weight, cfg.vae_loss.disc_weight) == (1.0, 1e-6, 0.1)
+    tiny = load_config(str(CFG))
+    assert tiny.vae_loss.perceptual_weight == 0 and tiny.vae.tune and tiny.model.name == "SiT-S/1"
+    with pytest.raises(Exception, match="vae.latent_norm=batchnorm"):
+        load_config(str(CFG), ["vae.latent_norm=fixed"])

@@ -50,9 +50,9 @@ class LPIPS(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from torchvision.models import vgg16
+        from torchvision.models.vgg import cfgs, make_layers
 
-        features = vgg16(weights=None).features
+        features = make_layers(cfgs["D"])  # VGG16's convolutional part (torchvision's indices)
         self.net = nn.Module()
         for k, (lo, hi) in enumerate(_SLICES, start=1):
             s = nn.Sequential()

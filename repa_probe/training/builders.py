@@ -115,10 +115,10 @@ class Batches:
 
     def __init__(self, cfg: Config, dist: DistInfo, split: str = "train", pin_memory: bool = False):
         from repa_probe.data import ResumableSampler
-        from repa_probe.encoders.vae import load_vae
+        from repa_probe.trained_vae import load_any_vae
 
         self.dataset = build_dataset(cfg, split)
-        self.vae = load_vae(cfg.vae.name)
+        self.vae = load_any_vae(cfg.vae.name)  # also a REPA-E run's tuned VAE (its latent statistics)
         self.num_classes = cfg.data.num_classes or self.dataset.num_classes
         self.local_batch = cfg.train.batch_size // dist.world_size
         if len(self.dataset) < cfg.train.batch_size:
