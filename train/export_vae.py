@@ -14,6 +14,18 @@ from typing import List, Optional
 from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
 
 
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.verbose)
+
+    from repa_probe.errors import one_line_errors
+    from repa_probe.trained_vae import export_vae
+
+    with one_line_errors(args.debug):
+        print(f"done: {export_vae(args.ckpt, args.out, prefer_ema=args.weights == 'ema')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="python -m train.export_vae", description=__doc__,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -23,19 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="whose BatchNorm statistics normalise the latents (default: ema, as REPA-E)")
     add_debug_flags(p)
     return p
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-
-    from repa_probe.errors import one_line_errors
-    from repa_probe.trained_vae import export_vae
-
-    with one_line_errors(args.debug):
-        out = export_vae(args.ckpt, args.out, prefer_ema=args.weights == "ema")
-    print(f"done: {out}")
-    return 0
 
 
 if __name__ == "__main__":
