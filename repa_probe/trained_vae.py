@@ -12,7 +12,6 @@ which ``load_vae`` (``vae.name=DIR``, ``--vae DIR``) and diffusers itself open.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Mapping
 
@@ -21,6 +20,7 @@ import torch
 from repa_probe.checkpoint import CheckpointError, safe_load
 from repa_probe.encoders.vae import STATS_FILE, LatentVAE, load_vae
 from repa_probe.models.latent_norm import BN_EPS
+from repa_probe.models.layout import is_state_dict, normalize_keys
 
 
 def checkpoint_file(path: str | os.PathLike) -> Path:
@@ -49,7 +49,7 @@ def _diffusers_vae(obj: Mapping, path: Path):
         vae = AutoencoderKL(**obj["vae_config"])
         vae.load_state_dict({k: v.float() for k, v in sd.items()})
         return vae
-    sd = {re.sub(r"^(module\.|_orig_mod\.)", "", k): v for k, v in sd.items()}
+    sd = normalize_keys(sd)
     if not is_ldm_vae(sd):
         raise CheckpointError(f"{path}: its 'vae' entry is neither ours (with vae_config) nor an LDM-layout VAE")
     try:
@@ -58,17 +58,39 @@ def _diffusers_vae(obj: Mapping, path: Path):
         raise CheckpointError(f"{path}: {exc}") from exc
 
 
+def _model_weights(obj, prefer_ema: bool) -> dict:
+    """The diffusion model's state dict in a loaded file (``ema`` or ``model`` entry, or a plain state dict),
+    without a ``module.`` / ``_orig_mod.`` prefix; {} when it is none of these."""
+    if isinstance(obj, Mapping) and any(isinstance(obj.get(k), Mapping) for k in ("ema", "model")):
+        obj = obj["ema"] if prefer_ema and isinstance(obj.get("ema"), Mapping) else obj["model"]
+    return normalize_keys(obj) if is_state_dict(obj) else {}
+
+
 def load_checkpoint_vae(path: str | os.PathLike, prefer_ema: bool = True) -> LatentVAE:
     """The tuned VAE of a REPA-E checkpoint (file or run directory), normalised by its model's BatchNorm."""
     file = checkpoint_file(path)
     obj = safe_load(file)
     if not is_training_checkpoint_with_vae(obj):
         raise CheckpointError(f"{file}: not an end-to-end (REPA-E) checkpoint: it holds no VAE")
-    weights = obj["ema"] if prefer_ema and isinstance(obj.get("ema"), Mapping) else obj["model"]
-    weights = {re.sub(r"^(module\.|_orig_mod\.)", "", k): v for k, v in weights.items()}
+    weights = _model_weights(obj, prefer_ema)
     if "bn.running_mean" not in weights:
         raise CheckpointError(f"{file}: its model has no latent BatchNorm (bn.*) to normalise the VAE's latents")
     vae = LatentVAE(_diffusers_vae(obj, file), str(file))
+    return vae.with_batchnorm(weights["bn.running_mean"], weights["bn.running_var"], BN_EPS)
+
+
+def checkpoint_vae(path: str | os.PathLike, vae_name: str | None, prefer_ema: bool = True,
+                   loaded=None) -> LatentVAE | None:
+    """The VAE a checkpoint's model reads its latents with: a REPA-E checkpoint's tuned VAE, else ``vae_name``
+    (``load_any_vae``); when the model has REPA-E's latent BatchNorm, normalised by its statistics (the weights
+    ``prefer_ema`` picks, as ``load_model``). ``loaded``: the file's content when already read."""
+    obj = safe_load(path) if loaded is None else loaded
+    if is_training_checkpoint_with_vae(obj):
+        return load_checkpoint_vae(path, prefer_ema)
+    vae = load_any_vae(vae_name)
+    weights = _model_weights(obj, prefer_ema)
+    if vae is None or "bn.running_mean" not in weights:
+        return vae
     return vae.with_batchnorm(weights["bn.running_mean"], weights["bn.running_var"], BN_EPS)
 
 
