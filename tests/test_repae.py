@@ -257,7 +257,8 @@ def test_export_vae_folder_opens_everywhere_and_feeds_the_second_stage(runs, tmp
 
 def test_shipped_repae_configs_are_the_recipe_and_the_tiny_run():
     cfg = load_config(str(ROOT / "configs/repae_sit.yaml"))
-    assert (cfg.model.name, cfg.repa.encoder_depth, cfg.repa.proj_coeff, cfg.repa.vae_coeff) == ("SiT-XL/2", 8, 0.5, 1.5)
+    assert (cfg.model.name, cfg.repa.encoder_depth, cfg.repa.proj_coeff, cfg.repa.vae_coeff) == (
+        "SiT-XL/2", 8, 0.5, 1.5)
     assert (cfg.train.steps, cfg.train.batch_size, cfg.optim.lr, cfg.vae.lr, cfg.vae_loss.disc_lr) == (
         400_000, 256, 1e-4, 1e-4, 1e-4)
     assert (cfg.vae.tune, cfg.vae.latent_norm, cfg.vae.bn_momentum, cfg.encoder.name) == (

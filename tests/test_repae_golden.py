@@ -91,7 +91,8 @@ def _state(rec):
     vae = build_from_ldm(_golden("repae_vae.pt"))
     disc = PatchDiscriminator(ndf=rec["disc_ndf"])
     disc.load_state_dict(rec["before"]["discriminator"])
-    parts = e2e.E2EParts(vae, disc.train(), None, VAELossWeights(perceptual=0.0), e2e._adamw(vae.parameters(), 1e-4, cfg),
+    parts = e2e.E2EParts(vae, disc.train(), None, VAELossWeights(perceptual=0.0),
+                         e2e._adamw(vae.parameters(), 1e-4, cfg),
                          e2e._adamw(disc.parameters(), 1e-4, cfg), e2e.VAEForward(vae), disc)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8, fused=True)

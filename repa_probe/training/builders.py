@@ -90,7 +90,8 @@ def build_model(cfg: Config, batches: "Batches", enc):
                          encoder_depth=r.encoder_depth, projector_dim=r.projector_dim, projector_type=r.projector,
                          projector_kernel=r.projector_kernel,
                          z_dims=(enc.embed_dim,) if enc is not None and r.proj_coeff > 0 else (),
-                         cls_token_dim=enc.embed_dim if enc is not None and cfg.reg.cls_coeff > 0 else 0, **overrides, **_latent_norm(cfg))
+                         cls_token_dim=enc.embed_dim if enc is not None and cfg.reg.cls_coeff > 0 else 0, **overrides,
+                         **_latent_norm(cfg))
     if model.bn is not None:  # REPA-E: the BatchNorm starts from the VAE's latent statistics
         stats = batches.vae.latent_stats()
         model.bn.init_from_stats(stats["latents_bias"], 1.0 / stats["latents_scale"])

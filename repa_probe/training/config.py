@@ -34,7 +34,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "SiT-S/4"  # registry name: SiT-{S,B,L,XL}/{2,4,8}, DiT-{S,B,L,XL}/{2,4,8}, LightningDiT-{S,B,L,XL}/{1,2,4,8}
+    name: str = "SiT-S/4"  # registry name: SiT-{S,B,L,XL}/{1,2,4,8}, DiT-{S,B,L,XL}/{2,4,8}, LightningDiT-*/{1,2,4,8}
     depth: Optional[int] = 4  # overrides of the named size (null = keep the size's value)
     hidden_size: Optional[int] = 128
     num_heads: Optional[int] = 2

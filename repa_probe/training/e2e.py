@@ -13,7 +13,8 @@ One step on images x (global batch drawn as in :mod:`repa_probe.training.trainer
     (e) EMA of the diffusion model, BatchNorm buffers included (the trainer's ``update_ema``)
 
 The sin-cos ``pos_embed`` is trained here, as in REPA-E (its ``requires_grad(model, True)`` after the VAE step
-turns it on and its optimiser holds every parameter). Three AdamW optimisers (model: ``optim.lr``; VAE: ``vae.lr``; discriminator: ``vae_loss.disc_lr``; betas, eps,
+turns it on and its optimiser holds every parameter). Three AdamW optimisers (model: ``optim.lr``; VAE:
+``vae.lr``; discriminator: ``vae_loss.disc_lr``; betas, eps,
 weight decay and the gradient clip from ``optim.*``). The labels are dropped for (d) only: in (b) REPA-E's
 model is in eval mode, where it drops none. Autocast (bf16 on GPU) covers the VAE and the diffusion model; the
 VAE's losses and the discriminator run in float32, as REPA-E's loss module.

@@ -17,7 +17,8 @@ Files:
 * ``repae_train.pt``: one step of ``train_repae.py``'s loop (lines 337-437, the same calls in the same order):
   the inputs, the draws their code made (posterior ε, t, noise, label-drop mask; read back by replaying the
   global RNG and checked against what the model received), every loss term and gradient norm, and the state
-  of model, EMA (its ``bn.*`` buffers), VAE (without the decoder, for size) and discriminator after (before: the two files above and the discriminator), and
+  of model, EMA (its ``bn.*`` buffers), VAE (without the decoder, for size) and discriminator after (before:
+  the two files above and the discriminator), and
   ``vars(args)`` of their ``parse_args`` (the ``args`` a ``train_repae.py`` checkpoint carries). Their PatchGAN
   is built at width 8 (``NLayerDiscriminator(3, ndf=8, n_layers=3)``; the recipe's 64 has 2.8M parameters).
 """
