@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class fed to the model: null (unconditional, default) or the dataset's true labels")
     g = p.add_argument_group("what to measure")
     g.add_argument("--layers", default="all", help="'all' or 1-based block numbers, e.g. 1,4,8 (8 = REPA's "
-                   "encoder_depth 8)")
+                   "encoder_depth 8); 'latent' adds layer 0, the clean VAE latent tokens as the model sees them "
+                   "(compare latent spaces: SD-VAE, REPA-E's E2E-VAE, VA-VAE)")
     g.add_argument("--timesteps", default="0,0.25,0.5,0.75,1",
                    help="comma list of times t in [0, 1] or step:N (see Time above; default: %(default)s)")
     g.add_argument("--metric", default="cknna", help=f"one or more of {', '.join(METRICS)} and the spatial-structure "

@@ -84,7 +84,8 @@ def build_parser(task: str = "linear") -> argparse.ArgumentParser:
     g.add_argument("--vae", metavar="NAME", help="VAE of latent models; default: the training config's")
     add_checkpoint_options(g)
     g = p.add_argument_group("what to probe")
-    g.add_argument("--layers", default="all", help="'all' or 1-based block numbers, e.g. 1,4,8")
+    g.add_argument("--layers", default="all", help="'all' or 1-based block numbers, e.g. 1,4,8; 'latent' = the clean latent "
+                   "tokens (layer 0), e.g. latent,1,4")
     g.add_argument("--timesteps", default="0,0.25,0.5",
                    help="comma list of times t in [0, 1] or step:N (see Time above; default: %(default)s)")
     if task == "linear":

@@ -80,12 +80,12 @@ def load_checkpoint_vae(path: str | os.PathLike, prefer_ema: bool = True) -> Lat
 
 
 def checkpoint_vae(path: str | os.PathLike, vae_name: str | None, prefer_ema: bool = True,
-                   loaded=None) -> LatentVAE | None:
-    """The VAE a checkpoint's model reads its latents with: a REPA-E checkpoint's tuned VAE, else ``vae_name``
-    (``load_any_vae``); when the model has REPA-E's latent BatchNorm, normalised by its statistics (the weights
-    ``prefer_ema`` picks, as ``load_model``). ``loaded``: the file's content when already read."""
-    obj = safe_load(path) if loaded is None else loaded
-    if is_training_checkpoint_with_vae(obj):
+                   tuned: bool = True) -> LatentVAE | None:
+    """The VAE a checkpoint's model reads its latents with: a REPA-E checkpoint's tuned VAE (``tuned``), else
+    ``vae_name`` (``load_any_vae``); when the model has REPA-E's latent BatchNorm, normalised by its statistics
+    (the weights ``prefer_ema`` picks, as ``load_model``)."""
+    obj = safe_load(path)
+    if tuned and is_training_checkpoint_with_vae(obj):
         return load_checkpoint_vae(path, prefer_ema)
     vae = load_any_vae(vae_name)
     weights = _model_weights(obj, prefer_ema)

@@ -154,7 +154,7 @@ def test_bad_layers_pool_labels_and_device(shapes):
     with pytest.raises(FeatureError, match=r"layers \[5\] are outside 1..4"):
         extract_features(model, obj, shapes, [0.5], layers=[1, 5], progress=False)
     with pytest.raises(FeatureError, match="outside"):
-        extract_features(model, obj, shapes, [0.5], layers=[0], progress=False)
+        extract_features(model, obj, shapes, [0.5], layers=[-1], progress=False)
     with pytest.raises(FeatureError, match="reads block 2 only"):
         extract_features(model, obj, shapes, [0.5], layers=[3], pool="projector", progress=False)
     with pytest.raises(FeatureError, match="pool must be"):
@@ -233,6 +233,9 @@ def test_prepare_inputs_pixels_and_latents(shapes):
         def encode_moments(self, images):
             mean = images.float()[:, :2, ::2, ::2] / 255.0
             return torch.cat([mean, torch.ones_like(mean)], dim=1)
+
+        def normalize(self, raw):  # LatentVAE's: raw * scale + bias
+            return raw * self.scale + self.bias
 
     lat = prepare_inputs(shapes, FakeVAE(), batch_size=5, progress=False)
     expected = torch.stack([shapes[i]["image"] for i in range(12)]).float()[:, :2, ::2, ::2] / 255.0 * 0.5 + 0.1

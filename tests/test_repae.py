@@ -268,3 +268,38 @@ def test_shipped_repae_configs_are_the_recipe_and_the_tiny_run():
     assert tiny.vae_loss.perceptual_weight == 0 and tiny.vae.tune and tiny.model.name == "SiT-S/1"
     with pytest.raises(Exception, match="vae.latent_norm=batchnorm"):
         load_config(str(CFG), ["vae.latent_norm=fixed"])
+
+
+def test_analyses_read_each_checkpoints_tuned_vae_and_the_latent_layer(runs, tmp_path):
+    """Alignment with --layers latent on a REPA-E run: each checkpoint's entry reads latents with its tuned VAE
+    normalised by its EMA BatchNorm; layer 0 (the clean latent tokens) is the same at every t; sampling decodes
+    with the same statistics; --vae names the exported folder instead (normalised by the checkpoint)."""
+    import csv
+
+    from analysis.alignment import main as align_main
+    from analysis.sample import main as sample_main
+    from repa_probe.analysis.core.inputs import load_checkpoints
+    from repa_probe.analysis.core.options import AnalysisOptions
+    from repa_probe.trained_vae import export_vae
+
+    ckpt = runs[1.5] / "checkpoints/0000008.pt"
+    entry = load_checkpoints([ckpt], AnalysisOptions(weights="ema"))[0]
+    bn = load_model(ckpt)[0].bn
+    raw = torch.randn(3, 4, 4, 4)
+    torch.testing.assert_close(entry.vae.normalize(raw), bn(raw))
+    vae_sd = safe_load(ckpt)["vae"]
+    assert all(torch.equal(v, vae_sd[k]) for k, v in entry.vae.vae.state_dict().items())  # the tuned VAE
+    out = tmp_path / "align"
+    assert align_main(["--ckpt", str(ckpt), "--out", str(out), "--num-samples", "24", "--timesteps", "0,1",
+                       "--layers", "latent,1", "--topk", "5", "--bootstrap", "0", "-q"]) == 0
+    rows = list(csv.DictReader(open(out / "alignment.csv")))
+    latent = {r["timestep"]: float(r["value"]) for r in rows if r["layer"] == "0"}
+    assert len(latent) == 2 and len(set(latent.values())) == 1 and {r["layer"] for r in rows} == {"0", "1"}
+    exported = export_vae(ckpt, tmp_path / "e2e-vae")
+    entry2 = load_checkpoints([ckpt], AnalysisOptions(weights="ema", vae=str(exported)))[0]
+    torch.testing.assert_close(entry2.vae.normalize(raw), bn(raw))
+    samples = tmp_path / "samples"
+    assert sample_main(["--ckpt", str(ckpt), "--out", str(samples), "--num-samples", "2", "--steps", "2",
+                        "--batch-size", "2", "--quiet"]) == 0
+    pngs = list(samples.rglob("*.png"))
+    assert pngs and all(p.stat().st_size > 0 for p in pngs)

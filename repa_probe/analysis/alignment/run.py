@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 import torch
 
 from repa_probe.analysis import metrics as M
-from repa_probe.analysis.core.features import ModelInputs, extract_features, prepare_inputs
+from repa_probe.analysis.core.features import InputsByVAE, ModelInputs, extract_features, prepare_inputs
 from repa_probe.analysis.core.inputs import (build_analysis_dataset, check_class_labels, check_times_and_layers,
                                         resolve_encoder, resolve_source)
 from repa_probe.analysis.core.options import METRICS, TARGET_KINDS, AlignmentOptions
@@ -175,6 +175,7 @@ class AlignmentAnalysis(Analysis):
         opts, vae = run.options, self.source.vae
         self.inputs = prepare_inputs(self.dataset, vae.to(run.device) if vae is not None else None,
                                      opts.batch_size, progress=opts.progress)
+        self.by_vae = InputsByVAE(self.dataset, self.inputs, vae, run.device, opts.batch_size, opts.progress)
         self.target = encoder_features(self.encoder.to(run.device), self.dataset, opts.target_kind,
                                        cache_dir=opts.cache_dir, batch_size=opts.batch_size,
                                        progress=opts.progress) if self.cross else None
@@ -184,9 +185,11 @@ class AlignmentAnalysis(Analysis):
             bootstrap=opts.bootstrap, progress=opts.progress) if self.spatial_names else None
 
     def analyse(self, run: Run, entry, model) -> list[dict]:
-        rows = alignment_table(model, entry.objective, self.inputs, self.target, run.options, device=run.device,
+        inputs = self.by_vae.get(entry.vae)  # REPA-E checkpoints: their own VAE and latent statistics
+        rows = alignment_table(model, entry.objective, inputs, self.target, run.options, device=run.device,
                                checkpoint=entry.label, step=entry.info.step) if self.cross else []
         if self.spatial is not None:
+            self.spatial.inputs = inputs
             rows += self.spatial.rows(model, entry.objective, entry.label, entry.info.step)
         return rows
 

@@ -29,6 +29,7 @@ from repa_probe.timesteps import DDPM_STEPS, check_objective, model_times, parse
 log = logging.getLogger("repa_probe")
 
 POOLS = ("mean", "tokens", "projector")
+LATENT_LAYER = 0  # --layers latent: the clean latent tokens, patchified as the model sees them (no block)
 
 class FeatureError(ReproError, ValueError):
     """Bad input to feature extraction (layers, pooling, labels, devices, shapes); one-line message."""
@@ -88,8 +89,9 @@ def prepare_inputs(data, vae=None, batch_size: int = 64, num_workers: int = 0,
     """Clean model inputs for every sample of ``data`` (a Dataset of dicts, or an unshuffled DataLoader).
 
     Pixel space (``vae=None``): the uint8 images are kept. Latent space: the posterior mean of the
-    stored ``moments`` (or of ``vae.encode_moments`` on the VAE's device), times ``vae.scale`` plus
-    ``vae.bias``, as float32 on the CPU. Indices are positions in iteration order.
+    stored ``moments`` (or of ``vae.encode_moments`` on the VAE's device), normalised by the VAE
+    (``vae.normalize``: SD-VAE's scale, or per-channel statistics), as float32 on the CPU. Indices are
+    positions in iteration order.
     """
     chunks, labels = [], []
     for batch in tqdm(batch_loader(data, batch_size, num_workers), desc="inputs", disable=not progress, leave=False):
@@ -101,12 +103,31 @@ def prepare_inputs(data, vae=None, batch_size: int = 64, num_workers: int = 0,
         else:
             moments = batch["moments"] if "moments" in batch else vae.encode_moments(images.to(vae.device))
             mean = moments.float().chunk(2, dim=1)[0]
-            chunks.append((mean * vae.scale + vae.bias).cpu())
+            chunks.append(vae.normalize(mean).cpu())  # SD-VAE: mean * 0.18215; REPA-E: per channel
         labels.append(torch.as_tensor(batch["label"]).reshape(-1).to(torch.int64))
     if not chunks:
         raise FeatureError("the dataset is empty")
     x = torch.cat(chunks)
     return ModelInputs(x, torch.cat(labels), torch.arange(x.shape[0], dtype=torch.int64), pixel=vae is None)
+
+
+class InputsByVAE:
+    """:func:`prepare_inputs` of one dataset for each checkpoint's VAE: REPA-E checkpoints read latents with their
+    own (tuned, or normalised by their BatchNorm statistics), every other one shares the source's. The shared
+    inputs are kept; of the others only the latest (checkpoints are analysed one after another)."""
+
+    def __init__(self, data, shared: ModelInputs, shared_vae, device, batch_size: int, progress: bool):
+        self.data, self.device, self.batch_size, self.progress = data, device, batch_size, progress
+        self.shared, self.shared_vae, self._last = shared, shared_vae, (None, None)
+
+    def get(self, vae) -> ModelInputs:
+        """The inputs as ``vae`` (an entry's LatentVAE or None) encodes and normalises them."""
+        if vae is self.shared_vae:
+            return self.shared
+        if self._last[0] is not vae:
+            self._last = (vae, prepare_inputs(self.data, vae.to(self.device) if vae is not None else None,
+                                              self.batch_size, progress=self.progress))
+        return self._last[1]
 
 
 # ------------------------------------------------------------------------------------------ extraction
@@ -137,17 +158,28 @@ class FeatureSet:
                                f"timesteps {self.timesteps}") from None
 
 
+def latent_tokens(model, x0: torch.Tensor) -> torch.Tensor:
+    """Layer 0, ``latent``: the clean input ``x0: (b, C, H, W)`` patchified as the model's patch embedding reads
+    it -> ``(b, T, C·p·p)`` (token order and per-token (C, p, p) order of ``x_embedder.proj``)."""
+    p = model.patch_size
+    b, c, h, w = x0.shape
+    x = x0.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
 def resolve_layers(model, layers) -> list[int]:
-    """``"all"``/None or an iterable of 1-based block numbers -> sorted unique list, validated."""
+    """``"all"``/None or an iterable of 1-based block numbers (0 = ``latent``, the clean latent tokens) -> sorted
+    unique list, validated. ``"all"`` means the blocks."""
     depth = model.depth
     if layers is None or layers == "all":
         return list(range(1, depth + 1))
     out = sorted({int(v) for v in layers})
     if not out:
         raise FeatureError("no layers requested")
-    bad = [v for v in out if not 1 <= v <= depth]
+    bad = [v for v in out if not LATENT_LAYER <= v <= depth]
     if bad:
-        raise FeatureError(f"layers {bad} are outside 1..{depth} (1-based block numbers; the model has {depth} blocks)")
+        raise FeatureError(f"layers {bad} are outside 1..{depth} (1-based block numbers, 0 = the latent; the model "
+                           f"has {depth} blocks)")
     return out
 
 
@@ -210,7 +242,8 @@ def extract_features(model, objective, data, timesteps, layers="all", pool: str 
         objective: FlowMatching or GaussianDiffusion matching ``model.time_convention``.
         data: a Dataset of dicts, an unshuffled DataLoader or :class:`ModelInputs`.
         timesteps: user times (see :func:`repa_probe.timesteps.parse_times`); the keys of the result.
-        layers: ``"all"`` or 1-based block numbers (block 8 = REPA's encoder_depth 8).
+        layers: ``"all"`` or 1-based block numbers (block 8 = REPA's encoder_depth 8); 0 is the clean latent
+            itself (:func:`latent_tokens`; the same at every t), to compare latent spaces (SD-VAE, REPA-E's).
         pool: ``"mean"`` -> ``(N, D)`` token mean; ``"tokens"`` -> ``(N, T, D)``; ``"projector"`` ->
             ``(N, z_dim)`` token mean of the first REPA projector's output (layer = encoder_depth only).
         labels: ``"null"`` (unconditional class) or ``"true"`` (dataset labels).
@@ -219,6 +252,7 @@ def extract_features(model, objective, data, timesteps, layers="all", pool: str 
         raise FeatureError(f"dtype must be float32 or float16, got {dtype}")
     check_objective(model.time_convention, objective)
     layer_list = _pooled_layers(model, layers, pool)
+    blocks = [v for v in layer_list if v != LATENT_LAYER]
     user_t = parse_times(timesteps)
     process_t, model_t = model_times(user_t, model.time_convention, getattr(objective, "num_timesteps", DDPM_STEPS))
     device = module_device(model, device, "model")
@@ -238,9 +272,11 @@ def extract_features(model, objective, data, timesteps, layers="all", pool: str 
             x_t = objective.add_noise(x0, t_proc.expand(stop - start).to(device), noise)
             with autocast:
                 hidden = model.forward_features(x_t, t_net.expand(stop - start).to(device), y,
-                                                layers=[v - 1 for v in layer_list])
+                                                layers=[v - 1 for v in blocks])
                 if pool == "projector":
                     hidden = [model.project(hidden[0])[0]]
+            if LATENT_LAYER in layer_list:
+                hidden = [latent_tokens(model, x0)] + hidden
             for layer, h in zip(layer_list, hidden):
                 out = h.float().mean(dim=1) if pool in ("mean", "projector") else h.float()
                 key = (layer, t_user)

@@ -196,8 +196,11 @@ def _load(path: Path, raw, cfg, options, prefer_ema: bool):
 def _assign_vaes(entries: list[CheckpointEntry], options) -> None:
     """Each entry's ``vae_name`` and ``vae``: ``--vae``, else the run's ``vae.name``; a file without a training
     config takes the VAE of the first of our runs with as many latent channels, else
-    :func:`~repa_probe.encoders.vae.default_vae` of its channels. Each VAE is loaded once."""
-    from repa_probe.encoders.vae import default_vae, load_vae
+    :func:`~repa_probe.encoders.vae.default_vae` of its channels. Each VAE is loaded once. A model with REPA-E's
+    latent BatchNorm gets its own: the VAE its checkpoint holds (end-to-end tuned; else the named one),
+    normalised by the BatchNorm statistics of the weights analysed (:func:`repa_probe.trained_vae.checkpoint_vae`)."""
+    from repa_probe.encoders.vae import default_vae
+    from repa_probe.trained_vae import checkpoint_vae, load_any_vae
 
     ours = {e.latent_channels: e.cfg.vae.name for e in reversed(entries) if e.cfg is not None}
     vaes: dict = {}
@@ -209,8 +212,14 @@ def _assign_vaes(entries: list[CheckpointEntry], options) -> None:
             e.vae_name = str(e.cfg.vae.name)
         else:
             e.vae_name = str(ours.get(e.latent_channels) or default_vae(e.latent_channels))
+        if e.info.config.get("bn_momentum") is not None or (e.cfg is not None and e.cfg.vae.tune):
+            # REPA-E: the checkpoint's own (tuned) VAE unless --vae names one, normalised by its model's
+            # BatchNorm statistics (the weights analysed: EMA or raw)
+            e.vae = checkpoint_vae(e.path, e.vae_name, prefer_ema=e.info.ema, tuned=given is None)
+            e.vae_name = e.vae.name if given is None and e.vae is not None else e.vae_name
+            continue
         if e.vae_name not in vaes:
-            vaes[e.vae_name] = load_vae(e.vae_name)
+            vaes[e.vae_name] = load_any_vae(e.vae_name)
         e.vae = vaes[e.vae_name]
 
 

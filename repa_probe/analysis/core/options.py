@@ -54,16 +54,19 @@ def _int(name: str, value, minimum: int = 1, optional: bool = False) -> int | No
 
 
 def parse_layers(value) -> str | list[int]:
-    """``"all"`` / None or 1-based block numbers (``"1,4,8"`` or a list) -> ``"all"`` or a sorted unique list."""
+    """``"all"`` / None or 1-based block numbers (``"1,4,8"`` or a list), ``latent`` (= 0: the clean latent
+    tokens) among them -> ``"all"`` or a sorted unique list."""
     if value is None or value == "all":
         return "all"
     items = value.split(",") if isinstance(value, str) else list(value)
+    words = [str(v).strip() for v in items if str(v).strip()]
     try:
-        out = sorted({int(str(v).strip()) for v in items if str(v).strip()})
+        out = sorted({0 if w == "latent" else int(w) for w in words})
     except ValueError:
-        raise OptionsError(f"--layers must be 'all' or 1-based block numbers like 1,4,8, got {value!r}") from None
-    if not out or out[0] < 1:
-        raise OptionsError(f"--layers must be 'all' or 1-based block numbers like 1,4,8, got {value!r}")
+        out = []
+    if not out or out[0] < 0:
+        raise OptionsError(f"--layers must be 'all' or 1-based block numbers like 1,4,8 (and 'latent': the clean "
+                           f"latent tokens), got {value!r}")
     return out
 
 

@@ -23,7 +23,7 @@ import dataclasses
 import logging
 from typing import Sequence
 
-from repa_probe.analysis.core.features import extract_features, prepare_inputs
+from repa_probe.analysis.core.features import InputsByVAE, extract_features, prepare_inputs
 from repa_probe.analysis.core.inputs import check_times_and_layers, resolve_encoder
 from repa_probe.analysis.core.options import ProbeOptions
 from repa_probe.analysis.probes import fit_linear_probe, fit_segmentation_probe
@@ -82,6 +82,8 @@ class ProbeAnalysis(Analysis):
         vae = vae.to(run.device) if vae is not None else None
         self.inputs = {s: prepare_inputs(getattr(self.data, s), vae, opts.batch_size, progress=opts.progress)
                        for s in SPLITS}
+        self.by_vae = {s: InputsByVAE(getattr(self.data, s), self.inputs[s], self.data.source.vae, run.device,
+                                      opts.batch_size, opts.progress) for s in SPLITS}
         # The noise of an image is keyed by (seed, index). Test indices continue after the training ones, so no
         # test image shares its noise with a training image: with shared noise, a probe could read the label
         # off the noise pattern whenever labels follow the index (shapes: label = index % classes).
@@ -93,13 +95,21 @@ class ProbeAnalysis(Analysis):
             self.targets = {s: collect_masks(getattr(self.data, s), opts.batch_size) for s in SPLITS}
         return self._reference_rows(run) if self.encoder is not None else []
 
+    def _entry_inputs(self, split: str, entry):
+        """The split's model inputs as ``entry``'s VAE gives them (test indices after the training ones)."""
+        inputs = self.by_vae[split].get(entry.vae)
+        if split == "test" and inputs is not self.inputs["test"]:
+            inputs = dataclasses.replace(inputs, indices=inputs.indices + len(self.inputs["train"]))
+        return inputs
+
     def analyse(self, run: Run, entry, model) -> list[dict]:
         opts, rows = run.options, []
         layers = self.layers[entry.label]
         per_sample = model.hidden_size * (model.num_tokens if self.pool == "tokens" else 1) * len(opts.timesteps)
         n_total = sum(len(self.inputs[s]) for s in SPLITS)
+        inputs = {s: self._entry_inputs(s, entry) for s in SPLITS}  # REPA-E: each checkpoint's own VAE
         for group in layer_groups(layers, n_total, per_sample, opts.max_feature_gb * 2 ** 30):
-            feats = {s: extract_features(model, entry.objective, self.inputs[s], opts.timesteps, group, pool=self.pool,
+            feats = {s: extract_features(model, entry.objective, inputs[s], opts.timesteps, group, pool=self.pool,
                                          device=run.device, batch_size=opts.batch_size, seed=opts.seed,
                                          labels="null", progress=opts.progress) for s in SPLITS}
             for t in opts.timesteps:
