@@ -334,6 +334,9 @@ def _validate_vae(cfg: Config) -> None:
         (cfg.train.grad_accum != 1, "vae.tune=true runs whole batches: set train.grad_accum=1"),
         (cfg.train.precision == "fp16", "vae.tune=true supports train.precision=bf16 or fp32 (one loss scaler only)"),
         (cfg.objective.kind != "flow", "vae.tune=true trains SiT (objective.kind=flow), as REPA-E"),
+        (cfg.reg.cls_coeff > 0 or cfg.haste.attn_coeff > 0,
+         "vae.tune=true runs REPA-E's step, which has no REG class token or HASTE attention term: set "
+         "reg.cls_coeff=0 and haste.attn_coeff=0"),
     ]
     for failed, msg in problems:
         if failed:
