@@ -18,7 +18,7 @@ from repa_probe.training import e2e
 from repa_probe.training.builders import model_inputs
 from repa_probe.training.config import load_config
 from repa_probe.training.distributed import DistInfo
-from repa_probe.training.trainer import TrainingDiverged, TrainState, train
+from repa_probe.training.trainer import TrainState, train
 from train.cli import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]

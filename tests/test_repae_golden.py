@@ -2,10 +2,8 @@
 BatchNorm, the LDM-layout VAE and its statistics, a ``train_repae.py`` checkpoint, one end-to-end step. 1e-5."""
 
 import argparse
-from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from repa_probe.checkpoint import load_model
@@ -17,20 +15,9 @@ from repa_probe.objectives import FlowMatching, repa_loss
 from repa_probe.training import e2e
 from repa_probe.training.config import load_config
 from repa_probe.training.trainer import update_ema
-GOLDEN = Path(__file__).parent / "data" / "golden"
-TOL = dict(rtol=1e-5, atol=1e-5)
+from test_golden import GOLDEN, _close, _golden  # tests/ is on sys.path (pytest's rootdir import mode)
+
 NULL = 10
-
-
-def _golden(name: str):
-    path = GOLDEN / name
-    if not path.exists():
-        pytest.fail(f"{path} missing: regenerate with the command in {GOLDEN / 'README.md'}")
-    return torch.load(path, weights_only=True)
-
-
-def _close(actual, expected, what):
-    torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{what}: {m}")
 
 
 def test_repae_model_bn_forward_and_inference_match_official():
