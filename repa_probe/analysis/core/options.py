@@ -68,7 +68,8 @@ def parse_layers(value) -> str | list[int]:
     except ValueError:
         given = []
     out = sorted(set(given))
-    if not out or out[0] < 0:
+    lowest = 0 if isinstance(value, (list, tuple)) else 1  # 0 is written 'latent' (lists: options.json)
+    if not out or out[0] < min(lowest, 0 if "latent" in words else 1):
         raise OptionsError(f"--layers must be 'all' or 1-based block numbers like 1,4,8 (and 'latent': the clean "
                            f"latent tokens), got {value!r}")
     _say_merged("--layers", given, out)
