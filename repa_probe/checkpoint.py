@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import logging
 import os
 import re
@@ -36,6 +37,7 @@ import torch
 
 from repa_probe.models.layout import (LayoutError, detect_convention, encoder_depth_of, infer_config,  # noqa: F401
                                       is_state_dict, normalize_keys)
+from repa_probe.models.layers import ModelInputError
 from repa_probe.models.registry import size_name
 from repa_probe.models.transformer import DiffusionTransformer
 from repa_probe.errors import ReproError
@@ -245,6 +247,7 @@ def _model_config(config: dict | None, sd: dict, args: Any, num_heads, encoder_d
     else:
         if "family" in config:  # our checkpoints before time_convention
             config["time_convention"] = convention_of(config.pop("family"))
+        _check_stored_config(config)
         if num_heads is not None:
             config["num_heads"] = int(num_heads)
         if encoder_depth is not None:
@@ -256,14 +259,39 @@ def _model_config(config: dict | None, sd: dict, args: Any, num_heads, encoder_d
     return config
 
 
+def _check_stored_config(config: Mapping) -> None:
+    """A ``model_config`` read from a file: only the constructor's keywords, each of its default's type
+    (ints for ints, numbers for floats, a list of ints for ``z_dims``); a one-line CheckpointError otherwise."""
+    params = inspect.signature(DiffusionTransformer.__init__).parameters
+    unknown = sorted(set(config) - set(params) - {"self"})
+    if unknown:
+        raise CheckpointError(f"model_config has unknown keys {unknown}; valid: {sorted(set(params) - {'self'})}")
+    for key, value in config.items():
+        default = params[key].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:  # z_dims
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if not ok:
+            raise CheckpointError(f"model_config[{key!r}] = {value!r} has the wrong type")
+
+
 def _build(config: dict, sd: dict) -> DiffusionTransformer:
-    """A float32 CPU model in eval mode holding ``sd`` (strict: keys and shapes checked first)."""
+    """A float32 CPU model in eval mode holding ``sd`` (strict: keys and shapes checked first). ``config``
+    has passed :func:`_check_stored_config` or was inferred by our code, so only the constructor's own value
+    checks (:class:`ModelInputError`) describe the file; anything else is a bug and keeps its traceback."""
     try:
         with torch.device("meta"):
             model = DiffusionTransformer(**config)
-        _check_against_model(model, sd)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"cannot build a model from config: {_one_line(exc)}") from exc
+    except ModelInputError as exc:
+        raise CheckpointError(f"cannot build a model from config: {exc}") from exc
+    _check_against_model(model, sd)
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     model.pos_embed.requires_grad_(False)
