@@ -88,8 +88,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     with one_line_errors(args.debug):
         if args.num_samples is None:
-            from repa_probe.analysis.generation.generate import GenerateError
-            raise GenerateError("--num-samples is required (50000 for FID-50K)")
+            from repa_probe.analysis.errors import AnalysisInputError
+            raise AnalysisInputError("--num-samples is required (50000 for FID-50K)")
         from repa_probe.analysis.generation.generate import sample_checkpoints
 
         done = sample_checkpoints(args.ckpt, args.out, num_samples=args.num_samples, batch_size=args.batch_size,

@@ -7,9 +7,10 @@ import torch
 import repa_probe.checkpoint as checkpoint
 from analysis.alignment import build_parser as alignment_parser
 from analysis.probe import build_parser as probe_parser
-from repa_probe.analysis.core.inputs import (AnalysisInputError, check_times_and_layers, load_checkpoints, resolve_encoder,
+from repa_probe.analysis.errors import AnalysisInputError, OptionsError
+from repa_probe.analysis.core.inputs import (check_times_and_layers, load_checkpoints, resolve_encoder,
                                         resolve_source)
-from repa_probe.analysis.core.options import AlignmentOptions, AnalysisOptions, OptionsError, ProbeOptions
+from repa_probe.analysis.core.options import AlignmentOptions, AnalysisOptions, ProbeOptions
 from repa_probe.analysis.core.runner import Analysis, run_analysis
 from repa_probe.models import create_model
 from repa_probe.objectives import FlowMatching

@@ -9,7 +9,8 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 
 from analysis.correlate import main
-from repa_probe.analysis.correlation.correlate import (CorrelateError, Quantity, correlate_table, correlation, load_tables,
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.analysis.correlation.correlate import (Quantity, correlate_table, correlation, load_tables,
                                            parse_quantity)
 
 ALIGN_COLS = ("checkpoint", "step", "layer", "timestep", "metric", "value", "ci_low", "ci_high", "n")
@@ -59,7 +60,7 @@ def test_parse_quantity():
     assert parse_quantity("lds@target") == Quantity("lds", "target", None)
     assert parse_quantity("fid_inception") == Quantity("fid_inception")
     for bad in ("cknna@layer", "cknna,t=x", "", "a b"):
-        with pytest.raises(CorrelateError):
+        with pytest.raises(AnalysisInputError):
             parse_quantity(bad)
 
 

@@ -166,7 +166,7 @@ def test_probe_cli_on_image_folder(tiny_ckpt, tmp_path, capsys):
     (["--data", "voc"], "needs a directory"),
     (["--data", "imagefolder", "/nonexistent"], "not a directory"),
     (["--num-train", "0", "--data", "digits"], "--num-train must be an integer >= 1"),
-    (["--data", "voc", "/x"], "ProbeSetupError: --data 'voc' is not a linear probe dataset"),
+    (["--data", "voc", "/x"], "AnalysisInputError: --data 'voc' is not a linear probe dataset"),
     (["--timesteps", "0,3"], "ambiguous: write step:3"),
 ])
 def test_probe_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys, args, match):

@@ -10,7 +10,8 @@ import torch
 from analysis.alignment import main
 from repa_probe.analysis.core.features import extract_features, prepare_inputs
 from repa_probe.analysis.core.inputs import build_analysis_dataset, load_checkpoints, resolve_encoder, resolve_source
-from repa_probe.analysis.core.options import AlignmentOptions, OptionsError
+from repa_probe.analysis.errors import OptionsError
+from repa_probe.analysis.core.options import AlignmentOptions
 from repa_probe.analysis.metrics.spatial import lds, srss
 from repa_probe.analysis.alignment.spatial import summarise, token_masks
 from repa_probe.analysis.core.targets import encoder_features

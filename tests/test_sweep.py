@@ -261,10 +261,10 @@ def test_failed_job_error_is_the_remote_error_line():
 
     remote = FailedJobError(
         "Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent call "
-        "last):\n  File \"x.py\", line 1, in f\n    raise AlignmentError('bad')\nrepa_probe.analysis.core.inputs."
-        "AlignmentError: --timesteps: 'abc' is not a number\n\n----------------------\nYou can check full logs "
+        "last):\n  File \"x.py\", line 1, in f\n    raise AnalysisInputError('bad')\nrepa_probe.analysis.core.inputs."
+        "AnalysisInputError: --timesteps: 'abc' is not a number\n\n----------------------\nYou can check full logs "
         "with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - /logs/1_0_log.err\n  - /logs/1_0_log.out")
-    assert error_line(remote) == "AlignmentError: --timesteps: 'abc' is not a number"
+    assert error_line(remote) == "AnalysisInputError: --timesteps: 'abc' is not a number"
     killed = UncompletedJobError("Job 7 (task: 0) with path /logs/7_0_result.pkl\nhas not produced any output "
                                  "(state: INTERRUPTED)\nError stream produced:\n----\nsome log line")
     assert error_line(killed) == "job has not produced any output (state: INTERRUPTED)"

@@ -22,7 +22,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from repa_probe.errors import ReproError
+from repa_probe.analysis.errors import AnalysisInputError
 
 log = logging.getLogger("repa_probe")
 
@@ -31,10 +31,6 @@ log = logging.getLogger("repa_probe")
 SHAPES_SIZES = {"alignment": 512, "train": 2000, "test": 500}
 MAX_DEFAULT_SAMPLES = 10000  # alignment N when --num-samples is not given (min with the dataset size)
 KEEP_MODEL_PARAMS = 50_000_000  # models this small stay in memory between validation and analysis
-
-
-class AnalysisInputError(ReproError, ValueError):
-    """Analysis inputs that do not fit together (checkpoints, data, encoder, VAE); one-line message."""
 
 
 # -------------------------------------------------------------------------------------- checkpoints
@@ -190,7 +186,7 @@ def load_checkpoints(items: Sequence, options) -> list[CheckpointEntry]:
 def check_times_and_layers(entries: Sequence[CheckpointEntry], options) -> dict[str, list[int]]:
     """The 1-based blocks of each checkpoint (label -> list), after checking that ``options.timesteps`` fit
     its time convention and ``options.layers`` its depth."""
-    from repa_probe.analysis.core.features import FeatureError, resolve_layers
+    from repa_probe.analysis.core.features import resolve_layers
     from repa_probe.timesteps import DDPM_STEPS, TimeError, process_time
 
     out = {}
@@ -199,7 +195,7 @@ def check_times_and_layers(entries: Sequence[CheckpointEntry], options) -> dict[
             process_time(options.timesteps, e.info.time_convention,
                          getattr(e.objective, "num_timesteps", DDPM_STEPS))
             out[e.label] = resolve_layers(e.meta_model(), options.layers)
-        except (TimeError, FeatureError) as exc:
+        except (TimeError, AnalysisInputError) as exc:
             raise AnalysisInputError(f"{e.label}: {exc}") from None
     return out
 

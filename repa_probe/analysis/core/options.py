@@ -15,7 +15,7 @@ import dataclasses
 import numbers
 from typing import Any, Sequence
 
-from repa_probe.errors import ReproError
+from repa_probe.analysis.errors import OptionsError
 from repa_probe.analysis.metrics.spatial import SPATIAL_METRICS
 from repa_probe.timesteps import TimeError, UserTime, as_float, convention_of, label, parse_time, parse_times
 
@@ -26,10 +26,6 @@ METRICS = ("cknna", "mutual_knn", "cka", "unbiased_cka", "cycle_knn")
 TARGET_KINDS = ("cls", "mean_patch")
 TASKS = ("linear", "segmentation")
 BACKENDS = ("sklearn", "torch")
-
-
-class OptionsError(ReproError, ValueError):
-    """An analysis option with a bad value, or an unknown option (one-line message naming the flag)."""
 
 
 def flag(name: str) -> str:

@@ -37,7 +37,8 @@ from typing import Any, Sequence
 
 import torch
 
-from repa_probe.analysis.core.inputs import AnalysisInputError, CheckpointEntry, load_checkpoints
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.analysis.core.inputs import CheckpointEntry, load_checkpoints
 from repa_probe.analysis.core.writers import write_csv, write_json
 from repa_probe.devices import resolve_device
 

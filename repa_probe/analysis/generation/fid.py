@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from repa_probe.analysis.generation.fid_inputs import (  # noqa: F401 (re-exported: part of this module's API)
-    FIDError, ImageArray, Reference, check_layout, image_height, load_images, read_reference, save_reference_stats)
+    AnalysisInputError, ImageArray, Reference, check_layout, image_height, load_images, read_reference, save_reference_stats)
 from repa_probe.analysis.metrics.frechet import frechet_distance, statistics
 
 log = logging.getLogger("repa_probe")
@@ -93,7 +93,7 @@ def inception_space(weights) -> FeatureSpace:
     path = Path(os.path.expanduser(str(weights))) if weights else (
         Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
     if not path.is_file():
-        raise FIDError(f"Inception weights {path} not found: pass --inception-weights FILE ({INCEPTION_FILE})")
+        raise AnalysisInputError(f"Inception weights {path} not found: pass --inception-weights FILE ({INCEPTION_FILE})")
     return FeatureSpace("fid_inception", INCEPTION, "2048", {"feature_extractor_weights_path": str(path)})
 
 
@@ -119,7 +119,7 @@ def reference_stats(ref: Reference, space: FeatureSpace, device, batch_size: int
     """``{"mu", "sigma", "n"}`` of the reference in ``space`` (read, or computed once and kept in ``ref``)."""
     if space.metric not in ref.stats:
         if ref.images is None:
-            raise FIDError(f"--ref {ref.name} has no images and no {space.metric} statistics")
+            raise AnalysisInputError(f"--ref {ref.name} has no images and no {space.metric} statistics")
         mu, sigma = statistics(extract(ref.images, space, [space.layer], device, batch_size)[space.layer])
         ref.stats[space.metric] = {"mu": mu, "sigma": sigma, "n": len(ref.images)}
     return ref.stats[space.metric]
@@ -149,7 +149,7 @@ def evaluate(samples: np.ndarray, ref: Reference, spaces, device="cpu", batch_si
             out["inception_score"] = m["inception_score_mean"]
         if kid or prc:
             if ref.images is None:
-                raise FIDError(f"--ref {ref.name}: KID and precision/recall need reference images (arr_0)")
+                raise AnalysisInputError(f"--ref {ref.name}: KID and precision/recall need reference images (arr_0)")
             ref_feats = extract(ref.images, space, [space.layer], device, batch_size)
             if kid:
                 n = min(len(samples), len(ref.images), 1000)
@@ -172,7 +172,7 @@ def _run_reference(entries, ref_path):
         return read_reference(ref_path), False
     ours = [e for e in entries if e.cfg is not None]
     if not ours:
-        raise FIDError("--ref is required for official checkpoints and for --samples (an ADM reference .npz, "
+        raise AnalysisInputError("--ref is required for official checkpoints and for --samples (an ADM reference .npz, "
                        "an image folder or a reference_stats.pt)")
     from repa_probe.analysis.core.inputs import DataSource, build_analysis_dataset
 
@@ -207,7 +207,7 @@ def _spaces(entries, inception_weights, fd_dinov2, dinov2_weights, encoder, enco
             enc = build_config_encoder(ours[0].cfg)
             spaces.append(register_encoder(enc, f"fd_{enc.name}"))
         elif not spaces:
-            raise FIDError("no metric: pass --inception-weights FILE, --fd-dinov2 or --encoder NAME")
+            raise AnalysisInputError("no metric: pass --inception-weights FILE, --fd-dinov2 or --encoder NAME")
     return spaces
 
 
@@ -220,7 +220,7 @@ def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None,
     from repa_probe.devices import resolve_device
 
     if (ckpts is None) == (samples is None):
-        raise FIDError("give either --ckpt (sample, then evaluate) or --samples (evaluate existing samples)")
+        raise AnalysisInputError("give either --ckpt (sample, then evaluate) or --samples (evaluate existing samples)")
     dev = resolve_device(device)
     out = Path(out_dir)
     entries = generate.load_checkpoints(ckpts, sampler.pop("weights", "auto"), sampler.pop("time_convention", None),
@@ -236,7 +236,7 @@ def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None,
                      resolution, int(sampler.get("seed", 0)))
     if isc or kid or prc:
         if not any(s.extractor == INCEPTION for s in spaces):
-            raise FIDError("--isc/--kid/--prc use Inception features: pass --inception-weights FILE")
+            raise AnalysisInputError("--isc/--kid/--prc use Inception features: pass --inception-weights FILE")
     if ckpts:
         n = num_samples or (len(reference.images) if own_data else 50000)
         folders = generate.sample_checkpoints(None, out / "samples", num_samples=n, batch_size=batch_size,

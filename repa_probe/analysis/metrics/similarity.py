@@ -27,17 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from repa_probe.errors import ReproError
+from repa_probe.analysis.errors import MetricInputError
 
 __all__ = ["MetricInputError", "cknna", "mutual_knn", "cycle_knn", "cka", "unbiased_cka",
            "prepare_features", "bootstrap"]
 
 _EPS = 1e-6                 # platonic-rep's denominator epsilon (CKA and CKNNA)
 _CHUNK_ELEMENTS = 1 << 25   # default working-set budget: ~32M elements per Gram / feature chunk
-
-
-class MetricInputError(ReproError, ValueError):
-    """Invalid input to an alignment metric (shape, dtype, values or parameters)."""
 
 
 # ----------------------------------------------------------------------------------------------- validation

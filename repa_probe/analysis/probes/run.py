@@ -27,7 +27,8 @@ from repa_probe.analysis.core.features import extract_features, prepare_inputs
 from repa_probe.analysis.core.inputs import check_times_and_layers, resolve_encoder
 from repa_probe.analysis.core.options import ProbeOptions
 from repa_probe.analysis.probes import fit_linear_probe, fit_segmentation_probe
-from repa_probe.analysis.probes.inputs import ProbeSetupError, collect_masks, resolve_probe_data
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.analysis.probes.inputs import collect_masks, resolve_probe_data
 from repa_probe.analysis.probes.plots import chance_levels, make_probe_figures
 from repa_probe.analysis.core.runner import Analysis, Run, run_analysis
 from repa_probe.analysis.core.targets import encoder_features
@@ -63,7 +64,7 @@ class ProbeAnalysis(Analysis):
 
     def __init__(self, task: str):
         if task not in TASKS:
-            raise ProbeSetupError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+            raise AnalysisInputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
         self.task = task
         self.name, self.pool, self.metrics, self.ref_kinds = TASKS[task]
         self.details: list[dict] = []
