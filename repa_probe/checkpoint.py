@@ -40,7 +40,7 @@ from repa_probe.models.layout import (LayoutError, detect_convention, encoder_de
 from repa_probe.models.layers import ModelInputError
 from repa_probe.models.registry import size_name
 from repa_probe.models.transformer import DiffusionTransformer
-from repa_probe.errors import ReproError
+from repa_probe.errors import ReproError, error_summary
 from repa_probe.timesteps import TimeError, convention_of
 
 log = logging.getLogger(__name__)
@@ -102,15 +102,6 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             os.close(dir_fd)
 
 
-def _one_line(exc: BaseException, limit: int = 160) -> str:
-    """``"<ExcType>: <first non-empty line, truncated>"``."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[0] if lines else ""
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _describe_load_error(path: Path, exc: BaseException) -> str:
     """One line saying why ``torch.load`` failed on ``path``."""
     unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
@@ -123,8 +114,8 @@ def _describe_load_error(path: Path, exc: BaseException) -> str:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"PK\x03\x04":
-        return f"{path}: truncated or corrupt checkpoint archive [{_one_line(exc)}]"
-    return f"{path}: not a torch checkpoint, or corrupt [{_one_line(exc)}]"
+        return f"{path}: truncated or corrupt checkpoint archive [{error_summary(exc)}]"
+    return f"{path}: not a torch checkpoint, or corrupt [{error_summary(exc)}]"
 
 
 def safe_load(path: str | os.PathLike, extra_globals: Iterable[Any] = ()) -> Any:

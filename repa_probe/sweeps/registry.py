@@ -117,9 +117,9 @@ def _probe_figures(task: str) -> Callable:
         """Metric vs block (panels per timestep) over all checkpoints, and one figure per run."""
         from repa_probe.analysis.core.plots import slug
         from repa_probe.analysis.probes.plots import make_probe_figures
-        from repa_probe.analysis.probes.run import TASKS
+        from repa_probe.analysis.probes.run import TASK_SPECS
 
-        prefix, _, metrics, _ = TASKS[task]  # metrics without rows (top-5 of <= 5 classes) are skipped
+        prefix, _, metrics, _ = TASK_SPECS[task]  # metrics without rows (top-5 of <= 5 classes) are skipped
         paths = make_probe_figures(rows, out_dir, prefix, metrics)
         for run in sorted({r for r in runs.values() if r is not None}):
             mine = [r for r in rows if r["source"] != "model" or runs.get(r["checkpoint"]) == run]

@@ -13,7 +13,8 @@ from repa_probe.training.distributed import DistInfo
 log = logging.getLogger("repa_probe")
 
 
-def build_dataset(cfg: Config, split: str = "train"):
+def dataset_from_config(cfg: Config, split: str = "train"):
+    """``split`` of the dataset ``cfg.data`` names (``data.root`` required for file datasets), unaugmented."""
     from repa_probe.data import build_dataset as _build
 
     d = cfg.data
@@ -101,7 +102,7 @@ class Batches:
         from repa_probe.data import ResumableSampler
         from repa_probe.encoders.vae import load_vae
 
-        self.dataset = build_dataset(cfg, split)
+        self.dataset = dataset_from_config(cfg, split)
         self.vae = load_vae(cfg.vae.name)
         self.num_classes = cfg.data.num_classes or self.dataset.num_classes
         self.local_batch = cfg.train.batch_size // dist.world_size

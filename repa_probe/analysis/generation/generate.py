@@ -30,7 +30,7 @@ from repa_probe.sampling.guidance import make_guidance
 
 log = logging.getLogger("repa_probe")
 
-LABEL_MODES = ("balanced", "random")
+SAMPLE_LABEL_MODES = ("balanced", "random")
 SETTINGS_FILE, NPZ_FILE, GRID_FILE = "sampling.json", "samples.npz", "grid.png"
 _STEP_KEY = 0x9E3779B1
 
@@ -57,8 +57,8 @@ class SamplerSettings:
             kind = "DDPM (DiT)" if convention == "ddpm" else "flow"
             raise AnalysisInputError(f"--method {self.method!r} does not apply to a {kind} model: use one of "
                                 f"{', '.join(methods_for(convention))}")
-        if self.labels not in LABEL_MODES:
-            raise AnalysisInputError(f"--labels must be one of {', '.join(LABEL_MODES)}, got {self.labels!r}")
+        if self.labels not in SAMPLE_LABEL_MODES:
+            raise AnalysisInputError(f"--labels must be one of {', '.join(SAMPLE_LABEL_MODES)}, got {self.labels!r}")
 
 
 def default_method(convention: str) -> tuple[str, int]:

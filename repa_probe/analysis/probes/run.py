@@ -37,11 +37,11 @@ from repa_probe.timesteps import TIME_HELP, label
 log = logging.getLogger("repa_probe")
 
 CSV_COLUMNS = ("checkpoint", "step", "source", "layer", "timestep", "metric", "value", "num_train", "num_test")
-TASKS = {  # task -> (output prefix, pooling, metrics, encoder reference kinds)
+TASK_SPECS = {  # task -> (output prefix, pooling, metrics, encoder reference kinds)
     "linear": ("probe", "mean", ("top1", "top5"), ("cls", "mean_patch")),
     "segmentation": ("segment", "tokens", ("miou", "pixel_acc"), ("patch",)),
 }
-SPLITS = ("train", "test")
+PROBE_SPLITS = ("train", "test")
 
 
 def layer_groups(layers: Sequence[int], num_samples: int, values_per_sample: int, budget_bytes: float) -> list:
@@ -63,10 +63,10 @@ class ProbeAnalysis(Analysis):
     columns = CSV_COLUMNS
 
     def __init__(self, task: str):
-        if task not in TASKS:
-            raise AnalysisInputError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        if task not in TASK_SPECS:
+            raise AnalysisInputError(f"task must be one of {', '.join(TASK_SPECS)}, got {task!r}")
         self.task = task
-        self.name, self.pool, self.metrics, self.ref_kinds = TASKS[task]
+        self.name, self.pool, self.metrics, self.ref_kinds = TASK_SPECS[task]
         self.details: list[dict] = []
 
     # ---- hooks
@@ -82,27 +82,27 @@ class ProbeAnalysis(Analysis):
         opts, vae = run.options, self.data.source.vae
         vae = vae.to(run.device) if vae is not None else None
         self.inputs = {s: prepare_inputs(getattr(self.data, s), vae, opts.batch_size, progress=opts.progress)
-                       for s in SPLITS}
+                       for s in PROBE_SPLITS}
         # The noise of an image is keyed by (seed, index). Test indices continue after the training ones, so no
         # test image shares its noise with a training image: with shared noise, a probe could read the label
         # off the noise pattern whenever labels follow the index (shapes: label = index % classes).
         test = self.inputs["test"]
         self.inputs["test"] = dataclasses.replace(test, indices=test.indices + len(self.inputs["train"]))
         if self.task == "linear":
-            self.targets = {s: self.inputs[s].labels for s in SPLITS}
+            self.targets = {s: self.inputs[s].labels for s in PROBE_SPLITS}
         else:
-            self.targets = {s: collect_masks(getattr(self.data, s), opts.batch_size) for s in SPLITS}
+            self.targets = {s: collect_masks(getattr(self.data, s), opts.batch_size) for s in PROBE_SPLITS}
         return self._reference_rows(run) if self.encoder is not None else []
 
     def analyse(self, run: Run, entry, model) -> list[dict]:
         opts, rows = run.options, []
         layers = self.layers[entry.label]
         per_sample = model.hidden_size * (model.num_tokens if self.pool == "tokens" else 1) * len(opts.timesteps)
-        n_total = sum(len(self.inputs[s]) for s in SPLITS)
+        n_total = sum(len(self.inputs[s]) for s in PROBE_SPLITS)
         for group in layer_groups(layers, n_total, per_sample, opts.max_feature_gb * 2 ** 30):
             feats = {s: extract_features(model, entry.objective, self.inputs[s], opts.timesteps, group, pool=self.pool,
                                          device=run.device, batch_size=opts.batch_size, seed=opts.seed,
-                                         labels="null", progress=opts.progress) for s in SPLITS}
+                                         labels="null", progress=opts.progress) for s in PROBE_SPLITS}
             for t in opts.timesteps:
                 for layer in group:
                     base = dict(checkpoint=entry.label, step=entry.info.step, source="model", layer=layer,
@@ -151,7 +151,7 @@ class ProbeAnalysis(Analysis):
         opts, enc, rows = run.options, self.encoder.to(run.device), []
         for kind in self.ref_kinds:
             feats = {s: encoder_features(enc, getattr(self.data, s), kind, cache_dir=opts.cache_dir,
-                                         batch_size=opts.batch_size, progress=opts.progress) for s in SPLITS}
+                                         batch_size=opts.batch_size, progress=opts.progress) for s in PROBE_SPLITS}
             base = dict(checkpoint=f"encoder:{enc.name}", step=None, source=f"encoder:{kind}", layer=None,
                         timestep=None)
             rows += self._fit(run, feats["train"], feats["test"], base)
@@ -184,4 +184,4 @@ def run_segmentation_probes(ckpts: Sequence, out_dir, options: ProbeOptions | No
 
 
 __all__ = ["run_probes", "run_linear_probes", "run_segmentation_probes", "layer_groups", "ProbeAnalysis",
-           "ProbeOptions", "CSV_COLUMNS", "TASKS"]
+           "ProbeOptions", "CSV_COLUMNS", "TASK_SPECS"]

@@ -151,7 +151,7 @@ def _check_masks(m: Any, n: int, name: str, num_classes: int, ignore_index: int)
     return m
 
 
-def _interp_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+def _linear_upsample_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
     """``(n_out, n_in)`` weights of 1-D linear interpolation as ``F.interpolate(mode="linear",
     align_corners=False)`` computes it (obtained by interpolating the identity, so the conventions match)."""
     eye = torch.eye(n_in, device=device)[:, None, :]                                       # (n_in, 1, n_in)
@@ -163,8 +163,8 @@ def upsample_logits(logits: torch.Tensor, size: tuple) -> torch.Tensor:
     align_corners=False)`` (to float rounding) but computed as two small matrix products ``U_h @ x @ U_w^T``:
     on the CPU its backward pass is several times faster than the interpolation kernel's."""
     h, w = logits.shape[-2:]
-    u_h = _interp_matrix(h, int(size[0]), logits.device)
-    u_w = u_h if (w, size[1]) == (h, size[0]) else _interp_matrix(w, int(size[1]), logits.device)
+    u_h = _linear_upsample_matrix(h, int(size[0]), logits.device)
+    u_w = u_h if (w, size[1]) == (h, size[0]) else _linear_upsample_matrix(w, int(size[1]), logits.device)
     return u_h @ logits @ u_w.T
 
 
