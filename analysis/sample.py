@@ -48,13 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_sampler_args(p: argparse.ArgumentParser, num_samples_default=None) -> None:
+def add_sampler_args(p: argparse.ArgumentParser) -> None:
     """Sampler options shared with `python -m analysis.fid`."""
     from analysis.common import add_checkpoint_options
 
     g = p.add_argument_group("sampler")
-    g.add_argument("--num-samples", type=int, default=num_samples_default, metavar="N",
-                   help="number of samples" + (" (default %(default)s)" if num_samples_default else ""))
+    g.add_argument("--num-samples", type=int, metavar="N", help="number of samples")
     g.add_argument("--method", choices=("euler", "heun", "sde", "ddpm", "ddim"),
                    help="sampler (default: euler for flow models, as REPA's generate.py; ddpm for DiT)")
     g.add_argument("--steps", type=int, help="sampling steps (default: euler 50, ddpm 250)")

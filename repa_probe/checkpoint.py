@@ -165,8 +165,8 @@ def _check_against_model(model: DiffusionTransformer, sd: Mapping[str, torch.Ten
 
 
 def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema: bool = True,
-               time_convention: str | None = None, loaded: object = None, encoder_depth: int | None = None,
-               family: str | None = None) -> tuple[DiffusionTransformer, ModelInfo]:
+               time_convention: str | None = None, loaded: object = None,
+               encoder_depth: int | None = None) -> tuple[DiffusionTransformer, ModelInfo]:
     """Load a model from our or an official checkpoint (see the module docstring).
 
     Args:
@@ -174,8 +174,8 @@ def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema
         num_heads: override the head count (shapes cannot tell it unless qk_norm is on).
         prefer_ema: take the ``ema`` weights when the file has them, else ``model``.
         time_convention: "repa" | "sit" | "ddpm" to override the detected convention (needed for plain
-            official SiT state dicts, which look like DiT ones). ``family`` ("REPA" | "SiT" | "DiT") is
-            the same choice by code base.
+            official SiT state dicts, which look like DiT ones); ``repa_probe.timesteps.convention_of``
+            maps a code base name ("REPA" | "SiT" | "DiT") to it.
         loaded: the file's content when the caller already ``safe_load``-ed it (avoids reading it twice).
         encoder_depth: the 1-based block REPA's projectors read. Official REPA state dicts do not store
             it and no tensor shape reveals it; training files carry it in ``args`` and ours in
@@ -190,7 +190,7 @@ def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema
     path = Path(path)
     obj = safe_load(path) if loaded is None else loaded  # its errors name the path already
     try:
-        forced = None if (time_convention or family) is None else convention_of(time_convention or family)
+        forced = None if time_convention is None else convention_of(time_convention)
         source, step, config, args = _read_layout(obj, path)
         use_ema, sd = _pick_weights(obj, source, prefer_ema)
         config = _model_config(config, sd, args, num_heads, encoder_depth, forced)

@@ -84,19 +84,18 @@ def test_bad_files_raise_one_line_checkpoint_error(tmp_path, kind):
 
 # --------------------------------------------------------------------------------- official key layouts
 
-def test_prefixes_and_family_override(tmp_path):
+def test_prefixes_and_time_convention_override(tmp_path):
     model = create_model("DiT-S/2", **TINY)
     sd = {f"module.{k}": v for k, v in model.state_dict().items()}
     torch.save(sd, tmp_path / "ddp.pt")
     loaded, info = load_model(tmp_path / "ddp.pt", num_heads=4)
     assert info.family == "DiT" and info.time_convention == "ddpm"
-    loaded, info = load_model(tmp_path / "ddp.pt", num_heads=4, family="SiT")
+    loaded, info = load_model(tmp_path / "ddp.pt", num_heads=4, time_convention="sit")
     assert info.family == "SiT" and info.time_convention == "sit"
-    assert load_model(tmp_path / "ddp.pt", num_heads=4, time_convention="sit")[1].time_convention == "sit"
     x, t, y = _inputs(loaded)
     assert loaded(x, t, y)[0].shape[1] == 4  # official SiT cuts the sigma half
     with pytest.raises(CheckpointError, match="learn_sigma"):
-        load_model(tmp_path / "ddp.pt", family="REPA")
+        load_model(tmp_path / "ddp.pt", time_convention="repa")
     with pytest.raises(CheckpointError, match="time convention"):
         load_model(tmp_path / "ddp.pt", time_convention="edm")
 

@@ -80,10 +80,6 @@ def get_analysis(name: str) -> AnalysisSpec:
     return _REGISTRY[name]
 
 
-def analysis_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 # ------------------------------------------------------------------------------------------ alignment
 def _run_alignment(ckpts: Sequence[Path], out_dir: Path, options: dict, cache_dir: Path) -> dict:
     from repa_probe.analysis.alignment.run import run_alignment

@@ -52,7 +52,7 @@ def layer_groups(layers: Sequence[int], num_samples: int, values_per_sample: int
     return [list(layers[i:i + size]) for i in range(0, len(layers), size)]
 
 
-def _metric_rows(task: str, result, base: dict) -> list[dict]:
+def _metric_rows(result, base: dict) -> list[dict]:
     return [dict(base, metric=k, value=v, num_train=result.num_train, num_test=result.num_test)
             for k, v in result.metrics().items()]  # top5 only with more than 5 classes
 
@@ -139,7 +139,7 @@ class ProbeAnalysis(Analysis):
             res = fit_segmentation_probe(train_x, y["train"], test_x, y["test"], self.data.num_classes,
                                          ignore_index=self.data.ignore_index, device=run.device, seed=opts.seed,
                                          **self._probe_options(opts))
-        rows = _metric_rows(self.task, res, base)
+        rows = _metric_rows(res, base)
         self.details.append(dict(base, **res.to_dict()))
         where = base["source"] if base["layer"] is None else f"block {base['layer']} t={base['timestep']}"
         log.info("%s %s %s: %s", self.name, base["checkpoint"], where,
@@ -173,15 +173,5 @@ def run_probes(ckpts: Sequence, out_dir, options: ProbeOptions | None = None) ->
     return run_analysis(ProbeAnalysis(options.task), ckpts, out_dir, options)
 
 
-def run_linear_probes(ckpts: Sequence, out_dir, options: ProbeOptions | None = None) -> dict:
-    """:func:`run_probes` with ``task="linear"`` (top-1 / top-5 of mean-pooled block outputs)."""
-    return run_probes(ckpts, out_dir, (options or ProbeOptions()).replace(task="linear"))
-
-
-def run_segmentation_probes(ckpts: Sequence, out_dir, options: ProbeOptions | None = None) -> dict:
-    """:func:`run_probes` with ``task="segmentation"`` (mIoU / pixel accuracy of patch tokens)."""
-    return run_probes(ckpts, out_dir, (options or ProbeOptions()).replace(task="segmentation"))
-
-
-__all__ = ["run_probes", "run_linear_probes", "run_segmentation_probes", "layer_groups", "ProbeAnalysis",
+__all__ = ["run_probes", "layer_groups", "ProbeAnalysis",
            "ProbeOptions", "CSV_COLUMNS", "TASK_SPECS"]
