@@ -7,7 +7,10 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from analysis.common import add_checkpoint_options
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.analysis.generation.generate import sample_checkpoints
+from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
 
 DESCRIPTION = """\
 Sample images from a diffusion transformer: our checkpoints, a run directory (every checkpoint), or an
@@ -50,8 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_sampler_args(p: argparse.ArgumentParser) -> None:
     """Sampler options shared with `python -m analysis.fid`."""
-    from analysis.common import add_checkpoint_options
-
     g = p.add_argument_group("sampler")
     g.add_argument("--num-samples", type=int, metavar="N", help="number of samples")
     g.add_argument("--method", choices=("euler", "heun", "sde", "ddpm", "ddim"),
@@ -83,14 +84,9 @@ def sampler_kwargs(args) -> dict:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from repa_probe.errors import one_line_errors
-
     with one_line_errors(args.debug):
         if args.num_samples is None:
-            from repa_probe.analysis.errors import AnalysisInputError
             raise AnalysisInputError("--num-samples is required (50000 for FID-50K)")
-        from repa_probe.analysis.generation.generate import sample_checkpoints
-
         done = sample_checkpoints(args.ckpt, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
                                   device=args.device, progress=not args.quiet, **sampler_kwargs(args))
     for d in done:  # empty on torchrun ranks > 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
+from repa_probe.training import launch
+from repa_probe.training.config import describe, load_config, to_yaml
 
 EPILOG = """\
 overrides:
@@ -24,8 +26,6 @@ config keys (default = the embedded tiny CPU run):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from repa_probe.training.config import describe
-
     p = OneLineParser(
         prog="python -m train",
         description="Train a SiT or DiT diffusion transformer, with or without REPA. Without --cfg, trains "
@@ -45,10 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from repa_probe.training import launch
-    from repa_probe.training.config import load_config, to_yaml
-    from repa_probe.errors import one_line_errors
-
     with one_line_errors(args.debug):
         cfg = load_config(args.cfg, args.overrides)
         if args.print_config:

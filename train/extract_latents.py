@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from repa_probe.data import build_dataset
+from repa_probe.devices import resolve_device
+from repa_probe.encoders.vae import extract_latents, load_vae
+from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,11 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-
-    from repa_probe.data import build_dataset
-    from repa_probe.devices import resolve_device
-    from repa_probe.errors import one_line_errors
-    from repa_probe.encoders.vae import extract_latents, load_vae
 
     with one_line_errors(args.debug):
         device = resolve_device(args.device)

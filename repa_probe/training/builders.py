@@ -7,6 +7,12 @@ from typing import Tuple
 
 import torch
 
+from repa_probe.data import ResumableSampler, build_dataset as _build, infinite_loader
+from repa_probe.encoders.target import load_encoder
+from repa_probe.encoders.vae import load_vae
+from repa_probe.models import create_model
+from repa_probe.models.registry import model_kwargs
+from repa_probe.objectives import FlowMatching, GaussianDiffusion, match_token_grid, spatial_normalize
 from repa_probe.training.config import Config, ConfigError
 from repa_probe.training.distributed import DistInfo
 
@@ -15,8 +21,6 @@ log = logging.getLogger("repa_probe")
 
 def dataset_from_config(cfg: Config, split: str = "train"):
     """``split`` of the dataset ``cfg.data`` names (``data.root`` required for file datasets), unaugmented."""
-    from repa_probe.data import build_dataset as _build
-
     d = cfg.data
     if d.root is None and d.name not in ("shapes", "digits"):
         raise ConfigError(f"data.name={d.name} reads files: set data.root=/path/to/dataset")
@@ -25,8 +29,6 @@ def dataset_from_config(cfg: Config, split: str = "train"):
 
 
 def build_objective(cfg: Config):
-    from repa_probe.objectives import FlowMatching, GaussianDiffusion
-
     o = cfg.objective
     if o.kind == "flow":
         return FlowMatching(path=o.path, prediction=o.prediction, weighting=o.weighting)
@@ -41,8 +43,6 @@ def build_encoder(cfg: Config, device: torch.device, required: bool = False):
     """
     if cfg.repa.proj_coeff == 0 and not required:
         return None
-    from repa_probe.encoders.target import load_encoder
-
     e = cfg.encoder
     kw = {"input_size": e.input_size} if e.input_size is not None else {}
     with torch.random.fork_rng(devices=[]):
@@ -63,9 +63,6 @@ def latent_shape(cfg: Config, vae) -> Tuple[int, int]:
 
 def build_model(cfg: Config, batches: "Batches", enc):
     """The diffusion transformer for this config (REPA projector when an encoder is given)."""
-    from repa_probe.models import create_model
-    from repa_probe.models.registry import model_kwargs
-
     m, r = cfg.model, cfg.repa
     channels, side = latent_shape(cfg, batches.vae)
     overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")
@@ -99,9 +96,6 @@ class Batches:
     """
 
     def __init__(self, cfg: Config, dist: DistInfo, split: str = "train", pin_memory: bool = False):
-        from repa_probe.data import ResumableSampler
-        from repa_probe.encoders.vae import load_vae
-
         self.dataset = dataset_from_config(cfg, split)
         self.vae = load_vae(cfg.vae.name)
         self.num_classes = cfg.data.num_classes or self.dataset.num_classes
@@ -118,8 +112,6 @@ class Batches:
     def next(self) -> dict:
         """The next local batch; the sampler position counts it as consumed (see data.sampler)."""
         if self._it is None:
-            from repa_probe.data import infinite_loader
-
             self._it = infinite_loader(self.dataset, self.sampler, self.local_batch,
                                        num_workers=self.num_workers, pin_memory=self.pin_memory, flip=self.flip)
         return next(self._it)
@@ -153,8 +145,6 @@ def model_inputs(batch: dict, vae, enc, device: torch.device, gen: torch.Generat
         x0 = (mean + std * eps) * vae.scale + vae.bias
     z = None
     if enc is not None:
-        from repa_probe.objectives import match_token_grid, spatial_normalize
-
         with torch.no_grad(), (enc_autocast or nullcontext()):
             z = match_token_grid(enc(images), grid)
             if cfg.repa.spatial_norm_gamma is not None:

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Callable, Optional
 
+from repa_probe.training.config import from_dict, to_dict
+from repa_probe.training.trainer import train
 
 log = logging.getLogger("repa_probe")
 
@@ -25,9 +27,6 @@ class SubmititTrainJob:
 
     def __call__(self) -> str:
         import submitit
-
-        from repa_probe.training.config import from_dict
-        from repa_probe.training.trainer import train
 
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
@@ -47,8 +46,6 @@ class SubmititTrainJob:
 def submit(cfg, wait: bool = False) -> str:
     """Submit training of ``cfg`` with submitit (``slurm`` or ``submitit_local``); returns the job id."""
     import submitit
-
-    from repa_probe.training.config import to_dict
 
     s = cfg.launch.slurm
     folder = Path(cfg.run.out_dir) / cfg.run.name / "submitit"
@@ -75,6 +72,4 @@ def run(cfg, train_fn: Optional[Callable] = None, wait: bool = False):
     """Dispatch by ``cfg.launch.mode``; returns the run directory (local) or the job id (submitit)."""
     if cfg.launch.mode in ("slurm", "submitit_local"):
         return submit(cfg, wait=wait)
-    if train_fn is None:
-        from repa_probe.training.trainer import train as train_fn
-    return train_fn(cfg)
+    return (train_fn or train)(cfg)

@@ -37,6 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from repa_probe.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_training_checkpoint
 from repa_probe.devices import resolve_device
 from repa_probe.errors import ReproError
+from repa_probe.objectives import drop_labels, repa_loss
 from repa_probe.training import rundir
 from repa_probe.training.accel import autocast_for, check_flash_attention, prepare_step_modules
 from repa_probe.training.builders import Batches, build_encoder, build_model, build_objective, model_inputs
@@ -172,8 +173,6 @@ class TrainState:
 
 def _micro_loss(s: TrainState, x_t, t, y, x0, noise, z_enc) -> tuple:
     """Loss of one micro-batch (rows of the step's tensors) and its detached log terms."""
-    from repa_probe.objectives import repa_loss
-
     obj = s.objective
     with autocast_for(s.cfg, s.device):
         out, zs_tilde = s.net(x_t, obj.model_time(t), y)
@@ -340,8 +339,6 @@ def objective_noise(objective, x0, y, gen, dist: DistInfo, cfg: Config, null_cla
 
     x0: (b, C, H, W) local batch; y: (b,) labels. Returns t: (b,), noise: (b, C, H, W), y: (b,).
     """
-    from repa_probe.objectives import drop_labels
-
     W = dist.world_size
     B = x0.shape[0] * W
     t = objective.sample_t(B, gen, x0.device)[dist.rank::W]

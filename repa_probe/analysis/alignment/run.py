@@ -23,12 +23,13 @@ from typing import Callable, Sequence
 import torch
 
 from repa_probe.analysis import metrics as M
+from repa_probe.analysis.alignment import plots
+from repa_probe.analysis.alignment.spatial import SpatialAnalysis
 from repa_probe.analysis.core.features import ModelInputs, extract_features, prepare_inputs
 from repa_probe.analysis.core.inputs import (build_analysis_dataset, check_class_labels, check_times_and_layers,
-                                        resolve_encoder, resolve_source)
+                                             resolve_encoder, resolve_source)
 from repa_probe.analysis.core.options import METRICS, TARGET_KINDS, AlignmentOptions
 from repa_probe.analysis.core.runner import Analysis, Run, run_analysis
-from repa_probe.analysis.alignment.spatial import SpatialAnalysis
 from repa_probe.analysis.core.targets import dataset_identity, encoder_features
 from repa_probe.analysis.errors import AnalysisInputError
 from repa_probe.timesteps import TIME_HELP, label
@@ -187,8 +188,6 @@ class AlignmentAnalysis(Analysis):
         return rows
 
     def figures(self, run: Run, rows: list[dict]) -> list:
-        from repa_probe.analysis.alignment import plots
-
         runs = {e.label: e.run for e in run.entries}
         model_rows = [r for r in rows if r["layer"] != "target"]  # the target's spatial rows are a reference
         return plots.make_figures(model_rows, run.out / "figures", label(run.options.plot_timestep), runs=runs)

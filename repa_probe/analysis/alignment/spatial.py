@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from repa_probe.analysis.core.features import ModelInputs, extract_features, resolve_layers
-from repa_probe.analysis.metrics.spatial import grid_shape, spatial_metrics
 from repa_probe.analysis.core.targets import encoder_features
+from repa_probe.analysis.metrics.spatial import grid_shape, spatial_metrics
+from repa_probe.data import collate
 from repa_probe.timesteps import label
 
 __all__ = ["token_masks", "summarise", "model_spatial_values", "target_spatial_values",
@@ -42,8 +43,6 @@ IGNORE_INDEX = 255
 def token_masks(dataset, grid: tuple[int, int], batch_size: int = 64, min_fraction: float = MIN_FRACTION):
     """Foreground masks ``(N, H*W)`` bool on a token ``grid`` from the dataset's pixel masks, or None when the
     dataset has none. Images outside ``[min_fraction, 1 - min_fraction]`` foreground get an empty mask."""
-    from repa_probe.data import collate
-
     if len(dataset) == 0 or "mask" not in dataset[0]:
         return None
     out = []

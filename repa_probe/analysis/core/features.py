@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from repa_probe.analysis.core.options import LABEL_MODES
 from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.data import collate
 from repa_probe.sampling.noise import seeded_noise
 from repa_probe.timesteps import DDPM_STEPS, check_objective, model_times, parse_time, parse_times
 
@@ -70,8 +71,6 @@ class ModelInputs:
 
 def batch_loader(data, batch_size: int, num_workers: int) -> DataLoader:
     """``data`` itself when it is a DataLoader, else an unshuffled DataLoader of it (the datasets' collate)."""
-    from repa_probe.data import collate
-
     if isinstance(data, DataLoader):
         return data
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)

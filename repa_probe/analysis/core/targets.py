@@ -18,8 +18,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from repa_probe.analysis.errors import AnalysisInputError
 from repa_probe.analysis.core.features import batch_loader, module_device
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.checkpoint import atomic_save
 
 log = logging.getLogger("repa_probe")
 
@@ -109,7 +110,5 @@ def encoder_features(encoder, dataset, kind: str = "cls", cache_dir=None, batch_
             out.append(encoder.features(batch["image"].to(device), kind).float().cpu())
     feats = torch.cat(out)
     if path is not None:
-        from repa_probe.checkpoint import atomic_save
-
         atomic_save({"key": key, "kind": kind, "encoder": encoder.cache_key, "features": feats}, path)
     return feats

@@ -31,7 +31,9 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from repa_probe.analysis.core.plots import slug
 from repa_probe.analysis.core.writers import write_json, write_text
+from repa_probe.analysis.correlation.plots import scatter, versus_step
 from repa_probe.analysis.errors import AnalysisInputError
 
 __all__ = ["AnalysisInputError", "Quantity", "parse_quantity", "find_tables", "load_tables", "select", "join",
@@ -292,9 +294,6 @@ def run_correlate(tables: Sequence, x: str, y: str, out_dir, last_only: bool = F
                   permutations: int = 10000, seed: int = 0) -> dict:
     """Tables -> ``out_dir/correlation.csv`` (the joined points), ``summary.json`` and ``figures/`` (scatter
     coloured by run with steps annotated; both quantities vs training step on twin axes). Returns the summary."""
-    from repa_probe.analysis.correlation.plots import scatter, versus_step
-    from repa_probe.analysis.core.plots import slug
-
     for name, v in (("--bootstrap", bootstrap), ("--permutations", permutations)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise AnalysisInputError(f"{name} must be a non-negative integer, got {v!r}")

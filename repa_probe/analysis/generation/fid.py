@@ -19,9 +19,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from repa_probe.analysis.generation.fid_inputs import (  # noqa: F401 (re-exported: part of this module's API)
-    AnalysisInputError, ImageArray, Reference, check_layout, image_height, load_images, read_reference, save_reference_stats)
+from repa_probe.analysis.core.inputs import DataSource, build_analysis_dataset, build_config_encoder
+from repa_probe.analysis.core.plots import save_figure
+from repa_probe.analysis.core.runner import versions
+from repa_probe.analysis.core.writers import write_csv, write_json
+from repa_probe.analysis.generation import generate
+from repa_probe.analysis.generation.fid_inputs import (AnalysisInputError, ImageArray, Reference, check_layout,
+                                                       image_height, load_images, read_reference, save_reference_stats)
 from repa_probe.analysis.metrics.frechet import frechet_distance, statistics
+from repa_probe.devices import resolve_device
+from repa_probe.encoders.target import load_encoder
 
 log = logging.getLogger("repa_probe")
 
@@ -99,8 +106,6 @@ def inception_space(weights) -> FeatureSpace:
 
 def dinov2_space(weights=None) -> FeatureSpace:
     """FD_DINOv2 as dgm-eval: DINOv2 ViT-L/14 CLS at 224 px (antialiased bicubic), ImageNet normalisation."""
-    from repa_probe.encoders.target import load_encoder
-
     enc = load_encoder(DGM_ENCODER, weights=weights, pretrained=True, resolution=256)
     return register_encoder(enc, f"fd_{DGM_ENCODER}", resize=DGM_SIZE)
 
@@ -174,8 +179,6 @@ def _run_reference(entries, ref_path):
     if not ours:
         raise AnalysisInputError("--ref is required for official checkpoints and for --samples (an ADM reference .npz, "
                        "an image folder or a reference_stats.pt)")
-    from repa_probe.analysis.core.inputs import DataSource, build_analysis_dataset
-
     c = ours[0].cfg
     source = DataSource(c.data.name, c.data.root, c.data.resolution, c.run.seed,
                         c.data.num_classes if c.data.name == "shapes" else None, c.vae.name, None, True)
@@ -189,8 +192,6 @@ def _spaces(entries, inception_weights, fd_dinov2, dinov2_weights, encoder, enco
     """Metrics asked for; with none, FD in our run's target-encoder space (+ Inception FID given weights).
     ``--encoder`` is built for the samples' ``resolution`` (REPA's encoder input size); random init seeded
     with ``seed`` (the same as the run's target encoder when it is the run's seed)."""
-    from repa_probe.encoders.target import load_encoder
-
     spaces = [inception_space(inception_weights)] if inception_weights else []
     if fd_dinov2:
         spaces.append(dinov2_space(dinov2_weights))
@@ -202,8 +203,6 @@ def _spaces(entries, inception_weights, fd_dinov2, dinov2_weights, encoder, enco
     if not fd_dinov2 and not encoder:
         ours = [e for e in entries if e.cfg is not None]
         if ours:
-            from repa_probe.analysis.core.inputs import build_config_encoder
-
             enc = build_config_encoder(ours[0].cfg)
             spaces.append(register_encoder(enc, f"fd_{enc.name}"))
         elif not spaces:
@@ -216,9 +215,6 @@ def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None,
             prc=False, num_samples=None, batch_size=64, device="auto", progress=True, **sampler) -> dict:
     """Sample every checkpoint of ``ckpts`` (or take the folders / ``.npz`` of ``samples``) and evaluate them:
     ``out_dir/fid.csv``, ``summary.json``, ``reference_stats.pt`` and ``figures/fid_vs_step.{pdf,png}``."""
-    from repa_probe.analysis.generation import generate
-    from repa_probe.devices import resolve_device
-
     if (ckpts is None) == (samples is None):
         raise AnalysisInputError("give either --ckpt (sample, then evaluate) or --samples (evaluate existing samples)")
     dev = resolve_device(device)
@@ -258,9 +254,6 @@ def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None,
 
 
 def _write_outputs(out: Path, rows: list, reference: Reference, spaces) -> dict:
-    from repa_probe.analysis.core.runner import versions
-    from repa_probe.analysis.core.writers import write_csv, write_json
-
     out.mkdir(parents=True, exist_ok=True)
     save_reference_stats(reference, out / "reference_stats.pt")
     write_csv(rows, out / "fid.csv", CSV_COLUMNS)
@@ -275,8 +268,6 @@ def _write_outputs(out: Path, rows: list, reference: Reference, spaces) -> dict:
 def fid_vs_step(rows: list, stem: Path) -> list[Path]:
     """One panel per metric: value against training step, one line per run (PDF + PNG); [] without steps."""
     from matplotlib.figure import Figure
-
-    from repa_probe.analysis.core.plots import save_figure
 
     rows = [r for r in rows if r.get("step") is not None]
     metrics = list(dict.fromkeys(r["metric"] for r in rows))

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.checkpoint import atomic_save, safe_load
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -95,8 +96,6 @@ class Reference:
 def read_reference(path) -> Reference:
     """``--ref``: an ADM reference ``.npz`` (``mu``/``sigma`` = Inception pool3 statistics, optional
     ``arr_0``), an ``.npz`` of images, an image folder, or a ``reference_stats.pt`` cache."""
-    from repa_probe.checkpoint import safe_load
-
     p = Path(path)
     if p.suffix == ".pt":
         stats = safe_load(p)
@@ -123,7 +122,5 @@ def read_reference(path) -> Reference:
 
 def save_reference_stats(ref: Reference, path: Path) -> None:
     """Cache the reference statistics (``--ref`` accepts the file later)."""
-    from repa_probe.checkpoint import atomic_save
-
     atomic_save({k: {"mu": torch.as_tensor(v["mu"]), "sigma": torch.as_tensor(v["sigma"]),
                      "n": -1 if v.get("n") is None else int(v["n"])} for k, v in ref.stats.items()}, path)

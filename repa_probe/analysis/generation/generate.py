@@ -22,11 +22,16 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from repa_probe.analysis.core.inputs import load_checkpoints as resolve
+from repa_probe.analysis.core.options import AnalysisOptions
 from repa_probe.analysis.core.writers import atomic_write, write_text
-from repa_probe.sampling.noise import seeded_noise
 from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.devices import resolve_device
+from repa_probe.encoders.vae import load_vae
 from repa_probe.sampling import methods_for, sample
 from repa_probe.sampling.guidance import make_guidance
+from repa_probe.sampling.noise import seeded_noise
+from repa_probe.training.distributed import cleanup_distributed, init_distributed
 
 log = logging.getLogger("repa_probe")
 
@@ -220,9 +225,6 @@ class SampledFolder:
 def load_checkpoints(ckpts, weights="auto", time_convention=None, encoder_depth=None) -> list:
     """``--ckpt`` files / run directories -> CheckpointEntry list, through the analysis resolver
     (:func:`repa_probe.analysis.core.inputs.load_checkpoints`; the options are its checkpoint options)."""
-    from repa_probe.analysis.core.inputs import load_checkpoints as resolve
-    from repa_probe.analysis.core.options import AnalysisOptions
-
     return resolve(ckpts, AnalysisOptions(weights=weights, time_convention=time_convention,
                                           encoder_depth=encoder_depth))
 
@@ -230,8 +232,6 @@ def load_checkpoints(ckpts, weights="auto", time_convention=None, encoder_depth=
 def _checkpoint_inputs(entries, vae_name):
     """Each checkpoint's VAE (the run's, --vae, or SD-VAE for 4-channel official files; none in pixel space)
     and flow path."""
-    from repa_probe.encoders.vae import load_vae
-
     out = []
     for e in entries:
         name = vae_name
@@ -252,9 +252,6 @@ def sample_checkpoints(ckpts, out_dir, *, num_samples: int, method=None, steps=N
     ``out_dir/<label>/`` (several). Under torchrun each process samples its share; rank 0 builds the npz and
     is the only one to return the folders (the others return ``[]``).
     ``entries``: checkpoints already loaded by :func:`load_checkpoints` (then ``ckpts`` is ignored)."""
-    from repa_probe.devices import resolve_device
-    from repa_probe.training.distributed import init_distributed
-
     dev = resolve_device(device)
     dist = init_distributed(dev.type)
     if dist.enabled and dev.type == "cuda":
@@ -286,7 +283,5 @@ def sample_checkpoints(ckpts, out_dir, *, num_samples: int, method=None, steps=N
             torch.distributed.barrier()
         done.append(SampledFolder(entry, folder, settings))
     if dist.enabled:
-        from repa_probe.training.distributed import cleanup_distributed
-
         cleanup_distributed()
     return done if dist.is_main else []

@@ -14,8 +14,10 @@ from typing import Any, Sequence
 import torch
 
 from repa_probe.analysis.core.inputs import SHAPES_SIZES, DataSource, resolve_source
-from repa_probe.analysis.probes.linear import default_probe_data
 from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.analysis.probes.linear import default_probe_data
+from repa_probe.data import CappedDataset, DatasetError, build_dataset, collate
+from repa_probe.data.segmentation import ADE20KSegmentation, VOCSegmentation
 
 log = logging.getLogger("repa_probe")
 
@@ -44,8 +46,6 @@ class ProbeData:
 
 
 def _capped(ds, n: int | None, what: str):
-    from repa_probe.data import CappedDataset
-
     if n is None or n == len(ds):
         return ds
     if not 0 < n <= len(ds):
@@ -60,9 +60,6 @@ def probe_split(task: str, source: DataSource, split: str, num: int | None):
     ``test`` is the held-out split: shapes ``val``, digits ``test``, imagefolder ``root/val``, VOC ``val``,
     ADE20K ``validation``.
     """
-    from repa_probe.data.segmentation import ADE20KSegmentation, VOCSegmentation
-    from repa_probe.data import build_dataset
-
     name, root, res = source.name, source.root, source.resolution
     if name not in TASK_DATASETS[task]:
         raise AnalysisInputError(f"--data {name!r} is not a {task} probe dataset; choose from "
@@ -113,8 +110,6 @@ def resolve_probe_data(entries: Sequence, options) -> ProbeData:
 def collect_masks(dataset, batch_size: int = 64) -> torch.Tensor:
     """Every sample's ``mask`` as one int64 ``(N, H, W)`` tensor, checking that each mask has its image's size."""
     from torch.utils.data import DataLoader
-
-    from repa_probe.data import DatasetError, collate
 
     out = []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):
