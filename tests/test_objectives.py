@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from repa_probe.models import create_model
 from repa_probe.objectives import (FlowMatching, ObjectiveError, drop_labels, match_token_grid, repa_loss,
                                    repa_time_to_sit, repa_velocity_to_sit, sit_time_to_repa, sit_velocity_to_repa)
 
@@ -220,10 +221,9 @@ def test_drop_labels():
 
 # ============================================================================ gradient flow through a REPA model
 def test_repa_gradient_reaches_only_blocks_up_to_encoder_depth():
-    models = pytest.importorskip("repa_probe.models")
     torch.manual_seed(0)
     enc_depth = 2
-    model = models.create_model("SiT-S/2", depth=4, encoder_depth=enc_depth, hidden_size=32, num_heads=2,
+    model = create_model("SiT-S/2", depth=4, encoder_depth=enc_depth, hidden_size=32, num_heads=2,
                                 input_size=8, in_channels=4, z_dims=(16,), projector_dim=32, num_classes=10)
     with torch.no_grad():  # adaLN-Zero init zeroes many grads; perturb so that every path is live
         for layer in [b.adaLN_modulation[-1] for b in model.blocks] + [model.final_layer.adaLN_modulation[-1],

@@ -111,8 +111,7 @@ def test_chunking_does_not_change_values():
 
 
 def _golden_cases():
-    if not GOLDEN.is_file():
-        pytest.skip(f"{GOLDEN} missing: python -m tools.golden.spatial --irepa PATH")
+    assert GOLDEN.is_file(), f"{GOLDEN} is committed: restore it, or rebuild it with python -m tools.golden"
     return torch.load(GOLDEN, weights_only=True)["cases"]
 
 
