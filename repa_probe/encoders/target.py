@@ -129,22 +129,25 @@ class TargetEncoder(nn.Module):
 
     def features(self, images: torch.Tensor, kind: str = "patch") -> torch.Tensor:
         """``patch``: (B, T, D) patch tokens (no CLS, no registers); ``cls``: (B, D) CLS token (an error for
-        encoders without one); ``mean_patch``: (B, D) mean of the patch tokens."""
-        if kind not in ("patch", "cls", "mean_patch"):
-            raise EncoderInputError(f"kind must be 'patch', 'cls' or 'mean_patch', got {kind!r}")
-        if kind == "cls" and not self.has_cls:
+        encoders without one); ``mean_patch``: (B, D) mean of the patch tokens; ``cls+patch``: (B, 1 + T, D), the
+        CLS token in front of the patch tokens (REG's targets)."""
+        if kind not in ("patch", "cls", "mean_patch", "cls+patch"):
+            raise EncoderInputError(f"kind must be 'patch', 'cls', 'mean_patch' or 'cls+patch', got {kind!r}")
+        if kind.startswith("cls") and not self.has_cls:
             raise EncoderInputError(f"encoder {self.name} has no CLS token: use the mean patch token "
                                     "(kind='mean_patch', --target-kind mean_patch)")
         tokens = self._all_tokens(images)
         if kind == "cls":
             return tokens[:, 0]
         patch = tokens[:, self.backbone.num_prefix_tokens:]
+        if kind == "cls+patch":
+            return torch.cat([tokens[:, :1], patch], dim=1)
         return patch if kind == "patch" else patch.mean(dim=1)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, kind: str = "patch") -> torch.Tensor:
         """images: (B, 3, H, W) uint8 (or float in [0, 255]) -> (B, T, D) patch tokens (after the final norm
-        unless the spec says ``final_norm=False``)."""
-        return self.features(images, "patch")
+        unless the spec says ``final_norm=False``); another ``kind`` as in :meth:`features`."""
+        return self.features(images, kind)
 
     def cls(self, images: torch.Tensor) -> torch.Tensor:
         """images: (B, 3, H, W) -> (B, D) CLS token (EncoderInputError when there is none)."""

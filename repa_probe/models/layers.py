@@ -165,17 +165,26 @@ class Block(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """Modulated LayerNorm then ``linear``: ``(B, T, D)`` -> ``(B, T, p*p*out_channels)``."""
+    """Modulated LayerNorm then ``linear``: ``(B, T, D)`` -> ``(B, T, p*p*out_channels)``.
 
-    def __init__(self, dim: int, patch_size: int, out_channels: int):
+    ``cls_token_dim > 0`` (REG) adds ``linear_cls: D -> cls_token_dim``, applied by the model to the
+    modulated class token (:meth:`modulated` gives the tokens before either linear map)."""
+
+    def __init__(self, dim: int, patch_size: int, out_channels: int, cls_token_dim: int = 0):
         super().__init__()
         self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
+        if cls_token_dim:
+            self.linear_cls = nn.Linear(dim, cls_token_dim)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def modulated(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """``x: (B, T, D)``, ``c: (B, D)`` -> the modulated, normalised tokens ``(B, T, D)``."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale))
+        return modulate(self.norm_final(x), shift, scale)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.modulated(x, c))
 
 
 PROJECTOR_TYPES = ("mlp", "conv")

@@ -75,7 +75,8 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
     """Constructor keywords (without ``time_convention``) read from tensor shapes.
 
     Reads depth, width, patch, ``input_size`` (= sqrt(T) * patch from ``pos_embed``),
-    ``in_channels``, ``num_classes`` (the table is assumed to include the null row unless
+    ``in_channels``, REG's ``cls_token_dim`` (from ``cls_projectors2``; its ``pos_embed`` has one more row),
+    ``num_classes`` (the table is assumed to include the null row unless
     ``args.num_classes`` says otherwise), ``learn_sigma`` (2C output), projector dims and type (REPA's
     MLP, or iREPA's conv ``projectors.k.projection_layer`` and its kernel), ``qk_norm`` and ``mlp_ratio``.
     Heads: from the q_norm width when ``qk_norm``, else ``num_heads`` or the
@@ -94,7 +95,9 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
     if pw.ndim != 4 or pw.shape[2] != pw.shape[3]:
         raise LayoutError(f"x_embedder.proj.weight has unexpected shape {tuple(pw.shape)}")
     hidden, in_ch, patch = int(pw.shape[0]), int(pw.shape[1]), int(pw.shape[2])
-    tokens = int(sd["pos_embed"].shape[1]) if sd["pos_embed"].ndim == 3 else -1
+    cls_in = sd.get("cls_projectors2.weight")  # REG: the class token's input map (D, cls_token_dim)
+    cls_token_dim = int(cls_in.shape[1]) if cls_in is not None and cls_in.ndim == 2 else 0
+    tokens = int(sd["pos_embed"].shape[1]) - int(cls_token_dim > 0) if sd["pos_embed"].ndim == 3 else -1
     grid = int(round(max(tokens, 0) ** 0.5))
     if tokens < 1 or grid * grid != tokens:
         raise LayoutError(f"pos_embed shape {tuple(sd['pos_embed'].shape)} is not (1, g*g, D)")
@@ -123,7 +126,7 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
         input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
         num_heads=_heads_for(hidden, sd, num_heads), mlp_ratio=float(fc1.shape[0]) / hidden,
         num_classes=num_classes, class_dropout_prob=dropout, learn_sigma=out_ch == 2 * in_ch,
-        qk_norm="blocks.0.attn.q_norm.weight" in sd, encoder_depth=enc_depth, **proj,
+        qk_norm="blocks.0.attn.q_norm.weight" in sd, encoder_depth=enc_depth, **proj, cls_token_dim=cls_token_dim,
     )
 
 

@@ -40,6 +40,12 @@ class DiffusionTransformer(nn.Module):
     the output of block ``encoder_depth`` (= ``hidden[encoder_depth - 1]``). ``z_dims`` empty means
     no projectors. ``projector_type``: ``"mlp"`` (REPA) or ``"conv"`` (iREPA: a ``projector_kernel``-sized
     convolution on the token grid). ``config`` returns the constructor keywords (enough to rebuild the model).
+
+    ``cls_token_dim > 0`` makes it REG's SiT (Martinser/REG): the target encoder's class token ``(B, cls_token_dim)``
+    enters as one extra token in front of the patch tokens (``wg_norm(cls_projectors2(c))``, position row 0 of a
+    ``(1, T + 1, D)`` ``pos_embed`` that is zero), every block sees ``T + 1`` tokens, the projectors read all of
+    them, and ``final_layer.linear_cls`` maps the class token back to ``cls_token_dim``. Such a model is called
+    ``model(x, t, y, cls_token=c)`` and returns ``(out, zs, cls_out)``; ``num_prefix_tokens`` is 1 (else 0).
     """
 
     def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
@@ -47,7 +53,7 @@ class DiffusionTransformer(nn.Module):
                  num_classes: int = 1000, class_dropout_prob: float = 0.1, learn_sigma: bool = False,
                  qk_norm: bool = False, encoder_depth: int = 8, z_dims: Sequence[int] = (),
                  projector_dim: int = 2048, time_convention: str = "repa", projector_type: str = "mlp",
-                 projector_kernel: int = 3):
+                 projector_kernel: int = 3, cls_token_dim: int = 0):
         super().__init__()
         z_dims = tuple(int(z) for z in z_dims)
         _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
@@ -59,7 +65,7 @@ class DiffusionTransformer(nn.Module):
             class_dropout_prob=float(class_dropout_prob), learn_sigma=bool(learn_sigma),
             qk_norm=bool(qk_norm), encoder_depth=int(encoder_depth), z_dims=list(z_dims),
             projector_dim=int(projector_dim), time_convention=time_convention, projector_type=projector_type,
-            projector_kernel=int(projector_kernel),
+            projector_kernel=int(projector_kernel), cls_token_dim=_check_class_token(cls_token_dim, projector_type),
         )
         self.time_convention = time_convention
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
@@ -70,15 +76,21 @@ class DiffusionTransformer(nn.Module):
         self.returned_channels = self.out_channels if time_convention == "ddpm" else in_channels
         self.grid_size = input_size // patch_size
         self.num_tokens = self.grid_size ** 2
+        self.cls_token_dim = int(cls_token_dim)
+        self.num_prefix_tokens = int(self.cls_token_dim > 0)  # REG's class token, in front of the patch tokens
 
         self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
         self.t_embedder = TimestepEmbedder(hidden_size)
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
-        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_tokens, hidden_size), requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.num_tokens, hidden_size),
+                                      requires_grad=False)
         self.blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
         self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, z, projector_type, projector_kernel)
                                         for z in z_dims)
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, self.cls_token_dim)
+        if self.cls_token_dim:  # REG: the class token's input map (official names)
+            self.cls_projectors2 = nn.Linear(self.cls_token_dim, hidden_size)
+            self.wg_norm = nn.LayerNorm(hidden_size, eps=1e-6)
         if self.pos_embed.device.type != "meta":  # a meta model (shapes only, e.g. load_model) has nothing to fill
             self.initialize_weights()
 
@@ -96,12 +108,13 @@ class DiffusionTransformer(nn.Module):
     def initialize_weights(self) -> None:
         """DiT init: xavier-uniform linears (zero bias), patch-embed xavier on the flattened kernel,
         N(0, 0.02) label table and timestep MLP weights, zero adaLN and final output layers,
-        fixed sin-cos ``pos_embed``."""
+        fixed sin-cos ``pos_embed`` (a zero row in front for REG's class token, whose output map is zeroed too)."""
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
                 nn.init.zeros_(m.bias)
-        self.pos_embed.copy_(sincos_pos_embed_2d(self.hidden_size, self.grid_size, self.pos_embed.device)[None])
+        table = sincos_pos_embed_2d(self.hidden_size, self.grid_size, self.pos_embed.device)
+        self.pos_embed.copy_(nn.functional.pad(table, (0, 0, self.num_prefix_tokens, 0))[None])
         w = self.x_embedder.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.zeros_(self.x_embedder.proj.bias)
@@ -109,7 +122,8 @@ class DiffusionTransformer(nn.Module):
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
         for layer in [b.adaLN_modulation[-1] for b in self.blocks] + [
-            self.final_layer.adaLN_modulation[-1], self.final_layer.linear
+            self.final_layer.adaLN_modulation[-1], self.final_layer.linear,
+            *([self.final_layer.linear_cls] if self.cls_token_dim else []),
         ]:
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -124,9 +138,10 @@ class DiffusionTransformer(nn.Module):
         x = x.reshape(b, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return x.reshape(b, c, g * p, g * p)
 
-    def _check_inputs(self, x: torch.Tensor, t, y: torch.Tensor) -> torch.Tensor:
+    def _check_inputs(self, x: torch.Tensor, t, y: torch.Tensor, cls_token=None) -> torch.Tensor:
         """Validate shapes/dtypes (and the label range on the CPU or in debug mode, see below); returns ``t``
         as a ``(B,)`` tensor (a 0-d t is broadcast). Never reads a device tensor back to the host by default."""
+        _check_cls_input(self.cls_token_dim, x.shape[0], cls_token)
         s = self.input_size
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[2] != s or x.shape[3] != s:
             raise ModelInputError(f"x must have shape (B, {self.in_channels}, {s}, {s}), got {tuple(x.shape)}")
@@ -149,9 +164,13 @@ class DiffusionTransformer(nn.Module):
                 raise ModelInputError(f"labels must be in [0, {rows - 1}], got range [{lo}, {hi}]")
         return t
 
-    def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Tokens ``(B, T, D)`` and conditioning ``c: (B, D)``."""
-        tokens = self.x_embedder(x) + self.pos_embed
+    def _embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+               cls_token: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tokens ``(B, P + T, D)`` (P = ``num_prefix_tokens``: REG's class token first) and ``c: (B, D)``."""
+        tokens = self.x_embedder(x)
+        if self.cls_token_dim:
+            tokens = torch.cat([self.wg_norm(self.cls_projectors2(cls_token)).unsqueeze(1), tokens], dim=1)
+        tokens = tokens + self.pos_embed
         c = self.t_embedder(t) + self.y_embedder(y)
         return tokens, c
 
@@ -159,7 +178,8 @@ class DiffusionTransformer(nn.Module):
         """REPA projector outputs for block tokens ``h: (B, T, D)`` -> ``list[(B, T, z_dim)]``."""
         return [proj(h) for proj in self.projectors]
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_hidden: bool = False):
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, return_hidden: bool = False,
+                cls_token: torch.Tensor | None = None):
         """Denoiser forward pass.
 
         Args:
@@ -168,15 +188,18 @@ class DiffusionTransformer(nn.Module):
                 :func:`repa_probe.timesteps.model_times`); used as given.
             y: ``(B,)`` int64 labels; ``num_classes`` is the null (unconditional) class.
             return_hidden: also return the output of every block.
+            cls_token: REG models only (required there): ``(B, cls_token_dim)`` noisy class token.
 
         Returns:
             ``(out, zs)`` or ``(out, zs, hidden)``: ``out: (B, C or 2C, H, W)`` (2C only for
-            ``time_convention="ddpm"`` with ``learn_sigma``), ``zs: list[(B, T, z_dim)]`` projector outputs
+            ``time_convention="ddpm"`` with ``learn_sigma``), ``zs: list[(B, P + T, z_dim)]`` projector outputs
             on the block-``encoder_depth`` tokens (empty without projectors), ``hidden:
-            list[(B, T, D)]`` of length ``depth`` (``hidden[i]`` is block i's output, 0-based).
+            list[(B, P + T, D)]`` of length ``depth`` (``hidden[i]`` is block i's output, 0-based); P =
+            ``num_prefix_tokens``. REG models return ``(out, zs, cls_out)`` / ``(out, zs, cls_out, hidden)``
+            with ``cls_out: (B, cls_token_dim)``, the class token's velocity.
         """
-        t = self._check_inputs(x, t, y)
-        h, c = self._embed(x, t, y)
+        t = self._check_inputs(x, t, y, cls_token)
+        h, c = self._embed(x, t, y, cls_token)
         zs: list[torch.Tensor] = []
         hidden: list[torch.Tensor] = []
         for i, block in enumerate(self.blocks):
@@ -185,13 +208,16 @@ class DiffusionTransformer(nn.Module):
                 hidden.append(h)
             if i + 1 == self.encoder_depth and len(self.projectors):
                 zs = self.project(h)
-        out = self.unpatchify(self.final_layer(h, c))
+        h = self.final_layer.modulated(h, c)
+        out = self.unpatchify(self.final_layer.linear(h[:, self.num_prefix_tokens:]))
         if out.shape[1] != self.returned_channels:
             out = out[:, : self.returned_channels]
-        return (out, zs, hidden) if return_hidden else (out, zs)
+        outputs = (out, zs, self.final_layer.linear_cls(h[:, 0])) if self.cls_token_dim else (out, zs)
+        return (*outputs, hidden) if return_hidden else outputs
 
     def forward_features(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                         layers: Sequence[int] | None = None) -> list[torch.Tensor]:
+                         layers: Sequence[int] | None = None, cls_token: torch.Tensor | None = None,
+                         prefix: bool = False) -> list[torch.Tensor]:
         """Hidden states of selected blocks, stopping after the deepest one requested.
 
         Cheaper than ``forward(..., return_hidden=True)`` for feature extraction: blocks deeper
@@ -201,9 +227,11 @@ class DiffusionTransformer(nn.Module):
             x, t, y: as in :meth:`forward`.
             layers: 0-based block indices (``hidden[i]`` convention; negative values count from
                 the end as in Python); ``None`` means every block.
+            cls_token: REG models only (required there), as in :meth:`forward`.
+            prefix: keep REG's class token in front (``(B, 1 + T, D)``); by default only patch tokens return.
 
         Returns:
-            list of ``(B, T, D)`` tensors, one per entry of ``layers``, in the order given.
+            list of ``(B, T, D)`` tensors (``(B, P + T, D)`` with ``prefix``), one per entry of ``layers``.
         """
         if layers is None:
             wanted = list(range(self.depth))
@@ -219,14 +247,38 @@ class DiffusionTransformer(nn.Module):
                 wanted.append(index % self.depth)
         if not wanted:
             return []
-        t = self._check_inputs(x, t, y)
-        h, c = self._embed(x, t, y)
+        t = self._check_inputs(x, t, y, cls_token)
+        h, c = self._embed(x, t, y, cls_token)
         keep: dict[int, torch.Tensor] = {}
+        skip = 0 if prefix else self.num_prefix_tokens
         for i, block in enumerate(self.blocks[: max(wanted) + 1]):
             h = block(h, c)
             if i in wanted:
-                keep[i] = h
+                keep[i] = h[:, skip:]
         return [keep[i] for i in wanted]
+
+
+def _check_class_token(cls_token_dim, projector_type: str) -> int:
+    """REG's class-token width (0 = none) as an int; the conv projector needs a square grid, so not with REG."""
+    if isinstance(cls_token_dim, bool) or not isinstance(cls_token_dim, int) or cls_token_dim < 0:
+        raise ModelInputError(f"invalid DiffusionTransformer config: cls_token_dim must be an int >= 0, "
+                              f"got {cls_token_dim!r}")
+    if cls_token_dim and projector_type != "mlp":
+        raise ModelInputError("invalid DiffusionTransformer config: REG's class token (cls_token_dim > 0) needs the "
+                              f"mlp projector (the conv projector reads a square token grid), got {projector_type!r}")
+    return cls_token_dim
+
+
+def _check_cls_input(cls_token_dim: int, batch: int, cls_token) -> None:
+    """REG models need ``cls_token: (B, cls_token_dim)`` float; other models must not get one."""
+    if not cls_token_dim:
+        if cls_token is not None:
+            raise ModelInputError("cls_token is only for REG models (cls_token_dim > 0); this model has none")
+        return
+    if not torch.is_tensor(cls_token) or cls_token.shape != (batch, cls_token_dim) or not cls_token.is_floating_point():
+        got = tuple(cls_token.shape) if torch.is_tensor(cls_token) else type(cls_token).__name__
+        raise ModelInputError(f"this REG model needs cls_token=: a float tensor ({batch}, {cls_token_dim}) (the noisy "
+                              f"class token), got {got}")
 
 
 def _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,

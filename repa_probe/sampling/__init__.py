@@ -6,6 +6,7 @@ Flow models (ours, REPA, official SiT): ``"euler"`` / ``"heun"`` (REPA's ``euler
 the batch only inside the guidance interval (REPA time, t = 1 noise; DiT steps map to ``step / 999``).
 What each model receives follows its ``time_convention`` (:mod:`repa_probe.timesteps`, the one owner of time):
 ``repa`` gets t, ``sit`` gets 1 - t and returns the velocity of SiT time (so v = -u), ``ddpm`` the step.
+REG models (``cls_token_dim > 0``) sample their class token jointly with the latents (:mod:`repa_probe.sampling.reg`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Callable, Union
 
 import torch
 
-from repa_probe.sampling import ddpm, flow
+from repa_probe.sampling import ddpm, flow, reg
 from repa_probe.sampling.guidance import DEFAULT_CFG_CHANNELS, Guidance, SamplingError, guided_output, make_guidance
 from repa_probe.objectives.flow import sit_velocity_to_repa
 from repa_probe.timesteps import CONVENTIONS, model_input, user_time
@@ -65,7 +66,8 @@ def _check_inputs(model, noise, labels, method, steps, num_timesteps):
 def sample(model, noise: torch.Tensor, labels: torch.Tensor, *, method: str, steps: int, cfg_scale: float = 1.0,
            guidance_interval: tuple[float, float] = (0.0, 1.0),
            generator: Union[torch.Generator, NoiseSource, None] = None, cfg_channels: Union[str, int] = "auto",
-           path: str = "linear", num_timesteps: int = 1000) -> torch.Tensor:
+           path: str = "linear", num_timesteps: int = 1000, cls_cfg_scale: float | None = None,
+           cls_noise: torch.Tensor | None = None) -> torch.Tensor:
     """Draw samples from ``model`` (anything ``repa_probe.checkpoint.load_model`` returns).
 
     Args:
@@ -80,13 +82,22 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor, *, method: str, ste
         cfg_channels: "auto" (repa all, ddpm/sit the first 3, as DiT's and SiT's forward_with_cfg), "all" or k (the first k channels are guided).
         path: flow interpolant of the model ("linear" or "cosine"; only the SDE's score uses it).
         num_timesteps: T of a DiT model's diffusion (1000).
+        cls_cfg_scale: REG models: guidance of the class token (None: ``cfg_scale``; <= 0: its conditional
+            velocity), applied where the image is guided.
+        cls_noise: REG models: initial class-token noise ``(B, cls_token_dim)`` (None: drawn from ``generator``
+            after nothing else, as REG's ``generate.py`` draws it after the latents and labels).
     Returns:
         (B, C, H, W) final latents in ``noise.dtype``, in the model's data space.
     """
     convention = _check_inputs(model, noise, labels, method, steps, num_timesteps)
     guidance = make_guidance(model, cfg_scale, guidance_interval, cfg_channels, noise.shape[1])
     dtype, x = noise.dtype, noise.to(torch.float64)
-    if convention == "ddpm":
+    if getattr(model, "cls_token_dim", 0):
+        cls = reg.initial_class_token(model, x.shape[0], cls_noise, generator, x.device)
+        out = reg.sample_joint(model, x, cls, labels, method, steps, guidance,
+                               cfg_scale if cls_cfg_scale is None else float(cls_cfg_scale),
+                               _noise_fn(generator, torch.float64), generator, path, dtype)
+    elif convention == "ddpm":
         out = _sample_ddpm(model, x, labels, method, steps, guidance, _noise_fn(generator, torch.float32),
                            num_timesteps, dtype)
     else:

@@ -70,8 +70,13 @@ def guided_output(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, guid
     null = torch.full_like(y, guidance.null)
     out = _call(model, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]))
     cond, uncond = out.chunk(2)
-    k = guidance.channels
-    guided = uncond[:, :k] + guidance.scale * (cond[:, :k] - uncond[:, :k])
+    return guide(cond, uncond, guidance.scale, guidance.channels)
+
+
+def guide(cond: torch.Tensor, uncond: torch.Tensor, scale: float, channels: int | None = None) -> torch.Tensor:
+    """``uncond + scale (cond - uncond)`` on the first ``channels`` of dim 1 (all: None); the rest is ``cond``."""
+    k = cond.shape[1] if channels is None else channels
+    guided = uncond[:, :k] + scale * (cond[:, :k] - uncond[:, :k])
     return torch.cat([guided, cond[:, k:]], dim=1) if k < cond.shape[1] else guided
 
 

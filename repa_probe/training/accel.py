@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from repa_probe.errors import error_summary
+from repa_probe.training.builders import encoder_kind
 from repa_probe.training.config import Config
 
 log = logging.getLogger("repa_probe")
@@ -48,13 +49,14 @@ def _warm_up(s) -> None:
     x = torch.zeros(b, m.in_channels, m.input_size, m.input_size, device=dev)  # (b, C, H, W)
     t = s.objective.model_time(s.objective.sample_t(b, torch.Generator(dev).manual_seed(0), dev))
     y = torch.zeros(b, dtype=torch.int64, device=dev)
+    kw = {"cls_token": torch.zeros(b, m.cls_token_dim, device=dev)} if m.cls_token_dim else {}  # REG
     with autocast_for(cfg, dev):
         if s.enc_net is not None:
             r = cfg.data.resolution
             with torch.no_grad():  # as builders.model_inputs calls it (grad mode is part of the compiled graph)
-                s.enc_net(torch.zeros(b, 3, r, r, dtype=torch.uint8, device=dev))
-        out, zs = s.net(x, t, y)
-        loss = out.float().mean() + sum(z.float().mean() for z in zs)
+                s.enc_net(torch.zeros(b, 3, r, r, dtype=torch.uint8, device=dev), encoder_kind(cfg))
+        out, zs, *extra = s.net(x, t, y, **kw)
+        loss = out.float().mean() + sum(z.float().mean() for z in [*zs, *extra])
     loss.backward()
     s.opt.zero_grad(set_to_none=True)
 
@@ -80,8 +82,9 @@ def prepare_step_modules(s) -> None:
             log.info("torch.compile: model%s compiled in %.1f s (first forward + backward)",
                      " and encoder" if s.enc is not None else "", time.perf_counter() - start)
     if s.dist.enabled:
-        s.net = torch.nn.parallel.DistributedDataParallel(
-            s.net, device_ids=[s.device.index] if s.device.type == "cuda" else None)
+        s.net = torch.nn.parallel.DistributedDataParallel(  # HASTE's switch-off leaves the projectors unused
+            s.net, device_ids=[s.device.index] if s.device.type == "cuda" else None,
+            find_unused_parameters=s.cfg.haste.stop_step is not None)
 
 
 def check_flash_attention(cfg: Config, model, device: torch.device):

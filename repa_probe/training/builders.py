@@ -13,7 +13,7 @@ from repa_probe.encoders.vae import load_vae
 from repa_probe.models import create_model
 from repa_probe.models.registry import model_kwargs
 from repa_probe.objectives import FlowMatching, GaussianDiffusion, match_token_grid, spatial_normalize
-from repa_probe.training.config import Config, ConfigError
+from repa_probe.training.config import Config, ConfigError, uses_encoder
 from repa_probe.training.distributed import DistInfo
 
 log = logging.getLogger("repa_probe")
@@ -36,12 +36,12 @@ def build_objective(cfg: Config):
 
 
 def build_encoder(cfg: Config, device: torch.device, required: bool = False):
-    """The frozen REPA target encoder of ``cfg`` (None for the vanilla baseline unless ``required``).
+    """The frozen target encoder of ``cfg`` (REPA, REG, HASTE; None for the vanilla baseline unless ``required``).
 
     Random weights (``encoder.pretrained=false``) are drawn from a generator seeded with ``run.seed`` alone,
     without touching the global RNG, so the analysis of a run rebuilds exactly the encoder it trained against.
     """
-    if cfg.repa.proj_coeff == 0 and not required:
+    if not uses_encoder(cfg) and not required:
         return None
     e = cfg.encoder
     kw = {"input_size": e.input_size} if e.input_size is not None else {}
@@ -50,6 +50,11 @@ def build_encoder(cfg: Config, device: torch.device, required: bool = False):
         enc = load_encoder(e.name, weights=e.weights, pretrained=e.pretrained, resolution=cfg.data.resolution,
                            source=e.source, **kw)
     return enc.to(device)
+
+
+def encoder_kind(cfg: Config) -> str:
+    """What training reads from the target encoder: ``"cls+patch"`` for REG, else ``"patch"``."""
+    return "cls+patch" if cfg.reg.cls_coeff > 0 else "patch"
 
 
 def latent_shape(cfg: Config, vae) -> Tuple[int, int]:
@@ -62,7 +67,8 @@ def latent_shape(cfg: Config, vae) -> Tuple[int, int]:
 
 
 def build_model(cfg: Config, batches: "Batches", enc):
-    """The diffusion transformer for this config (REPA projector when an encoder is given)."""
+    """The diffusion transformer for this config (REPA projector when ``repa.proj_coeff > 0``, REG's class token
+    of the encoder's width when ``reg.cls_coeff > 0``)."""
     m, r = cfg.model, cfg.repa
     channels, side = latent_shape(cfg, batches.vae)
     overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")
@@ -77,7 +83,8 @@ def build_model(cfg: Config, batches: "Batches", enc):
                          learn_sigma=ddpm and cfg.objective.learn_sigma, time_convention="ddpm" if ddpm else "repa",
                          encoder_depth=r.encoder_depth, projector_dim=r.projector_dim, projector_type=r.projector,
                          projector_kernel=r.projector_kernel,
-                         z_dims=(enc.embed_dim,) if enc is not None else (), **overrides)
+                         z_dims=(enc.embed_dim,) if enc is not None and r.proj_coeff > 0 else (),
+                         cls_token_dim=enc.embed_dim if enc is not None and cfg.reg.cls_coeff > 0 else 0, **overrides)
     if enc is not None:
         eg, mg = enc.grid_size, model.grid_size
         if eg != mg:
@@ -132,6 +139,7 @@ def model_inputs(batch: dict, vae, enc, device: torch.device, gen: torch.Generat
     pixels scaled to [-1, 1] when there is no VAE. The posterior noise is drawn for the global batch.
     ``enc_autocast``: context for the frozen encoder (the training autocast on GPU, as in REPA). With
     ``repa.spatial_norm_gamma`` set, the tokens (on the model's grid) are spatially normalised (iREPA), float32.
+    REG (``reg.cls_coeff > 0``): the encoder's class token is put in front, ``(b, 1 + T, Dz)`` (REG's REPA targets).
     """
     images = batch["image"].to(device, non_blocking=True)
     y = batch["label"].to(device, non_blocking=True)
@@ -146,7 +154,11 @@ def model_inputs(batch: dict, vae, enc, device: torch.device, gen: torch.Generat
     z = None
     if enc is not None:
         with torch.no_grad(), (enc_autocast or nullcontext()):
-            z = match_token_grid(enc(images), grid)
+            tokens = enc(images, encoder_kind(cfg))
+            cls, patch = (tokens[:, :1], tokens[:, 1:]) if cfg.reg.cls_coeff > 0 else (None, tokens)
+            z = match_token_grid(patch, grid)
             if cfg.repa.spatial_norm_gamma is not None:
                 z = spatial_normalize(z, cfg.repa.spatial_norm_gamma)
+            if cls is not None:
+                z = torch.cat([cls.to(z.dtype), z], dim=1)
     return x0, z, y

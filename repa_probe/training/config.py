@@ -64,6 +64,19 @@ class RepaConfig:
 
 
 @dataclass
+class RegConfig:
+    cls_coeff: float = 0.0  # REG: class-token loss weight (paper 0.03); > 0 denoises the encoder CLS as a token
+
+
+@dataclass
+class HasteConfig:
+    attn_coeff: float = 0.0  # HASTE: weight of the attention-map alignment loss (paper 0.5); 0 = off
+    stop_step: Optional[int] = None  # HASTE: no alignment (REPA, attention) nor encoder from this step; null = never
+    student_blocks: List[int] = field(default_factory=lambda: [5, 6, 7, 8])  # 1-based model blocks (HASTE: 5-8)
+    teacher_layers: List[int] = field(default_factory=lambda: [9, 10, 11, 12])  # 1-based encoder layers (DINOv2-B 9-12)
+
+
+@dataclass
 class EncoderConfig:
     name: str = "tiny_vit"  # dinov2_vitb14, clip_vitl14, mae_vitl16, ijepa_vith14, siglip_vitb16... or tiny_vit
     weights: Optional[str] = None  # local weight file (.pth / .safetensors)
@@ -141,6 +154,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     repa: RepaConfig = field(default_factory=RepaConfig)
+    reg: RegConfig = field(default_factory=RegConfig)
+    haste: HasteConfig = field(default_factory=HasteConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -262,6 +277,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if cfg.repa.proj_coeff < 0:
         raise ConfigError(f"repa.proj_coeff must be >= 0, got {cfg.repa.proj_coeff}")
+    _validate_family(cfg)
     if cfg.repa.projector_kernel < 1 or cfg.repa.projector_kernel % 2 == 0:
         raise ConfigError(f"repa.projector_kernel must be a positive odd int, got {cfg.repa.projector_kernel}")
     gamma = cfg.repa.spatial_norm_gamma
@@ -273,6 +289,27 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
     if cfg.train.keep_last < 1:
         raise ConfigError(f"train.keep_last must be >= 1, got {cfg.train.keep_last}")
+
+
+def _validate_family(cfg: Config) -> None:
+    """REG and HASTE options (their block lists are checked against the model and encoder when built)."""
+    h = cfg.haste
+    if cfg.reg.cls_coeff < 0 or h.attn_coeff < 0:
+        raise ConfigError(f"reg.cls_coeff and haste.attn_coeff must be >= 0, got {cfg.reg.cls_coeff}, {h.attn_coeff}")
+    if cfg.reg.cls_coeff > 0 and (cfg.objective.kind != "flow" or cfg.repa.projector != "mlp"):
+        raise ConfigError("REG (reg.cls_coeff > 0) needs objective.kind=flow and repa.projector=mlp (its class token "
+                          "is a flow-matching token and makes the token grid non-square)")
+    if h.stop_step is not None and h.stop_step < 0:
+        raise ConfigError(f"haste.stop_step must be >= 0 or null (never), got {h.stop_step}")
+    if h.attn_coeff > 0 and (len(h.student_blocks) != len(h.teacher_layers) or not h.student_blocks
+                             or min(h.student_blocks + h.teacher_layers) < 1):
+        raise ConfigError(f"haste.student_blocks {h.student_blocks} and haste.teacher_layers {h.teacher_layers} must "
+                          "be equally long lists of 1-based block numbers")
+
+
+def uses_encoder(cfg: Config) -> bool:
+    """Whether training runs the target encoder: REPA, REG (its class token) or HASTE's attention alignment."""
+    return cfg.repa.proj_coeff > 0 or cfg.reg.cls_coeff > 0 or cfg.haste.attn_coeff > 0
 
 
 def to_dict(cfg: Config) -> dict:

@@ -3,10 +3,10 @@
 One step (global batch B over W processes, each with B/W samples)::
 
     images, labels ──► VAE posterior sample (or pixels in [-1, 1]) ──► x0: (b, C, H, W)
-    images ─────────► frozen encoder ──► patch tokens z: (b, T, Dz)          (only when repa.proj_coeff > 0)
+    images ─────────► frozen encoder ──► patch tokens z: (b, T, Dz) (REPA, REG, HASTE only)
     t, ε, label dropout  (drawn for the GLOBAL batch from one seeded generator; each rank keeps rows rank::W)
     x_t = objective.add_noise(x0, t, ε);  out, zs~ = model(x_t, objective.model_time(t), y)
-    loss = objective.loss(out, ...).mean() + proj_coeff · repa_loss(zs~, [z])
+    loss = objective.loss(out, ...).mean() + proj_coeff · repa_loss(zs~, [z])  (+ REG / HASTE terms: training.family)
     backward → clip → AdamW → EMA        (train.grad_accum = k: forward/backward over k micro-batches first)
 
 Drawing the randomness for the global batch makes a W-process run match the one-process run on the same
@@ -42,6 +42,8 @@ from repa_probe.training import rundir
 from repa_probe.training.accel import autocast_for, check_flash_attention, prepare_step_modules
 from repa_probe.training.builders import Batches, build_encoder, build_model, build_objective, model_inputs
 from repa_probe.training.config import Config, ConfigError, to_dict, to_yaml
+from repa_probe.training.family import (AttentionTaps, StepBatch, aligning, build_attention_taps, class_token_noise,
+                                        extra_terms, model_kwargs)
 from repa_probe.training.distributed import DistInfo, agree, cleanup_distributed, init_distributed
 
 log = logging.getLogger("repa_probe")
@@ -95,7 +97,7 @@ class TrainState:
     ``build`` makes it from a config exactly as ``train`` does; ``net`` / ``enc_net`` are what the step calls
     (the model and encoder themselves, compiled, or DDP-wrapped: ``accel.prepare_step_modules``).
     ``first_bad``: 0-d int64 on the device, the first step whose loss was not finite (0 = none yet);
-    ``checked``: the last step :func:`raise_if_diverged` looked at.
+    ``checked``: the last step :func:`raise_if_diverged` looked at. ``taps``: HASTE's attention hooks, or None.
     """
 
     cfg: Config
@@ -116,6 +118,7 @@ class TrainState:
     step: int = 0
     checked: int = 0
     first_bad: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    taps: Optional[AttentionTaps] = None
 
     @classmethod
     def build(cls, cfg: Config, dist: DistInfo, device: torch.device) -> "TrainState":
@@ -135,7 +138,8 @@ class TrainState:
         vae = batches.vae.to(device) if batches.vae is not None else None
         model.train()
         return cls(cfg, dist, device, batches, enc, model, ema, build_objective(cfg), vae, params, opt, scaler,
-                   gen, net=model, enc_net=enc, first_bad=torch.zeros((), dtype=torch.int64, device=device))
+                   gen, net=model, enc_net=enc, first_bad=torch.zeros((), dtype=torch.int64, device=device),
+                   taps=build_attention_taps(cfg, model, enc))
 
     def _rng_state(self) -> dict:
         state = {"generator": self.gen.get_state(), "torch": torch.get_rng_state()}
@@ -171,18 +175,17 @@ class TrainState:
         self.step = self.checked = int(state["step"])
 
 
-def _micro_loss(s: TrainState, x_t, t, y, x0, noise, z_enc) -> tuple:
+def _micro_loss(s: TrainState, b: StepBatch, align: bool) -> tuple:
     """Loss of one micro-batch (rows of the step's tensors) and its detached log terms."""
     obj = s.objective
+    kwargs = model_kwargs(s.model, obj, b)
     with autocast_for(s.cfg, s.device):
-        out, zs_tilde = s.net(x_t, obj.model_time(t), y)
-    terms = obj.loss(out.float(), x0, x_t, noise, t)
-    loss = terms["loss"].mean()
+        outputs = s.net(b.x_t, obj.model_time(b.t), b.y, **kwargs)
+    terms = obj.loss(outputs[0].float(), b.x0, b.x_t, b.noise, b.t)
     logs = {name: v.detach().mean() for name, v in terms.items()}
-    if z_enc is not None:
-        proj_loss, cos = repa_loss(zs_tilde, [z_enc])
-        loss = loss + s.cfg.repa.proj_coeff * proj_loss
-        logs.update(repa=proj_loss.detach(), cos=cos.detach())
+    extra, extra_logs = extra_terms(s.cfg, obj, outputs, b, kwargs, s.taps, align)
+    loss = terms["loss"].mean() + extra
+    logs.update(extra_logs)
     logs["total"] = loss.detach()
     return loss, logs
 
@@ -197,10 +200,14 @@ def train_step(s: TrainState) -> dict:
     """
     cfg, obj = s.cfg, s.objective
     batch = s.batches.next()
-    x0, z_enc, y = model_inputs(batch, s.vae, s.enc_net, s.device, s.gen, s.dist, cfg, s.model.grid_size,
+    align = aligning(cfg, s.step)  # HASTE: no alignment (and no encoder, unless REG needs its class token) later
+    enc = s.enc_net if align or cfg.reg.cls_coeff > 0 else None
+    x0, z_enc, y = model_inputs(batch, s.vae, enc, s.device, s.gen, s.dist, cfg, s.model.grid_size,
                                 enc_autocast=autocast_for(cfg, s.device))  # frozen encoder under autocast, as REPA
     t, noise, y = objective_noise(obj, x0, y, s.gen, s.dist, cfg, s.batches.num_classes)
-    x_t = obj.add_noise(x0, t, noise)
+    b = StepBatch(obj.add_noise(x0, t, noise), t, y, x0, noise, z_enc,
+                  class_token_noise(z_enc, s.gen, s.dist) if s.model.cls_token_dim else None,
+                  s.taps.teacher.logits(s.taps.heads) if s.taps is not None and align else None)
     k = cfg.train.grad_accum  # micro-batches: same samples and noise, gradients summed before the step
     micro = x0.shape[0] // k
     s.opt.zero_grad(set_to_none=True)
@@ -209,7 +216,7 @@ def train_step(s: TrainState) -> dict:
         r = slice(i * micro, (i + 1) * micro)
         sync = nullcontext() if i == k - 1 or not hasattr(s.net, "no_sync") else s.net.no_sync()  # DDP: reduce once
         with sync:
-            loss, logs = _micro_loss(s, x_t[r], t[r], y[r], x0[r], noise[r], None if z_enc is None else z_enc[r])
+            loss, logs = _micro_loss(s, b.rows(r), align)
             s.scaler.scale(loss / k).backward()  # / 1 is exact: k = 1 is the plain step, bit for bit
         sums = logs if not sums else {name: sums[name] + v for name, v in logs.items()}
     logs = {name: v / k for name, v in sums.items()}

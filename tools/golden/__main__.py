@@ -3,7 +3,7 @@
     python -m tools.golden --dit /work/official/DiT --sit /work/official/SiT --repa /work/official/REPA \\
         --platonic /work/official/platonic-rep --out tests/data/golden
 
-Imports each part module that exists among tools.golden.{models,losses,metrics,sampling,spatial} and calls
+Imports each part module that exists among tools.golden.{models,losses,metrics,sampling,spatial,reg,haste} and calls
 its ``write(out_dir, repos)``; then writes ``README.md`` in the output folder (repositories, commits, versions,
 the command and the files of this run). Runs on the CPU. See tools/README.md.
 """
@@ -28,10 +28,11 @@ import torch  # noqa: E402
 
 from tools.golden.common import commit_of, log  # noqa: E402
 
-PARTS = ("models", "losses", "metrics", "sampling", "spatial")
+PARTS = ("models", "losses", "metrics", "sampling", "spatial", "reg", "haste")
 REPOS = {  # CLI key -> GitHub repository of the official code
     "dit": "facebookresearch/DiT", "sit": "willisma/SiT", "repa": "sihyun-yu/REPA",
-    "platonic": "minyoungg/platonic-rep", "irepa": "End2End-Diffusion/iREPA",
+    "platonic": "minyoungg/platonic-rep", "irepa": "End2End-Diffusion/iREPA", "reg": "Martinser/REG",
+    "haste": "NUS-HPC-AI-Lab/HASTE",
 }
 
 

@@ -8,6 +8,8 @@ or this project. Nothing in the official trees is modified; everything runs on t
 
 from __future__ import annotations
 
+import argparse
+import ast
 import contextlib
 import importlib.util
 import json
@@ -98,6 +100,35 @@ def commit_of(path: Path | None, given: dict[str, str] | None = None, key: str =
         return "unknown (not a git work tree; pass --commit KEY=SHA)"
 
 
+def official_args(train_py: Path, argv: list[str]) -> argparse.Namespace:
+    """The ``args`` Namespace their ``train.py`` would store in a checkpoint for ``argv``: runs only its
+    ``parse_args`` function (the rest of the file imports accelerate, wandb... that a golden run does not need)."""
+    tree = ast.parse(Path(train_py).read_text())
+    funcs = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "parse_args"]
+    if not funcs:
+        raise GoldenError(f"{train_py}: no parse_args function")
+    scope: dict = {"argparse": argparse}
+    exec(compile(ast.Module(body=funcs, type_ignores=[]), str(train_py), "exec"), scope)  # noqa: S102 - their code
+    return scope["parse_args"](argv)
+
+
+def random_model(cls, config: dict, seed: int) -> torch.nn.Module:
+    """``cls(**config)`` with seeded random weights everywhere but ``pos_embed`` (:func:`randomize_`), eval mode."""
+    gen = seed_all(seed)
+    model = cls(**config)
+    randomize_(model, gen)
+    return model.eval()
+
+
+def training_checkpoint(model: torch.nn.Module, ema: torch.nn.Module, train_py: Path, argv: list[str],
+                        steps: int) -> dict:
+    """``{model, ema, opt, args, steps}`` as REPA's train.py (and REG's, HASTE's) saves it: AdamW's state dict at
+    their settings, ``args`` from their ``parse_args(argv)``."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.999), weight_decay=0.0, eps=1e-8)
+    return {"model": model.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+            "args": official_args(train_py, argv), "steps": steps}
+
+
 def need(repos: dict[str, Path], *keys: str, part: str) -> bool:
     """True when every repo in ``keys`` was given; otherwise log a notice naming the missing ones."""
     missing = [k for k in keys if repos.get(k) is None]
@@ -147,10 +178,12 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def save_pt(obj: dict, path: Path) -> Path:
-    """Write a dict of tensors / plain values with ``torch.save`` (atomic); it must load with weights_only=True."""
+    """Write a dict of tensors / plain values with ``torch.save`` (atomic); it must load with weights_only=True
+    (with ``argparse.Namespace`` allowed, as ``repa_probe.checkpoint.safe_load`` allows it)."""
     tensors_only = {k: (v.detach().contiguous().clone() if torch.is_tensor(v) else v) for k, v in obj.items()}
     _atomic_write(Path(path), lambda f: torch.save(tensors_only, f))
-    torch.load(path, weights_only=True)  # fail here, not in the tests, if something is not weights-only
+    with torch.serialization.safe_globals([argparse.Namespace]):  # training checkpoints carry their args
+        torch.load(path, weights_only=True)  # fail here, not in the tests, if something is not weights-only
     return Path(path)
 
 
