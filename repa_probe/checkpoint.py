@@ -5,15 +5,18 @@ Supported files (``load_model``):
 * ``"repa-probe"`` — our training checkpoint: a dict with ``format = "repa-probe/1"``,
   ``model``/``ema`` state dicts, ``model_config`` (constructor keywords) and ``step``.
 * ``"official-training"`` — a DiT / SiT / REPA training checkpoint: ``{"model", "ema", "opt",
-  "args": argparse.Namespace[, "steps"]}``.
+  "args": argparse.Namespace[, "steps"]}``, or LightningDiT's ``{"model", "ema", "opt", "config": YAML dict}``
+  (the step only in the file name, e.g. ``0080000.pt``).
 * ``"official-state-dict"`` — a plain state dict (the released DiT-XL-2-256x256.pt, REPA's
-  last.pt, ...), optionally with a DDP ``module.`` or torch.compile ``_orig_mod.`` prefix.
+  last.pt, LightningDiT's released file, ...), optionally with a DDP ``module.`` or torch.compile ``_orig_mod.``
+  prefix.
 
 Time-convention detection for official files (see :mod:`repa_probe.timesteps`): an explicit
 ``time_convention=`` wins; then the training ``args`` (REPA args carry ``enc_type``/``proj_coeff``/
 ``encoder_depth``: ``repa``; SiT args have ``model="SiT-..."`` or a ``path_type``: ``sit``; DiT args have
-``model="DiT-..."``: ``ddpm``); then shapes: projectors or a C-channel output mean ``repa``, a 2C-channel
-output ``ddpm``. DiT and official SiT state dicts are indistinguishable by shape, so a plain SiT state dict
+``model="DiT-..."``: ``ddpm``; LightningDiT's ``config.model.model_type="LightningDiT-..."``: ``sit``); then
+shapes: LightningDiT's blocks (SwiGLU, RMSNorm, RoPE, wo_shift) mean ``sit`` (its t = 0 is noise), projectors or a
+C-channel output ``repa``, a 2C-channel output ``ddpm``. DiT and official SiT state dicts are indistinguishable by shape, so a plain SiT state dict
 needs ``time_convention="sit"``. Our older checkpoints store ``family`` ("DiT" / "SiT" / "REPA") in
 ``model_config``; it is read as the matching convention.
 
@@ -38,7 +41,8 @@ import torch
 from repa_probe.models.layout import (LayoutError, detect_convention, encoder_depth_of, infer_config,  # noqa: F401
                                       is_state_dict, normalize_keys)
 from repa_probe.models.layers import ModelInputError
-from repa_probe.models.registry import size_name
+from repa_probe.models.lightningdit import LightningOptions
+from repa_probe.models.registry import from_config, size_name
 from repa_probe.models.transformer import DiffusionTransformer
 from repa_probe.errors import ReproError, error_summary
 from repa_probe.timesteps import TimeError, convention_of
@@ -56,7 +60,7 @@ class CheckpointError(ReproError, RuntimeError):
 class ModelInfo:
     """What :func:`load_model` found.
 
-    ``family``: architecture, "DiT" | "SiT"; ``size``: "S" | "B" | "L" | "XL" or None;
+    ``family``: architecture, "DiT" | "SiT" | "LightningDiT"; ``size``: "S" | "B" | "L" | "XL" or None;
     ``time_convention``: "ddpm" | "sit" | "repa"; ``source_format``: "repa-probe" |
     "official-state-dict" | "official-training"; ``step``: training step or None; ``ema``: True
     when the weights came from an ``ema`` entry (plain state dicts report False even though the
@@ -212,7 +216,8 @@ def _read_layout(obj: Any, path: Path) -> tuple[str, Any, dict | None, Any]:
             raise CheckpointError("repa-probe checkpoint without a model_config dict")
         return "repa-probe", obj.get("step"), dict(obj["model_config"]), None
     if isinstance(obj, Mapping) and ("model" in obj or "ema" in obj) and not is_state_dict(obj):
-        return "official-training", obj.get("steps", obj.get("step", _step_from_name(path))), None, obj.get("args")
+        args = obj.get("args", obj.get("config"))  # LightningDiT stores its YAML config instead of args
+        return "official-training", obj.get("steps", obj.get("step", _step_from_name(path))), None, args
     if is_state_dict(obj):
         return "official-state-dict", _step_from_name(path), None, None
     kind = f"dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, Mapping) else type(obj).__name__
@@ -251,14 +256,16 @@ def _model_config(config: dict | None, sd: dict, args: Any, num_heads, encoder_d
 
 
 def _check_stored_config(config: Mapping) -> None:
-    """A ``model_config`` read from a file: only the constructor's keywords, each of its default's type
+    """A ``model_config`` read from a file: only the constructors' keywords, each of its default's type
     (ints for ints, numbers for floats, a list of ints for ``z_dims``); a one-line CheckpointError otherwise."""
-    params = inspect.signature(DiffusionTransformer.__init__).parameters
-    unknown = sorted(set(config) - set(params) - {"self"})
+    defaults = {name: p.default for name, p in inspect.signature(DiffusionTransformer.__init__).parameters.items()
+                if name != "self"}
+    defaults.update(dataclasses.asdict(LightningOptions()))  # LightningDiT's switches
+    unknown = sorted(set(config) - set(defaults))
     if unknown:
-        raise CheckpointError(f"model_config has unknown keys {unknown}; valid: {sorted(set(params) - {'self'})}")
+        raise CheckpointError(f"model_config has unknown keys {unknown}; valid: {sorted(defaults)}")
     for key, value in config.items():
-        default = params[key].default
+        default = defaults[key]
         if isinstance(default, bool):
             ok = isinstance(value, bool)
         elif isinstance(default, int):
@@ -279,7 +286,7 @@ def _build(config: dict, sd: dict) -> DiffusionTransformer:
     checks (:class:`ModelInputError`) describe the file; anything else is a bug and keeps its traceback."""
     try:
         with torch.device("meta"):
-            model = DiffusionTransformer(**config)
+            model = from_config(config)
     except ModelInputError as exc:
         raise CheckpointError(f"cannot build a model from config: {exc}") from exc
     _check_against_model(model, sd)

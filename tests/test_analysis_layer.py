@@ -98,8 +98,11 @@ def test_resolver_on_ours_and_an_official_state_dict(ckpts):
     src = resolve_source([ours, official], with_data, need_encoder=True)
     assert (src.name, src.resolution, src.from_config) == ("shapes", 32, False)
     assert resolve_encoder([official], with_data, 32).name == "tiny_vit"
+    with_vae = with_data.replace(vae="random:tiny")  # the VAE is resolved with the checkpoints
+    (official_vae,) = load_checkpoints([official_path], with_vae)
+    assert (official_vae.vae_name, official_vae.downsample_factor, official_vae.resolution) == ("random:tiny", 8, 256)
     with pytest.raises(AnalysisInputError, match="model takes 3x32"):
-        resolve_source([official], with_data.replace(vae="random:tiny"))
+        resolve_source([official_vae], with_vae)
     assert check_times_and_layers([ours, official], opts.replace(layers="1,4")) == \
         {ours.label: [1, 4], official.label: [1, 4]}
     with pytest.raises(AnalysisInputError, match="last: .*float time"):

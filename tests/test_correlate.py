@@ -14,7 +14,7 @@ from repa_probe.analysis.correlation.correlate import (Quantity, correlate_table
                                            parse_quantity)
 
 ALIGN_COLS = ("checkpoint", "step", "layer", "timestep", "metric", "value", "ci_low", "ci_high", "n")
-FID_COLS = ("checkpoint", "step", "metric", "value", "num_samples", "method", "steps", "cfg_scale", "guidance_low",
+FID_COLS = ("checkpoint", "run", "step", "metric", "value", "num_samples", "method", "steps", "cfg_scale", "guidance_low",
             "guidance_high", "seed")
 
 
@@ -26,6 +26,12 @@ def _write(path: Path, cols, rows) -> Path:
         for r in rows:
             w.writerow({k: r.get(k, "") for k in cols})
     return path
+
+
+def _describe(folder: Path, run: str, rows) -> None:
+    """The ``summary.json`` an analysis writes beside its table: each checkpoint's label and run."""
+    labels = dict.fromkeys(r["checkpoint"] for r in rows)
+    (folder / "summary.json").write_text(json.dumps({"checkpoints": [dict(label=c, run=run) for c in labels]}))
 
 
 def make_runs(root: Path, rho: float = -0.8, runs: int = 4, per_run: int = 15, timesteps=(0.0, 0.5), seed: int = 0):
@@ -49,7 +55,8 @@ def make_runs(root: Path, rho: float = -0.8, runs: int = 4, per_run: int = 15, t
             align.append(dict(checkpoint=ck, step=step, layer="target", metric="lds", value=target_lds, n=64))
             fid.append(dict(checkpoint=ck, step=step, metric="fid_inception", value=20 + 5 * y, num_samples=1000))
         _write(root / f"run{r}" / "alignment" / "alignment.csv", ALIGN_COLS, align)
-        _write(root / f"run{r}" / "fid" / "fid.csv", FID_COLS, fid)
+        _describe(root / f"run{r}" / "alignment", f"run{r}", align)
+        _write(root / f"run{r}" / "fid" / "fid.csv", FID_COLS, [dict(f, run=f"run{r}") for f in fid])
     return np.array(xs), np.array(ys)
 
 

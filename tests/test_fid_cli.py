@@ -47,7 +47,7 @@ def test_fid_cli_on_a_run(run, tmp_path):
     assert [(r["checkpoint"], r["step"], r["metric"]) for r in rows] == [
         ("tiny/0000001", "1", "fd_tiny_vit"), ("tiny/0000002", "2", "fd_tiny_vit")]
     assert all(float(r["value"]) > 0 and r["num_samples"] == "80" and r["method"] == "euler" and r["steps"] == "2"
-               for r in rows)
+               and r["run"] == "tiny" for r in rows)
     assert (out / "figures" / "fid_vs_step.pdf").exists() and (out / "figures" / "fid_vs_step.png").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"] == ["fd_tiny_vit"] and summary["reference"].startswith("shapes:")

@@ -286,4 +286,4 @@ def test_aggregate_is_not_redrawn_when_nothing_changed(tmp_path, monkeypatch):
     agg.aggregate([job], tmp_path, {})
     assert len(calls) == 2
     rows = json.loads((tmp_path / "results" / "alignment" / "summary.json").read_text())
-    assert rows["checkpoints"] == ["run/0000001"]
+    assert rows["checkpoints"] == [dict(label="run/0000001", run="run")]  # the run as the plan named it

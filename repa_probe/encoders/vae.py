@@ -35,6 +35,12 @@ TINY_VAE_CONFIG = dict(  # random:tiny - 8x downsampling like SD-VAE, ~1M parame
     up_block_types=("UpDecoderBlock2D",) * 4, sample_size=32)
 
 
+#: the VAE a file that stores no training config is decoded with, by the latent channels of its model (3 =
+#: pixels, no VAE). Official DiT / SiT / REPA files: SD-VAE (ft-EMA, as their sampling scripts). A latent
+#: family whose files store no config (e.g. 32-channel REPA-E / VA-VAE latents) adds its row here.
+DEFAULT_VAE_BY_CHANNELS = {3: "none", 4: "stabilityai/sd-vae-ft-ema"}
+
+
 class VAEWeightsError(ReproError, RuntimeError):
     """The requested VAE cannot be loaded (one-line message naming the ``vae.name`` config key)."""
 
@@ -233,3 +239,12 @@ def extract_latents(dataset, vae: LatentVAE, out_dir: str | os.PathLike, batch_s
         (img_dir / "dataset.json").write_text(json.dumps({"labels": img_labels, **extra}))
     (lat_dir / "dataset.json").write_text(json.dumps({"labels": lat_labels, **extra}))
     return out
+
+
+def default_vae(latent_channels: int) -> str:
+    """The VAE name for a model taking ``latent_channels``-channel inputs that stores no training config
+    (:data:`DEFAULT_VAE_BY_CHANNELS`); unknown channel counts are a :class:`VAEWeightsError` asking for --vae."""
+    if latent_channels not in DEFAULT_VAE_BY_CHANNELS:
+        raise VAEWeightsError(f"the model takes {latent_channels}-channel latents and stores no VAE: pass --vae NAME "
+                              f"(defaults exist for {', '.join(map(str, DEFAULT_VAE_BY_CHANNELS))} channels)")
+    return DEFAULT_VAE_BY_CHANNELS[latent_channels]

@@ -131,7 +131,8 @@ def aggregate(jobs: list[Job], sweep_dir: Path, status: dict) -> dict:
         figures = spec.figures(rows, res / "figures", runs, mine[0].options) if rows else []
         summary = dict(analysis=name, options=mine[0].options, units=sum(len(j.units) for j in mine),
                        done=sum(u.done for j in mine for u in j.units), complete=not missing, missing=missing,
-                       checkpoints=sorted({r["checkpoint"] for r in rows if r.get("checkpoint")}),
+                       checkpoints=[dict(label=c, run=runs.get(c)) for c in
+                                    sorted({r["checkpoint"] for r in rows if r.get("checkpoint")})],
                        files=dict(csv=spec.table, figures=[str(p.relative_to(res)) for p in figures]), stamp=stamp)
         write_json(summary, res / "summary.json")
         out[name] = summary

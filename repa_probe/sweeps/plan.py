@@ -19,7 +19,7 @@ from typing import Optional
 
 from repa_probe.sweeps.config import SweepConfig, SweepError
 from repa_probe.sweeps.registry import get_analysis
-from repa_probe.training.rundir import CKPT_RE, list_checkpoints
+from repa_probe.training.rundir import CKPT_RE, checkpoint_label, checkpoint_run, list_checkpoints
 
 DONE = "done.json"
 
@@ -57,10 +57,8 @@ class Job:
 
 def _checkpoint(path: Path) -> Checkpoint:
     path = path.resolve()
-    in_run = path.parent.name == "checkpoints"
-    run = path.parent.parent.name if in_run else None
     m = CKPT_RE.match(path.name)
-    return Checkpoint(str(path), f"{run}/{path.stem}" if in_run else path.stem, run, int(m.group(1)) if m else None)
+    return Checkpoint(str(path), checkpoint_label(path), checkpoint_run(path), int(m.group(1)) if m else None)
 
 
 def discover(cfg: SweepConfig) -> list[Checkpoint]:

@@ -125,7 +125,7 @@ def _run_fid(ckpts: Sequence[Path], out_dir: Path, options: dict, cache_dir: Pat
 
 
 def _fid_figures(rows: list[dict], out_dir: Path, runs: dict, options: dict) -> list[Path]:
-    return fid_vs_step(rows, Path(out_dir) / "fid_vs_step")
+    return fid_vs_step(rows, Path(out_dir) / "fid_vs_step", runs)
 
 
 def _fid_sources() -> tuple:

@@ -11,6 +11,7 @@ from repa_probe.data import ResumableSampler, build_dataset as _build, infinite_
 from repa_probe.encoders.target import load_encoder
 from repa_probe.encoders.vae import load_vae
 from repa_probe.models import create_model
+from repa_probe.models.lightningdit import OPTION_NAMES as LIGHTNING_OPTIONS
 from repa_probe.models.registry import model_kwargs
 from repa_probe.objectives import FlowMatching, GaussianDiffusion, match_token_grid, spatial_normalize
 from repa_probe.training.config import Config, ConfigError, uses_encoder
@@ -31,7 +32,7 @@ def dataset_from_config(cfg: Config, split: str = "train"):
 def build_objective(cfg: Config):
     o = cfg.objective
     if o.kind == "flow":
-        return FlowMatching(path=o.path, prediction=o.prediction, weighting=o.weighting)
+        return FlowMatching(path=o.path, prediction=o.prediction, weighting=o.weighting, cosine_weight=o.cosine_weight)
     return GaussianDiffusion(num_timesteps=o.num_timesteps, learn_sigma=o.learn_sigma)
 
 
@@ -58,12 +59,15 @@ def encoder_kind(cfg: Config) -> str:
 
 
 def latent_shape(cfg: Config, vae) -> Tuple[int, int]:
-    """(channels, side) of what the diffusion model sees: VAE latents or pixels."""
+    """(channels, side) of what the diffusion model sees: the VAE's latents (its ``latent_channels`` and
+    ``downsample_factor``, e.g. 4 x f8 for SD-VAE, 32 x f16 for VA-VAE) or pixels (3, resolution)."""
     if vae is None:
         return 3, cfg.data.resolution
-    if cfg.data.resolution % 8:
-        raise ConfigError(f"data.resolution={cfg.data.resolution} must be a multiple of 8 for the VAE")
-    return 4, cfg.data.resolution // 8
+    f = vae.downsample_factor
+    if cfg.data.resolution % f:
+        raise ConfigError(f"data.resolution={cfg.data.resolution} must be a multiple of {f} for vae.name={vae.name} "
+                          f"(it downsamples by {f})")
+    return vae.latent_channels, cfg.data.resolution // f
 
 
 def build_model(cfg: Config, batches: "Batches", enc):
@@ -71,7 +75,7 @@ def build_model(cfg: Config, batches: "Batches", enc):
     of the encoder's width when ``reg.cls_coeff > 0``)."""
     m, r = cfg.model, cfg.repa
     channels, side = latent_shape(cfg, batches.vae)
-    overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")
+    overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size", *LIGHTNING_OPTIONS)
                  if getattr(m, k) is not None}
     depth = overrides.get("depth", model_kwargs(m.name)["depth"])
     if r.encoder_depth > depth:

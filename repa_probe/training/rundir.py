@@ -46,6 +46,20 @@ def prepare(out_dir: str, name: str) -> Path:
     return run
 
 
+def checkpoint_run(path) -> Optional[str]:
+    """The run a checkpoint file belongs to: the name of ``<run>`` in ``<run>/checkpoints/<file>``, else None."""
+    p = Path(path)
+    return p.parent.parent.name if p.parent.name == "checkpoints" else None
+
+
+def checkpoint_label(path) -> str:
+    """The one short name of a checkpoint in tables and folders: ``"<run>/<stem>"`` for a file in a run's
+    ``checkpoints/``, else the file stem. Built here only; readers take the run from :func:`checkpoint_run`
+    (or the ``run`` of ``summary.json``), never by splitting a label."""
+    p, run = Path(path), checkpoint_run(path)
+    return f"{run}/{p.stem}" if run is not None else p.stem
+
+
 def list_checkpoints(ckpt_dir: Path) -> List[Tuple[int, Path]]:
     """All ``{step:07d}.pt`` files in ``ckpt_dir`` as (step, path), oldest first."""
     if not ckpt_dir.is_dir():

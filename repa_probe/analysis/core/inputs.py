@@ -27,13 +27,13 @@ from repa_probe.analysis.errors import AnalysisInputError
 from repa_probe.checkpoint import CheckpointError, load_model, safe_load
 from repa_probe.data import CappedDataset, DatasetError, build_dataset
 from repa_probe.encoders.target import load_encoder
-from repa_probe.encoders.vae import load_vae
-from repa_probe.models import DiffusionTransformer
+from repa_probe.encoders.vae import default_vae, load_vae
+from repa_probe.models import from_config
 from repa_probe.objectives import FlowMatching, GaussianDiffusion
 from repa_probe.timesteps import DDPM_STEPS, TimeError, process_time
 from repa_probe.training.builders import build_encoder, build_objective
 from repa_probe.training.config import ConfigError, from_dict
-from repa_probe.training.rundir import list_checkpoints
+from repa_probe.training.rundir import checkpoint_label, checkpoint_run, list_checkpoints
 
 log = logging.getLogger("repa_probe")
 
@@ -47,9 +47,21 @@ KEEP_MODEL_PARAMS = 50_000_000  # models this small stay in memory between valid
 # -------------------------------------------------------------------------------------- checkpoints
 @dataclasses.dataclass
 class CheckpointEntry:
-    """One checkpoint to analyse: ``label`` (short unique name), ``run`` (run directory name or None),
-    ``info`` (:class:`~repa_probe.checkpoint.ModelInfo`), ``cfg`` (training Config, None for official
-    files), ``objective`` (FlowMatching / GaussianDiffusion), ``model`` (kept in memory when small)."""
+    """One checkpoint to analyse, and the one owner of what it needs to be fed and decoded.
+
+    ``label`` (short unique name, :func:`~repa_probe.training.rundir.checkpoint_label`), ``run`` (run
+    directory name or None; never recovered by splitting ``label``), ``info``
+    (:class:`~repa_probe.checkpoint.ModelInfo`), ``cfg`` (training Config, None for official files),
+    ``objective`` (FlowMatching / GaussianDiffusion), ``model`` (kept in memory when small), ``vae_name``
+    (``--vae``, else the run's ``vae.name``, else :func:`~repa_probe.encoders.vae.default_vae` of the latent
+    channels; ``"none"`` in pixel space) and ``vae`` (the loaded LatentVAE or None, shared by entries of one
+    name). Read from the model and the VAE (never constants; REPA-E / VA-VAE latents are 32 x f16):
+
+    - ``latent_channels``: C of the model input ``(B, C, h, h)`` (3 in pixel space);
+    - ``latent_size``: h, the model's input side;
+    - ``downsample_factor``: f of the VAE (1 in pixel space);
+    - ``resolution``: pixel side of the images, ``h * f``.
+    """
 
     path: Path
     label: str
@@ -58,6 +70,24 @@ class CheckpointEntry:
     cfg: Any
     objective: Any
     model: Any = None
+    vae_name: str = "none"
+    vae: Any = None
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.info.config["in_channels"])
+
+    @property
+    def latent_size(self) -> int:
+        return int(self.info.config["input_size"])
+
+    @property
+    def downsample_factor(self) -> int:
+        return int(self.vae.downsample_factor) if self.vae is not None else 1
+
+    @property
+    def resolution(self) -> int:
+        return self.latent_size * self.downsample_factor
 
     def take_model(self):
         """The model (float32, CPU, eval): the one kept from validation, else loaded again. The entry forgets
@@ -73,14 +103,16 @@ class CheckpointEntry:
         if self.model is not None:
             return self.model
         with torch.device("meta"):
-            return DiffusionTransformer(**self.info.config)
+            return from_config(self.info.config)
 
     def describe(self) -> dict:
         """What ``summary.json`` says about the checkpoint."""
         i = self.info
         return dict(label=self.label, path=str(self.path), run=self.run, step=i.step, family=i.family,
                     time_convention=i.time_convention, source_format=i.source_format,
-                    weights="ema" if i.ema else "model", depth=i.config["depth"], objective=repr(self.objective))
+                    weights="ema" if i.ema else "model", depth=i.config["depth"], objective=repr(self.objective),
+                    vae=self.vae_name, resolution=self.resolution, latent_channels=self.latent_channels,
+                    downsample_factor=self.downsample_factor)
 
 
 def checkpoint_paths(items: Sequence) -> list[Path]:
@@ -153,10 +185,30 @@ def _load(path: Path, raw, cfg, options, prefer_ema: bool):
     return model, info
 
 
+def _assign_vaes(entries: list[CheckpointEntry], options) -> None:
+    """Each entry's ``vae_name`` and ``vae``: ``--vae``, else the run's ``vae.name``; a file without a training
+    config takes the VAE of the first of our runs with as many latent channels, else
+    :func:`~repa_probe.encoders.vae.default_vae` of its channels. Each VAE is loaded once."""
+    ours = {e.latent_channels: e.cfg.vae.name for e in reversed(entries) if e.cfg is not None}
+    vaes: dict = {}
+    for e in entries:
+        given = getattr(options, "vae", None)
+        if given is not None:
+            e.vae_name = str(given)
+        elif e.cfg is not None:
+            e.vae_name = str(e.cfg.vae.name)
+        else:
+            e.vae_name = str(ours.get(e.latent_channels) or default_vae(e.latent_channels))
+        if e.vae_name not in vaes:
+            vaes[e.vae_name] = load_vae(e.vae_name)
+        e.vae = vaes[e.vae_name]
+
+
 def load_checkpoints(items: Sequence, options) -> list[CheckpointEntry]:
-    """Load (and so validate) every checkpoint of ``items`` (files or run directories); small models stay in
-    memory. ``options``: ``weights``, ``time_convention``, ``encoder_depth`` (official files only: ours store
-    their depth) of :class:`~repa_probe.analysis.core.options.AnalysisOptions`."""
+    """Load (and so validate) every checkpoint of ``items`` (files or run directories) and the VAE each needs
+    (:func:`_assign_vaes`); small models stay in memory. ``options``: ``weights``, ``time_convention``,
+    ``encoder_depth`` (official files only: ours store their depth) and ``vae`` (when the options have it)
+    of :class:`~repa_probe.analysis.core.options.AnalysisOptions`."""
     entries, labels = [], set()
     for p in checkpoint_paths(items):
         raw = safe_load(p)
@@ -166,14 +218,14 @@ def load_checkpoints(items: Sequence, options) -> list[CheckpointEntry]:
         if options.weights == "auto" and cfg is not None and not info.ema:
             log.info("%s: using the raw model weights (EMA decay %g has not warmed up after %s steps; "
                      "--weights ema to override)", p, cfg.train.ema_decay, step)
-        in_run = p.parent.name == "checkpoints"
-        run = p.parent.parent.name if in_run else None
-        label = f"{run}/{p.stem}" if in_run else p.stem
+        label = checkpoint_label(p)
         if label in labels:
             label = f"{label}#{len(entries)}"
         labels.add(label)
         keep = sum(q.numel() for q in model.parameters()) <= KEEP_MODEL_PARAMS
-        entries.append(CheckpointEntry(p, label, run, info, cfg, objective_for(cfg, info), model if keep else None))
+        entries.append(CheckpointEntry(p, label, checkpoint_run(p), info, cfg, objective_for(cfg, info),
+                                       model if keep else None))
+    _assign_vaes(entries, options)
     return entries
 
 
@@ -237,22 +289,17 @@ def resolve_source(entries: Sequence[CheckpointEntry], options, need_encoder: bo
     channels and size, and has a null class when ``options.labels`` is null. Loads the VAE only."""
     _official_need(entries, options, need_encoder)
     ours = [e for e in entries if e.cfg is not None]
-    first = entries[0].info.config
-    vae = options.vae
-    if vae is None:
-        vae = agreed(ours, "vae", lambda c: c.vae.name) if ours else \
-            ("stabilityai/sd-vae-ft-ema" if first["in_channels"] == 4 else "none")
-    vae_model = load_vae(vae)
-    factor = vae_model.downsample_factor if vae_model is not None else 1
+    if options.vae is None and ours:
+        agreed(ours, "vae", lambda c: c.vae.name)
+    first = (ours or entries)[0]  # --vae applies to every entry; else our runs agree, else the first file's
     if options.data is None:
         d = agreed(ours, "data", lambda c: dict(name=c.data.name, root=c.data.root, res=c.data.resolution,
                                                  seed=c.run.seed, classes=c.data.num_classes))
         source = DataSource(d["name"], d["root"], d["res"], d["seed"],
-                            d["classes"] if d["name"] == "shapes" else None, str(vae), vae_model, True)
+                            d["classes"] if d["name"] == "shapes" else None, first.vae_name, first.vae, True)
     else:
-        resolution = ours[0].cfg.data.resolution if ours else first["input_size"] * factor
-        source = DataSource(str(options.data), options.data_root, resolution, options.seed, None, str(vae),
-                            vae_model, False)
+        source = DataSource(str(options.data), options.data_root, first.resolution, options.seed, None,
+                            first.vae_name, first.vae, False)
     check_models_fit(entries, source, options.labels)
     return source
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import json
 import logging
 import math
 import re
@@ -124,8 +125,23 @@ def _read(path: Path) -> pd.DataFrame:
         "layer": layer.fillna("").astype(str).str.replace(r"\.0$", "", regex=True),
         "timestep": pd.to_numeric(df.get("timestep", pd.Series(np.nan, index=df.index)), errors="coerce").round(6),
         "metric": df["metric"].astype(str), "value": pd.to_numeric(df["value"], errors="coerce")})
-    out["run"] = [c.split("/", 1)[0] if "/" in c else c for c in out["checkpoint"]]
+    out["run"] = _runs(path, df, out["checkpoint"])
     return out
+
+
+def _runs(path: Path, df: pd.DataFrame, checkpoints: pd.Series) -> list[str]:
+    """The run of each row: the table's ``run`` column, else the ``run`` of its checkpoint in the
+    ``summary.json`` beside the table (written by every analysis), else the checkpoint itself (a run of one)."""
+    if "run" in df.columns:
+        given = df["run"].where(df["run"].notna(), None).tolist()
+    else:
+        try:
+            described = json.loads((Path(path).parent / "summary.json").read_text()).get("checkpoints") or []
+        except (OSError, ValueError, AttributeError):
+            described = []
+        by_label = {c.get("label"): c.get("run") for c in described if isinstance(c, dict)}
+        given = [by_label.get(c) for c in checkpoints]
+    return [str(r) if r not in (None, "") else c for r, c in zip(given, checkpoints)]
 
 
 def load_tables(items: Sequence) -> pd.DataFrame:

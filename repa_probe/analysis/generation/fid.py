@@ -24,8 +24,9 @@ from repa_probe.analysis.core.plots import save_figure
 from repa_probe.analysis.core.runner import versions
 from repa_probe.analysis.core.writers import write_csv, write_json
 from repa_probe.analysis.generation import generate
-from repa_probe.analysis.generation.fid_inputs import (AnalysisInputError, ImageArray, Reference, check_layout,
-                                                       image_height, load_images, read_reference, save_reference_stats)
+from repa_probe.analysis.generation.fid_inputs import (  # noqa: F401 (re-exported: part of this module's API)
+    AnalysisInputError, ImageArray, Reference, check_layout, image_height, load_images, read_reference,
+    save_reference_stats)
 from repa_probe.analysis.metrics.frechet import frechet_distance, statistics
 from repa_probe.devices import resolve_device
 from repa_probe.encoders.target import load_encoder
@@ -167,8 +168,8 @@ def evaluate(samples: np.ndarray, ref: Reference, spaces, device="cpu", batch_si
 
 
 # ------------------------------------------------------------------------------------------ run level
-CSV_COLUMNS = ("checkpoint", "step", "metric", "value", "num_samples", "method", "steps", "cfg_scale",
-               "guidance_low", "guidance_high", "seed")
+SETTING_COLUMNS = ("method", "steps", "cfg_scale", "guidance_low", "guidance_high", "seed")
+CSV_COLUMNS = ("checkpoint", "run", "step", "metric", "value", "num_samples") + SETTING_COLUMNS
 
 
 def _run_reference(entries, ref_path):
@@ -180,8 +181,8 @@ def _run_reference(entries, ref_path):
         raise AnalysisInputError("--ref is required for official checkpoints and for --samples (an ADM reference .npz, "
                        "an image folder or a reference_stats.pt)")
     c = ours[0].cfg
-    source = DataSource(c.data.name, c.data.root, c.data.resolution, c.run.seed,
-                        c.data.num_classes if c.data.name == "shapes" else None, c.vae.name, None, True)
+    source = DataSource(c.data.name, c.data.root, ours[0].resolution, c.run.seed,
+                        c.data.num_classes if c.data.name == "shapes" else None, ours[0].vae_name, None, True)
     ds, split = build_analysis_dataset(source, "auto")
     images = np.stack([ds[i]["image"].permute(1, 2, 0).numpy() for i in range(len(ds))])
     return Reference(f"{c.data.name}:{split}", images), True
@@ -220,14 +221,9 @@ def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None,
     dev = resolve_device(device)
     out = Path(out_dir)
     entries = generate.load_checkpoints(ckpts, sampler.pop("weights", "auto"), sampler.pop("time_convention", None),
-                                        sampler.pop("encoder_depth", None)) if ckpts else []
+                                        sampler.pop("encoder_depth", None), sampler.pop("vae", None)) if ckpts else []
     reference, own_data = _run_reference(entries, ref)
-    if entries:
-        c = entries[0].info.config
-        resolution = entries[0].cfg.data.resolution if entries[0].cfg is not None else c["input_size"] * (
-            1 if c["in_channels"] == 3 else 8)
-    else:
-        resolution = image_height(samples[0])
+    resolution = entries[0].resolution if entries else image_height(samples[0])
     spaces = _spaces(entries, inception_weights, fd_dinov2, dinov2_weights, encoder, encoder_weights, random_encoder,
                      resolution, int(sampler.get("seed", 0)))
     if isc or kid or prc:
@@ -237,18 +233,20 @@ def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None,
         n = num_samples or (len(reference.images) if own_data else 50000)
         folders = generate.sample_checkpoints(None, out / "samples", num_samples=n, batch_size=batch_size,
                                               device=dev, progress=progress, entries=entries, **sampler)
-        jobs = [(f.entry.label, f.entry.info.step, f.folder / generate.NPZ_FILE, f.settings) for f in folders]
+        jobs = [(f.entry.label, f.entry.run, f.entry.info.step, f.folder / generate.NPZ_FILE, f.settings)
+                for f in folders]
         if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone evaluates and writes
             return dict(rows=[], files=None)
     else:
-        jobs = [(Path(s).stem if Path(s).suffix == ".npz" else Path(s).name, None, Path(s), None) for s in samples]
+        jobs = [(Path(s).stem if Path(s).suffix == ".npz" else Path(s).name, None, None, Path(s), None)
+                for s in samples]
     rows = []
-    for label, step, path, settings in jobs:
+    for label, run, step, path, settings in jobs:
         images = load_images(path)
         values = evaluate(images, reference, spaces, dev, batch_size, isc, kid, prc)
         s = dataclasses.asdict(settings) if settings else {}
-        rows += [dict(checkpoint=label, step=step, metric=k, value=v, num_samples=len(images), **{
-            c: s.get(c) for c in CSV_COLUMNS[5:]}) for k, v in values.items()]
+        rows += [dict(checkpoint=label, run=run, step=step, metric=k, value=v, num_samples=len(images), **{
+            c: s.get(c) for c in SETTING_COLUMNS}) for k, v in values.items()]
         log.info("%s: %s", label, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
     return _write_outputs(out, rows, reference, spaces)
 
@@ -265,8 +263,9 @@ def _write_outputs(out: Path, rows: list, reference: Reference, spaces) -> dict:
     return summary
 
 
-def fid_vs_step(rows: list, stem: Path) -> list[Path]:
-    """One panel per metric: value against training step, one line per run (PDF + PNG); [] without steps."""
+def fid_vs_step(rows: list, stem: Path, runs: dict | None = None) -> list[Path]:
+    """One panel per metric: value against training step, one line per run (PDF + PNG); [] without steps.
+    The run of a row: ``runs[checkpoint]`` (label -> run), else its ``run`` column, else the checkpoint."""
     from matplotlib.figure import Figure
 
     rows = [r for r in rows if r.get("step") is not None]
@@ -276,10 +275,11 @@ def fid_vs_step(rows: list, stem: Path) -> list[Path]:
     fig = Figure(figsize=(4.5 * len(metrics), 3.5))
     for k, metric in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), k + 1)
-        runs: dict = {}
+        lines: dict = {}
         for r in (r for r in rows if r["metric"] == metric):
-            runs.setdefault(r["checkpoint"].rsplit("/", 1)[0], []).append((r["step"], r["value"]))
-        for run, pts in runs.items():
+            run = (runs or {}).get(r["checkpoint"]) or r.get("run") or r["checkpoint"]
+            lines.setdefault(run, []).append((r["step"], r["value"]))
+        for run, pts in lines.items():
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=run)
         ax.set_xlabel("training step")

@@ -27,7 +27,6 @@ from repa_probe.analysis.core.options import AnalysisOptions
 from repa_probe.analysis.core.writers import atomic_write, write_text
 from repa_probe.analysis.errors import AnalysisInputError
 from repa_probe.devices import resolve_device
-from repa_probe.encoders.vae import load_vae
 from repa_probe.sampling import methods_for, sample
 from repa_probe.sampling.guidance import make_guidance
 from repa_probe.sampling.noise import seeded_noise
@@ -222,26 +221,11 @@ class SampledFolder:
     settings: SamplerSettings
 
 
-def load_checkpoints(ckpts, weights="auto", time_convention=None, encoder_depth=None) -> list:
+def load_checkpoints(ckpts, weights="auto", time_convention=None, encoder_depth=None, vae=None) -> list:
     """``--ckpt`` files / run directories -> CheckpointEntry list, through the analysis resolver
     (:func:`repa_probe.analysis.core.inputs.load_checkpoints`; the options are its checkpoint options)."""
     return resolve(ckpts, AnalysisOptions(weights=weights, time_convention=time_convention,
-                                          encoder_depth=encoder_depth))
-
-
-def _checkpoint_inputs(entries, vae_name):
-    """Each checkpoint's VAE (the run's, --vae, or SD-VAE for 4-channel official files; none in pixel space)
-    and flow path."""
-    out = []
-    for e in entries:
-        name = vae_name
-        if name is None:
-            name = e.cfg.vae.name if e.cfg is not None else (
-                "stabilityai/sd-vae-ft-ema" if e.info.config["in_channels"] == 4 else "none")
-        path = e.cfg.objective.path if e.cfg is not None and e.cfg.objective.kind == "flow" else "linear"
-        out.append((e, name, path))
-    vaes = {name: load_vae(name) for name in {n for _, n, _ in out}}
-    return [(e, vaes[n], n, p) for e, n, p in out]
+                                          encoder_depth=encoder_depth, vae=vae))
 
 
 def sample_checkpoints(ckpts, out_dir, *, num_samples: int, method=None, steps=None, cfg_scale=1.0,
@@ -256,16 +240,17 @@ def sample_checkpoints(ckpts, out_dir, *, num_samples: int, method=None, steps=N
     dist = init_distributed(dev.type)
     if dist.enabled and dev.type == "cuda":
         dev = torch.device("cuda", dist.local_rank)
-    resolved = _checkpoint_inputs(entries or load_checkpoints(ckpts, weights, time_convention, encoder_depth), vae)
+    resolved = entries or load_checkpoints(ckpts, weights, time_convention, encoder_depth, vae)
     done = []
-    for entry, vae_model, vae_name, path in resolved:
+    for entry in resolved:
+        vae_model, path = entry.vae, getattr(entry.objective, "path", "linear")
         convention = entry.info.time_convention
         m, s = default_method(convention)
         settings = SamplerSettings(num_samples, method or m, int(steps or s), float(cfg_scale), float(guidance_low),
                                    float(guidance_high), labels, int(seed), cfg_channels)
         folder = Path(out_dir) if len(resolved) == 1 else Path(out_dir) / entry.label.replace("/", "_")
         meta = dict(checkpoint=str(entry.path), step=entry.info.step, time_convention=convention, ema=entry.info.ema,
-                    vae=vae_name)
+                    vae=entry.vae_name)
         if vae_model is not None:
             vae_model.to(dev)
         model = entry.take_model()
