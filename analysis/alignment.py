@@ -9,7 +9,6 @@ import os
 from typing import List, Optional
 
 from analysis.common import add_checkpoint_options, add_running_options
-from repa_probe.analysis.alignment.run import AlignmentOptions, run_alignment
 from repa_probe.analysis.core.options import METRICS, TARGET_KINDS
 from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
 from repa_probe.timesteps import TIME_HELP
@@ -98,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
+    from repa_probe.analysis.alignment.run import AlignmentOptions, run_alignment
+
     setup_logging(args.verbose)
     with one_line_errors(args.debug):
         options = AlignmentOptions.from_namespace(

@@ -8,7 +8,6 @@ import argparse
 import os
 from typing import List, Optional
 
-from repa_probe.analysis.correlation.correlate import run_correlate
 from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
 
 DESCRIPTION = """\
@@ -59,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
+    from repa_probe.analysis.correlation.correlate import run_correlate
+
     setup_logging(args.verbose)
     with one_line_errors(args.debug):
         s = run_correlate(args.tables, args.x, args.y, args.out, last_only=args.last_only, bootstrap=args.bootstrap,

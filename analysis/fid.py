@@ -8,7 +8,6 @@ import argparse
 from typing import List, Optional
 
 from analysis.sample import add_sampler_args, sampler_kwargs
-from repa_probe.analysis.generation.fid import run_fid
 from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
 
 DESCRIPTION = """\
@@ -67,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
+    from repa_probe.analysis.generation.fid import run_fid
+
     setup_logging(args.verbose)
     with one_line_errors(args.debug):
         summary = run_fid(args.out, ckpts=args.ckpt, samples=args.samples, ref=args.ref,

@@ -10,7 +10,6 @@ import os
 from typing import List, Optional
 
 from analysis.common import add_checkpoint_options, add_running_options
-from repa_probe.analysis.probes.run import ProbeOptions, run_probes
 from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
 from repa_probe.timesteps import TIME_HELP
 
@@ -111,6 +110,9 @@ def build_parser(task: str = "linear") -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None, task: str = "linear") -> int:
     p = build_parser(task)
     args = p.parse_args(argv)
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
+    from repa_probe.analysis.probes.run import ProbeOptions, run_probes
+
     if args.data and len(args.data) > 2:
         p.error(f"--data takes a name and at most one directory, got {' '.join(args.data)}")
     data, root = (args.data + [None])[:2] if args.data else (None, None)

@@ -9,7 +9,6 @@ from typing import List, Optional
 
 from analysis.common import add_checkpoint_options
 from repa_probe.analysis.errors import AnalysisInputError
-from repa_probe.analysis.generation.generate import sample_checkpoints
 from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
 
 DESCRIPTION = """\
@@ -83,6 +82,9 @@ def sampler_kwargs(args) -> dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
+    from repa_probe.analysis.generation.generate import sample_checkpoints
+
     setup_logging(args.verbose)
     with one_line_errors(args.debug):
         if args.num_samples is None:

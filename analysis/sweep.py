@@ -8,8 +8,6 @@ import argparse
 from typing import List, Optional
 
 from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
-from repa_probe.sweeps.config import load_sweep_config
-from repa_probe.sweeps.sweep import run_sweep
 
 EPILOG = """\
 The config names runs (every checkpoint in {run}/checkpoints) or checkpoint globs, the analyses with the
@@ -40,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
+    from repa_probe.sweeps.config import load_sweep_config
+    from repa_probe.sweeps.sweep import run_sweep
+
     setup_logging(args.verbose)
     with one_line_errors(args.debug):
         cfg = load_sweep_config(args.cfg, args.overrides)

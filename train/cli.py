@@ -5,7 +5,6 @@ import argparse
 from typing import List, Optional
 
 from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
-from repa_probe.training import launch
 from repa_probe.training.config import describe, load_config, to_yaml
 
 EPILOG = """\
@@ -44,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
+    from repa_probe.training import launch
+
     setup_logging(args.verbose)
     with one_line_errors(args.debug):
         cfg = load_config(args.cfg, args.overrides)

@@ -9,9 +9,6 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from repa_probe.data import build_dataset
-from repa_probe.devices import resolve_device
-from repa_probe.encoders.vae import extract_latents, load_vae
 from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
 
 
@@ -39,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
+    from repa_probe.data import build_dataset
+    from repa_probe.devices import resolve_device
+    from repa_probe.encoders.vae import extract_latents, load_vae
+
     setup_logging(args.verbose)
 
     with one_line_errors(args.debug):
