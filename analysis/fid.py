@@ -25,7 +25,7 @@ works offline. Fréchet distances are computed in float64.
 Reference (--ref): an ADM reference batch .npz (mu/sigma; its arr_0 only for KID and precision/recall), an
 image folder or .npz of images, or OUT/reference_stats.pt of an earlier run.
 Outputs: fid.csv (checkpoint, step, metric, value, num_samples, sampler settings), summary.json,
-reference_stats.pt, figures/fid_vs_step.{pdf,png}.
+reference_stats.pt, figures/fid_vs_step.{pdf,png}, report.md and, with --bootstrap, replicates.npz.
 """
 
 EXAMPLES = """\
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoder", metavar="NAME", help="FD in this target encoder's space (fd_<NAME>)")
     g.add_argument("--encoder-weights", metavar="FILE", help="local weights of --encoder")
     g.add_argument("--random-encoder", action="store_true", help="random-initialised --encoder (tests only)")
+    g.add_argument("--bootstrap", type=int, default=0, metavar="B", help="replicates of each Fréchet distance over "
+                   "the samples (resampled with replacement) for 95%% intervals: replicates.npz, report.md "
+                   "(0 = off; each costs one covariance and one Fréchet distance)")
     add_sampler_args(p)
     g = p.add_argument_group("running")
     g.add_argument("--batch-size", type=int, default=256, help="samples and images per batch (default 256)")
@@ -76,12 +79,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                           dinov2_weights=args.dinov2_weights, encoder=args.encoder,
                           encoder_weights=args.encoder_weights, random_encoder=args.random_encoder, isc=args.isc,
                           kid=args.kid, prc=args.prc, num_samples=args.num_samples, batch_size=args.batch_size,
-                          device=args.device, progress=not args.quiet, **sampler_kwargs(args))
+                          device=args.device, progress=not args.quiet, bootstrap=args.bootstrap,
+                          **sampler_kwargs(args))
     if summary["files"] is None:  # torchrun rank > 0: rank 0 reports
         return 0
     for r in summary["rows"]:
         print(f"{r['checkpoint']}  {r['metric']}: {r['value']:.4f}  (n={r['num_samples']})")
-    print(f"wrote {summary['files']['csv']}, summary.json and {len(summary['files']['figures'])} figure files")
+    print(f"wrote {summary['files']['csv']}, summary.json, report.md and {len(summary['files']['figures'])} "
+          "figure files")
     return 0
 
 

@@ -36,6 +36,7 @@ from repa_probe.analysis.core.plots import slug
 from repa_probe.analysis.core.writers import write_json, write_text
 from repa_probe.analysis.correlation.plots import scatter, versus_step
 from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.reports.run_report import write_run_report
 
 __all__ = ["AnalysisInputError", "Quantity", "parse_quantity", "find_tables", "load_tables", "select", "join",
            "correlation", "correlate_table", "run_correlate", "TABLE_NAMES"]
@@ -308,8 +309,9 @@ def correlate_table(df: pd.DataFrame, x: str | Quantity, y: str | Quantity, last
 
 def run_correlate(tables: Sequence, x: str, y: str, out_dir, last_only: bool = False, bootstrap: int = 2000,
                   permutations: int = 10000, seed: int = 0) -> dict:
-    """Tables -> ``out_dir/correlation.csv`` (the joined points), ``summary.json`` and ``figures/`` (scatter
-    coloured by run with steps annotated; both quantities vs training step on twin axes). Returns the summary."""
+    """Tables -> ``out_dir/correlation.csv`` (the joined points), ``summary.json``, ``report.md`` (the
+    statistics) and ``figures/`` (scatter coloured by run with steps annotated; both quantities vs training
+    step on twin axes). Returns the summary."""
     for name, v in (("--bootstrap", bootstrap), ("--permutations", permutations)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise AnalysisInputError(f"{name} must be a non-negative integer, got {v!r}")
@@ -328,5 +330,6 @@ def run_correlate(tables: Sequence, x: str, y: str, out_dir, last_only: bool = F
     summary = dict(stats, tables=[str(p) for p in files],
                    files={"csv": "correlation.csv", "figures": [str(p.relative_to(out)) for p in figures]})
     write_json(summary, out / "summary.json")
+    write_run_report(out, "correlate", [], None, summary, [out / "correlation.csv", out / "summary.json", *figures])
     return summary
 

@@ -27,9 +27,11 @@ from repa_probe.analysis.generation import generate
 from repa_probe.analysis.generation.fid_inputs import (  # noqa: F401 (re-exported: part of this module's API)
     AnalysisInputError, ImageArray, Reference, check_layout, image_height, load_images, read_reference,
     save_reference_stats)
-from repa_probe.analysis.metrics.frechet import frechet_distance, statistics
+from repa_probe.analysis.metrics.frechet import fd_replicates, frechet_distance, statistics
 from repa_probe.devices import resolve_device
 from repa_probe.encoders.target import load_encoder
+from repa_probe.reports.bootstrap import FILE, take_replicates, write_replicates
+from repa_probe.reports.run_report import write_run_report
 
 log = logging.getLogger("repa_probe")
 
@@ -132,10 +134,13 @@ def reference_stats(ref: Reference, space: FeatureSpace, device, batch_size: int
 
 
 def evaluate(samples: np.ndarray, ref: Reference, spaces, device="cpu", batch_size: int = 64,
-             isc: bool = False, kid: bool = False, prc: bool = False) -> dict[str, float]:
+             isc: bool = False, kid: bool = False, prc: bool = False, bootstrap: int = 0,
+             replicates: dict | None = None) -> dict[str, float]:
     """Metrics of uint8 ``samples (N, H, W, 3)`` against ``ref`` in every FeatureSpace of ``spaces``; with
     the Inception space also IS (ADM: 10 contiguous splits, no shuffle), KID and precision/recall (k = 3,
-    Inception pool3 features; they need reference images)."""
+    Inception pool3 features; they need reference images). With ``bootstrap`` > 0, ``replicates`` (a dict)
+    receives each Fréchet distance's replicates over the samples
+    (:func:`~repa_probe.analysis.metrics.frechet.fd_replicates`)."""
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
     from torch_fidelity.metric_kid import kid_featuresdict_to_metric
     from torch_fidelity.metric_prc import prc_featuresdict_to_metric
@@ -148,6 +153,8 @@ def evaluate(samples: np.ndarray, ref: Reference, spaces, device="cpu", batch_si
         r = reference_stats(ref, space, device, batch_size)
         mu, sigma = statistics(feats[space.layer])
         out[space.metric] = frechet_distance(mu, sigma, r["mu"], r["sigma"])
+        if bootstrap and replicates is not None:
+            replicates[space.metric] = fd_replicates(feats[space.layer], r["mu"], r["sigma"], bootstrap)
         if not inception:
             continue
         if isc:
@@ -213,9 +220,11 @@ def _spaces(entries, inception_weights, fd_dinov2, dinov2_weights, encoder, enco
 
 def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None, fd_dinov2=False,
             dinov2_weights=None, encoder=None, encoder_weights=None, random_encoder=False, isc=False, kid=False,
-            prc=False, num_samples=None, batch_size=64, device="auto", progress=True, **sampler) -> dict:
+            prc=False, num_samples=None, batch_size=64, device="auto", progress=True, bootstrap=0, **sampler) -> dict:
     """Sample every checkpoint of ``ckpts`` (or take the folders / ``.npz`` of ``samples``) and evaluate them:
-    ``out_dir/fid.csv``, ``summary.json``, ``reference_stats.pt`` and ``figures/fid_vs_step.{pdf,png}``."""
+    ``out_dir/fid.csv``, ``summary.json``, ``reference_stats.pt``, ``figures/fid_vs_step.{pdf,png}`` and
+    ``report.md``; with ``bootstrap`` > 0 also each Fréchet distance's replicates over the samples
+    (``replicates.npz``, for the intervals of a study report)."""
     if (ckpts is None) == (samples is None):
         raise AnalysisInputError("give either --ckpt (sample, then evaluate) or --samples (evaluate existing samples)")
     dev = resolve_device(device)
@@ -243,16 +252,20 @@ def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None,
     rows = []
     for label, run, step, path, settings in jobs:
         images = load_images(path)
-        values = evaluate(images, reference, spaces, dev, batch_size, isc, kid, prc)
+        reps: dict = {}
+        values = evaluate(images, reference, spaces, dev, batch_size, isc, kid, prc, bootstrap, reps)
         s = dataclasses.asdict(settings) if settings else {}
         rows += [dict(checkpoint=label, run=run, step=step, metric=k, value=v, num_samples=len(images), **{
-            c: s.get(c) for c in SETTING_COLUMNS}) for k, v in values.items()]
+            c: s.get(c) for c in SETTING_COLUMNS}, **({"replicates": reps[k]} if k in reps else {}))
+            for k, v in values.items()]
         log.info("%s: %s", label, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
     return _write_outputs(out, rows, reference, spaces)
 
 
 def _write_outputs(out: Path, rows: list, reference: Reference, spaces) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    replicates = take_replicates(rows)
+    write_replicates(replicates, out / FILE)
     save_reference_stats(reference, out / "reference_stats.pt")
     write_csv(rows, out / "fid.csv", CSV_COLUMNS)
     figures = [str(p) for p in fid_vs_step(rows, out / "figures" / "fid_vs_step")]
@@ -260,6 +273,8 @@ def _write_outputs(out: Path, rows: list, reference: Reference, spaces) -> dict:
                    files=dict(csv=str(out / "fid.csv"), figures=figures, reference_stats=str(out / "reference_stats.pt")),
                    versions=versions())
     write_json(summary, out / "summary.json")
+    write_run_report(out, "fid", rows, replicates, summary, [out / "fid.csv", out / "summary.json", out / FILE,
+                                                             *map(Path, figures)])
     return summary
 
 

@@ -12,6 +12,7 @@ import logging
 import numpy as np
 
 from repa_probe.analysis.errors import MetricInputError
+from repa_probe.reports.bootstrap import resample_indices
 
 log = logging.getLogger("repa_probe")
 
@@ -29,6 +30,15 @@ def statistics(features) -> tuple[np.ndarray, np.ndarray]:
         log.warning("only %d samples for %d-dimensional features: the covariance is rank-deficient and the "
                     "Fréchet distance is biased upward (the protocol uses 50000 samples)", n, d)
     return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+def fd_replicates(features, mu_ref, sigma_ref, replicates: int, seed: int = 0) -> np.ndarray:
+    """``(replicates,)`` Fréchet distances of ``features: (N, D)`` resampled with replacement (indices of
+    :func:`repa_probe.reports.bootstrap.resample_indices`) against fixed reference statistics: the sampling
+    uncertainty of an FD over the generated samples (the reference is held fixed)."""
+    f = np.asarray(features.detach().cpu().numpy() if hasattr(features, "detach") else features, dtype=np.float64)
+    return np.array([frechet_distance(f[i].mean(axis=0), np.cov(f[i], rowvar=False), mu_ref, sigma_ref)
+                     for i in resample_indices(len(f), replicates, seed)])
 
 
 def _check(mu1, sigma1, mu2, sigma2):
