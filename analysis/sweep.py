@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides before and after flags
     # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
     from repa_probe.sweeps.config import load_sweep_config
     from repa_probe.sweeps.sweep import run_sweep

@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides before and after flags
     # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
     from repa_probe.training import launch
 

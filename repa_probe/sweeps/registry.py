@@ -29,6 +29,7 @@ from repa_probe.analysis.generation.fid import CSV_COLUMNS as FID_COLUMNS, fid_v
 from repa_probe.analysis.generation.generate import sample_checkpoints
 from repa_probe.analysis.probes.plots import make_probe_figures
 from repa_probe.analysis.probes.run import CSV_COLUMNS as PROBE_COLUMNS, TASK_SPECS, run_probes
+from repa_probe.errors import ReproError
 from repa_probe.timesteps import label
 from repa_probe.training.config import ConfigError
 
@@ -59,10 +60,19 @@ class AnalysisSpec:
         return list(dict.fromkeys(names + list(SWEEP_OPTIONS)))
 
     def check_options(self, options: dict, where: str) -> dict:
+        """Names and values: an unknown option, or a bad value of an options dataclass' field (built here, as
+        the job will build it), is a :class:`ConfigError` when the config is read, before any job runs."""
         valid = self.valid_options()
         for key in options:
             if key not in valid:
                 raise ConfigError(f"unknown option '{where}.{key}'; valid options of {self.name}: {', '.join(valid)}")
+        for src in self.option_sources():
+            if dataclasses.is_dataclass(src):
+                names = {f.name for f in dataclasses.fields(src)}
+                try:
+                    src(**{k: v for k, v in options.items() if k in names})
+                except (ReproError, TypeError, ValueError) as exc:
+                    raise ConfigError(f"{where}: {str(exc).splitlines()[0]}") from None
         return options
 
     def write_table(self, rows: list[dict], path: Path) -> None:

@@ -59,14 +59,14 @@ def metric_function(name: str, topk: int) -> Callable:
 def check_metric_settings(metrics: Sequence[str], n: int, topk: int, bootstrap: int) -> None:
     """Raise AnalysisInputError when N, k or the bootstrap cannot work together."""
     if n < 4:
-        raise AnalysisInputError(f"need at least 4 samples, got N = {n}")
+        raise AnalysisInputError(f"--num-samples: the metrics need at least 4 images, got N = {n}")
     if bootstrap and (bootstrap < 2):
         raise AnalysisInputError(f"--bootstrap must be 0 (off) or >= 2 replicates, got {bootstrap}")
     if any(m in KNN_METRICS for m in metrics):
         if topk < 2:
             raise AnalysisInputError(f"--topk must be >= 2, got {topk}")
         if topk >= n:
-            raise AnalysisInputError(f"--topk {topk} must be smaller than the number of samples N = {n}")
+            raise AnalysisInputError(f"--topk {topk} must be smaller than the number of images N = {n} (--num-samples)")
         half = int(round(0.5 * n))
         if bootstrap and topk >= half:
             raise AnalysisInputError(f"--bootstrap resamples N/2 = {half} rows, which must exceed --topk {topk}")
