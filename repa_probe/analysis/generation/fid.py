@@ -32,6 +32,7 @@ from repa_probe.devices import resolve_device
 from repa_probe.encoders.target import load_encoder
 from repa_probe.reports.bootstrap import FILE, take_replicates, write_replicates
 from repa_probe.reports.run_report import write_run_report
+from repa_probe.reports.numbers import fmt
 
 log = logging.getLogger("repa_probe")
 
@@ -258,7 +259,7 @@ def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None,
         rows += [dict(checkpoint=label, run=run, step=step, metric=k, value=v, num_samples=len(images), **{
             c: s.get(c) for c in SETTING_COLUMNS}, **({"replicates": reps[k]} if k in reps else {}))
             for k, v in values.items()]
-        log.info("%s: %s", label, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        log.info("%s: %s", label, ", ".join(f"{k} {fmt(v)}" for k, v in values.items()))
     return _write_outputs(out, rows, reference, spaces)
 
 
