@@ -8,7 +8,10 @@ import argparse
 import os
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from analysis.common import add_checkpoint_options, add_running_options
+from repa_probe.analysis.core.options import METRICS, TARGET_KINDS
+from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
+from repa_probe.timesteps import TIME_HELP
 from repa_probe.reports.numbers import fmt_interval
 
 DESCRIPTION = """\
@@ -40,10 +43,6 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from analysis.common import add_checkpoint_options, add_running_options
-    from repa_probe.analysis.core.options import METRICS, TARGET_KINDS
-    from repa_probe.timesteps import TIME_HELP
-
     p = OneLineParser(prog="python -m analysis.alignment", description=DESCRIPTION.format(time_help=TIME_HELP),
                       epilog=EXAMPLES,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -101,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
     from repa_probe.analysis.alignment.run import AlignmentOptions, run_alignment
-    from repa_probe.errors import one_line_errors
 
+    setup_logging(args.verbose)
     with one_line_errors(args.debug):
         options = AlignmentOptions.from_namespace(
             args, cache_dir=None if args.no_cache else os.path.expanduser(args.cache_dir), progress=not args.quiet)

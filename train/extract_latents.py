@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,13 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
     from repa_probe.data import build_dataset
     from repa_probe.devices import resolve_device
-    from repa_probe.errors import one_line_errors
     from repa_probe.encoders.vae import VAEInputError, extract_latents
     from repa_probe.trained_vae import load_any_vae
+
+    setup_logging(args.verbose)
 
     with one_line_errors(args.debug):
         device = resolve_device(args.device)

@@ -14,7 +14,7 @@ global batch (up to the order of floating-point reduction), and together with th
 data position makes resume exact: N steps ≡ N/2 steps + resume + N/2 steps, bit for bit on the CPU.
 
 The step never reads a value back to the host: losses are summed on the device and a non-finite loss is
-recorded there (the first such step); :func:`check_finite` reads it every ``train.log_every`` steps and
+recorded there (the first such step); :func:`raise_if_diverged` reads it every ``train.log_every`` steps and
 before every checkpoint, and stops the run naming the step. :class:`TrainState` owns everything a step
 touches and its checkpoint (``state_dict`` / ``load_state_dict``); ``training.rundir`` decides where
 checkpoints go and which are kept; ``repa_probe.checkpoint`` writes and reads the files.
@@ -37,6 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from repa_probe.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_training_checkpoint
 from repa_probe.devices import resolve_device
 from repa_probe.errors import ReproError
+from repa_probe.objectives import drop_labels, repa_loss
 from repa_probe.training import rundir
 from repa_probe.training.accel import autocast_for, check_flash_attention, prepare_step_modules
 from repa_probe.training.builders import Batches, build_encoder, build_model, build_objective, model_inputs
@@ -103,7 +104,7 @@ class TrainState:
     ``build`` makes it from a config exactly as ``train`` does; ``net`` / ``enc_net`` are what the step calls
     (the model and encoder themselves, compiled, or DDP-wrapped: ``accel.prepare_step_modules``).
     ``first_bad``: 0-d int64 on the device, the first step whose loss was not finite (0 = none yet);
-    ``checked``: the last step :func:`check_finite` looked at. ``taps``: HASTE's attention hooks, or None.
+    ``checked``: the last step :func:`raise_if_diverged` looked at. ``taps``: HASTE's attention hooks, or None.
     """
 
     cfg: Config
@@ -215,7 +216,7 @@ def train_step(s: TrainState) -> dict:
     Calls ``s.net`` (the model, compiled or DDP-wrapped). With ``train.grad_accum = k`` the batch runs as k
     equal micro-batches whose gradients add up to the full batch's (same samples, noise and labels as k = 1;
     DDP reduces once, on the last). A non-finite loss is recorded in ``s.first_bad`` (read by
-    :func:`check_finite`); the step itself never stops on it.
+    :func:`raise_if_diverged`); the step itself never stops on it.
     """
     if s.e2e is not None:
         return _finish_step(s, *e2e_step(s, objective_noise))
@@ -263,7 +264,7 @@ def _finish_step(s: TrainState, logs: dict, losses: torch.Tensor) -> dict:
     return logs
 
 
-def check_finite(s: TrainState) -> None:
+def raise_if_diverged(s: TrainState) -> None:
     """Raise TrainingDiverged if a loss since the last check was not finite (one host read; DDP ranks agree)."""
     first = s.first_bad
     if s.dist.enabled:
@@ -367,7 +368,7 @@ def _loop(s: TrainState, ckpt_dir: Path, metrics) -> None:
                 do_save = s.step % cfg.train.ckpt_every == 0 or last or stopping
                 if do_log or do_save:
                     try:
-                        check_finite(s)
+                        raise_if_diverged(s)
                     except TrainingDiverged as exc:
                         raise TrainingDiverged(f"{exc}; stopping; the last good checkpoint is kept in "
                                                f"{ckpt_dir}") from None
@@ -390,8 +391,6 @@ def objective_noise(objective, x0, y, gen, dist: DistInfo, cfg: Config, null_cla
 
     x0: (b, C, H, W) local batch; y: (b,) labels. Returns t: (b,), noise: (b, C, H, W), y: (b,).
     """
-    from repa_probe.objectives import drop_labels
-
     W = dist.world_size
     B = x0.shape[0] * W
     t = objective.sample_t(B, gen, x0.device)[dist.rank::W]

@@ -19,14 +19,14 @@ import dataclasses
 import logging
 import math
 from contextlib import nullcontext
-from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from repa_probe.analysis.core.options import LABEL_MODES
-from repa_probe.errors import ReproError
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.data import collate
 from repa_probe.sampling.noise import CLASS_TOKEN_KEY, seeded_noise
 from repa_probe.timesteps import DDPM_STEPS, check_objective, model_times, parse_time, parse_times
 
@@ -34,10 +34,6 @@ log = logging.getLogger("repa_probe")
 
 POOLS = ("mean", "tokens", "projector")
 LATENT_LAYER = 0  # --layers latent: the clean latent tokens, patchified as the model sees them (no block)
-
-class FeatureError(ReproError, ValueError):
-    """Bad input to feature extraction (layers, pooling, labels, devices, shapes); one-line message."""
-
 
 # ------------------------------------------------------------------------------------------- model inputs
 @dataclasses.dataclass
@@ -78,7 +74,7 @@ class ModelInputs:
         """REG: rows ``start:stop`` of the clean class tokens and their seeded noise, float32 ``(b, dim)`` each."""
         if self.cls is None or self.cls.shape[1:] != (dim,):
             got = "none" if self.cls is None else f"width {self.cls.shape[-1]}"
-            raise FeatureError(f"a REG model needs the class tokens of its training encoder (width {dim}), got {got}")
+            raise AnalysisInputError(f"a REG model needs the class tokens of its training encoder (width {dim}), got {got}")
         noise = seeded_noise(seed ^ CLASS_TOKEN_KEY, self.indices[start:stop], (dim,), device=device)
         return self.cls[start:stop].to(device).float(), noise
 
@@ -95,8 +91,6 @@ class ModelInputs:
 
 def batch_loader(data, batch_size: int, num_workers: int) -> DataLoader:
     """``data`` itself when it is a DataLoader, else an unshuffled DataLoader of it (the datasets' collate)."""
-    from repa_probe.data import collate
-
     if isinstance(data, DataLoader):
         return data
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
@@ -116,7 +110,7 @@ def prepare_inputs(data, vae=None, batch_size: int = 64, num_workers: int = 0,
     for batch in tqdm(batch_loader(data, batch_size, num_workers), desc="inputs", disable=not progress, leave=False):
         images = batch["image"]
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise FeatureError(f"dataset images must be uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise AnalysisInputError(f"dataset images must be uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         if vae is None:
             chunks.append(images)
         else:
@@ -125,7 +119,7 @@ def prepare_inputs(data, vae=None, batch_size: int = 64, num_workers: int = 0,
             chunks.append(vae.normalize(mean).cpu())  # SD-VAE: mean * 0.18215; REPA-E: per channel
         labels.append(torch.as_tensor(batch["label"]).reshape(-1).to(torch.int64))
     if not chunks:
-        raise FeatureError("the dataset is empty")
+        raise AnalysisInputError("the dataset is empty")
     x = torch.cat(chunks)
     return ModelInputs(x, torch.cat(labels), torch.arange(x.shape[0], dtype=torch.int64), pixel=vae is None)
 
@@ -175,7 +169,7 @@ class FeatureSet:
         try:
             return self.features[(layer, parse_time(t))]
         except KeyError:
-            raise FeatureError(f"no features for layer {layer} at t={t}; have layers {self.layers}, "
+            raise AnalysisInputError(f"no features for layer {layer} at t={t}; have layers {self.layers}, "
                                f"timesteps {self.timesteps}") from None
 
 
@@ -196,25 +190,25 @@ def resolve_layers(model, layers) -> list[int]:
         return list(range(1, depth + 1))
     out = sorted({int(v) for v in layers})
     if not out:
-        raise FeatureError("no layers requested")
+        raise AnalysisInputError("no layers requested")
     bad = [v for v in out if not LATENT_LAYER <= v <= depth]
     if bad:
-        raise FeatureError(f"layers {bad} are outside 1..{depth} (1-based block numbers, 0 = the latent; the model "
-                           f"has {depth} blocks)")
+        raise AnalysisInputError(f"layers {bad} are outside 1..{depth} (1-based block numbers, 0 = the latent; the "
+                                 f"model has {depth} blocks)")
     return out
 
 
 def _labels(model, inputs: ModelInputs, mode: str) -> torch.Tensor:
     """Class labels fed to the model: the null class (unconditional) or the dataset's labels."""
     if mode not in LABEL_MODES:
-        raise FeatureError(f"labels must be one of {LABEL_MODES}, got {mode!r}")
+        raise AnalysisInputError(f"labels must be one of {LABEL_MODES}, got {mode!r}")
     rows, n_cls = model.y_embedder.num_rows, model.num_classes
     if mode == "null":
         if rows <= n_cls:
-            raise FeatureError("the model has no null class (class_dropout_prob = 0): use labels='true'")
+            raise AnalysisInputError("the model has no null class (class_dropout_prob = 0): use labels='true'")
         return torch.full_like(inputs.labels, n_cls)
     if len(inputs.labels) and (int(inputs.labels.min()) < 0 or int(inputs.labels.max()) >= n_cls):
-        raise FeatureError(f"dataset labels span [{int(inputs.labels.min())}, {int(inputs.labels.max())}] "
+        raise AnalysisInputError(f"dataset labels span [{int(inputs.labels.min())}, {int(inputs.labels.max())}] "
                            f"but the model has {n_cls} classes: use labels='null'")
     return inputs.labels
 
@@ -229,21 +223,21 @@ def module_device(module: torch.nn.Module, device, what: str) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     if dev != own:
-        raise FeatureError(f"the {what} is on {own} but device={device}: move the {what} first")
+        raise AnalysisInputError(f"the {what} is on {own} but device={device}: move the {what} first")
     return dev
 
 
 def _pooled_layers(model, layers, pool: str) -> list[int]:
     """The 1-based blocks to capture for ``pool`` (``projector``: only block ``encoder_depth``)."""
     if pool not in POOLS:
-        raise FeatureError(f"pool must be one of {POOLS}, got {pool!r}")
+        raise AnalysisInputError(f"pool must be one of {POOLS}, got {pool!r}")
     layer_list = resolve_layers(model, layers)
     if pool == "projector":
         if not len(model.projectors):
-            raise FeatureError("pool='projector' needs a model with REPA projectors")
+            raise AnalysisInputError("pool='projector' needs a model with REPA projectors")
         if layer_list != [model.encoder_depth]:
             if layers not in (None, "all"):
-                raise FeatureError(f"pool='projector' reads block {model.encoder_depth} only, got layers {layer_list}")
+                raise AnalysisInputError(f"pool='projector' reads block {model.encoder_depth} only, got layers {layer_list}")
             layer_list = [model.encoder_depth]
     return layer_list
 
@@ -270,7 +264,7 @@ def extract_features(model, objective, data, timesteps, layers="all", pool: str 
         labels: ``"null"`` (unconditional class) or ``"true"`` (dataset labels).
     """
     if dtype not in (torch.float32, torch.float16):
-        raise FeatureError(f"dtype must be float32 or float16, got {dtype}")
+        raise AnalysisInputError(f"dtype must be float32 or float16, got {dtype}")
     check_objective(model.time_convention, objective)
     layer_list = _pooled_layers(model, layers, pool)
     blocks = [v for v in layer_list if v != LATENT_LAYER]

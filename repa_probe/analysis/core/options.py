@@ -16,23 +16,20 @@ import logging
 import numbers
 from typing import Any, Sequence
 
-from repa_probe.errors import ReproError
+from repa_probe.analysis.errors import OptionsError
 from repa_probe.analysis.metrics.spatial import SPATIAL_METRICS
+from repa_probe.analysis.probes.linear import BACKENDS
+from repa_probe.data.common import SPLITS
 from repa_probe.timesteps import TimeError, UserTime, as_float, convention_of, label, parse_time, parse_times
 
 WEIGHTS = ("auto", "ema", "model")
-SPLITS = ("auto", "train", "val", "test")
+SPLIT_CHOICES = ("auto", *SPLITS)  # a dataset split, or "auto": val when the dataset has one, else train
 LABEL_MODES = ("null", "true")
 METRICS = ("cknna", "mutual_knn", "cka", "unbiased_cka", "cycle_knn")
 TARGET_KINDS = ("cls", "mean_patch")
 TASKS = ("linear", "segmentation")
-BACKENDS = ("sklearn", "torch")
 
 log = logging.getLogger("repa_probe")
-
-
-class OptionsError(ReproError, ValueError):
-    """An analysis option with a bad value, or an unknown option (one-line message naming the flag)."""
 
 
 def flag(name: str) -> str:
@@ -158,7 +155,7 @@ class AnalysisOptions:
             except TimeError as exc:
                 raise OptionsError(f"--time-convention: {exc}") from None
         self.encoder_depth = _int("encoder_depth", self.encoder_depth, optional=True)
-        _choice("split", self.split, SPLITS)
+        _choice("split", self.split, SPLIT_CHOICES)
         _choice("labels", self.labels, LABEL_MODES)
         self.layers = parse_layers(self.layers)
         self.timesteps = _times("timesteps", self.timesteps)
