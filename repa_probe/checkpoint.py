@@ -274,6 +274,8 @@ def _check_stored_config(config: Mapping) -> None:
             ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         elif isinstance(default, str):
             ok = isinstance(value, str)
+        elif default is None:  # bn_momentum (REPA-E): None or a number
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
         else:  # z_dims
             ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
         if not ok:
