@@ -9,8 +9,9 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 
 from analysis.correlate import main
-from repa_probe.analysis.correlation.correlate import (CorrelateError, Quantity, correlate_table, correlation,
-                                                      load_tables, parse_quantity)
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.analysis.correlation.correlate import (Quantity, correlate_table, correlation, load_tables,
+                                                      parse_quantity)
 from repa_probe.timesteps import Step
 
 ALIGN_COLS = ("checkpoint", "step", "layer", "timestep", "metric", "value", "ci_low", "ci_high", "n")
@@ -70,7 +71,7 @@ def test_parse_quantity():
     assert parse_quantity("fid_inception") == Quantity("fid_inception")
     assert parse_quantity("cknna@8,t=step:250") == Quantity("cknna", 8, Step(250))
     for bad in ("cknna@layer", "cknna,t=x", "", "a b", "cknna,t=250", "cknna,t=1.5"):
-        with pytest.raises(CorrelateError):
+        with pytest.raises(AnalysisInputError):
             parse_quantity(bad)
 
 
@@ -179,11 +180,11 @@ def test_ddpm_step_times_join_and_a_bad_time_is_one_line(tmp_path):
     assert set(df.timestep.dropna()) == {Step(250), Step(500)}       # not NaN: read by the time owner
     points, stats = correlate_table(df, "cknna@block2,t=step:500", "fid_inception", bootstrap=0, permutations=0)
     assert stats["n"] == len(x) and stats["pearson"]["r"] == pytest.approx(pearsonr(x, y)[0], abs=1e-9)
-    with pytest.raises(CorrelateError, match="give a timestep.*step:250, step:500"):
+    with pytest.raises(AnalysisInputError, match="give a timestep.*step:250, step:500"):
         correlate_table(df, "cknna@block2", "fid_inception", bootstrap=0, permutations=0)
     _write(tmp_path / "bad" / "alignment.csv", ALIGN_COLS, [dict(checkpoint="r/1", layer=1, timestep="soon",
                                                                  metric="cknna", value=0.1)])
-    with pytest.raises(CorrelateError, match="bad/alignment.csv: column timestep: .*'soon' is not a time"):
+    with pytest.raises(AnalysisInputError, match="bad/alignment.csv: column timestep: .*'soon' is not a time"):
         load_tables([tmp_path / "bad"])
 
 
@@ -240,7 +241,7 @@ def test_tables_of_different_checkpoints_need_the_same_n_and_seed_but_not_the_sa
 
     check_settings(df)  # iREPA's figure: runs with different target encoders
     (tmp_path / "r2" / "options.json").write_text(json.dumps(dict(num_samples=64, seed=3)))
-    with pytest.raises(CorrelateError, match="hold different checkpoints.*seed 0 vs 3"):
+    with pytest.raises(AnalysisInputError, match="hold different checkpoints.*seed 0 vs 3"):
         check_settings(df)
 
 

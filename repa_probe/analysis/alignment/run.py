@@ -27,21 +27,22 @@ from typing import Callable, Sequence
 import torch
 
 from repa_probe.analysis import metrics as M
+from repa_probe.analysis.alignment import plots
+from repa_probe.analysis.alignment.spatial import SpatialAnalysis
 from repa_probe.analysis.core.capture import MeanPool, capture, class_key
 from repa_probe.analysis.core.class_token import attach_class_tokens, class_token_encoder
-from repa_probe.analysis.core.features import CaptureSettings, ModelInputs, capture_spec, prepare_inputs
+from repa_probe.analysis.core.features import CaptureSettings, InputsByVAE, ModelInputs, capture_spec, prepare_inputs
 from repa_probe.analysis.core.inputs import (build_analysis_dataset, check_class_labels, check_times_and_layers,
-                                        resolve_encoder, resolve_source)
+                                             resolve_encoder, resolve_source)
 from repa_probe.analysis.core.options import METRICS, TARGET_KINDS, AlignmentOptions
 from repa_probe.analysis.core.runner import Analysis, Run, run_analysis
-from repa_probe.analysis.alignment.spatial import SpatialAnalysis
 from repa_probe.analysis.core.targets import dataset_identity, encoder_features
-from repa_probe.errors import ReproError
+from repa_probe.analysis.errors import AnalysisInputError
 from repa_probe.reports.bootstrap import interval
 from repa_probe.timesteps import TIME_HELP, label
 
 __all__ = ["alignment_table", "run_alignment", "best_layers", "metric_function", "check_metric_settings",
-           "AlignmentAnalysis", "AlignmentOptions", "AlignmentError", "METRICS", "KNN_METRICS", "TARGET_KINDS",
+           "AlignmentAnalysis", "AlignmentOptions", "AnalysisInputError", "METRICS", "KNN_METRICS", "TARGET_KINDS",
            "CSV_COLUMNS", "CLASS_TOKEN"]
 
 log = logging.getLogger("repa_probe")
@@ -53,30 +54,26 @@ FEATURE_PREP = ("platonic-rep: clamp |x| at the mean per-sample 0.95 quantile, t
                 "timestep) on the model side")
 
 
-class AlignmentError(ReproError, ValueError):
-    """Bad input to the alignment analysis (one-line message)."""
-
-
 def metric_function(name: str, topk: int) -> Callable:
     """``f(a: (N, D_a), b: (N, D_b)) -> float`` for a metric name."""
     fns = {"cknna": M.cknna, "mutual_knn": M.mutual_knn, "cycle_knn": M.cycle_knn, "cka": M.cka,
            "unbiased_cka": M.unbiased_cka}
     if name not in fns:
-        raise AlignmentError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
+        raise AnalysisInputError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
     return functools.partial(fns[name], topk=topk) if name in KNN_METRICS else fns[name]
 
 
 def check_metric_settings(metrics: Sequence[str], n: int, topk: int, bootstrap: int) -> None:
-    """Raise AlignmentError when N, k or the bootstrap cannot work together (their own ranges are checked by
+    """Raise AnalysisInputError when N, k or the bootstrap cannot work together (their own ranges are checked by
     :class:`AlignmentOptions`: ``topk >= 2``, ``bootstrap`` 0 or >= 2)."""
     if n < 4:
-        raise AlignmentError(f"--num-samples: the metrics need at least 4 images, got N = {n}")
+        raise AnalysisInputError(f"--num-samples: the metrics need at least 4 images, got N = {n}")
     if any(m in KNN_METRICS for m in metrics):
         if topk >= n:
-            raise AlignmentError(f"--topk {topk} must be smaller than the number of images N = {n} (--num-samples)")
+            raise AnalysisInputError(f"--topk {topk} must be smaller than the number of images N = {n} (--num-samples)")
         half = int(round(0.5 * n))
         if bootstrap and topk >= half:
-            raise AlignmentError(f"--bootstrap resamples N/2 = {half} rows, which must exceed --topk {topk}")
+            raise AnalysisInputError(f"--bootstrap resamples N/2 = {half} rows, which must exceed --topk {topk}")
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -88,10 +85,10 @@ def _inputs_and_target(data, target, opts: AlignmentOptions, vae) -> tuple[Model
                                       batch_size=opts.batch_size, progress=opts.progress)
         data = prepare_inputs(data, vae, opts.batch_size, progress=opts.progress)
     elif not torch.is_tensor(target):
-        raise AlignmentError("with precomputed ModelInputs, pass the target as a (N, D) tensor")
+        raise AnalysisInputError("with precomputed ModelInputs, pass the target as a (N, D) tensor")
     n = len(data)
     if target.ndim != 2 or target.shape[0] != n:
-        raise AlignmentError(f"target must be (N={n}, D), got {tuple(target.shape)}")
+        raise AnalysisInputError(f"target must be (N={n}, D), got {tuple(target.shape)}")
     return data, target
 
 
@@ -133,7 +130,7 @@ def alignment_table(model, objective, data, target, options: AlignmentOptions | 
     """
     opts = options or AlignmentOptions()
     if not cross_metrics(opts.metric):
-        raise AlignmentError(f"alignment_table computes {', '.join(METRICS)}; got only {opts.metric} "
+        raise AnalysisInputError(f"alignment_table computes {', '.join(METRICS)}; got only {opts.metric} "
                              "(spatial metrics: repa_probe.analysis.alignment.spatial)")
     data, target = _inputs_and_target(data, target, opts, vae)
     check_metric_settings(cross_metrics(opts.metric), len(data), opts.topk, opts.bootstrap)
@@ -202,6 +199,7 @@ class AlignmentAnalysis(Analysis):
         self.inputs = prepare_inputs(self.dataset, vae.to(run.device) if vae is not None else None,
                                      opts.batch_size, progress=opts.progress)
         attach_class_tokens(self.inputs, self.dataset, self.cls_encoder, opts, run.device)
+        self.by_vae = InputsByVAE(self.dataset, self.inputs, vae, run.device, opts.batch_size, opts.progress)
         self.target = encoder_features(self.encoder.to(run.device), self.dataset, opts.target_kind,
                                        cache_dir=opts.cache_dir, batch_size=opts.batch_size,
                                        progress=opts.progress) if self.cross else None
@@ -212,13 +210,14 @@ class AlignmentAnalysis(Analysis):
         """One capture pass per checkpoint: the mean-pooled blocks (CKNNA & co.) and the spatial metrics of the
         block tokens are reduced from the same forward passes."""
         opts = run.options
-        spec = capture_spec(model, self.inputs, opts.timesteps, self.layers[entry.label],
+        inputs = self.by_vae.get(entry.vae)  # REPA-E checkpoints: their own VAE and latent statistics
+        spec = capture_spec(model, inputs, opts.timesteps, self.layers[entry.label],
                             _capture_settings(opts, run.device))
         pooled = MeanPool() if self.cross else None
         spatial = self.spatial.reducer(model) if self.spatial is not None else None
         reducers = [r for r in (pooled, spatial) if r is not None]
         if reducers:
-            capture(model, entry.objective, self.inputs, spec, reducers)
+            capture(model, entry.objective, inputs, spec, reducers)
         rows = cross_rows(pooled.features, self.target, opts, run.device) if pooled is not None else []
         rows = [dict(checkpoint=entry.label, step=entry.info.step, **r) for r in rows]
         if spatial is not None:
@@ -226,8 +225,6 @@ class AlignmentAnalysis(Analysis):
         return rows
 
     def figures(self, run: Run, rows: list[dict]) -> list:
-        from repa_probe.analysis.alignment import plots
-
         runs = {e.label: e.run for e in run.entries}
         model_rows = [r for r in rows if r["layer"] != "target"]  # the target's spatial rows are a reference
         return plots.make_figures(model_rows, run.out / "figures", label(run.options.plot_timestep), runs=runs,

@@ -29,6 +29,8 @@ from repa_probe.analysis.core.capture import Reducer, capture
 from repa_probe.analysis.core.features import CaptureSettings, ModelInputs, capture_spec
 from repa_probe.analysis.metrics.spatial import SpatialSettings, grid_shape, spatial_metrics
 from repa_probe.analysis.core.targets import encoder_features
+from repa_probe.analysis.metrics.spatial import grid_shape, spatial_metrics
+from repa_probe.data import collate
 from repa_probe.reports.bootstrap import interval, resample_means
 from repa_probe.timesteps import label
 
@@ -45,8 +47,6 @@ IGNORE_INDEX = 255
 def token_masks(dataset, grid: tuple[int, int], batch_size: int = 64, min_fraction: float = MIN_FRACTION):
     """Foreground masks ``(N, H*W)`` bool on a token ``grid`` from the dataset's pixel masks, or None when the
     dataset has none. Images outside ``[min_fraction, 1 - min_fraction]`` foreground get an empty mask."""
-    from repa_probe.data import collate
-
     if len(dataset) == 0 or "mask" not in dataset[0]:
         return None
     out = []

@@ -9,7 +9,8 @@ reducer sees more than one batch of tokens at a time, so the alignment with five
 
 Extra "layers": a :class:`CaptureSpec` may name derived outputs (``extras``: name -> function of the model and
 the captured blocks, e.g. :func:`projector_tokens`; a class token or a latent are added the same way); the
-reducers see them under that name, like a block number (``report``: the keys handed on, default all). A REG
+reducers see them under that name, like a block number (``report``: the keys handed on, default all). Layer 0
+(``latent``) is the clean latent itself (:func:`latent_tokens`, no block run for it). A REG
 model's class token (fed noised with the image's t, from :meth:`ModelInputs.class_tokens`) is stripped from every
 block's tokens and handed on as its own "layer" :func:`class_key` (to reducers with ``class_tokens``).
 
@@ -33,6 +34,16 @@ Extra = Callable[[Any, dict], torch.Tensor]
 
 
 CLASS_TOKEN = "cls"
+LATENT_LAYER = 0  # --layers latent: the clean latent tokens, patchified as the model sees them (no block)
+
+
+def latent_tokens(model, x0: torch.Tensor) -> torch.Tensor:
+    """Layer 0, ``latent``: the clean input ``x0: (b, C, H, W)`` patchified as the model's patch embedding reads
+    it -> ``(b, T, C·p·p)`` (token order and per-token (C, p, p) order of ``x_embedder.proj``)."""
+    p = model.patch_size
+    b, c, h, w = x0.shape
+    x = x0.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
 
 
 def class_key(layer) -> tuple:
@@ -130,7 +141,8 @@ def capture(model, objective, inputs, spec: CaptureSpec, reducers: Sequence[Redu
     for r in reducers:
         r.start(n)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    blocks = [v - 1 for v in spec.layers]
+    block_layers = [v for v in spec.layers if v != LATENT_LAYER]
+    blocks = [v - 1 for v in block_layers]
     starts = range(0, n, spec.batch_size)
     bar = tqdm(total=len(starts) * len(model_t), desc="features", disable=not spec.progress, leave=False)
     for start in starts:
@@ -145,15 +157,17 @@ def capture(model, objective, inputs, spec: CaptureSpec, reducers: Sequence[Redu
             x_t = objective.add_noise(x0, t_b, noise)
             kwargs = {} if cls is None else dict(cls_token=objective.add_noise(cls[0], t_b, cls[1]), prefix=True)
             with autocast:
-                raw = dict(zip(spec.layers, model.forward_features(x_t, t_net.expand(b).to(device), y,
-                                                                   layers=blocks, **kwargs)))
+                raw = dict(zip(block_layers, model.forward_features(x_t, t_net.expand(b).to(device), y,
+                                                                    layers=blocks, **kwargs))) if blocks else {}
                 raw.update({name: fn(model, raw) for name, fn in spec.extras.items()})
             p = model.num_prefix_tokens if kwargs else 0       # REG: the class token leads every block's tokens
             hidden = {key: h[:, p:] for key, h in raw.items()}
+            if LATENT_LAYER in spec.layers:                    # layer 0: the clean latent (the same at every t)
+                hidden[LATENT_LAYER] = latent_tokens(model, x0)
             keys = spec.keys
             if p:
-                hidden.update({class_key(layer): raw[layer][:, :p] for layer in spec.layers})
-                keys = keys + [class_key(layer) for layer in spec.layers]
+                hidden.update({class_key(layer): raw[layer][:, :p] for layer in block_layers})
+                keys = keys + [class_key(layer) for layer in block_layers]
             for key in keys:
                 for r in reducers:
                     if r.class_tokens or not is_class_token(key):

@@ -24,20 +24,18 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from repa_probe.analysis.core.capture import (CaptureSpec, MeanPool, Tokens, capture, is_class_token,
-                                              projector_tokens)
+from repa_probe.analysis.core.capture import (LATENT_LAYER, CaptureSpec, MeanPool, Tokens, capture, is_class_token,
+                                              latent_tokens, projector_tokens)
+
 from repa_probe.analysis.core.options import LABEL_MODES
-from repa_probe.errors import ReproError
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.data import collate
 from repa_probe.sampling.noise import CLASS_TOKEN_KEY, seeded_noise
 from repa_probe.timesteps import check_objective, parse_time, parse_times
 
 log = logging.getLogger("repa_probe")
 
 POOLS = ("mean", "tokens", "projector")
-
-class FeatureError(ReproError, ValueError):
-    """Bad input to feature extraction (layers, pooling, labels, devices, shapes); one-line message."""
-
 
 # ------------------------------------------------------------------------------------------- model inputs
 @dataclasses.dataclass
@@ -78,7 +76,7 @@ class ModelInputs:
         """REG: rows ``start:stop`` of the clean class tokens and their seeded noise, float32 ``(b, dim)`` each."""
         if self.cls is None or self.cls.shape[1:] != (dim,):
             got = "none" if self.cls is None else f"width {self.cls.shape[-1]}"
-            raise FeatureError(f"a REG model needs the class tokens of its training encoder (width {dim}), got {got}")
+            raise AnalysisInputError(f"a REG model needs the class tokens of its training encoder (width {dim}), got {got}")
         noise = seeded_noise(seed ^ CLASS_TOKEN_KEY, self.indices[start:stop], (dim,), device=device)
         return self.cls[start:stop].to(device).float(), noise
 
@@ -95,8 +93,6 @@ class ModelInputs:
 
 def batch_loader(data, batch_size: int, num_workers: int) -> DataLoader:
     """``data`` itself when it is a DataLoader, else an unshuffled DataLoader of it (the datasets' collate)."""
-    from repa_probe.data import collate
-
     if isinstance(data, DataLoader):
         return data
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
@@ -108,25 +104,45 @@ def prepare_inputs(data, vae=None, batch_size: int = 64, num_workers: int = 0,
     """Clean model inputs for every sample of ``data`` (a Dataset of dicts, or an unshuffled DataLoader).
 
     Pixel space (``vae=None``): the uint8 images are kept. Latent space: the posterior mean of the
-    stored ``moments`` (or of ``vae.encode_moments`` on the VAE's device), times ``vae.scale`` plus
-    ``vae.bias``, as float32 on the CPU. Indices are positions in iteration order.
+    stored ``moments`` (or of ``vae.encode_moments`` on the VAE's device), normalised by the VAE
+    (``vae.normalize``: SD-VAE's scale, or per-channel statistics), as float32 on the CPU. Indices are
+    positions in iteration order.
     """
     chunks, labels = [], []
     for batch in tqdm(batch_loader(data, batch_size, num_workers), desc="inputs", disable=not progress, leave=False):
         images = batch["image"]
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise FeatureError(f"dataset images must be uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise AnalysisInputError(f"dataset images must be uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         if vae is None:
             chunks.append(images)
         else:
             moments = batch["moments"] if "moments" in batch else vae.encode_moments(images.to(vae.device))
             mean = moments.float().chunk(2, dim=1)[0]
-            chunks.append((mean * vae.scale + vae.bias).cpu())
+            chunks.append(vae.normalize(mean).cpu())  # SD-VAE: mean * 0.18215; REPA-E: per channel
         labels.append(torch.as_tensor(batch["label"]).reshape(-1).to(torch.int64))
     if not chunks:
-        raise FeatureError("the dataset is empty")
+        raise AnalysisInputError("the dataset is empty")
     x = torch.cat(chunks)
     return ModelInputs(x, torch.cat(labels), torch.arange(x.shape[0], dtype=torch.int64), pixel=vae is None)
+
+
+class InputsByVAE:
+    """:func:`prepare_inputs` of one dataset for each checkpoint's VAE: REPA-E checkpoints read latents with their
+    own (tuned, or normalised by their BatchNorm statistics), every other one shares the source's. The shared
+    inputs are kept; of the others only the latest (checkpoints are analysed one after another)."""
+
+    def __init__(self, data, shared: ModelInputs, shared_vae, device, batch_size: int, progress: bool):
+        self.data, self.device, self.batch_size, self.progress = data, device, batch_size, progress
+        self.shared, self.shared_vae, self._last = shared, shared_vae, (None, None)
+
+    def get(self, vae) -> ModelInputs:
+        """The inputs as ``vae`` (an entry's LatentVAE or None) encodes and normalises them."""
+        if vae is self.shared_vae:
+            return self.shared
+        if self._last[0] is not vae:
+            self._last = (vae, prepare_inputs(self.data, vae.to(self.device) if vae is not None else None,
+                                              self.batch_size, progress=self.progress))
+        return self._last[1]
 
 
 # ------------------------------------------------------------------------------------------ extraction
@@ -155,21 +171,23 @@ class FeatureSet:
         try:
             return self.features[(layer, parse_time(t))]
         except KeyError:
-            raise FeatureError(f"no features for layer {layer} at t={t}; have layers {self.layers}, "
+            raise AnalysisInputError(f"no features for layer {layer} at t={t}; have layers {self.layers}, "
                                f"timesteps {self.timesteps}") from None
 
 
 def resolve_layers(model, layers) -> list[int]:
-    """``"all"``/None or an iterable of 1-based block numbers -> sorted unique list, validated."""
+    """``"all"``/None or an iterable of 1-based block numbers (0 = ``latent``, the clean latent tokens) -> sorted
+    unique list, validated. ``"all"`` means the blocks."""
     depth = model.depth
     if layers is None or layers == "all":
         return list(range(1, depth + 1))
     out = sorted({int(v) for v in layers})
     if not out:
-        raise FeatureError("no layers requested")
-    bad = [v for v in out if not 1 <= v <= depth]
+        raise AnalysisInputError("no layers requested")
+    bad = [v for v in out if not LATENT_LAYER <= v <= depth]
     if bad:
-        raise FeatureError(f"layers {bad} are outside 1..{depth} (1-based block numbers; the model has {depth} blocks)")
+        raise AnalysisInputError(f"layers {bad} are outside 1..{depth} (1-based block numbers, 0 = the latent; the "
+                                 f"model has {depth} blocks)")
     return out
 
 
@@ -179,10 +197,10 @@ def model_labels(model, labels: torch.Tensor, mode: str) -> torch.Tensor:
     rows, n_cls = model.y_embedder.num_rows, model.num_classes
     if mode == "null":
         if rows <= n_cls:
-            raise FeatureError("the model has no null class (class_dropout_prob = 0): use labels='true'")
+            raise AnalysisInputError("the model has no null class (class_dropout_prob = 0): use labels='true'")
         return torch.full_like(labels, n_cls)
     if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n_cls):
-        raise FeatureError(f"dataset labels span [{int(labels.min())}, {int(labels.max())}] "
+        raise AnalysisInputError(f"dataset labels span [{int(labels.min())}, {int(labels.max())}] "
                            f"but the model has {n_cls} classes: use labels='null'")
     return labels
 
@@ -197,7 +215,7 @@ def module_device(module: torch.nn.Module, device, what: str) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     if dev != own:
-        raise FeatureError(f"the {what} is on {own} but device={device}: move the {what} first")
+        raise AnalysisInputError(f"the {what} is on {own} but device={device}: move the {what} first")
     return dev
 
 
@@ -206,10 +224,10 @@ def _pooled_layers(model, layers, pool: str) -> list[int]:
     layer_list = resolve_layers(model, layers)
     if pool == "projector":
         if not len(model.projectors):
-            raise FeatureError("pool='projector' needs a model with REPA projectors")
+            raise AnalysisInputError("pool='projector' needs a model with REPA projectors")
         if layer_list != [model.encoder_depth]:
             if layers not in (None, "all"):
-                raise FeatureError(f"pool='projector' reads block {model.encoder_depth} only, got layers {layer_list}")
+                raise AnalysisInputError(f"pool='projector' reads block {model.encoder_depth} only, got layers {layer_list}")
             layer_list = [model.encoder_depth]
     return layer_list
 
@@ -230,11 +248,11 @@ class CaptureSettings:
 
     def __post_init__(self) -> None:
         if self.labels not in LABEL_MODES:
-            raise FeatureError(f"labels must be one of {LABEL_MODES}, got {self.labels!r}")
+            raise AnalysisInputError(f"labels must be one of {LABEL_MODES}, got {self.labels!r}")
         if self.dtype not in (torch.float32, torch.float16):
-            raise FeatureError(f"dtype must be float32 or float16, got {self.dtype}")
+            raise AnalysisInputError(f"dtype must be float32 or float16, got {self.dtype}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise FeatureError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
+            raise AnalysisInputError(f"batch_size must be an integer >= 1, got {self.batch_size!r}")
 
 
 def capture_spec(model, inputs: ModelInputs, timesteps, layers, settings: CaptureSettings, extras=None,
@@ -266,7 +284,7 @@ def extract_features(model, objective, data, timesteps, layers="all", pool: str 
     """
     s = settings or CaptureSettings()
     if pool not in POOLS:
-        raise FeatureError(f"pool must be one of {POOLS}, got {pool!r}")
+        raise AnalysisInputError(f"pool must be one of {POOLS}, got {pool!r}")
     check_objective(model.time_convention, objective)
     layer_list = _pooled_layers(model, layers, pool)
     module_device(model, s.device, "model")

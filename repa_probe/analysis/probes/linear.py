@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from threadpoolctl import threadpool_limits
 
-from repa_probe.analysis.probes.common import (Array, ProbeInputError, channel_stats, check_features, check_finite,
-                                               check_labels, chunks, gather, resolve_device, rows_per_chunk)
+from repa_probe.analysis.errors import MetricInputError
+from repa_probe.analysis.probes.common import (Array, channel_stats, check_features, check_finite, check_labels, chunks,
+                                               gather, resolve_device, rows_per_chunk)
 
 BACKENDS = ("sklearn", "torch")
 TOPK = 5  # top-k accuracy is reported only with more than TOPK classes (else it is 1 by construction)
@@ -104,7 +105,7 @@ class ProbeResult:
 
 @dataclasses.dataclass(frozen=True)
 class LinearProbeConfig:
-    """How :func:`fit_linear_probe` fits (checked when built, :class:`ProbeInputError`).
+    """How :func:`fit_linear_probe` fits (checked when built, :class:`MetricInputError`).
 
     ``backend``: "sklearn" (logistic regression, L-BFGS, grid ``Cs``, ``max_iter``) or "torch" (AdamW linear
     head, grid ``lrs`` x ``weight_decays``, ``epochs``, ``batch_size``); ``val_fraction``: share of each class
@@ -125,15 +126,15 @@ class LinearProbeConfig:
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
-            raise ProbeInputError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+            raise MetricInputError(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if not 0.0 <= self.val_fraction < 1.0:
-            raise ProbeInputError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+            raise MetricInputError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         grids = {"Cs": self.Cs} if self.backend == "sklearn" else {"lrs": self.lrs, "weight_decays": self.weight_decays}
         for name, grid in grids.items():
             if len(grid) == 0 or any(not (isinstance(v, numbers.Real) and v >= 0) for v in grid):
-                raise ProbeInputError(f"{name} must be a non-empty sequence of non-negative numbers, got {grid!r}")
+                raise MetricInputError(f"{name} must be a non-empty sequence of non-negative numbers, got {grid!r}")
         if self.epochs < 1 or self.batch_size < 1:
-            raise ProbeInputError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
+            raise MetricInputError(f"epochs and batch_size must be >= 1, got {self.epochs} and {self.batch_size}")
 
     @property
     def grid_size(self) -> int:
@@ -321,21 +322,21 @@ def _checked_inputs(train_x, train_y, test_x, test_y, num_classes):
     train_x = check_features(train_x, "train_x", (2,))
     test_x = check_features(test_x, "test_x", (2,))
     if train_x.shape[1] != test_x.shape[1]:
-        raise ProbeInputError(f"train_x has {train_x.shape[1]} features per row but test_x has {test_x.shape[1]}")
+        raise MetricInputError(f"train_x has {train_x.shape[1]} features per row but test_x has {test_x.shape[1]}")
     ty = check_labels(train_y, train_x.shape[0], "train_y")
     vy = check_labels(test_y, test_x.shape[0], "test_y")
     if num_classes is None:
         lo = min(int(ty.min()), int(vy.min()))
         if lo < 0:
-            raise ProbeInputError(f"labels must be >= 0, got {lo}")
+            raise MetricInputError(f"labels must be >= 0, got {lo}")
         num_classes = max(int(ty.max()), int(vy.max())) + 1
     if num_classes < 2:
-        raise ProbeInputError(f"num_classes must be >= 2, got {num_classes}")
+        raise MetricInputError(f"num_classes must be >= 2, got {num_classes}")
     check_labels(ty, train_x.shape[0], "train_y", num_classes)
     check_labels(vy, test_x.shape[0], "test_y", num_classes)
     present = int((torch.bincount(ty, minlength=num_classes) > 0).sum())
     if present < 2:
-        raise ProbeInputError(f"train_y has a single class ({int(ty[0])}); a probe needs at least two")
+        raise MetricInputError(f"train_y has a single class ({int(ty[0])}); a probe needs at least two")
     return train_x, ty, test_x, vy, num_classes
 
 
@@ -353,7 +354,7 @@ def fit_linear_probe(train_x: Array, train_y: Any, test_x: Array, test_y: Any,
         device: the torch backend's device (None = CUDA if available).
 
     Raises:
-        ProbeInputError: empty splits, NaN / inf features, mismatched lengths or widths, non-integer labels,
+        MetricInputError: empty splits, NaN / inf features, mismatched lengths or widths, non-integer labels,
             labels outside the declared classes, a training split with a single class.
     """
     cfg = config or LinearProbeConfig()
