@@ -71,14 +71,14 @@ def test_srss_uses_the_shapes_masks_and_is_skipped_without_masks(ckpt, tmp_path,
 
 
 @pytest.mark.slow
-def test_every_metric_shares_one_forward_pass_per_batch_and_timestep(run, tmp_path, monkeypatch):
+def test_every_metric_shares_one_forward_pass_per_batch_and_timestep(ckpt, tmp_path, monkeypatch):
     from repa_probe.models import DiffusionTransformer
 
     calls = []
     forward = DiffusionTransformer.forward_features
     monkeypatch.setattr(DiffusionTransformer, "forward_features",
                         lambda self, *a, **k: calls.append(k["layers"]) or forward(self, *a, **k))
-    common = ["--ckpt", str(run), "--layers", "1,3", "--timesteps", "0,0.5,1", "--num-samples", "12",
+    common = ["--ckpt", str(ckpt), "--layers", "1,3", "--timesteps", "0,0.5,1", "--num-samples", "12",
               "--batch-size", "8", "--no-cache", "--figures", "none", "-q"]
     assert main(common + ["--out", str(tmp_path / "all"), "--metric", "cknna,lds,cds,srss,rmsc"]) == 0
     assert calls == [[0, 2]] * 6                  # 2 batches x 3 timesteps, both blocks in each pass
