@@ -170,3 +170,21 @@ def test_tiny_config_trains_with_repa_and_loads_back(tmp_path):
     with torch.no_grad():
         out, zs = model(x, torch.rand(2), torch.tensor([0, 1]))
     assert out.shape == x.shape and zs[0].shape[1] == model.num_tokens
+
+
+def test_alignment_runs_on_their_file_in_their_time():
+    """The analyses' resolver takes their file as it is: SiT time, the VAE by --vae, the latent size from it."""
+    from repa_probe.analysis.alignment.run import alignment_table
+    from repa_probe.analysis.core.inputs import DataSource, build_analysis_dataset, load_checkpoints
+    from repa_probe.analysis.core.options import AlignmentOptions
+    from repa_probe.encoders.target import load_encoder
+
+    opts = AlignmentOptions(timesteps=[0.0, 1.0], topk=3, batch_size=8, progress=False, vae="random:tiny")
+    entry = load_checkpoints([GOLDEN / "lightningdit_all_state_dict.pt"], opts)[0]
+    assert (entry.info.time_convention, entry.latent_channels, entry.resolution) == ("sit", 4, 64)
+    source = DataSource("shapes", None, entry.resolution, 0, 4, entry.vae_name, entry.vae, False)
+    dataset, _ = build_analysis_dataset(source, "val", 12)
+    torch.manual_seed(0)
+    encoder = load_encoder("tiny_vit", pretrained=False, resolution=entry.resolution)
+    rows = alignment_table(entry.model, entry.objective, dataset, encoder, opts, vae=entry.vae)
+    assert len(rows) == 3 * 2 and all(-1 <= r["value"] <= 1 for r in rows)
