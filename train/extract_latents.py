@@ -41,7 +41,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from repa_probe.data import build_dataset
     from repa_probe.devices import resolve_device
     from repa_probe.errors import one_line_errors
-    from repa_probe.encoders.vae import extract_latents, load_vae
+    from repa_probe.encoders.vae import VAEInputError, extract_latents, load_vae
 
     with one_line_errors(args.debug):
         device = resolve_device(args.device)
@@ -49,7 +49,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                 num_samples=args.num_samples)
         vae = load_vae(args.vae, device=device)
         if vae is None:
-            raise ValueError("--vae none has no latents to extract; name a VAE")
+            raise VAEInputError("--vae none has no latents to extract; name a VAE")
         out = extract_latents(dataset, vae, args.out, batch_size=args.batch_size, flip=args.flip,
                               save_images=not args.no_images, num_workers=args.num_workers,
                               overwrite=args.overwrite)

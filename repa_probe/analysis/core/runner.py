@@ -6,7 +6,9 @@ An analysis is a subclass of :class:`Analysis` that fills in a few hooks; :func:
 2. load every checkpoint once (:func:`~repa_probe.analysis.core.inputs.load_checkpoints`: our files and official
    ones; small models stay in memory), then ``analysis.setup(run)``: validate everything else and resolve
    the light inputs (data, VAE, encoder) — every user error surfaces here, before any heavy work — and
-   make the output directory (checked writable);
+   make the output directory (checked writable): the outputs of an earlier run in it are removed (named in
+   a warning) and an ``INCOMPLETE`` marker stays until ``summary.json`` is written, so a folder never
+   mixes two runs and an interrupted or failed run is marked (Ctrl-C: one line, exit 130 in the CLIs);
 3. ``analysis.prepare(run)``: heavy work shared by all checkpoints (model inputs, encoder features); it may
    return rows that belong to no checkpoint (e.g. the probes' encoder reference rows);
 4. for each checkpoint: take its model (loading it again if it was not kept), move it to the device,
@@ -41,8 +43,9 @@ from typing import Any, Sequence
 import torch
 
 from repa_probe.analysis.core.inputs import AnalysisInputError, CheckpointEntry, load_checkpoints
-from repa_probe.analysis.core.writers import write_csv, write_json
+from repa_probe.analysis.core.writers import INCOMPLETE, begin_outputs, end_outputs, write_csv, write_json
 from repa_probe.devices import resolve_device
+from repa_probe.errors import Interrupted
 from repa_probe.reports.bootstrap import FILE as REPLICATES, take_replicates, write_replicates
 from repa_probe.reports.run_report import write_run_report
 
@@ -129,6 +132,27 @@ def run_analysis(analysis: Analysis, ckpts: Sequence, out_dir, options) -> dict:
     run = Run(options, Path(out_dir), device, load_checkpoints(ckpts, options))
     analysis.setup(run)
     out = make_out_dir(out_dir)
+    removed = begin_outputs(out, [analysis.csv_name, "options.json", REPLICATES, "report.md"])
+    if removed:
+        log.warning("--out %s held the outputs of an earlier run; removed %s", out, _describe_files(removed))
+    try:
+        summary = _run(analysis, run, out)
+    except KeyboardInterrupt:
+        raise Interrupted(f"{out} is incomplete (marked by {INCOMPLETE}; {analysis.csv_name} may hold part of the "
+                          "rows); rerun the same command to redo it") from None
+    end_outputs(out)
+    return summary
+
+
+def _describe_files(paths: list[str]) -> str:
+    figures = [p for p in paths if p.startswith("figures/")]
+    rest = [p for p in paths if not p.startswith("figures/")]
+    return ", ".join(rest + ([f"{len(figures)} figure file(s)"] if figures else []))
+
+
+def _run(analysis: Analysis, run: Run, out: Path) -> dict:
+    """Steps 3-5 of the module docstring: the heavy work and every output file."""
+    options, device = run.options, run.device
     start = time.perf_counter()
     rows: list[dict] = list(analysis.prepare(run) or [])
     replicates = take_replicates(rows)
