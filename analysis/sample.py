@@ -64,6 +64,8 @@ def add_sampler_args(p: argparse.ArgumentParser, num_samples_default=None) -> No
     g.add_argument("--cfg-channels", default="auto", help="guided channels: auto (repa models all, DiT and "
                    "official SiT the first 3, as their forward_with_cfg), "
                    "all, or a number k (the first k)")
+    g.add_argument("--cls-cfg-scale", type=float, default=None, help="REG models: guidance of the class token, "
+                   "applied where the image is guided (default: --cfg-scale; <= 0: its conditional velocity)")
     g.add_argument("--labels", default="balanced", choices=("balanced", "random"),
                    help="class labels: balanced (i mod K, default) or random (uniform, REPA's protocol)")
     g.add_argument("--seed", type=int, default=0, help="sample i is seeded by (seed, i); default 0")
@@ -77,6 +79,7 @@ def sampler_kwargs(args) -> dict:
     channels = int(channels) if str(channels).isdigit() else channels
     return dict(method=args.method, steps=args.steps, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
                 guidance_high=args.guidance_high, labels=args.labels, seed=args.seed, cfg_channels=channels,
+                cls_cfg_scale=args.cls_cfg_scale,
                 time_convention=args.time_convention, encoder_depth=args.encoder_depth, weights=args.weights,
                 vae=args.vae)
 

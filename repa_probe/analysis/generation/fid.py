@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from repa_probe.analysis.generation.fid_inputs import (  # noqa: F401 (re-exported: part of this module's API)
     FIDError, ImageArray, Reference, check_layout, image_height, load_images, read_reference, save_reference_stats)
 from repa_probe.analysis.metrics.frechet import fd_replicates, frechet_distance, statistics
+from repa_probe.reports.numbers import fmt
 
 log = logging.getLogger("repa_probe")
 
@@ -259,7 +260,7 @@ def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None,
         rows += [dict(checkpoint=label, run=run, step=step, metric=k, value=v, num_samples=len(images), **{
             c: s.get(c) for c in SETTING_COLUMNS}, **({"replicates": reps[k]} if k in reps else {}))
             for k, v in values.items()]
-        log.info("%s: %s", label, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        log.info("%s: %s", label, ", ".join(f"{k} {fmt(v)}" for k, v in values.items()))
     return _write_outputs(out, rows, reference, spaces)
 
 

@@ -23,7 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from repa_probe.analysis.core.writers import atomic_write, write_text
-from repa_probe.sampling.noise import seeded_noise
+from repa_probe.sampling.noise import CLASS_TOKEN_KEY, seeded_noise
 from repa_probe.errors import ReproError
 from repa_probe.sampling import methods_for, sample
 from repa_probe.sampling.guidance import make_guidance
@@ -52,6 +52,7 @@ class SamplerSettings:
     labels: str = "balanced"
     seed: int = 0
     cfg_channels: str | int = "auto"
+    cls_cfg_scale: float | None = None  # REG models: the class token's guidance (None: cfg_scale; <= 0: conditional)
 
     def validate(self, convention: str) -> None:
         """Check the settings for a model of time ``convention`` (repa | sit | ddpm)."""
@@ -163,7 +164,7 @@ def generate(model, out_dir, settings: SamplerSettings, *, vae=None, batch_size:
             x = sample(model, noise, labels, method=settings.method, steps=settings.steps,
                        cfg_scale=settings.cfg_scale, guidance_interval=(settings.guidance_low, settings.guidance_high),
                        generator=IndexedNoise(settings.seed, idx.to(device)), cfg_channels=settings.cfg_channels,
-                       path=path)
+                       path=path, **_class_token_kwargs(model, settings, idx, device))
         images = decode(x.float(), vae).permute(0, 2, 3, 1).numpy()
         for i, image in zip(idx.tolist(), images):
             _atomic_png(image, out_dir / f"{i:06d}.png")
@@ -173,6 +174,16 @@ def generate(model, out_dir, settings: SamplerSettings, *, vae=None, batch_size:
     if finalize and rank == 0 and (todo or not npz.exists()):  # a complete folder is left as it is
         build_npz(out_dir, settings.num_samples)
     return npz
+
+
+def _class_token_kwargs(model, settings: SamplerSettings, idx: torch.Tensor, device) -> dict:
+    """REG models: the initial class-token noise of samples ``idx`` (seeded like the latents' but independent of
+    them) and the class token's guidance; nothing for other models."""
+    dim = getattr(model, "cls_token_dim", 0)
+    if not dim:
+        return {}
+    return dict(cls_noise=seeded_noise(settings.seed ^ CLASS_TOKEN_KEY, idx, (dim,), device=device),
+                cls_cfg_scale=settings.cls_cfg_scale)
 
 
 def load_pngs(out_dir: Path, num_samples: int) -> np.ndarray:
@@ -233,7 +244,7 @@ def load_checkpoints(ckpts, weights="auto", time_convention=None, encoder_depth=
 
 def sample_checkpoints(ckpts, out_dir, *, num_samples: int, method=None, steps=None, cfg_scale=1.0,
                        guidance_low=0.0, guidance_high=1.0, labels="balanced", seed=0, cfg_channels="auto",
-                       weights="auto", time_convention=None, encoder_depth=None, vae=None, batch_size=64, device="auto",
+                       cls_cfg_scale=None, weights="auto", time_convention=None, encoder_depth=None, vae=None, batch_size=64, device="auto",
                        progress=True, entries=None) -> list[SampledFolder]:
     """Sample every checkpoint of ``ckpts`` (files, run directories) into ``out_dir`` (one checkpoint) or
     ``out_dir/<label>/`` (several). Under torchrun each process samples its share; rank 0 builds the npz and
@@ -253,7 +264,8 @@ def sample_checkpoints(ckpts, out_dir, *, num_samples: int, method=None, steps=N
         convention = entry.info.time_convention
         m, s = default_method(convention)
         settings = SamplerSettings(num_samples, method or m, int(steps or s), float(cfg_scale), float(guidance_low),
-                                   float(guidance_high), labels, int(seed), cfg_channels)
+                                   float(guidance_high), labels, int(seed), cfg_channels,
+                                   cls_cfg_scale=None if cls_cfg_scale is None else float(cls_cfg_scale))
         folder = Path(out_dir) if len(resolved) == 1 else Path(out_dir) / entry.label.replace("/", "_")
         meta = dict(checkpoint=str(entry.path), step=entry.info.step, time_convention=convention, ema=entry.info.ema,
                     vae=entry.vae_name)
