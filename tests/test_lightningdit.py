@@ -188,3 +188,24 @@ def test_alignment_runs_on_their_file_in_their_time():
     encoder = load_encoder("tiny_vit", pretrained=False, resolution=entry.resolution)
     rows = alignment_table(entry.model, entry.objective, dataset, encoder, opts, vae=entry.vae)
     assert len(rows) == 3 * 2 and all(-1 <= r["value"] <= 1 for r in rows)
+
+
+def test_sample_cli_takes_their_sampler_settings(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from analysis.sample import main as sample_main
+
+    base = ["--ckpt", str(GOLDEN / "lightningdit_all_state_dict.pt"), "--num-samples", "2", "--method", "euler",
+            "--steps", "3", "--cfg-scale", "6.7", "--guidance-high", "0.875", "--vae", "random:tiny", "-q"]
+    assert sample_main([*base, "--out", str(tmp_path / "shift"), "--timestep-shift", "0.3"]) == 0
+    assert sample_main([*base, "--out", str(tmp_path / "plain")]) == 0
+    record = json.loads((tmp_path / "shift" / "sampling.json").read_text())
+    assert (record["timestep_shift"], record["time_convention"], record["cfg_channels"]) == (0.3, "sit", "auto")
+    shifted, plain = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("shift", "plain"))
+    assert shifted.shape == plain.shape == (2, 64, 64, 3) and not np.array_equal(shifted, plain)
+    with pytest.raises(SystemExit):
+        sample_main([*base[:5], "sde", "--out", str(tmp_path / "sde"), "--timestep-shift", "0.3", "--vae",
+                     "random:tiny"])
+    assert "--timestep-shift" in capsys.readouterr().err
