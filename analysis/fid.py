@@ -8,7 +8,7 @@ import argparse
 from typing import List, Optional
 
 from analysis.sample import add_sampler_args, sampler_kwargs
-from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
 from repa_probe.reports.numbers import fmt
 
 DESCRIPTION = """\
@@ -70,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
     from repa_probe.analysis.generation.fid import run_fid
-    from repa_probe.errors import one_line_errors
 
+    setup_logging(args.verbose)
     with one_line_errors(args.debug):
         summary = run_fid(args.out, ckpts=args.ckpt, samples=args.samples, ref=args.ref,
                           inception_weights=args.inception_weights, fd_dinov2=args.fd_dinov2,

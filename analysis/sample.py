@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from analysis.common import add_checkpoint_options
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
 
 DESCRIPTION = """\
 Sample images from a diffusion transformer: our checkpoints, a run directory (every checkpoint), or an
@@ -48,13 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_sampler_args(p: argparse.ArgumentParser, num_samples_default=None) -> None:
+def add_sampler_args(p: argparse.ArgumentParser) -> None:
     """Sampler options shared with `python -m analysis.fid`."""
-    from analysis.common import add_checkpoint_options
-
     g = p.add_argument_group("sampler")
-    g.add_argument("--num-samples", type=int, default=num_samples_default, metavar="N",
-                   help="number of samples" + (" (default %(default)s)" if num_samples_default else ""))
+    g.add_argument("--num-samples", type=int, metavar="N", help="number of samples")
     g.add_argument("--method", choices=("euler", "heun", "sde", "ddpm", "ddim"),
                    help="sampler (default: euler for flow models, as REPA's generate.py; ddpm for DiT)")
     g.add_argument("--steps", type=int, help="sampling steps (default: euler 50, ddpm 250)")
@@ -89,15 +88,13 @@ def sampler_kwargs(args) -> dict:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    from repa_probe.errors import one_line_errors
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
+    from repa_probe.analysis.generation.generate import sample_checkpoints
 
+    setup_logging(args.verbose)
     with one_line_errors(args.debug):
         if args.num_samples is None:
-            from repa_probe.analysis.generation.generate import GenerateError
-            raise GenerateError("--num-samples is required (50000 for FID-50K)")
-        from repa_probe.analysis.generation.generate import sample_checkpoints
-
+            raise AnalysisInputError("--num-samples is required (50000 for FID-50K)")
         done = sample_checkpoints(args.ckpt, args.out, num_samples=args.num_samples, batch_size=args.batch_size,
                                   device=args.device, progress=not args.quiet, **sampler_kwargs(args))
     for d in done:  # empty on torchrun ranks > 0

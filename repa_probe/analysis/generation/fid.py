@@ -19,9 +19,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from repa_probe.analysis.core.inputs import DataSource, build_analysis_dataset, build_config_encoder
+from repa_probe.analysis.core.plots import save_figure
+from repa_probe.analysis.core.runner import versions
+from repa_probe.analysis.core.writers import write_csv, write_json
+from repa_probe.analysis.generation import generate
 from repa_probe.analysis.generation.fid_inputs import (  # noqa: F401 (re-exported: part of this module's API)
-    FIDError, ImageArray, Reference, check_layout, image_height, load_images, read_reference, save_reference_stats)
+    AnalysisInputError, ImageArray, Reference, check_layout, image_height, load_images, read_reference,
+    save_reference_stats)
 from repa_probe.analysis.metrics.frechet import fd_replicates, frechet_distance, statistics
+from repa_probe.devices import resolve_device
+from repa_probe.encoders.target import load_encoder
+from repa_probe.reports.bootstrap import FILE, take_replicates, write_replicates
+from repa_probe.reports.run_report import write_run_report
 from repa_probe.reports.numbers import fmt
 
 log = logging.getLogger("repa_probe")
@@ -94,14 +104,12 @@ def inception_space(weights) -> FeatureSpace:
     path = Path(os.path.expanduser(str(weights))) if weights else (
         Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
     if not path.is_file():
-        raise FIDError(f"Inception weights {path} not found: pass --inception-weights FILE ({INCEPTION_FILE})")
+        raise AnalysisInputError(f"Inception weights {path} not found: pass --inception-weights FILE ({INCEPTION_FILE})")
     return FeatureSpace("fid_inception", INCEPTION, "2048", {"feature_extractor_weights_path": str(path)})
 
 
 def dinov2_space(weights=None) -> FeatureSpace:
     """FD_DINOv2 as dgm-eval: DINOv2 ViT-L/14 CLS at 224 px (antialiased bicubic), ImageNet normalisation."""
-    from repa_probe.encoders.target import load_encoder
-
     enc = load_encoder(DGM_ENCODER, weights=weights, pretrained=True, resolution=256)
     return register_encoder(enc, f"fd_{DGM_ENCODER}", resize=DGM_SIZE)
 
@@ -120,7 +128,7 @@ def reference_stats(ref: Reference, space: FeatureSpace, device, batch_size: int
     """``{"mu", "sigma", "n"}`` of the reference in ``space`` (read, or computed once and kept in ``ref``)."""
     if space.metric not in ref.stats:
         if ref.images is None:
-            raise FIDError(f"--ref {ref.name} has no images and no {space.metric} statistics")
+            raise AnalysisInputError(f"--ref {ref.name} has no images and no {space.metric} statistics")
         mu, sigma = statistics(extract(ref.images, space, [space.layer], device, batch_size)[space.layer])
         ref.stats[space.metric] = {"mu": mu, "sigma": sigma, "n": len(ref.images)}
     return ref.stats[space.metric]
@@ -155,7 +163,7 @@ def evaluate(samples: np.ndarray, ref: Reference, spaces, device="cpu", batch_si
             out["inception_score"] = m["inception_score_mean"]
         if kid or prc:
             if ref.images is None:
-                raise FIDError(f"--ref {ref.name}: KID and precision/recall need reference images (arr_0)")
+                raise AnalysisInputError(f"--ref {ref.name}: KID and precision/recall need reference images (arr_0)")
             ref_feats = extract(ref.images, space, [space.layer], device, batch_size)
             if kid:
                 n = min(len(samples), len(ref.images), 1000)
@@ -178,10 +186,8 @@ def _run_reference(entries, ref_path):
         return read_reference(ref_path), False
     ours = [e for e in entries if e.cfg is not None]
     if not ours:
-        raise FIDError("--ref is required for official checkpoints and for --samples (an ADM reference .npz, "
+        raise AnalysisInputError("--ref is required for official checkpoints and for --samples (an ADM reference .npz, "
                        "an image folder or a reference_stats.pt)")
-    from repa_probe.analysis.core.inputs import DataSource, build_analysis_dataset
-
     c = ours[0].cfg
     source = DataSource(c.data.name, c.data.root, ours[0].resolution, c.run.seed,
                         c.data.num_classes if c.data.name == "shapes" else None, ours[0].vae_name, None, True)
@@ -195,8 +201,6 @@ def _spaces(entries, inception_weights, fd_dinov2, dinov2_weights, encoder, enco
     """Metrics asked for; with none, FD in our run's target-encoder space (+ Inception FID given weights).
     ``--encoder`` is built for the samples' ``resolution`` (REPA's encoder input size); random init seeded
     with ``seed`` (the same as the run's target encoder when it is the run's seed)."""
-    from repa_probe.encoders.target import load_encoder
-
     spaces = [inception_space(inception_weights)] if inception_weights else []
     if fd_dinov2:
         spaces.append(dinov2_space(dinov2_weights))
@@ -208,12 +212,10 @@ def _spaces(entries, inception_weights, fd_dinov2, dinov2_weights, encoder, enco
     if not fd_dinov2 and not encoder:
         ours = [e for e in entries if e.cfg is not None]
         if ours:
-            from repa_probe.analysis.core.inputs import build_config_encoder
-
             enc = build_config_encoder(ours[0].cfg)
             spaces.append(register_encoder(enc, f"fd_{enc.name}"))
         elif not spaces:
-            raise FIDError("no metric: pass --inception-weights FILE, --fd-dinov2 or --encoder NAME")
+            raise AnalysisInputError("no metric: pass --inception-weights FILE, --fd-dinov2 or --encoder NAME")
     return spaces
 
 
@@ -224,11 +226,8 @@ def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None,
     ``out_dir/fid.csv``, ``summary.json``, ``reference_stats.pt``, ``figures/fid_vs_step.{pdf,png}`` and
     ``report.md``; with ``bootstrap`` > 0 also each Fréchet distance's replicates over the samples
     (``replicates.npz``, for the intervals of a study report)."""
-    from repa_probe.analysis.generation import generate
-    from repa_probe.devices import resolve_device
-
     if (ckpts is None) == (samples is None):
-        raise FIDError("give either --ckpt (sample, then evaluate) or --samples (evaluate existing samples)")
+        raise AnalysisInputError("give either --ckpt (sample, then evaluate) or --samples (evaluate existing samples)")
     dev = resolve_device(device)
     out = Path(out_dir)
     entries = generate.load_checkpoints(ckpts, sampler.pop("weights", "auto"), sampler.pop("time_convention", None),
@@ -239,7 +238,7 @@ def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None,
                      resolution, int(sampler.get("seed", 0)))
     if isc or kid or prc:
         if not any(s.extractor == INCEPTION for s in spaces):
-            raise FIDError("--isc/--kid/--prc use Inception features: pass --inception-weights FILE")
+            raise AnalysisInputError("--isc/--kid/--prc use Inception features: pass --inception-weights FILE")
     if ckpts:
         n = num_samples or (len(reference.images) if own_data else 50000)
         folders = generate.sample_checkpoints(None, out / "samples", num_samples=n, batch_size=batch_size,
@@ -265,11 +264,6 @@ def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None,
 
 
 def _write_outputs(out: Path, rows: list, reference: Reference, spaces) -> dict:
-    from repa_probe.analysis.core.runner import versions
-    from repa_probe.analysis.core.writers import write_csv, write_json
-    from repa_probe.reports.bootstrap import FILE, take_replicates, write_replicates
-    from repa_probe.reports.run_report import write_run_report
-
     out.mkdir(parents=True, exist_ok=True)
     replicates = take_replicates(rows)
     write_replicates(replicates, out / FILE)
@@ -289,8 +283,6 @@ def fid_vs_step(rows: list, stem: Path, runs: dict | None = None) -> list[Path]:
     """One panel per metric: value against training step, one line per run (PDF + PNG); [] without steps.
     The run of a row: ``runs[checkpoint]`` (label -> run), else its ``run`` column, else the checkpoint."""
     from matplotlib.figure import Figure
-
-    from repa_probe.analysis.core.plots import save_figure
 
     rows = [r for r in rows if r.get("step") is not None]
     metrics = list(dict.fromkeys(r["metric"] for r in rows))

@@ -22,21 +22,21 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from repa_probe.analysis.core.inputs import load_checkpoints as resolve
+from repa_probe.analysis.core.options import AnalysisOptions
 from repa_probe.analysis.core.writers import atomic_write, write_text
-from repa_probe.sampling.noise import CLASS_TOKEN_KEY, seeded_noise
-from repa_probe.errors import ReproError
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.devices import resolve_device
 from repa_probe.sampling import methods_for, sample
 from repa_probe.sampling.guidance import make_guidance
+from repa_probe.sampling.noise import CLASS_TOKEN_KEY, seeded_noise
+from repa_probe.training.distributed import cleanup_distributed, init_distributed
 
 log = logging.getLogger("repa_probe")
 
-LABEL_MODES = ("balanced", "random")
+SAMPLE_LABEL_MODES = ("balanced", "random")
 SETTINGS_FILE, NPZ_FILE, GRID_FILE = "sampling.json", "samples.npz", "grid.png"
 _STEP_KEY = 0x9E3779B1
-
-
-class GenerateError(ReproError, ValueError):
-    """Bad input to sampling-to-a-folder (settings, folder, sizes); one-line message naming the option."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,16 +58,16 @@ class SamplerSettings:
     def validate(self, convention: str) -> None:
         """Check the settings for a model of time ``convention`` (repa | sit | ddpm)."""
         if self.num_samples < 1:
-            raise GenerateError(f"--num-samples must be >= 1, got {self.num_samples}")
+            raise AnalysisInputError(f"--num-samples must be >= 1, got {self.num_samples}")
         if self.method not in methods_for(convention):
             kind = "DDPM (DiT)" if convention == "ddpm" else "flow"
-            raise GenerateError(f"--method {self.method!r} does not apply to a {kind} model: use one of "
+            raise AnalysisInputError(f"--method {self.method!r} does not apply to a {kind} model: use one of "
                                 f"{', '.join(methods_for(convention))}")
-        if self.labels not in LABEL_MODES:
-            raise GenerateError(f"--labels must be one of {', '.join(LABEL_MODES)}, got {self.labels!r}")
+        if self.labels not in SAMPLE_LABEL_MODES:
+            raise AnalysisInputError(f"--labels must be one of {', '.join(SAMPLE_LABEL_MODES)}, got {self.labels!r}")
         if self.timestep_shift and (self.method not in ("euler", "heun") or not self.timestep_shift > 0):
-            raise GenerateError(f"--timestep-shift must be > 0 (0 = off) and applies to euler / heun, got "
-                                f"{self.timestep_shift} with --method {self.method}")
+            raise AnalysisInputError(f"--timestep-shift must be > 0 (0 = off) and applies to euler / heun, got "
+                                     f"{self.timestep_shift} with --method {self.method}")
 
 
 def default_method(convention: str) -> tuple[str, int]:
@@ -116,7 +116,7 @@ def check_folder(out_dir: Path, settings: dict) -> None:
         old = json.loads(path.read_text())
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise GenerateError(f"{out_dir} holds samples made with other settings ({', '.join(diff)}): "
+            raise AnalysisInputError(f"{out_dir} holds samples made with other settings ({', '.join(diff)}): "
                                 "use another --out or the same settings to resume")
     else:
         write_text(path, json.dumps(settings, indent=1, sort_keys=True))
@@ -132,7 +132,7 @@ def decode(x: torch.Tensor, vae) -> torch.Tensor:
     """Final latents / pixels ``(B, C, h, w)`` -> uint8 images ``(B, 3, H, W)`` on the CPU."""
     if vae is None:
         if x.shape[1] != 3:
-            raise GenerateError(f"the model makes {x.shape[1]}-channel latents: pass --vae (or a run with one)")
+            raise AnalysisInputError(f"the model makes {x.shape[1]}-channel latents: pass --vae (or a run with one)")
         return to_uint8(x).cpu()
     return vae.decode(x.to(vae.device)).cpu()
 
@@ -197,10 +197,10 @@ def load_pngs(out_dir: Path, num_samples: int) -> np.ndarray:
     for i in range(num_samples):
         p = out_dir / f"{i:06d}.png"
         if not p.exists():
-            raise GenerateError(f"{out_dir}: sample {p.name} is missing (run the sampling again to complete it)")
+            raise AnalysisInputError(f"{out_dir}: sample {p.name} is missing (run the sampling again to complete it)")
         a = np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8)
         if size is not None and a.shape != size:
-            raise GenerateError(f"{out_dir}: {p.name} is {a.shape[1]}x{a.shape[0]} but the first sample is "
+            raise AnalysisInputError(f"{out_dir}: {p.name} is {a.shape[1]}x{a.shape[0]} but the first sample is "
                                 f"{size[1]}x{size[0]}; sample images must all have one size")
         size = a.shape
         images.append(a)
@@ -240,9 +240,6 @@ class SampledFolder:
 def load_checkpoints(ckpts, weights="auto", time_convention=None, encoder_depth=None, vae=None) -> list:
     """``--ckpt`` files / run directories -> CheckpointEntry list, through the analysis resolver
     (:func:`repa_probe.analysis.core.inputs.load_checkpoints`; the options are its checkpoint options)."""
-    from repa_probe.analysis.core.inputs import load_checkpoints as resolve
-    from repa_probe.analysis.core.options import AnalysisOptions
-
     return resolve(ckpts, AnalysisOptions(weights=weights, time_convention=time_convention,
                                           encoder_depth=encoder_depth, vae=vae))
 
@@ -255,9 +252,6 @@ def sample_checkpoints(ckpts, out_dir, *, num_samples: int, method=None, steps=N
     ``out_dir/<label>/`` (several). Under torchrun each process samples its share; rank 0 builds the npz and
     is the only one to return the folders (the others return ``[]``).
     ``entries``: checkpoints already loaded by :func:`load_checkpoints` (then ``ckpts`` is ignored)."""
-    from repa_probe.devices import resolve_device
-    from repa_probe.training.distributed import init_distributed
-
     dev = resolve_device(device)
     dist = init_distributed(dev.type)
     if dist.enabled and dev.type == "cuda":
@@ -292,7 +286,5 @@ def sample_checkpoints(ckpts, out_dir, *, num_samples: int, method=None, steps=N
             torch.distributed.barrier()
         done.append(SampledFolder(entry, folder, settings))
     if dist.enabled:
-        from repa_probe.training.distributed import cleanup_distributed
-
         cleanup_distributed()
     return done if dist.is_main else []
