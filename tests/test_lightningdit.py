@@ -209,3 +209,21 @@ def test_sample_cli_takes_their_sampler_settings(tmp_path, capsys):
         sample_main([*base[:5], "sde", "--out", str(tmp_path / "sde"), "--timestep-shift", "0.3", "--vae",
                      "random:tiny"])
     assert "--timestep-shift" in capsys.readouterr().err
+
+
+def test_their_latent_statistics_normalise_the_vae_latents(tmp_path):
+    """LightningDiT's latents_stats.pt {mean, std} (1, C, 1, 1) in a VAE folder: the model sees (z - mean) / std
+    and samples decode from z * std + mean (their inference.py)."""
+    from diffusers import AutoencoderKL
+
+    from repa_probe.encoders.vae import RANDOM_VAES, load_vae
+
+    torch.manual_seed(0)
+    AutoencoderKL(**RANDOM_VAES["tiny-f16d32"]).save_pretrained(tmp_path / "vavae")
+    mean, std = torch.randn(1, 32, 1, 1), torch.rand(1, 32, 1, 1) + 0.5
+    torch.save({"mean": mean, "std": std}, tmp_path / "vavae" / "latents_stats.pt")
+    vae = load_vae(tmp_path / "vavae")
+    raw = torch.randn(2, 32, 4, 4)
+    torch.testing.assert_close(vae.normalize(raw), (raw - mean) / std)
+    torch.testing.assert_close(vae.denormalize(vae.normalize(raw)), raw)
+    assert (vae.latent_channels, vae.downsample_factor) == (32, 16)
