@@ -65,6 +65,9 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
                    "all, or a number k (the first k)")
     g.add_argument("--cls-cfg-scale", type=float, default=None, help="REG models: guidance of the class token, "
                    "applied where the image is guided (default: --cfg-scale; <= 0: its conditional velocity)")
+    g.add_argument("--timestep-shift", type=float, default=0.0, metavar="S",
+                   help="LightningDiT's shifted grid for euler / heun: t -> t / (S + (1 - S) t) in REPA time "
+                        "(theirs: 0.3; default 0 = off)")
     g.add_argument("--labels", default="balanced", choices=("balanced", "random"),
                    help="class labels: balanced (i mod K, default) or random (uniform, REPA's protocol)")
     g.add_argument("--seed", type=int, default=0, help="sample i is seeded by (seed, i); default 0")
@@ -78,7 +81,7 @@ def sampler_kwargs(args) -> dict:
     channels = int(channels) if str(channels).isdigit() else channels
     return dict(method=args.method, steps=args.steps, cfg_scale=args.cfg_scale, guidance_low=args.guidance_low,
                 guidance_high=args.guidance_high, labels=args.labels, seed=args.seed, cfg_channels=channels,
-                cls_cfg_scale=args.cls_cfg_scale,
+                cls_cfg_scale=args.cls_cfg_scale, timestep_shift=args.timestep_shift,
                 time_convention=args.time_convention, encoder_depth=args.encoder_depth, weights=args.weights,
                 vae=args.vae)
 

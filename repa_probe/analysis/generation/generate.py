@@ -53,6 +53,7 @@ class SamplerSettings:
     seed: int = 0
     cfg_channels: str | int = "auto"
     cls_cfg_scale: float | None = None  # REG models: the class token's guidance (None: cfg_scale; <= 0: conditional)
+    timestep_shift: float = 0.0  # LightningDiT's shifted euler / heun grid (0 = off; theirs 0.3)
 
     def validate(self, convention: str) -> None:
         """Check the settings for a model of time ``convention`` (repa | sit | ddpm)."""
@@ -64,6 +65,9 @@ class SamplerSettings:
                                 f"{', '.join(methods_for(convention))}")
         if self.labels not in SAMPLE_LABEL_MODES:
             raise AnalysisInputError(f"--labels must be one of {', '.join(SAMPLE_LABEL_MODES)}, got {self.labels!r}")
+        if self.timestep_shift and (self.method not in ("euler", "heun") or not self.timestep_shift > 0):
+            raise AnalysisInputError(f"--timestep-shift must be > 0 (0 = off) and applies to euler / heun, got "
+                                     f"{self.timestep_shift} with --method {self.method}")
 
 
 def default_method(convention: str) -> tuple[str, int]:
@@ -164,7 +168,8 @@ def generate(model, out_dir, settings: SamplerSettings, *, vae=None, batch_size:
             x = sample(model, noise, labels, method=settings.method, steps=settings.steps,
                        cfg_scale=settings.cfg_scale, guidance_interval=(settings.guidance_low, settings.guidance_high),
                        generator=IndexedNoise(settings.seed, idx.to(device)), cfg_channels=settings.cfg_channels,
-                       path=path, **_class_token_kwargs(model, settings, idx, device))
+                       path=path, timestep_shift=settings.timestep_shift,
+                       **_class_token_kwargs(model, settings, idx, device))
         images = decode(x.float(), vae).permute(0, 2, 3, 1).numpy()
         for i, image in zip(idx.tolist(), images):
             _atomic_png(image, out_dir / f"{i:06d}.png")
@@ -241,7 +246,7 @@ def load_checkpoints(ckpts, weights="auto", time_convention=None, encoder_depth=
 
 def sample_checkpoints(ckpts, out_dir, *, num_samples: int, method=None, steps=None, cfg_scale=1.0,
                        guidance_low=0.0, guidance_high=1.0, labels="balanced", seed=0, cfg_channels="auto",
-                       cls_cfg_scale=None, weights="auto", time_convention=None, encoder_depth=None, vae=None, batch_size=64, device="auto",
+                       cls_cfg_scale=None, timestep_shift=0.0, weights="auto", time_convention=None, encoder_depth=None, vae=None, batch_size=64, device="auto",
                        progress=True, entries=None) -> list[SampledFolder]:
     """Sample every checkpoint of ``ckpts`` (files, run directories) into ``out_dir`` (one checkpoint) or
     ``out_dir/<label>/`` (several). Under torchrun each process samples its share; rank 0 builds the npz and
@@ -259,7 +264,8 @@ def sample_checkpoints(ckpts, out_dir, *, num_samples: int, method=None, steps=N
         m, s = default_method(convention)
         settings = SamplerSettings(num_samples, method or m, int(steps or s), float(cfg_scale), float(guidance_low),
                                    float(guidance_high), labels, int(seed), cfg_channels,
-                                   cls_cfg_scale=None if cls_cfg_scale is None else float(cls_cfg_scale))
+                                   cls_cfg_scale=None if cls_cfg_scale is None else float(cls_cfg_scale),
+                                   timestep_shift=float(timestep_shift))
         folder = Path(out_dir) if len(resolved) == 1 else Path(out_dir) / entry.label.replace("/", "_")
         meta = dict(checkpoint=str(entry.path), step=entry.info.step, time_convention=convention, ema=entry.info.ema,
                     vae=entry.vae_name)
