@@ -8,7 +8,7 @@ import pytest
 
 from analysis.fid import main as fid_main
 from analysis.sample import main as sample_main
-from repa_probe.analysis.generation.fid import CSV_COLUMNS
+from repa_probe.analysis.generation.run import CSV_COLUMNS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

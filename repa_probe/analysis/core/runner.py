@@ -40,6 +40,7 @@ import torch
 from repa_probe.analysis.core.inputs import AnalysisInputError, CheckpointEntry, load_checkpoints
 from repa_probe.analysis.core.writers import write_csv, write_json
 from repa_probe.devices import resolve_device
+from repa_probe.training.distributed import DistInfo, cleanup_distributed, init_distributed
 
 log = logging.getLogger("repa_probe")
 
@@ -60,6 +61,8 @@ def versions() -> dict:
 def make_out_dir(out_dir) -> Path:
     """``out_dir`` and ``out_dir/figures``, created and checked writable (:class:`AnalysisInputError`)."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AnalysisInputError(f"--out {out} is a file, not a folder; name a folder (it is created)")
     try:
         (out / "figures").mkdir(parents=True, exist_ok=True)
         (out / ".write_test").write_text("ok")
@@ -72,13 +75,15 @@ def make_out_dir(out_dir) -> Path:
 # ------------------------------------------------------------------------------------------ skeleton
 @dataclasses.dataclass
 class Run:
-    """What the hooks see: the validated ``options``, the output directory ``out``, the ``device`` and the
-    loaded checkpoint ``entries`` (in the order given)."""
+    """What the hooks see: the validated ``options``, the output directory ``out``, the ``device``, the
+    loaded checkpoint ``entries`` (in the order given) and ``dist`` (torchrun's process group: every rank
+    runs the hooks, so that work such as sampling can be sharded; rank 0 alone writes files)."""
 
     options: Any
     out: Path
     device: torch.device
-    entries: list[CheckpointEntry]
+    entries: list
+    dist: DistInfo = dataclasses.field(default_factory=DistInfo)
 
 
 class Analysis:
@@ -93,6 +98,11 @@ class Analysis:
     @property
     def csv_name(self) -> str:
         return f"{self.name}.csv"
+
+    def load_entries(self, ckpts: Sequence, options) -> list:
+        """What is analysed, one entry each: the checkpoints (:func:`load_checkpoints`). An analysis of other
+        sources (FID of sample folders) returns entries whose ``take_model()`` is None."""
+        return load_checkpoints(ckpts, options)
 
     def setup(self, run: Run) -> None:
         """Validate and resolve light inputs; raise user errors here (before any heavy work)."""
@@ -121,30 +131,48 @@ def run_analysis(analysis: Analysis, ckpts: Sequence, out_dir, options) -> dict:
     """
     options.validate()
     device = resolve_device(options.device)
-    run = Run(options, Path(out_dir), device, load_checkpoints(ckpts, options))
+    dist = init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    try:
+        return _run(analysis, Run(options, Path(out_dir), device, analysis.load_entries(ckpts, options), dist))
+    finally:
+        if dist.enabled:
+            cleanup_distributed()
+
+
+def _run(analysis: Analysis, run: Run) -> dict:
+    device, main = run.device, run.dist.is_main
     analysis.setup(run)
-    out = make_out_dir(out_dir)
+    options = run.options  # as setup resolved them (e.g. a default that depends on the inputs)
+    out = make_out_dir(run.out) if main else run.out
     start = time.perf_counter()
     rows: list[dict] = list(analysis.prepare(run) or [])
     for entry in run.entries:
-        model = entry.take_model().to(device)
-        log.info("%s: %s (%s, %s time, step %s)", analysis.name, entry.label, entry.info.family,
-                 entry.info.time_convention, entry.info.step)
+        model = entry.take_model()
+        if model is not None:
+            model = model.to(device)
+            log.info("%s: %s (%s, %s time, step %s)", analysis.name, entry.label, entry.info.family,
+                     entry.info.time_convention, entry.info.step)
         rows += analysis.analyse(run, entry, model)
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        write_csv(rows, out / analysis.csv_name, analysis.columns)
+        if main:
+            write_csv(rows, out / analysis.csv_name, analysis.columns)
+    if not main:  # torchrun: rank 0 alone evaluates and writes
+        return {"analysis": analysis.name, "files": None}
     figures = analysis.figures(run, rows)
+    extra = analysis.summary(run, rows)
     summary = {
         "analysis": analysis.name,
-        **analysis.summary(run, rows),
+        **extra,
         "options": options.to_dict(),
         "device": str(device),
         "checkpoints": [e.describe() for e in run.entries],
         "versions": versions(),
         "seconds": time.perf_counter() - start,
-        "files": {"csv": analysis.csv_name, "options": "options.json",
+        "files": {"csv": analysis.csv_name, "options": "options.json", **extra.get("files", {}),
                   "figures": [str(Path(p).relative_to(out)) for p in figures]},
     }
     write_json(options.to_dict(), out / "options.json")

@@ -42,16 +42,26 @@ def check_layout(arr, what: str) -> np.ndarray:
     return arr
 
 
+def read_image(path: Path, what: str = "--samples") -> np.ndarray:
+    """One image file as uint8 ``(H, W, 3)``; an unreadable or truncated file is a :class:`FIDError` naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise FIDError(f"{what}: {path} is not a readable image ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:80] if str(exc) else 'broken file'})") from None
+
+
 def load_images(path, what: str = "--samples") -> np.ndarray:
     """A folder of PNG/JPEG images (sorted by name, one size) or an ``.npz`` with ``arr_0`` -> uint8 (N, H, W, 3)."""
-    from PIL import Image
-
     p = Path(path)
     if p.is_dir():
         files = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and not q.name.startswith("."))
         if not files:
             raise FIDError(f"{what} {p}: no .png/.jpg images in the folder")
-        images = [np.asarray(Image.open(q).convert("RGB"), dtype=np.uint8) for q in files]
+        images = [read_image(q, what) for q in files]
         sizes = {im.shape for im in images}
         if len(sizes) > 1:
             raise FIDError(f"{what} {p}: images have different sizes {sorted(s[:2] for s in sizes)[:3]}; "
@@ -94,6 +104,7 @@ class Reference:
     name: str
     images: np.ndarray | None = None
     stats: dict = dataclasses.field(default_factory=dict)  # metric -> {"mu", "sigma", "n"}
+    features: dict = dataclasses.field(default_factory=dict, repr=False)  # metric -> (N, D) features of images
 
 
 def read_reference(path) -> Reference:

@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from repa_probe.analysis.core.writers import atomic_write, write_text
+from repa_probe.analysis.generation.fid_inputs import read_image
 from repa_probe.sampling.noise import seeded_noise
 from repa_probe.errors import ReproError
 from repa_probe.sampling import methods_for, sample
@@ -61,6 +62,8 @@ class SamplerSettings:
             kind = "DDPM (DiT)" if convention == "ddpm" else "flow"
             raise GenerateError(f"--method {self.method!r} does not apply to a {kind} model: use one of "
                                 f"{', '.join(methods_for(convention))}")
+        if convention == "ddpm" and self.steps < 2:
+            raise GenerateError(f"--steps must be >= 2 for {self.method} (DiT), got {self.steps}")
         if self.labels not in LABEL_MODES:
             raise GenerateError(f"--labels must be one of {', '.join(LABEL_MODES)}, got {self.labels!r}")
 
@@ -182,7 +185,7 @@ def load_pngs(out_dir: Path, num_samples: int) -> np.ndarray:
         p = out_dir / f"{i:06d}.png"
         if not p.exists():
             raise GenerateError(f"{out_dir}: sample {p.name} is missing (run the sampling again to complete it)")
-        a = np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8)
+        a = read_image(p, str(out_dir))
         if size is not None and a.shape != size:
             raise GenerateError(f"{out_dir}: {p.name} is {a.shape[1]}x{a.shape[0]} but the first sample is "
                                 f"{size[1]}x{size[0]}; sample images must all have one size")
@@ -212,69 +215,41 @@ def save_grid(images: np.ndarray, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ checkpoints -> folders
-@dataclasses.dataclass
-class SampledFolder:
-    """One checkpoint's samples: ``entry`` (analysis.inputs.CheckpointEntry), its folder and settings."""
-
-    entry: object
-    folder: Path
-    settings: SamplerSettings
-
-
-def load_checkpoints(ckpts, weights="auto", time_convention=None, encoder_depth=None, vae=None) -> list:
-    """``--ckpt`` files / run directories -> CheckpointEntry list, through the analysis resolver
-    (:func:`repa_probe.analysis.core.inputs.load_checkpoints`; the options are its checkpoint options)."""
-    from repa_probe.analysis.core.inputs import load_checkpoints as resolve
-    from repa_probe.analysis.core.options import AnalysisOptions
-
-    return resolve(ckpts, AnalysisOptions(weights=weights, time_convention=time_convention,
-                                          encoder_depth=encoder_depth, vae=vae))
+def settings_for(convention: str, options) -> SamplerSettings:
+    """The settings of a model of time ``convention`` from the sampler fields of ``options``
+    (:class:`~repa_probe.analysis.generation.options.SampleOptions`; method / steps default per model)."""
+    method, steps = default_method(convention)
+    return SamplerSettings(options.num_samples, options.method or method, options.steps or steps,
+                           options.cfg_scale, options.guidance_low, options.guidance_high, options.labels,
+                           options.seed, options.cfg_channels)
 
 
-def sample_checkpoints(ckpts, out_dir, *, num_samples: int, method=None, steps=None, cfg_scale=1.0,
-                       guidance_low=0.0, guidance_high=1.0, labels="balanced", seed=0, cfg_channels="auto",
-                       weights="auto", time_convention=None, encoder_depth=None, vae=None, batch_size=64, device="auto",
-                       progress=True, entries=None) -> list[SampledFolder]:
-    """Sample every checkpoint of ``ckpts`` (files, run directories) into ``out_dir`` (one checkpoint) or
-    ``out_dir/<label>/`` (several). Under torchrun each process samples its share; rank 0 builds the npz and
-    is the only one to return the folders (the others return ``[]``).
-    ``entries``: checkpoints already loaded by :func:`load_checkpoints` (then ``ckpts`` is ignored)."""
-    from repa_probe.devices import resolve_device
-    from repa_probe.training.distributed import init_distributed
+def check_entry(entry, settings: SamplerSettings) -> None:
+    """Settings and guidance that fit the checkpoint ``entry`` (errors before anything is sampled)."""
+    settings.validate(entry.info.time_convention)
+    model = entry.meta_model()
+    make_guidance(model, settings.cfg_scale, (settings.guidance_low, settings.guidance_high), settings.cfg_channels,
+                  model.in_channels)
 
-    dev = resolve_device(device)
-    dist = init_distributed(dev.type)
-    if dist.enabled and dev.type == "cuda":
-        dev = torch.device("cuda", dist.local_rank)
-    resolved = entries or load_checkpoints(ckpts, weights, time_convention, encoder_depth, vae)
-    done = []
-    for entry in resolved:
-        vae_model, path = entry.vae, getattr(entry.objective, "path", "linear")
-        convention = entry.info.time_convention
-        m, s = default_method(convention)
-        settings = SamplerSettings(num_samples, method or m, int(steps or s), float(cfg_scale), float(guidance_low),
-                                   float(guidance_high), labels, int(seed), cfg_channels)
-        folder = Path(out_dir) if len(resolved) == 1 else Path(out_dir) / entry.label.replace("/", "_")
-        meta = dict(checkpoint=str(entry.path), step=entry.info.step, time_convention=convention, ema=entry.info.ema,
-                    vae=entry.vae_name)
-        if vae_model is not None:
-            vae_model.to(dev)
-        model = entry.take_model()
-        if dist.enabled:  # rank 0 checks / records the settings before anyone writes
-            if dist.is_main:
-                check_folder(folder, dict(dataclasses.asdict(settings), **meta))
-            torch.distributed.barrier()
-        generate(model, folder, settings, vae=vae_model, batch_size=batch_size, device=dev,
-                 rank=dist.rank, world=dist.world_size, path=path, progress=progress, meta=meta,
-                 finalize=not dist.enabled)
-        if dist.enabled:
-            torch.distributed.barrier()
-            if dist.is_main:
-                build_npz(folder, num_samples)
-            torch.distributed.barrier()
-        done.append(SampledFolder(entry, folder, settings))
+
+def sample_entry(entry, model, folder: Path, settings: SamplerSettings, dist, device, batch_size: int,
+                 progress: bool) -> Path:
+    """Sample the checkpoint ``entry`` (its ``model``, VAE and flow path) into ``folder``; under torchrun
+    (``dist``) each rank samples its share and rank 0 builds ``samples.npz``. Returns the npz path."""
+    meta = dict(checkpoint=str(entry.path), step=entry.info.step, time_convention=entry.info.time_convention,
+                ema=entry.info.ema, vae=entry.vae_name)
+    if entry.vae is not None:
+        entry.vae.to(device)
+    if dist.enabled:  # rank 0 checks / records the settings before anyone writes
+        if dist.is_main:
+            check_folder(folder, dict(dataclasses.asdict(settings), **meta))
+        torch.distributed.barrier()
+    npz = generate(model, folder, settings, vae=entry.vae, batch_size=batch_size, device=device, rank=dist.rank,
+                   world=dist.world_size, path=getattr(entry.objective, "path", "linear"), progress=progress,
+                   meta=meta, finalize=not dist.enabled)
     if dist.enabled:
-        from repa_probe.training.distributed import cleanup_distributed
-
-        cleanup_distributed()
-    return done if dist.is_main else []
+        torch.distributed.barrier()
+        if dist.is_main:
+            build_npz(folder, settings.num_samples)
+        torch.distributed.barrier()
+    return npz
