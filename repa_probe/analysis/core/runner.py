@@ -3,8 +3,9 @@
 An analysis is a subclass of :class:`Analysis` that fills in a few hooks; :func:`run_analysis` does the rest:
 
 1. check the options (validated :class:`~repa_probe.analysis.core.options.AnalysisOptions`), resolve the device;
-2. load every checkpoint once (:func:`~repa_probe.analysis.core.inputs.load_checkpoints`: our files and official
-   ones; small models stay in memory), then ``analysis.setup(run)``: validate everything else and resolve
+2. ``analysis.load_entries``: load every checkpoint once (:func:`~repa_probe.analysis.core.inputs.load_checkpoints`:
+   our files and official ones; small models stay in memory; FID also takes sample folders as entries without
+   a model), then ``analysis.setup(run)``: validate everything else and resolve
    the light inputs (data, VAE, encoder) — every user error surfaces here, before any heavy work — and
    make the output directory (checked writable);
 3. ``analysis.prepare(run)``: heavy work shared by all checkpoints (model inputs, encoder features); it may
@@ -13,7 +14,9 @@ An analysis is a subclass of :class:`Analysis` that fills in a few hooks; :func:
    ``rows += analysis.analyse(run, entry, model)``, free the model, rewrite ``{csv_name}`` (a long run leaves
    partial results behind);
 5. ``analysis.figures(run, rows)`` -> ``figures/*.pdf|png``, then ``summary.json`` (common fields plus
-   ``analysis.summary(run, rows)``) and ``options.json`` (the resolved options) beside the CSV.
+   ``analysis.summary(run, rows)``; paths relative to the folder) and ``options.json`` (the resolved options).
+
+Under torchrun every rank runs the hooks (``run.dist``: sampling shards its indices) and rank 0 alone writes.
 
 Sketch of a new analysis::
 

@@ -135,14 +135,31 @@ def decode(x: torch.Tensor, vae) -> torch.Tensor:
     return vae.decode(x.to(vae.device)).cpu()
 
 
-def generate(model, out_dir, settings: SamplerSettings, *, vae=None, batch_size: int = 64, device="cpu",
-             rank: int = 0, world: int = 1, path: str = "linear", progress: bool = True, meta: dict | None = None,
-             finalize: bool = True) -> Path:
+@dataclasses.dataclass(frozen=True)
+class Running:
+    """How :func:`generate` runs: ``batch_size`` samples per batch, ``device``, this process's share of the
+    indices (``rank`` of ``world``: ``i ≡ rank mod world``), ``progress`` bar, and ``finalize`` (build
+    ``samples.npz`` when done; under torchrun rank 0 builds it after every rank finished)."""
+
+    batch_size: int = 64
+    device: str | torch.device = "cpu"
+    rank: int = 0
+    world: int = 1
+    progress: bool = True
+    finalize: bool = True
+
+
+def generate(model, out_dir, settings: SamplerSettings, *, vae=None, path: str = "linear", meta: dict | None = None,
+             running: Running = Running()) -> Path:
     """Sample ``settings.num_samples`` images of ``model`` into ``out_dir`` (see the module docstring).
 
-    ``model``: any ``load_model`` model (moved to ``device``; bf16 autocast on CUDA). Returns the
-    ``samples.npz`` path (built by rank 0 once every PNG exists; with ``finalize=False`` it is left out).
+    ``model``: any ``load_model`` model (moved to the device; bf16 autocast on CUDA); ``vae``: its decoder
+    (None in pixel space); ``path``: its flow interpolant; ``meta``: recorded in ``sampling.json`` with the
+    settings. Returns the ``samples.npz`` path (built by rank 0 once every PNG exists, unless
+    ``running.finalize`` is False).
     """
+    r = running
+    batch_size, rank, world, progress = r.batch_size, r.rank, r.world, r.progress
     settings.validate(getattr(model, "time_convention", "repa"))
     make_guidance(model, settings.cfg_scale, (settings.guidance_low, settings.guidance_high), settings.cfg_channels,
                   model.in_channels)  # bad guidance options fail before anything is written
@@ -152,7 +169,7 @@ def generate(model, out_dir, settings: SamplerSettings, *, vae=None, batch_size:
         check_folder(out_dir, record)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = missing_indices(out_dir, settings.num_samples, rank, world)
-    device = torch.device(device)
+    device = torch.device(r.device)
     model = model.to(device)
     shape = (model.in_channels, model.input_size, model.input_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -173,7 +190,7 @@ def generate(model, out_dir, settings: SamplerSettings, *, vae=None, batch_size:
         bar.update(len(idx))
     bar.close()
     npz = out_dir / NPZ_FILE
-    if finalize and rank == 0 and (todo or not npz.exists()):  # a complete folder is left as it is
+    if r.finalize and rank == 0 and (todo or not npz.exists()):  # a complete folder is left as it is
         build_npz(out_dir, settings.num_samples)
     return npz
 
@@ -244,9 +261,8 @@ def sample_entry(entry, model, folder: Path, settings: SamplerSettings, dist, de
         if dist.is_main:
             check_folder(folder, dict(dataclasses.asdict(settings), **meta))
         torch.distributed.barrier()
-    npz = generate(model, folder, settings, vae=entry.vae, batch_size=batch_size, device=device, rank=dist.rank,
-                   world=dist.world_size, path=getattr(entry.objective, "path", "linear"), progress=progress,
-                   meta=meta, finalize=not dist.enabled)
+    npz = generate(model, folder, settings, vae=entry.vae, path=getattr(entry.objective, "path", "linear"), meta=meta,
+                   running=Running(batch_size, device, dist.rank, dist.world_size, progress, not dist.enabled))
     if dist.enabled:
         torch.distributed.barrier()
         if dist.is_main:
