@@ -26,7 +26,7 @@ With only --ckpt and --out, dataset, encoder, VAE and objective come from our ch
 
 Outputs in --out: alignment.csv (checkpoint, step, layer, timestep, metric, value, ci_low, ci_high, n),
 summary.json (best block per checkpoint/timestep/metric, settings, versions), options.json (the resolved
-options) and figures/ (PDF + PNG).
+options), report.md (the headline numbers), replicates.npz (with --bootstrap) and figures/ (PDF + PNG).
 """
 
 EXAMPLES = """\
@@ -81,8 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "metrics lds, cds, srss, rmsc (iREPA; rows per block x timestep plus layer=target for the "
                    "encoder's patch tokens) (comma list; default cknna)")
     g.add_argument("--topk", type=int, default=10, help="k of the kNN metrics (default 10, platonic-rep's)")
-    g.add_argument("--bootstrap", type=int, default=0, metavar="B", help="half-sampling replicates for 95%% "
-                   "intervals (0 = off; e.g. 100)")
+    g.add_argument("--bootstrap", type=int, default=0, metavar="B", help="half-sampling (CKNNA, ...) / bootstrap "
+                   "(spatial metrics) replicates for 95%% intervals, kept in replicates.npz for the comparisons of a "
+                   "study report (0 = off; e.g. 100)")
     g = p.add_argument_group("running")
     add_running_options(g, batch_size=256)
     g.add_argument("--plot-timestep", metavar="T", help="timestep of the cross-checkpoint figures (default: the "
@@ -110,8 +111,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     for b in (b for b in summary["best"] if b["timestep"] == plot_t):
         print(f"{b['checkpoint']}  t={b['timestep']}  {b['metric']}: best block {b['best_layer']} "
               f"({b['value']:.4f})")
-    print(f"wrote {os.path.join(args.out, 'alignment.csv')}, summary.json and {len(summary['files']['figures'])} "
-          f"figure files")
+    print(f"wrote {os.path.join(args.out, 'alignment.csv')}, summary.json, report.md and "
+          f"{len(summary['files']['figures'])} figure files")
     return 0
 
 

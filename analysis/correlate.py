@@ -24,7 +24,7 @@ the shared ones (a warning lists the rest). With runs that differ only in their 
 `--x lds@target --y fid_inception --last-only` is iREPA's figure (spatial structure of the target vs FID).
 
 Outputs in --out: correlation.csv (run, checkpoint, step, x, y), summary.json (r, rho, intervals,
-p-values, n, warnings) and figures/ (PDF + PNG).
+p-values, n, warnings), report.md and figures/ (PDF + PNG).
 """
 
 EXAMPLES = """\
@@ -70,8 +70,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         ci = "" if v["ci_low"] is None else f"  95% CI [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
         p = "" if v["p_perm"] is None else f"  p = {v['p_perm']:.3g}"
         print(f"{s['x']} vs {s['y']}: {sym} = {v['r']:.3f}{ci}{p}  (n = {s['n']} checkpoints, {s['runs']} runs)")
-    print(f"wrote {os.path.join(args.out, 'correlation.csv')}, summary.json and {len(s['files']['figures'])} "
-          "figure files")
+    print(f"wrote {os.path.join(args.out, 'correlation.csv')}, summary.json, report.md and "
+          f"{len(s['files']['figures'])} figure files")
     return 0
 
 

@@ -26,9 +26,9 @@ works offline. Fréchet distances are computed in float64.
 Reference (--ref): an ADM reference batch .npz (mu/sigma; its arr_0 only for KID and precision/recall), an
 image folder or .npz of images, or OUT/reference_stats.pt of an earlier run.
 Outputs: fid.csv (checkpoint, run, step, metric, value, num_samples, sampler settings), summary.json,
-options.json, reference_stats.pt, figures/fid_vs_step.{pdf,png}. The reference goes through each feature
-extractor once per run (also for KID / precision-recall), and every input (weights files, reference,
-encoders) is checked before any sampling.
+options.json, reference_stats.pt, figures/fid_vs_step.{pdf,png}, report.md and, with --bootstrap,
+replicates.npz. The reference goes through each feature extractor once per run (also for KID /
+precision-recall), and every input (weights files, reference, encoders) is checked before any sampling.
 """
 
 EXAMPLES = """\
@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--encoder", metavar="NAME", help="FD in this target encoder's space (fd_<NAME>)")
     g.add_argument("--encoder-weights", metavar="FILE", help="local weights of --encoder")
     g.add_argument("--random-encoder", action="store_true", help="random-initialised --encoder (tests only)")
+    g.add_argument("--bootstrap", type=int, default=0, metavar="B", help="replicates of each Fréchet distance over "
+                   "the samples (resampled with replacement) for 95%% intervals: replicates.npz, report.md "
+                   "(0 = off; each costs one covariance and one Fréchet distance)")
     add_sampler_options(p)
     g = p.add_argument_group("running")
     g.add_argument("--batch-size", type=int, default=256, help="samples and images per batch (default 256)")
@@ -81,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     for r in summary["rows"]:
         print(f"{r['checkpoint']}  {r['metric']}: {r['value']:.4f}  (n={r['num_samples']})")
-    print(f"wrote {os.path.join(args.out, summary['files']['csv'])}, summary.json and "
+    print(f"wrote {os.path.join(args.out, summary['files']['csv'])}, summary.json, report.md and "
           f"{len(summary['files']['figures'])} figure files")
     return 0
 

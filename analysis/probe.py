@@ -41,7 +41,7 @@ config. Official checkpoints need --data (and --encoder for --encoder-reference)
 
 Outputs in --out: {prefix}.csv (checkpoint, step, source, layer, timestep, metric, value, num_train,
 num_test), summary.json (settings, rows, every probe's chosen hyper-parameters), options.json (the resolved
-options) and figures/ (PDF + PNG).
+options), report.md (the headline numbers), replicates.npz (linear probes) and figures/ (PDF + PNG).
 """
 DATASETS = {"linear": "shapes | digits | imagefolder DIR (ImageNet layout: DIR/train, DIR/val)",
             "segmentation": "shapes | voc DIR (Pascal VOC 2012) | ade20k DIR (ADEChallengeData2016)"}
@@ -103,6 +103,8 @@ def build_parser(task: str = "linear") -> argparse.ArgumentParser:
     add_running_options(g, batch_size=64)
     g.add_argument("--max-feature-gb", type=float, default=4.0, help="features held in memory per extraction pass "
                    "(default 4; more layers take more passes)")
+    g.add_argument("--bootstrap", type=int, default=200, metavar="B", help="replicates over test images for 95%% "
+                   "intervals of linear-probe accuracy (replicates.npz, report.md; default 200, 0 = off)")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_debug_flags(g)
     return p
@@ -122,7 +124,7 @@ def main(argv: Optional[List[str]] = None, task: str = "linear") -> int:
         options = ProbeOptions.from_namespace(args, task=task, data=data, data_root=root or args.data_root,
                                               progress=not args.quiet)
         summary = run_probes(args.ckpt, args.out, options)
-    print(f"wrote {os.path.join(args.out, summary['files']['csv'])}, summary.json, options.json and "
+    print(f"wrote {os.path.join(args.out, summary['files']['csv'])}, summary.json, options.json, report.md and "
           f"{len(summary['files']['figures'])} figure files")
     return 0
 

@@ -5,15 +5,18 @@ Supported files (``load_model``):
 * ``"repa-probe"`` — our training checkpoint: a dict with ``format = "repa-probe/1"``,
   ``model``/``ema`` state dicts, ``model_config`` (constructor keywords) and ``step``.
 * ``"official-training"`` — a DiT / SiT / REPA training checkpoint: ``{"model", "ema", "opt",
-  "args": argparse.Namespace[, "steps"]}``.
+  "args": argparse.Namespace[, "steps"]}``, or LightningDiT's ``{"model", "ema", "opt", "config": YAML dict}``
+  (the step only in the file name, e.g. ``0080000.pt``).
 * ``"official-state-dict"`` — a plain state dict (the released DiT-XL-2-256x256.pt, REPA's
-  last.pt, ...), optionally with a DDP ``module.`` or torch.compile ``_orig_mod.`` prefix.
+  last.pt, LightningDiT's released file, ...), optionally with a DDP ``module.`` or torch.compile ``_orig_mod.``
+  prefix.
 
 Time-convention detection for official files (see :mod:`repa_probe.timesteps`): an explicit
 ``time_convention=`` wins; then the training ``args`` (REPA args carry ``enc_type``/``proj_coeff``/
 ``encoder_depth``: ``repa``; SiT args have ``model="SiT-..."`` or a ``path_type``: ``sit``; DiT args have
-``model="DiT-..."``: ``ddpm``); then shapes: projectors or a C-channel output mean ``repa``, a 2C-channel
-output ``ddpm``. DiT and official SiT state dicts are indistinguishable by shape, so a plain SiT state dict
+``model="DiT-..."``: ``ddpm``; LightningDiT's ``config.model.model_type="LightningDiT-..."``: ``sit``); then
+shapes: LightningDiT's blocks (SwiGLU, RMSNorm, RoPE, wo_shift) mean ``sit`` (its t = 0 is noise), projectors or a
+C-channel output ``repa``, a 2C-channel output ``ddpm``. DiT and official SiT state dicts are indistinguishable by shape, so a plain SiT state dict
 needs ``time_convention="sit"``. Our older checkpoints store ``family`` ("DiT" / "SiT" / "REPA") in
 ``model_config``; it is read as the matching convention.
 
@@ -36,7 +39,7 @@ import torch
 
 from repa_probe.models.layout import (LayoutError, detect_convention, encoder_depth_of, infer_config,  # noqa: F401
                                       is_state_dict, normalize_keys)
-from repa_probe.models.registry import size_name
+from repa_probe.models.registry import from_config, size_name
 from repa_probe.models.transformer import DiffusionTransformer
 from repa_probe.errors import ReproError
 from repa_probe.timesteps import TimeError, convention_of
@@ -54,7 +57,7 @@ class CheckpointError(ReproError, RuntimeError):
 class ModelInfo:
     """What :func:`load_model` found.
 
-    ``family``: architecture, "DiT" | "SiT"; ``size``: "S" | "B" | "L" | "XL" or None;
+    ``family``: architecture, "DiT" | "SiT" | "LightningDiT"; ``size``: "S" | "B" | "L" | "XL" or None;
     ``time_convention``: "ddpm" | "sit" | "repa"; ``source_format``: "repa-probe" |
     "official-state-dict" | "official-training"; ``step``: training step or None; ``ema``: True
     when the weights came from an ``ema`` entry (plain state dicts report False even though the
@@ -219,7 +222,8 @@ def _read_layout(obj: Any, path: Path) -> tuple[str, Any, dict | None, Any]:
             raise CheckpointError("repa-probe checkpoint without a model_config dict")
         return "repa-probe", obj.get("step"), dict(obj["model_config"]), None
     if isinstance(obj, Mapping) and ("model" in obj or "ema" in obj) and not is_state_dict(obj):
-        return "official-training", obj.get("steps", obj.get("step", _step_from_name(path))), None, obj.get("args")
+        args = obj.get("args", obj.get("config"))  # LightningDiT stores its YAML config instead of args
+        return "official-training", obj.get("steps", obj.get("step", _step_from_name(path))), None, args
     if is_state_dict(obj):
         return "official-state-dict", _step_from_name(path), None, None
     kind = f"dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, Mapping) else type(obj).__name__
@@ -260,7 +264,7 @@ def _build(config: dict, sd: dict) -> DiffusionTransformer:
     """A float32 CPU model in eval mode holding ``sd`` (strict: keys and shapes checked first)."""
     try:
         with torch.device("meta"):
-            model = DiffusionTransformer(**config)
+            model = from_config(config)
         _check_against_model(model, sd)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"cannot build a model from config: {_one_line(exc)}") from exc

@@ -12,6 +12,8 @@ import torch
 import repa_probe.analysis.alignment.run as alignment
 from analysis.alignment import main
 from repa_probe.analysis.alignment.run import CSV_COLUMNS, AlignmentOptions, alignment_table
+from repa_probe.reports.bootstrap import interval, read_replicates, row_key
+from repa_probe.reports.numbers import fmt_interval
 from repa_probe.analysis.core.inputs import (DataSource, build_analysis_dataset, build_config_encoder,
                                         load_checkpoints)
 
@@ -101,6 +103,17 @@ def test_cli_end_to_end_on_a_run(run, tmp_path, capsys):
         data = (out / "figures" / name).read_bytes()
         assert len(data) > 2000 and data[:4] in (b"%PDF", b"\x89PNG")
     assert "best block" in capsys.readouterr().out
+    # report.md: the best block of each checkpoint at the plot timestep, with the interval of its replicates
+    report = (out / "report.md").read_text()
+    best = max((r for r in rows if r["checkpoint"] == "tiny/0000002" and r["timestep"] == "0.5"),
+               key=lambda r: float(r["value"]))
+    reps = read_replicates([out / "replicates.npz"])
+    assert len(reps) == len(rows) and summary["files"]["replicates"] == "replicates.npz"
+    lo, hi = interval(float(best["value"]), *reps[row_key({**best, "layer": int(best["layer"]),
+                                                          "timestep": 0.5})])
+    assert lo == pytest.approx(float(best["ci_low"])) and hi == pytest.approx(float(best["ci_high"]))
+    line = f"| tiny/0000002 | 2 | 0.5 | CKNNA | {best['layer']} | {fmt_interval(float(best['value']), lo, hi)} |"
+    assert line in report and "`alignment.csv`" in report
 
     # the library API gives the same numbers without files (same data, noise and settings)
     entry = load_checkpoints([run_dir / "checkpoints" / "0000002.pt"], AlignmentOptions())[0]

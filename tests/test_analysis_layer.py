@@ -156,7 +156,9 @@ def test_run_skeleton_loads_each_checkpoint_once_and_writes_its_files(ckpts, tmp
     assert json.loads((out / "options.json").read_text()) == opts.to_dict() == summary["options"]
     written = json.loads((out / "summary.json").read_text())
     assert written["data"] == "shapes" and written["files"] == {"csv": "counting.csv", "options": "options.json",
+                                                               "report": "report.md", "replicates": None,
                                                                "figures": ["figures/x.png"]}
+    assert "| ours | 5 | depth | 4 |" in (out / "report.md").read_text()  # headline table of any analysis
     assert [c["label"] for c in written["checkpoints"]] == ["ours", "last"]
     assert written["checkpoints"][1]["time_convention"] == "repa" and written["versions"]["torch"]
 

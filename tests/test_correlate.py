@@ -121,6 +121,7 @@ def test_cli_writes_csv_json_and_figures(tmp_path, capsys):
     figs = {Path(p).name for p in summary["files"]["figures"]}
     assert {"scatter_cknna_block2_t_0.5_vs_fid_inception.pdf", "steps_cknna_block2_t_0.5_vs_fid_inception.png"} <= figs
     assert all((out / p).stat().st_size > 0 for p in summary["files"]["figures"])
+    assert "| pearson | 10 |" in (out / "report.md").read_text()
 
 
 def _one_line_error(capsys, argv) -> str:

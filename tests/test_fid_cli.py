@@ -46,7 +46,8 @@ def test_sample_cli(run, tmp_path, capsys):
 
 def test_fid_cli_on_a_run(run, tmp_path):
     out = tmp_path / "fid"
-    assert fid_main(["--ckpt", str(run), "--num-samples", "80", "--steps", "2", "--out", str(out), "-q"]) == 0
+    assert fid_main(["--ckpt", str(run), "--num-samples", "80", "--steps", "2", "--out", str(out), "--bootstrap",
+                     "20", "-q"]) == 0
     with open(out / "fid.csv") as f:
         reader = csv.DictReader(f)
         assert tuple(reader.fieldnames) == CSV_COLUMNS
@@ -58,6 +59,9 @@ def test_fid_cli_on_a_run(run, tmp_path):
     assert (out / "figures" / "fid_vs_step.pdf").exists() and (out / "figures" / "fid_vs_step.png").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"] == ["fd_tiny_vit"] and summary["reference"].startswith("shapes:")
+    reps = np.load(out / "replicates.npz")  # 20 replicates of each FD over the 80 samples
+    assert reps["values"].shape == (2, 20) and np.isfinite(reps["values"]).all()
+    assert "| tiny/0000002 | 2 | FD (tiny_vit) |" in (out / "report.md").read_text()
     # the cached reference statistics and the samples folder can be evaluated again without the checkpoint
     again = tmp_path / "again"
     npz = out / "samples" / "tiny_0000002" / "samples.npz"
@@ -66,6 +70,7 @@ def test_fid_cli_on_a_run(run, tmp_path):
     with open(again / "fid.csv") as f:
         (row,) = list(csv.DictReader(f))
     assert float(row["value"]) == pytest.approx(float(rows[1]["value"]), rel=1e-9)
+    assert "FD (tiny_vit)" in (again / "report.md").read_text() and not (again / "replicates.npz").exists()
 
 
 @pytest.mark.parametrize("argv, match", [

@@ -48,11 +48,13 @@ def _inputs(model: DiffusionTransformer, batch: int = 3, seed: int = 1, int_time
 
 def test_list_models_names():
     names = list_models()
-    assert len(names) == 24
-    for prefix in ("SiT", "DiT"):
+    assert len([n for n in names if n.startswith(("SiT-", "DiT-"))]) == 24
+    assert len([n for n in names if n.startswith("LightningDiT-")]) == 16
+    for prefix in ("SiT", "DiT", "LightningDiT"):
         for size in ("S", "B", "L", "XL"):
             for p in (2, 4, 8):
                 assert f"{prefix}-{size}/{p}" in names
+    assert "LightningDiT-XL/1" in names
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -65,7 +67,8 @@ def test_every_registered_name_builds_and_runs(name):
     assert zs == []
     assert model.patch_size == int(name.split("/")[1])
     assert model.num_tokens == (16 // model.patch_size) ** 2 == model.grid_size ** 2
-    assert (model.family, model.time_convention) == (("DiT", "ddpm") if name.startswith("DiT") else ("SiT", "repa"))
+    prefix = name.split("-")[0]
+    assert (model.family, model.time_convention) == (prefix, "ddpm" if prefix == "DiT" else "repa")
     # the real architecture (meta device: shapes only, no memory)
     with torch.device("meta"):
         full = create_model(name)

@@ -1,6 +1,7 @@
 """End to end: `python -m analysis.probe` / `analysis.segment` on a tiny checkpoint made by the trainer."""
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -58,6 +59,10 @@ def test_probe_cli_end_to_end(tiny_ckpt, tmp_path):
     for ext in ("pdf", "png"):
         assert (out / "figures" / f"probe_top1.{ext}").stat().st_size > 0
     assert not (out / "figures" / "probe_top5.png").exists()  # 4 classes: top-5 is 1 by construction
+    # replicates over the 32 test images (200 by default): a top-1 interval in report.md, 1/32 resolution
+    report = (out / "report.md").read_text()
+    assert "Best block of each checkpoint" in report and "encoder:cls" in report
+    assert re.search(r"\| top-1 \| [14] \| \d\.\d+ \[\d\.\d+, \d\.\d+\] \|", report), report
 
 
 def test_probe_demo_default_is_above_chance_and_falls_with_noise(tiny_ckpt, tmp_path):

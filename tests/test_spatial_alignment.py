@@ -99,9 +99,10 @@ def test_token_masks_pool_and_filter():
 
 def test_summarise_and_metric_names():
     v = torch.tensor([1.0, float("nan"), 3.0, 2.0])
-    value, lo, hi, n = summarise(v, bootstrap=200, seed=0)
-    assert value == pytest.approx(2.0) and n == 3 and 1.0 <= lo <= value <= hi <= 3.0
-    assert summarise(v)[1:] == (None, None, 3)
+    s = summarise(v, bootstrap=200, seed=0)
+    assert s["value"] == pytest.approx(2.0) and s["n"] == 3 and 0.9 <= s["ci_low"] < 2.0 < s["ci_high"] <= 3.1
+    assert s["replicates"].shape == (200,) and s["replicate_scale"] == 1.0
+    assert summarise(v) == dict(value=pytest.approx(2.0), ci_low=None, ci_high=None, n=3)
     assert AlignmentOptions(metric="cknna, lds,rmsc").metric == ["cknna", "lds", "rmsc"]
     with pytest.raises(OptionsError, match="unknown metric.*ldz"):
         AlignmentOptions(metric="lds,ldz")

@@ -2,7 +2,7 @@
 and normalisation, and REPA's / iREPA's ``--enc-type`` spellings as aliases.
 
 Per-encoder choices follow the official REPA code (``preprocess_raw_image`` and ``load_encoders``); the
-README's "Target encoders" table lists them with their weight sources.
+docs/encoders.md lists them in a table with their weight sources.
 """
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ register_encoder(EncoderSpec(
     "ijepa_vith14", "vit_huge_patch14_gap_224", 14, 1280, True, hub_file="IN1K-vit.h.14-300e.pth.tar",
     has_cls=False), aliases=("jepa-vit-h", "ijepa-vit-h"))
 # SigLIP / SigLIP 2 at 256 px (no CLS; the attention-pool head is dropped): final-norm tokens, SigLIP's own
-# (0.5, 0.5) normalisation (iREPA fed ImageNet-normalised pixels: see the README), no resize (patch 16).
+# (0.5, 0.5) normalisation (iREPA fed ImageNet-normalised pixels: see docs/encoders.md), no resize (patch 16).
 for _v, _tag in (("", "webli"), ("2", "v2_webli")):
     for _size, (_timm_size, _dim) in {"b": ("base", 768), "l": ("large", 1024)}.items():
         _timm = f"vit_{_timm_size}_patch16_siglip_256"

@@ -1,8 +1,10 @@
-"""The official state-dict layout of DiT / SiT / REPA / iREPA models, read back into constructor keywords.
+"""The official state-dict layout of DiT / SiT / REPA / iREPA / LightningDiT models, read back into constructor
+keywords.
 
 Tensor shapes tell depth, width, patch, input size, channels, classes, ``learn_sigma``, projector dims and type,
-``qk_norm`` and the MLP ratio; the head count follows the official sizes' rule unless ``qk_norm`` reveals it;
-the projectors' ``encoder_depth`` is in no shape. :func:`detect_convention` reads a file's time convention
+``qk_norm``, the MLP ratio and LightningDiT's switches (:func:`repa_probe.models.lightningdit.read_layout`); the
+head count follows the official sizes' rule unless ``qk_norm`` or a RoPE table reveals it; the projectors'
+``encoder_depth`` is in no shape. :func:`detect_convention` reads a file's time convention
 from its training ``args`` or its shapes (see :mod:`repa_probe.checkpoint`, which uses this module).
 """
 from __future__ import annotations
@@ -14,6 +16,9 @@ from typing import Any, Mapping
 import torch
 
 from repa_probe.errors import ReproError
+from repa_probe.models.layers import ModelInputError
+from repa_probe.models.lightningdit import OPTION_NAMES as LIGHTNING_OPTIONS
+from repa_probe.models.lightningdit import read_layout as read_lightning_layout
 
 log = logging.getLogger("repa_probe.checkpoint")
 
@@ -53,7 +58,8 @@ def _args_get(args: Any, name: str, default=None):
     return getattr(args, name, default)
 
 
-def _heads_for(hidden: int, state_dict: Mapping[str, torch.Tensor], num_heads: int | None) -> int:
+def _heads_for(hidden: int, state_dict: Mapping[str, torch.Tensor], num_heads: int | None,
+               head_dim: int | None = None) -> int:
     qn = state_dict.get("blocks.0.attn.q_norm.weight")
     if qn is not None:  # qk_norm LayerNorm is head_dim wide, so heads are readable
         heads_from_shape = hidden // qn.shape[0]
@@ -61,6 +67,11 @@ def _heads_for(hidden: int, state_dict: Mapping[str, torch.Tensor], num_heads: i
             raise LayoutError(f"num_heads={num_heads} contradicts q_norm width {qn.shape[0]} "
                                   f"(head_dim), which implies {heads_from_shape} heads")
         return heads_from_shape
+    if head_dim:  # LightningDiT's RoPE table is head_dim wide
+        if num_heads is not None and num_heads * head_dim != hidden:
+            raise LayoutError(f"num_heads={num_heads} contradicts the RoPE table width {head_dim} (head_dim), "
+                              f"which implies {hidden // head_dim} heads")
+        return hidden // head_dim
     if num_heads is not None:
         return int(num_heads)
     if hidden in HEADS_BY_WIDTH:
@@ -78,8 +89,9 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
     ``in_channels``, REG's ``cls_token_dim`` (from ``cls_projectors2``; its ``pos_embed`` has one more row),
     ``num_classes`` (the table is assumed to include the null row unless
     ``args.num_classes`` says otherwise), ``learn_sigma`` (2C output), projector dims and type (REPA's
-    MLP, or iREPA's conv ``projectors.k.projection_layer`` and its kernel), ``qk_norm`` and ``mlp_ratio``.
-    Heads: from the q_norm width when ``qk_norm``, else ``num_heads`` or the
+    MLP, or iREPA's conv ``projectors.k.projection_layer`` and its kernel), ``qk_norm``, ``mlp_ratio`` and
+    LightningDiT's ``swiglu`` / ``rmsnorm`` / ``rope`` / ``wo_shift`` (present only for such a layout).
+    Heads: from the q_norm width when ``qk_norm``, else from the RoPE table, else ``num_heads`` or the
     rule 384→6, 768→12, 1024→16, 1152→16, otherwise width/64. ``encoder_depth`` (1-based block the
     projectors read) is in no shape: the ``encoder_depth`` argument, else ``args.encoder_depth`` (the two
     must agree), else 8 clamped to [1, depth] with a logged warning when the file has projectors (see
@@ -111,9 +123,15 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
     out_ch = out_features // (patch * patch)
     if out_ch not in (in_ch, 2 * in_ch):
         raise LayoutError(f"final layer has {out_ch} channels; expected {in_ch} or {2 * in_ch}")
+    try:
+        lightning = read_lightning_layout(sd, hidden)  # {} unless LightningDiT's switches show
+    except ModelInputError as exc:
+        raise LayoutError(str(exc)) from None
     fc1 = sd.get("blocks.0.mlp.fc1.weight")
-    if fc1 is None:
+    if fc1 is None and "mlp_ratio" not in lightning:
         raise LayoutError("unknown key layout (blocks.0.mlp.fc1.weight missing)")
+    mlp_ratio = lightning.pop("mlp_ratio", None) or float(fc1.shape[0]) / hidden
+    heads = _heads_for(hidden, sd, num_heads, lightning.pop("head_dim", None))
     rows = int(sd["y_embedder.embedding_table.weight"].shape[0])
     declared = _args_get(args, "num_classes")
     if declared is not None and rows in (int(declared), int(declared) + 1):
@@ -124,9 +142,10 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
     enc_depth = encoder_depth_of(encoder_depth, _args_get(args, "encoder_depth"), depth, bool(proj["z_dims"]))
     return dict(
         input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
-        num_heads=_heads_for(hidden, sd, num_heads), mlp_ratio=float(fc1.shape[0]) / hidden,
+        num_heads=heads, mlp_ratio=mlp_ratio,
         num_classes=num_classes, class_dropout_prob=dropout, learn_sigma=out_ch == 2 * in_ch,
         qk_norm="blocks.0.attn.q_norm.weight" in sd, encoder_depth=enc_depth, **proj, cls_token_dim=cls_token_dim,
+        **lightning,
     )
 
 
@@ -166,6 +185,13 @@ def encoder_depth_of(explicit: int | None, from_args: int | None, depth: int, ha
 
 
 def detect_convention(config: dict, args: Any) -> str:
+    """A file's time convention from its training ``args`` (REPA's / SiT's / DiT's Namespace, LightningDiT's
+    YAML ``config`` dict) or, failing that, its layout (LightningDiT's switches mean SiT's time)."""
+    model_section = _args_get(args, "model") if args is not None else None
+    if isinstance(model_section, Mapping) and str(model_section.get("model_type", "")).startswith("LightningDiT"):
+        return "sit"
+    if any(config.get(k) for k in LIGHTNING_OPTIONS):
+        return "sit"
     if args is not None:
         if any(_args_get(args, k) is not None for k in ("enc_type", "proj_coeff", "encoder_depth")):
             return "repa"

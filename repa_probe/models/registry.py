@@ -1,15 +1,23 @@
-"""Named model configurations: ``SiT-{S,B,L,XL}/{2,4,8}`` and ``DiT-{S,B,L,XL}/{2,4,8}``.
+"""Named model configurations: ``SiT-{S,B,L,XL}/{2,4,8}``, ``DiT-{S,B,L,XL}/{2,4,8}`` and
+``LightningDiT-{S,B,L,XL}/{1,2,4,8}``.
 
 The name prefix is the architecture: ``SiT-*`` builds SiT as REPA trains it (``time_convention="repa"``: float
 time with t=0 data, ``learn_sigma=False``); ``DiT-*`` builds DiT (``time_convention="ddpm"``,
-``learn_sigma=True``). An official SiT file is ``SiT-*`` with ``time_convention="sit"`` (t=0 noise). All use
+``learn_sigma=True``); ``LightningDiT-*`` builds :class:`~repa_probe.models.lightningdit.LightningDiT` with the
+switches of their released XL/1 (SwiGLU, RMSNorm, RoPE) in REPA time. An official SiT file is ``SiT-*`` with
+``time_convention="sit"`` (t=0 noise), an official LightningDiT file ``LightningDiT-*`` with it. All use
 ``mlp_ratio`` 4, 1000 classes plus the null class, and no projectors unless ``z_dims`` is given.
+:func:`from_config` builds the right class from constructor keywords (``model.config``).
 """
 
 from __future__ import annotations
 
 import inspect
 
+import dataclasses
+
+from repa_probe.models.lightningdit import OPTION_NAMES as LIGHTNING_OPTIONS
+from repa_probe.models.lightningdit import LightningDiT, LightningOptions
 from repa_probe.models.transformer import DiffusionTransformer, ModelInputError
 
 MODEL_SIZES: dict[str, dict[str, int]] = {
@@ -22,20 +30,37 @@ PATCH_SIZES = (2, 4, 8)
 ARCHITECTURES: dict[str, dict] = {  # name prefix -> constructor defaults
     "SiT": dict(time_convention="repa", learn_sigma=False),
     "DiT": dict(time_convention="ddpm", learn_sigma=True),
+    "LightningDiT": dict(time_convention="repa", learn_sigma=False, **dataclasses.asdict(LightningOptions())),
 }
+ARCHITECTURE_PATCHES = {"LightningDiT": (1,)}  # patch sizes beyond PATCH_SIZES (their released model is XL/1)
 CONSTRUCTOR_KEYWORDS = tuple(p for p in inspect.signature(DiffusionTransformer.__init__).parameters if p != "self")
+
+
+def _patches(prefix: str) -> tuple[int, ...]:
+    return tuple(sorted({*PATCH_SIZES, *ARCHITECTURE_PATCHES.get(prefix, ())}))
+
+
+def model_class(config: dict) -> type[DiffusionTransformer]:
+    """:class:`LightningDiT` when ``config`` (constructor keywords) names any of its switches, else
+    :class:`DiffusionTransformer`."""
+    return LightningDiT if any(k in config for k in LIGHTNING_OPTIONS) else DiffusionTransformer
+
+
+def from_config(config: dict) -> DiffusionTransformer:
+    """The model of constructor keywords ``config`` (``model.config`` of any model here, or a layout's)."""
+    return model_class(config)(**config)
 
 
 def list_models() -> list[str]:
     """All registered names, e.g. ``["DiT-B/2", ..., "SiT-XL/8"]``."""
-    return sorted(f"{prefix}-{size}/{p}" for prefix in ARCHITECTURES for size in MODEL_SIZES for p in PATCH_SIZES)
+    return sorted(f"{prefix}-{size}/{p}" for prefix in ARCHITECTURES for size in MODEL_SIZES for p in _patches(prefix))
 
 
 def model_kwargs(name: str) -> dict:
     """Constructor keywords of a registered name (without overrides)."""
     prefix, _, rest = name.partition("-")
     size, _, patch = rest.partition("/")
-    if prefix not in ARCHITECTURES or size not in MODEL_SIZES or patch not in {str(p) for p in PATCH_SIZES}:
+    if prefix not in ARCHITECTURES or size not in MODEL_SIZES or patch not in {str(p) for p in _patches(prefix)}:
         raise ModelInputError(f"unknown model name {name!r}; valid names: {', '.join(list_models())}")
     return dict(**MODEL_SIZES[size], patch_size=int(patch), **ARCHITECTURES[prefix])
 
@@ -48,11 +73,12 @@ def create_model(name: str, **overrides) -> DiffusionTransformer:
     ``ModelInputError`` listing the valid ones.
     """
     kwargs = model_kwargs(name)
-    unknown = sorted(set(overrides) - set(CONSTRUCTOR_KEYWORDS))
+    valid = CONSTRUCTOR_KEYWORDS + (LIGHTNING_OPTIONS if model_class(kwargs) is LightningDiT else ())
+    unknown = sorted(set(overrides) - set(valid))
     if unknown:
-        raise ModelInputError(f"unknown model keyword(s) {unknown}; valid: {', '.join(CONSTRUCTOR_KEYWORDS)}")
+        raise ModelInputError(f"unknown model keyword(s) {unknown} for {name}; valid: {', '.join(valid)}")
     kwargs.update(overrides)
-    return DiffusionTransformer(**kwargs)
+    return from_config(kwargs)
 
 
 def size_name(config: dict) -> str | None:
@@ -64,9 +90,11 @@ def size_name(config: dict) -> str | None:
 
 
 def model_name(config: dict) -> str | None:
-    """Registered-style name (``"SiT-XL/2"``; the ``sit`` and ``repa`` conventions both map to ``SiT``) or None."""
+    """Registered-style name (``"SiT-XL/2"``; the ``sit`` and ``repa`` conventions both map to ``SiT``;
+    ``"LightningDiT-XL/1"``) or None."""
     size = size_name(config)
-    if size is None or config.get("patch_size") not in PATCH_SIZES:
+    prefix = "LightningDiT" if model_class(config) is LightningDiT else (
+        "DiT" if config.get("time_convention") == "ddpm" else "SiT")
+    if size is None or config.get("patch_size") not in _patches(prefix):
         return None
-    prefix = "DiT" if config.get("time_convention") == "ddpm" else "SiT"
     return f"{prefix}-{size}/{config['patch_size']}"

@@ -84,15 +84,25 @@ class DiffusionTransformer(nn.Module):
         self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_prefix_tokens + self.num_tokens, hidden_size),
                                       requires_grad=False)
-        self.blocks = nn.ModuleList(Block(hidden_size, num_heads, mlp_ratio, qk_norm) for _ in range(depth))
+        self.blocks = nn.ModuleList(self._make_block() for _ in range(depth))
         self.projectors = nn.ModuleList(build_projector(hidden_size, projector_dim, z, projector_type, projector_kernel)
                                         for z in z_dims)
-        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels, self.cls_token_dim)
+        self.final_layer = self._make_final_layer()
         if self.cls_token_dim:  # REG: the class token's input map (official names)
             self.cls_projectors2 = nn.Linear(self.cls_token_dim, hidden_size)
             self.wg_norm = nn.LayerNorm(hidden_size, eps=1e-6)
         if self.pos_embed.device.type != "meta":  # a meta model (shapes only, e.g. load_model) has nothing to fill
             self.initialize_weights()
+
+    def _make_block(self) -> nn.Module:
+        """One transformer block ``(x: (B, T, D), c: (B, D)) -> (B, T, D)``; a subclass may build its own kind
+        (:mod:`repa_probe.models.lightningdit`)."""
+        c = self._config
+        return Block(c["hidden_size"], c["num_heads"], c["mlp_ratio"], c["qk_norm"])
+
+    def _make_final_layer(self) -> nn.Module:
+        """The output layer ``(B, T, D), (B, D) -> (B, T, p*p*out_channels)`` (overridable like ``_make_block``)."""
+        return FinalLayer(self.hidden_size, self.patch_size, self.out_channels, self.cls_token_dim)
 
     @property
     def family(self) -> str:

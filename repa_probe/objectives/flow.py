@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from repa_probe.objectives._common import (Objective, ObjectiveError, check_sample_args, check_same_shape, expand_time,
                                            mean_flat)
@@ -47,13 +48,17 @@ class FlowMatching(Objective):
             t = sigma / (1 + sigma) on the linear path, 2/pi * atan(sigma) on the cosine path). It only changes
             how t is sampled; the loss has no per-sample weight.
         lognormal_mean, lognormal_std: parameters of the normal behind the lognormal sigma (0 and 1; REPA's
-            code references P_mean / P_std without defining them, N(0, 1) is the documented choice).
+            code references P_mean / P_std without defining them, N(0, 1) is the documented choice). On the
+            linear path lognormal t = sigmoid(N(mean, std)) is LightningDiT's logit-normal sampling (theirs draws
+            t_sit = sigmoid(n) in SiT time; 1 - sigmoid(n) = sigmoid(-n) has the same law for mean 0).
+        cosine_weight: weight of LightningDiT's velocity-direction term ``1 - cos(v_pred, v)``, the cosine taken
+            over channels at every position and averaged over (H, W) (their ``use_cosine_loss``: weight 1).
     """
 
     time_convention = "repa"
 
     def __init__(self, path: str = "linear", prediction: str = "v", weighting: str = "uniform",
-                 lognormal_mean: float = 0.0, lognormal_std: float = 1.0):
+                 lognormal_mean: float = 0.0, lognormal_std: float = 1.0, cosine_weight: float = 0.0):
         if path not in PATHS:
             raise ObjectiveError(f"unknown flow path {path!r}: choose one of {PATHS}")
         if prediction not in PREDICTIONS:
@@ -62,14 +67,19 @@ class FlowMatching(Objective):
             raise ObjectiveError(f"unknown weighting {weighting!r}: choose one of {WEIGHTINGS}")
         if not lognormal_std > 0:
             raise ObjectiveError(f"lognormal_std must be > 0, got {lognormal_std}")
+        if not cosine_weight >= 0:
+            raise ObjectiveError(f"cosine_weight must be >= 0, got {cosine_weight}")
         self.path = path
         self.prediction = prediction
         self.weighting = weighting
         self.lognormal_mean = float(lognormal_mean)
         self.lognormal_std = float(lognormal_std)
+        self.cosine_weight = float(cosine_weight)
 
     def __repr__(self) -> str:
-        return f"FlowMatching(path={self.path!r}, prediction={self.prediction!r}, weighting={self.weighting!r})"
+        cosine = f", cosine_weight={self.cosine_weight:g}" if self.cosine_weight else ""
+        return (f"FlowMatching(path={self.path!r}, prediction={self.prediction!r}, weighting={self.weighting!r}"
+                f"{cosine})")
 
     # ---------------------------------------------------------------- interpolant
     def interpolant(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -126,7 +136,9 @@ class FlowMatching(Objective):
                 x0 and noise; it is part of the common interface).
             t: `(B,)` float times.
         Returns:
-            dict(loss=(B,), denoise=(B,)) float32; both are the same tensor for flow matching.
+            dict(loss=(B,), denoise=(B,)) float32, the same tensor without the cosine term; with
+            ``cosine_weight`` w also ``cos_loss: (B,)`` (mean over (H, W) of 1 - cos over C; their name) and
+            loss = denoise + w cos_loss.
         """
         check_same_shape(x0=x0, noise=noise)
         if model_out.ndim != x0.ndim or model_out.shape[0] != x0.shape[0] or model_out.shape[2:] != x0.shape[2:] \
@@ -138,7 +150,10 @@ class FlowMatching(Objective):
         pred = model_out[:, : x0.shape[1]].float()
         target = self.target(x0.float(), noise.float(), t)
         err = mean_flat((pred - target) ** 2)
-        return {"loss": err, "denoise": err}
+        if not self.cosine_weight:
+            return {"loss": err, "denoise": err}
+        cos = mean_flat(1.0 - F.cosine_similarity(pred, target, dim=1))
+        return {"loss": err + self.cosine_weight * cos, "denoise": err, "cos_loss": cos}
 
     # ---------------------------------------------------------------- conversions
     def velocity_to_x0_eps(self, v: torch.Tensor, x_t: torch.Tensor,

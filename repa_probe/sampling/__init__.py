@@ -67,7 +67,7 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor, *, method: str, ste
            guidance_interval: tuple[float, float] = (0.0, 1.0),
            generator: Union[torch.Generator, NoiseSource, None] = None, cfg_channels: Union[str, int] = "auto",
            path: str = "linear", num_timesteps: int = 1000, cls_cfg_scale: float | None = None,
-           cls_noise: torch.Tensor | None = None) -> torch.Tensor:
+           cls_noise: torch.Tensor | None = None, timestep_shift: float = 0.0) -> torch.Tensor:
     """Draw samples from ``model`` (anything ``repa_probe.checkpoint.load_model`` returns).
 
     Args:
@@ -86,10 +86,16 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor, *, method: str, ste
             velocity), applied where the image is guided.
         cls_noise: REG models: initial class-token noise ``(B, cls_token_dim)`` (None: drawn from ``generator``
             after nothing else, as REG's ``generate.py`` draws it after the latents and labels).
+        timestep_shift: LightningDiT's grid shift s of "euler" / "heun" (0 = off; theirs: 0.3), see
+            :func:`repa_probe.sampling.flow.shift_time`; not for REG models.
     Returns:
         (B, C, H, W) final latents in ``noise.dtype``, in the model's data space.
     """
     convention = _check_inputs(model, noise, labels, method, steps, num_timesteps)
+    if timestep_shift and (method not in ("euler", "heun") or not timestep_shift > 0
+                           or getattr(model, "cls_token_dim", 0)):
+        raise SamplingError(f"timestep shift must be > 0 (0 = off) and applies to euler / heun of non-REG models, "
+                            f"got {timestep_shift} with {method} (--timestep-shift)")
     guidance = make_guidance(model, cfg_scale, guidance_interval, cfg_channels, noise.shape[1])
     dtype, x = noise.dtype, noise.to(torch.float64)
     if getattr(model, "cls_token_dim", 0):
@@ -102,11 +108,11 @@ def sample(model, noise: torch.Tensor, labels: torch.Tensor, *, method: str, ste
                            num_timesteps, dtype)
     else:
         out = _sample_flow(model, convention, x, labels, method, steps, guidance, _noise_fn(generator, torch.float64),
-                           path, dtype)
+                           path, dtype, timestep_shift)
     return out.to(dtype)
 
 
-def _sample_flow(model, convention, x, labels, method, steps, guidance: Guidance, noise, path, dtype):
+def _sample_flow(model, convention, x, labels, method, steps, guidance: Guidance, noise, path, dtype, shift):
     def velocity(state, t: float, active: bool) -> torch.Tensor:
         b = state.shape[0]
         t_in = model_input(torch.full((b,), t, dtype=torch.float64, device=state.device), convention).to(dtype)
@@ -115,7 +121,7 @@ def _sample_flow(model, convention, x, labels, method, steps, guidance: Guidance
 
     if method == "sde":
         return flow.euler_maruyama(velocity, x, steps, guidance.active, noise, path)
-    return flow.euler(velocity, x, steps, method == "heun", guidance.active)
+    return flow.euler(velocity, x, steps, method == "heun", guidance.active, shift)
 
 
 def _sample_ddpm(model, x, labels, method, steps, guidance: Guidance, noise, num_timesteps, dtype):

@@ -1,7 +1,9 @@
 """REPA's flow samplers (``samplers.py``) in REPA time (t = 1 noise -> t = 0 data), float64 state.
 
 * :func:`euler` — ``euler_sampler``: grid ``linspace(1, 0, steps + 1)``, ``x <- x + (t_next - t) v``; with
-  ``heun`` the trapezoid correction on every step but the last (2 * steps - 1 network evaluations).
+  ``heun`` the trapezoid correction on every step but the last (2 * steps - 1 network evaluations). With a
+  ``timestep_shift`` s > 0 the grid is LightningDiT's shifted one (:func:`shift_time`), which their sampler
+  (torchdiffeq's fixed-grid Euler over ``linspace(0, 1, N)`` in SiT time, N = steps + 1) integrates.
 * :func:`euler_maruyama` — ``euler_maruyama_sampler``: grid ``linspace(1, 0.04, steps)`` then 0; diffusion
   ``w = 2t``, score from the velocity, drift ``v - w s / 2``, noise ``sqrt(w) sqrt(|dt|) eps`` drawn before the
   network call; the last step (0.04 -> 0) is the mean only. Equals SiT's sigma-form Euler SDE, Mean last step.
@@ -18,9 +20,17 @@ import torch
 SDE_LAST_STEP = 0.04
 
 
-def euler(velocity: Callable, x: torch.Tensor, steps: int, heun: bool, active: Callable) -> torch.Tensor:
+def shift_time(t: torch.Tensor, shift: float) -> torch.Tensor:
+    """LightningDiT's timestep shift in REPA time: ``t / (s + (1 - s) t)`` (0 and 1 stay put; s < 1 spends
+    more steps near the noise). Theirs is ``s u / (1 + (s - 1) u)`` on SiT time u = 1 - t, the same map;
+    it is SD3's shift with factor 1 / s. ``shift = 0`` means off (their convention)."""
+    return t if shift == 0 else t / (shift + (1.0 - shift) * t)
+
+
+def euler(velocity: Callable, x: torch.Tensor, steps: int, heun: bool, active: Callable,
+          timestep_shift: float = 0.0) -> torch.Tensor:
     """Probability-flow ODE from noise ``x: (B, C, H, W)`` float64; returns float64 ``(B, C, H, W)``."""
-    ts = torch.linspace(1, 0, steps + 1, dtype=torch.float64).tolist()
+    ts = shift_time(torch.linspace(1, 0, steps + 1, dtype=torch.float64), timestep_shift).tolist()
     for i in range(steps):
         t_cur, t_next = ts[i], ts[i + 1]
         on = active(t_cur)

@@ -1,8 +1,8 @@
 """Gather the finished units of a sweep into one table per analysis, with its cross-checkpoint figures.
 
-``{sweep}/results/{analysis}/``: the analysis' CSV (the library's own writer and columns), ``summary.json``
-(units done, and every missing unit with its job's state, error and log path: a partial aggregate says what
-it lacks) and ``figures/`` (the single-run commands' plotting code over all checkpoints; alignment vs training
+``{sweep}/results/{analysis}/``: the analysis' CSV (the library's own writer and columns), the units' bootstrap
+replicates merged into one ``replicates.npz``, ``summary.json`` (units done, and every missing unit with its
+job's state, error and log path: a partial aggregate says what it lacks; the first unit's ``settings``) and ``figures/`` (the single-run commands' plotting code over all checkpoints; alignment vs training
 step and probe accuracy vs block per run). Only units with a ``done.json`` marker are read, so a unit that was
 interrupted and recomputed appears once.
 """
@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from repa_probe.analysis.core.writers import read_json, write_json
+from repa_probe.reports.bootstrap import FILE as REPLICATES, read_replicates, write_replicates
 from repa_probe.sweeps.plan import Job
 from repa_probe.sweeps.registry import get_analysis
 
@@ -105,7 +106,7 @@ def aggregate(jobs: list[Job], sweep_dir: Path, status: dict) -> dict:
     for name in dict.fromkeys(j.analysis for j in jobs):
         spec = get_analysis(name)
         mine = [j for j in jobs if j.analysis == name]
-        rows, missing, runs, tables = [], [], {}, []
+        rows, missing, runs, tables, settings = [], [], {}, [], None
         for job in mine:
             for u in job.units:
                 runs[u.ckpt.label] = u.ckpt.run
@@ -113,6 +114,7 @@ def aggregate(jobs: list[Job], sweep_dir: Path, status: dict) -> dict:
                 if u.done and table.is_file():
                     rows += read_table(table)
                     tables.append(table)
+                    settings = settings or (read_json(Path(u.out_dir) / "summary.json") or {}).get("settings")
                 else:
                     st = status.get(job.key, {})
                     missing.append(dict(checkpoint=u.ckpt.label, unit=u.key, job=job.key,
@@ -129,11 +131,12 @@ def aggregate(jobs: list[Job], sweep_dir: Path, status: dict) -> dict:
         rows = _dedupe(rows)
         res.mkdir(parents=True, exist_ok=True)
         spec.write_table(rows, res / spec.table)
+        write_replicates(read_replicates([t.parent / REPLICATES for t in tables]), res / REPLICATES)
         figures = spec.figures(rows, res / "figures", runs, mine[0].options) if rows else []
         summary = dict(analysis=name, options=mine[0].options, units=sum(len(j.units) for j in mine),
                        done=sum(u.done for j in mine for u in j.units), complete=not missing, missing=missing,
                        checkpoints=[dict(label=c, run=runs.get(c)) for c in
-                                    sorted({r["checkpoint"] for r in rows if r.get("checkpoint")})],
+                                    sorted({r["checkpoint"] for r in rows if r.get("checkpoint")})], settings=settings,
                        files=dict(csv=spec.table, figures=[str(p.relative_to(res)) for p in figures]), stamp=stamp)
         write_json(summary, res / "summary.json")
         out[name] = summary

@@ -39,7 +39,7 @@ class AnalysisSpec:
     columns: Sequence[str]  # the table's columns (the library's own), written back with writers.write_csv
     figures: Callable  # (rows, out_dir: Path, runs: {checkpoint label: run}, options) -> list[Path]
     shares_work: bool = False
-    report_figures: tuple = ("*.png",)  # figures (globs under results/<name>/figures) shown in a study report
+    report_figures: tuple = ("*.png",)  # figures (globs under results/<name>/figures) in a study report's appendix
 
     def valid_options(self) -> list[str]:
         names = [f.name for src in self.option_sources() for f in dataclasses.fields(src) if f.name not in RESERVED]

@@ -1,155 +1,138 @@
-"""The study report: ``report.md`` (figures linked) and ``report.html`` (figures inline, base64), one content.
+"""The study report: findings first, compact tables, the paper figures, then what was run and an appendix.
 
-The report is a list of blocks (heading, paragraph, table, figure) rendered twice. It states what was run
-(runs and their training settings, analyses and their options, launcher, timings), one summary table per
-analysis (for layer-wise analyses: the best block of each checkpoint, timestep and metric; full CSVs linked),
-the cross-checkpoint figures, and every missing unit with its error and log.
+Written under the study directory: ``report.md`` (figures linked), ``report.html`` (one self-contained file,
+figures inline, a table of contents), ``report.tex`` + ``tables/*.tex`` (a LaTeX fragment for a paper),
+``findings.csv`` and ``tables/*.csv`` (the numbers the sentences and tables print), ``figures/`` (PDF + PNG).
+The content comes from :mod:`repa_probe.reports`; this module reads the study record and the sweep's gathered
+results into a :class:`~repa_probe.reports.selection.ReportData` and adds the study's own sections (runs,
+analyses and options, units done or missing, correlations, per-checkpoint tables and per-run figures).
 """
 from __future__ import annotations
 
-import base64
-import html
 import json
 import os
 from pathlib import Path
 
+from repa_probe.reports import document as D
+from repa_probe.reports import numbers as N
+from repa_probe.reports.bootstrap import FILE as REPLICATES, read_replicates
+from repa_probe.reports.paper import build_paper, write_report as write_files
+from repa_probe.reports.selection import ReportChoice, ReportData
+from repa_probe.reports.tables import write_rows
 from repa_probe.sweeps.aggregate import read_table
 from repa_probe.sweeps.registry import get_analysis
 
-MAX_ROWS = 120
+RUN_COLUMNS = ("model", "depth", "hidden_size", "steps", "batch_size", "proj_coeff", "encoder_depth", "encoder",
+               "data", "resolution", "trained")
 
 
 def best_rows(rows: list[dict]) -> list[dict]:
     """Per (checkpoint, timestep, metric): the block with the highest value; reference rows (no layer) as is."""
     best: dict = {}
     for r in rows:
-        if not isinstance(r.get("value"), (int, float)):
+        if not N.finite(r.get("value")):
             continue
         key = (r.get("checkpoint"), r.get("source"), r.get("timestep"), r.get("metric"))
         if key not in best or (r.get("layer") is not None and r["value"] > best[key]["value"]):
             best[key] = r
     out = [dict(checkpoint=r.get("checkpoint"), step=r.get("step"), t=r.get("timestep"), metric=r.get("metric"),
-                block=r.get("layer") if r.get("layer") is not None else "-", value=f"{r['value']:.4f}")
+                block=r.get("layer") if r.get("layer") is not None else "-", value=r["value"])
            for r in best.values()]
     return sorted(out, key=lambda r: (str(r["metric"]), str(r["t"]), str(r["checkpoint"])))
 
 
-def _blocks(root: Path, record: dict) -> list[tuple]:
+def report_data(record: dict) -> ReportData:
+    """The gathered tables and replicates of a study record, with each checkpoint's run and each run's block."""
+    res = Path(record["sweep"]["dir"]) / "results"
+    runs = list(record["runs"])
+    tables, replicates = {}, {}
+    for name, summary in record["sweep"]["results"].items():
+        path = res / name / summary["files"]["csv"]
+        tables[name] = read_table(path) if path.is_file() else []
+        replicates[name] = read_replicates([res / name / REPLICATES])
+    run_of = {c["label"]: c["run"] for s in record["sweep"]["results"].values() for c in s.get("checkpoints", [])
+              if isinstance(c, dict) and c.get("run") in runs}  # the aggregates' label -> run
+    repa_block = {k: (v.get("encoder_depth") if (v.get("proj_coeff") or 0) > 0 else None)
+                  for k, v in record["runs"].items()}
+    return ReportData(tables, replicates, run_of, repa_block, runs)
+
+
+def _chance(record: dict):
+    """Chance top-1 of the linear probe (1 / classes), from the probe aggregate's unit settings."""
+    settings = (record["sweep"]["results"].get("probe") or {}).get("settings") or {}
+    k = settings.get("num_classes")
+    return 1.0 / k if k else None
+
+
+def _header(record: dict) -> list[tuple]:
+    runs = ", ".join(f"`{k}`" for k in record["runs"])
+    return [D.heading(record["title"], 1),
+            D.para(f"Runs {runs}; finished {record['finished']} (training {record['seconds']['training']} s, "
+                   f"analyses {record['seconds']['analyses']} s). Time: t = 0 clean data, t = 1 pure noise. "
+                   f"Command: `{record['command'] or 'run_study'}`.")]
+
+
+def _what_was_run(record: dict) -> list[tuple]:
     cfg = record["config"]
-    b: list[tuple] = [("h1", record["title"]),
-                      ("p", f"Finished {record['finished']}. Training {record['seconds']['training']} s, analyses "
-                            f"{record['seconds']['analyses']} s. Command: `{record['command'] or 'run_study'}`."),
-                      ("h2", "What was run")]
-    runs = [dict(run=k, **{c: v.get(c) for c in ("model", "depth", "hidden_size", "steps", "batch_size",
-                                                   "proj_coeff", "encoder_depth", "encoder", "data", "resolution",
-                                                   "trained")}) for k, v in record["runs"].items()]
-    b += [("p", "Training runs (`repa.proj_coeff = 0` is the baseline without REPA):"), ("table", runs),
-          ("p", f"Checkpoint steps analysed: {cfg['steps'] or 'all'}. Launcher: `{cfg['launcher']['kind']}`. "
-                "Time convention: t = 0 clean data, t = 1 pure noise."),
-          ("table", [dict(analysis=k, options=json.dumps(v)) for k, v in cfg["analyses"].items()])]
+    runs = [dict(run=k, **{c: v.get(c) for c in RUN_COLUMNS}) for k, v in record["runs"].items()]
+    return [D.heading("What was run"), D.para("Training runs (`repa.proj_coeff = 0` is the baseline without REPA):"),
+            D.table(runs, "runs"),
+            D.para(f"Checkpoint steps analysed: {cfg['steps'] or 'all'}. Launcher: `{cfg['launcher']['kind']}`."),
+            D.table([dict(analysis=k, options=f"`{json.dumps(v)}`") for k, v in cfg["analyses"].items()])]
+
+
+def _appendix(root: Path, record: dict) -> list[tuple]:
+    """Per analysis: units done / missing, the full CSV, the best block of every checkpoint, per-run figures."""
     sweep_dir = Path(record["sweep"]["dir"])
+    b: list[tuple] = [D.heading("Appendix: every checkpoint and run")]
     for name, summary in record["sweep"]["results"].items():
         res = sweep_dir / "results" / name
-        b.append(("h2", f"{name}"))
         status = "complete" if summary["complete"] else f"PARTIAL: {len(summary['missing'])} unit(s) missing"
-        b.append(("p", f"{summary['done']}/{summary['units']} units ({status}). Full table: "
-                       f"`{os.path.relpath(res / summary['files']['csv'], root)}`."))
-        rows = read_table(res / summary["files"]["csv"]) if (res / summary["files"]["csv"]).is_file() else []
-        table = best_rows(rows) if rows and "layer" in rows[0] else rows
-        if table:
-            b += [("p", "Best block per checkpoint, timestep and metric:" if "layer" in rows[0] else "Rows:"),
-                  ("table", table[:MAX_ROWS])]
+        csv_path = res / summary["files"]["csv"]
+        rows = read_table(csv_path) if csv_path.is_file() else []
+        text = (f"{summary['done']}/{summary['units']} units ({status}). Full table: "
+                f"`{os.path.relpath(csv_path, root)}`.")
+        if rows and "layer" in rows[0]:
+            best = write_rows(best_rows(rows), root / "tables" / f"best-{name}.csv")
+            text += f" Best block of every checkpoint, timestep and metric: `{os.path.relpath(best, root)}`."
+        b += [D.heading(name, 3), D.para(text)]
         if summary["missing"]:
-            b.append(("table", [dict(checkpoint=m["checkpoint"], state=m["state"], error=m["error"], log=m["log"])
-                                for m in summary["missing"]]))
+            b.append(D.table([dict(checkpoint=m["checkpoint"], state=m["state"], error=m["error"], log=m["log"])
+                              for m in summary["missing"]]))
         for pattern in get_analysis(name).report_figures:
-            for png in sorted((res / "figures").glob(pattern)):
-                b.append(("img", png, f"{name}: {png.stem}"))
-    b += _correlation_blocks(record["sweep"].get("correlations", []))
-    if record["sweep"]["failed"]:
-        b += [("h2", "Failed jobs"), ("table", record["sweep"]["failed"])]
+            b += [D.figure(png, f"{name}: {png.stem}") for png in sorted((res / "figures").glob(pattern))]
     return b
 
 
-def _correlation_blocks(correlations: list[dict]) -> list[tuple]:
-    """Pearson / Spearman with intervals and permutation p-values, and the scatter, per correlation."""
+def _correlations(correlations: list[dict]) -> list[tuple]:
     if not correlations:
         return []
-    b: list[tuple] = [("h2", "Correlations across checkpoints")]
+    rows = []
     for c in correlations:
-        b.append(("p", f"`{c['x']}` vs `{c['y']}`" + (" (last checkpoint of each run)" if c.get("last_only") else "")
-                  + (f": not computed: {c['error']}" if c["error"] else ":")))
-        if c["error"]:
-            continue
-        s = c["summary"]
-        b.append(("table", [dict(statistic=k, n=s.get("n"), r=_fmt(v.get("r")), ci_low=_fmt(v.get("ci_low")),
-                                 ci_high=_fmt(v.get("ci_high")), p_perm=_fmt(v.get("p_perm")))
-                            for k, v in s.items() if k in ("pearson", "spearman")]))
-        for fig in s["files"]["figures"]:
-            if fig.endswith(".png"):
-                b.append(("img", Path(c["dir"]) / fig, f"{c['x']} vs {c['y']}: {Path(fig).stem}"))
-    return b
-
-
-def _fmt(v) -> str:
-    return "" if v is None else f"{v:.3f}"
-
-
-def _md_table(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    cell = lambda v: "" if v is None else str(v).replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def _html_table(rows: list[dict]) -> str:
-    cols = list(rows[0])
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape('' if r.get(c) is None else str(r.get(c)))}</td>"
-                                    for c in cols) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def render_markdown(blocks: list[tuple], root: Path) -> str:
-    out = []
-    for kind, *args in blocks:
-        if kind in ("h1", "h2"):
-            out.append(("# " if kind == "h1" else "## ") + args[0])
-        elif kind == "p":
-            out.append(args[0])
-        elif kind == "table" and args[0]:
-            out.append(_md_table(args[0]))
-        elif kind == "img":
-            out.append(f"![{args[1]}]({Path(os.path.relpath(args[0], root)).as_posix()})")
-    return "\n\n".join(out) + "\n"
-
-
-def render_html(blocks: list[tuple]) -> str:
-    style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}table{border-collapse:"
-             "collapse;margin:1em 0;font-size:90%}td,th{border:1px solid #ccc;padding:2px 8px;text-align:left}"
-             "img{max-width:100%}figure{margin:1em 0}code{background:#f4f4f4}")
-    out = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(blocks[0][1])}</title>"
-           f"<style>{style}</style></head><body>"]
-    for kind, *args in blocks:
-        if kind in ("h1", "h2"):
-            out.append(f"<{kind}>{html.escape(args[0])}</{kind}>")
-        elif kind == "p":
-            text = html.escape(args[0]).split("`")
-            out.append("<p>" + "".join(f"<code>{t}</code>" if i % 2 else t for i, t in enumerate(text)) + "</p>")
-        elif kind == "table" and args[0]:
-            out.append(_html_table(args[0]))
-        elif kind == "img":
-            data = base64.b64encode(Path(args[0]).read_bytes()).decode()
-            out.append(f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(args[1])}'>"
-                       f"<figcaption>{html.escape(args[1])}</figcaption></figure>")
-    return "\n".join(out + ["</body></html>"]) + "\n"
+        s = c.get("summary") or {}
+        for stat in ("pearson", "spearman"):
+            v = s.get(stat) or {}
+            rows.append(dict(x=f"`{c['x']}`", y=f"`{c['y']}`", statistic=stat, n=s.get("n"),
+                             r=N.fmt_interval(v.get("r"), v.get("ci_low"), v.get("ci_high")),
+                             p_perm=N.fmt(v.get("p_perm"), 3), error=c.get("error") or ""))
+    return [D.heading("Correlations across checkpoints"),
+            D.para("Pearson and Spearman over checkpoints with bootstrap 95% intervals and permutation p-values "
+                   "(checkpoints of one run are not independent: with many per run the intervals are optimistic)."),
+            D.table(rows, "correlations")]
 
 
 def write_report(root: Path, record: dict) -> list[Path]:
-    """``root/report.md`` and ``root/report.html`` from a study record (see :func:`repa_probe.sweeps.study.run_study`)."""
-    blocks = _blocks(Path(root), record)
-    md, page = Path(root) / "report.md", Path(root) / "report.html"
-    md.write_text(render_markdown(blocks, Path(root)))
-    page.write_text(render_html(blocks))
-    return [md, page]
+    """``root/report.{md,html,tex}``, ``root/tables/``, ``root/findings.csv`` and ``root/figures/`` from a study
+    record (see :func:`repa_probe.sweeps.study.run_study`); returns the report files."""
+    root = Path(root)
+    choice = ReportChoice(**(record["config"].get("report") or {}))
+    correlations = record["sweep"].get("correlations", [])
+    paper = build_paper(choice, report_data(record), root, correlations, _chance(record))
+    findings = [D.heading("Findings")] + paper.findings
+    tables = [D.heading("Results at a glance")] + paper.tables
+    figures = [D.heading("Figures")] + paper.figures
+    blocks = _header(record) + findings + tables + figures + _correlations(correlations) + _what_was_run(record)
+    if record["sweep"]["failed"]:
+        blocks += [D.heading("Failed jobs"), D.table(record["sweep"]["failed"])]
+    blocks += _appendix(root, record)
+    return write_files(blocks, _header(record)[:1] + findings + tables + figures, root)

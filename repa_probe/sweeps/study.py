@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from repa_probe.reports.selection import ReportChoice, ReportError
 from repa_probe.sweeps.config import (LauncherConfig, SweepConfig, SweepError, SweepSection, validate_analyses,
                                       validate_correlations, validate_launcher)
 from repa_probe.analysis.core.writers import write_json
@@ -47,6 +48,7 @@ class StudyConfig:
     analyses: Dict[str, Any] = field(default_factory=dict)  # as in a sweep config
     correlations: List[Dict[str, Any]] = field(default_factory=list)  # as in a sweep config
     launcher: LauncherConfig = field(default_factory=LauncherConfig)  # analysis jobs (training: launch.*)
+    report: ReportChoice = field(default_factory=ReportChoice)  # comparisons, block and timestep of the report
 
 
 def load_study_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> StudyConfig:
@@ -58,6 +60,10 @@ def load_study_config(path: Optional[str] = None, overrides: Sequence[str] = ())
         raise ConfigError("the study trains no run; set train.runs.<name>=[overrides...]")
     for name in cfg.train.runs:
         train_config(cfg, name)  # every run's training config is valid before anything starts
+    try:
+        cfg.report.validate(list(cfg.train.runs))
+    except ReportError as exc:
+        raise ConfigError(str(exc)) from None
     return cfg
 
 

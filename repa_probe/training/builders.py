@@ -28,7 +28,7 @@ def build_objective(cfg: Config):
 
     o = cfg.objective
     if o.kind == "flow":
-        return FlowMatching(path=o.path, prediction=o.prediction, weighting=o.weighting)
+        return FlowMatching(path=o.path, prediction=o.prediction, weighting=o.weighting, cosine_weight=o.cosine_weight)
     return GaussianDiffusion(num_timesteps=o.num_timesteps, learn_sigma=o.learn_sigma)
 
 
@@ -72,11 +72,12 @@ def build_model(cfg: Config, batches: "Batches", enc):
     """The diffusion transformer for this config (REPA projector when ``repa.proj_coeff > 0``, REG's class token
     of the encoder's width when ``reg.cls_coeff > 0``)."""
     from repa_probe.models import create_model
+    from repa_probe.models.lightningdit import OPTION_NAMES as LIGHTNING_OPTIONS
     from repa_probe.models.registry import model_kwargs
 
     m, r = cfg.model, cfg.repa
     channels, side = latent_shape(cfg, batches.vae)
-    overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size")
+    overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size", *LIGHTNING_OPTIONS)
                  if getattr(m, k) is not None}
     depth = overrides.get("depth", model_kwargs(m.name)["depth"])
     if r.encoder_depth > depth:

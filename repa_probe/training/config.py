@@ -34,12 +34,16 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "SiT-S/4"  # registry name: SiT-{S,B,L,XL}/{2,4,8} or DiT-{S,B,L,XL}/{2,4,8}
+    name: str = "SiT-S/4"  # registry name: SiT-{S,B,L,XL}/{2,4,8}, DiT-{S,B,L,XL}/{2,4,8}, LightningDiT-{S,B,L,XL}/{1,2,4,8}
     depth: Optional[int] = 4  # overrides of the named size (null = keep the size's value)
     hidden_size: Optional[int] = 128
     num_heads: Optional[int] = 2
     patch_size: Optional[int] = None
-    qk_norm: bool = False  # REPA's --qk-norm
+    qk_norm: bool = False  # REPA's --qk-norm (LightningDiT with rmsnorm: RMSNorm over head_dim)
+    swiglu: Optional[bool] = None  # LightningDiT-* only: SwiGLU MLP (null = the name's default: on)
+    rmsnorm: Optional[bool] = None  # LightningDiT-* only: RMSNorm instead of LayerNorm (null = on)
+    rope: Optional[bool] = None  # LightningDiT-* only: 2-D axial RoPE on q, k (null = on)
+    wo_shift: Optional[bool] = None  # LightningDiT-* only: adaLN without shift (null = off)
     class_dropout_prob: float = 0.1  # label dropout for classifier-free guidance (0 = no null class)
 
 
@@ -48,7 +52,8 @@ class ObjectiveConfig:
     kind: str = "flow"  # flow (SiT / REPA interpolant) or ddpm (DiT)
     path: str = "linear"  # flow: linear or cosine
     prediction: str = "v"  # flow: velocity prediction
-    weighting: str = "uniform"  # flow: uniform or lognormal time sampling
+    weighting: str = "uniform"  # flow: uniform or lognormal time sampling (linear path: logit-normal t)
+    cosine_weight: float = 0.0  # flow: weight of LightningDiT's velocity-direction term 1 - cos(v_pred, v) (theirs: 1)
     num_timesteps: int = 1000  # ddpm: number of diffusion steps
     learn_sigma: bool = True  # ddpm: learned-range variance (hybrid loss)
 
@@ -275,6 +280,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive, got {value}")
+    if cfg.objective.cosine_weight < 0:
+        raise ConfigError(f"objective.cosine_weight must be >= 0, got {cfg.objective.cosine_weight}")
     if cfg.repa.proj_coeff < 0:
         raise ConfigError(f"repa.proj_coeff must be >= 0, got {cfg.repa.proj_coeff}")
     _validate_family(cfg)

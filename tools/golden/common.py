@@ -86,6 +86,25 @@ def stub_modules(*names: str, **attributes: Any) -> Iterator[list[str]]:
             sys.modules.pop(name, None)
 
 
+@contextlib.contextmanager
+def repo_on_path(repo: Path, stub_torchdiffeq: bool = False):
+    """Import from ``repo`` by its own top-level names (``models``, ``diffusion``, ``transport`` collide across
+    repositories): the repo goes first on ``sys.path``, and its modules are dropped from ``sys.modules`` on exit.
+    ``stub_torchdiffeq``: a stand-in ``torchdiffeq`` for code that imports it but never calls ``odeint``."""
+    before = set(sys.modules)
+    sys.path.insert(0, str(repo))
+    if stub_torchdiffeq and "torchdiffeq" not in sys.modules:
+        sys.modules["torchdiffeq"] = types.SimpleNamespace(odeint=None)
+    try:
+        yield
+    finally:
+        sys.path.remove(str(repo))
+        own = {p.stem for p in repo.iterdir()} | ({"torchdiffeq"} if stub_torchdiffeq else set())
+        for name in set(sys.modules) - before:  # only the repo's own modules (torch imports lazily too)
+            if name.split(".")[0] in own:
+                del sys.modules[name]
+
+
 def commit_of(path: Path | None, given: dict[str, str] | None = None, key: str = "") -> str:
     """A checkout's commit: ``given[key]`` (``--commit KEY=SHA``) if there, else ``git rev-parse HEAD`` in it,
     else "unknown"; "-" without a checkout."""

@@ -12,36 +12,16 @@ Run alone: ``python -m tools.golden.sampling --repa DIR --dit DIR --sit DIR --ou
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import logging
-import sys
-import types
 from pathlib import Path
 
 import torch
 
-from tools.golden.common import commit_of
+from tools.golden.common import commit_of, repo_on_path
 
 log = logging.getLogger("tools.golden")
 B, C, SIZE, HIDDEN, DEPTH, HEADS = 3, 4, 8, 32, 2, 2
-
-
-@contextlib.contextmanager
-def _repo_on_path(repo: Path, stub_torchdiffeq: bool = False):
-    """Import from ``repo`` (its top-level ``models``/``diffusion``/``transport`` names collide across repos)."""
-    before = set(sys.modules)
-    sys.path.insert(0, str(repo))
-    if stub_torchdiffeq and "torchdiffeq" not in sys.modules:  # SiT's SDE path never calls odeint
-        sys.modules["torchdiffeq"] = types.SimpleNamespace(odeint=None)
-    try:
-        yield
-    finally:
-        sys.path.remove(str(repo))
-        own = {p.stem for p in repo.iterdir()} | {"torchdiffeq"}
-        for name in set(sys.modules) - before:  # only the repo's own modules (torch imports lazily too)
-            if name.split(".")[0] in own:
-                del sys.modules[name]
 
 
 def _randomise(model: torch.nn.Module, seed: int) -> dict:
@@ -62,7 +42,7 @@ def _inputs(seed: int, num_classes: int):
 
 def repa_cases(repo: Path) -> dict:
     """REPA euler / heun / Euler–Maruyama on a REPA SiT (1000 classes: REPA's samplers hard-code null 1000)."""
-    with _repo_on_path(repo):
+    with repo_on_path(repo):
         sit = importlib.import_module("models.sit")
         samplers = importlib.import_module("samplers")
         torch.manual_seed(0)
@@ -90,7 +70,7 @@ def repa_cases(repo: Path) -> dict:
 
 def dit_cases(repo: Path) -> dict:
     """DiT p_sample_loop (ancestral, learned variance) and ddim_sample_loop, plain and with forward_with_cfg."""
-    with _repo_on_path(repo):
+    with repo_on_path(repo):
         models = importlib.import_module("models")
         diffusion_pkg = importlib.import_module("diffusion")
         torch.manual_seed(0)
@@ -121,7 +101,7 @@ def dit_cases(repo: Path) -> dict:
 
 def sit_cases(repo: Path) -> dict:
     """SiT's sigma-form Euler SDE (Mean last step 0.04) on an official SiT (learn_sigma, t = 0 noise)."""
-    with _repo_on_path(repo, stub_torchdiffeq=True):
+    with repo_on_path(repo, stub_torchdiffeq=True):
         models = importlib.import_module("models")
         transport = importlib.import_module("transport")
         torch.manual_seed(0)

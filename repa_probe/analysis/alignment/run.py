@@ -31,6 +31,7 @@ from repa_probe.analysis.core.runner import Analysis, Run, run_analysis
 from repa_probe.analysis.alignment.spatial import SpatialAnalysis
 from repa_probe.analysis.core.targets import dataset_identity, encoder_features
 from repa_probe.errors import ReproError
+from repa_probe.reports.bootstrap import interval
 from repa_probe.timesteps import TIME_HELP, label
 
 __all__ = ["alignment_table", "run_alignment", "best_layers", "metric_function", "check_metric_settings",
@@ -104,7 +105,8 @@ def alignment_table(model, objective, data, target, options: AlignmentOptions | 
             batch_size, target_kind, cache_dir, progress); default ``AlignmentOptions()``.
         checkpoint, step: the row labels.
     Returns:
-        dicts with the :data:`CSV_COLUMNS` keys (``ci_low``/``ci_high`` None without bootstrap).
+        dicts with the :data:`CSV_COLUMNS` keys (``ci_low``/``ci_high`` None without bootstrap; with it also
+        ``replicates`` (B,) and ``replicate_scale``, see :mod:`repa_probe.reports.bootstrap`).
     """
     opts = options or AlignmentOptions()
     device = next(model.parameters()).device if device is None else torch.device(device)
@@ -123,14 +125,19 @@ def alignment_table(model, objective, data, target, options: AlignmentOptions | 
         for layer in fs.layers:
             a = M.prepare_features(fs.get(layer, t).float()).to(device)
             for name in names:
-                fn = metric_function(name, opts.topk)
-                if opts.bootstrap:
-                    value, lo, hi = M.bootstrap(fn, a, b, n=opts.bootstrap, seed=opts.seed)
-                else:
-                    value, lo, hi = fn(a, b), None, None
-                rows.append(dict(checkpoint=checkpoint, step=step, layer=layer, timestep=label(t), metric=name,
-                                 value=float(value), ci_low=lo, ci_high=hi, n=n))
+                row = dict(checkpoint=checkpoint, step=step, layer=layer, timestep=label(t), metric=name, n=n)
+                rows.append(_with_interval(row, metric_function(name, opts.topk), a, b, opts))
     return rows
+
+
+def _with_interval(row: dict, fn: Callable, a: torch.Tensor, b: torch.Tensor, opts: AlignmentOptions) -> dict:
+    """``row`` with ``value`` and, with ``opts.bootstrap``, its half-sampling interval and ``replicates``
+    (popped into ``replicates.npz`` by the run skeleton)."""
+    if not opts.bootstrap:
+        return dict(row, value=float(fn(a, b)), ci_low=None, ci_high=None)
+    value, reps, scale = M.bootstrap_replicates(fn, a, b, n=opts.bootstrap, seed=opts.seed)
+    low, high = interval(value, reps, scale)
+    return dict(row, value=value, ci_low=low, ci_high=high, replicates=reps, replicate_scale=scale)
 
 
 def cross_metrics(names: Sequence[str]) -> list[str]:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from repa_probe.analysis.core.features import ModelInputs, extract_features, resolve_layers
 from repa_probe.analysis.metrics.spatial import grid_shape, spatial_metrics
 from repa_probe.analysis.core.targets import encoder_features
+from repa_probe.reports.bootstrap import interval, resample_means
 from repa_probe.timesteps import label
 
 __all__ = ["token_masks", "summarise", "model_spatial_values", "target_spatial_values",
@@ -57,19 +58,20 @@ def token_masks(dataset, grid: tuple[int, int], batch_size: int = 64, min_fracti
     return masks & keep[:, None]
 
 
-def summarise(values: torch.Tensor, bootstrap: int = 0, seed: int = 0) -> tuple[float, float | None, float | None, int]:
-    """Mean of per-image ``values: (N,)`` over the non-NaN ones, a 95% percentile bootstrap interval of that
-    mean over images (``bootstrap`` replicates, None when 0), and the number of images used."""
-    v = values[~values.isnan()].double()
-    n = int(v.numel())
+def summarise(values: torch.Tensor, bootstrap: int = 0, seed: int = 0) -> dict:
+    """``{value, ci_low, ci_high, n}``: the mean of per-image ``values: (N,)`` over the non-NaN ones, a 95%
+    bootstrap interval of that mean over images (``bootstrap`` replicates drawn over all N images, NaN left
+    out of each mean: the same images for every checkpoint, so differences pair), and the number of images
+    used; with ``bootstrap`` also ``replicates`` (popped into ``replicates.npz`` by the run skeleton)."""
+    n = int((~values.isnan()).sum())
     if n == 0:
-        return math.nan, None, None, 0
+        return dict(value=math.nan, ci_low=None, ci_high=None, n=0)
+    value = float(values[~values.isnan()].double().mean())
     if not bootstrap or n < 2:
-        return float(v.mean()), None, None, n
-    gen = torch.Generator().manual_seed(seed)
-    means = v[torch.randint(0, n, (bootstrap, n), generator=gen)].mean(1)
-    lo, hi = torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    return float(v.mean()), lo, hi, n
+        return dict(value=value, ci_low=None, ci_high=None, n=n)
+    reps = resample_means(values.double().numpy(), bootstrap, seed)
+    lo, hi = interval(value, reps)
+    return dict(value=value, ci_low=lo, ci_high=hi, n=n, replicates=reps, replicate_scale=1.0)
 
 
 def _chunk_size(per_image_bytes: int, budget_bytes: int) -> int:
@@ -132,10 +134,8 @@ def spatial_rows(values: dict, checkpoint: str, step, bootstrap: int = 0, seed: 
     rows = []
     for (layer, t), per_metric in values.items():
         for name, v in per_metric.items():
-            value, lo, hi, n = summarise(v, bootstrap, seed)
             rows.append(dict(checkpoint=checkpoint, step=step, layer=layer, timestep=None if t is None else label(t),
-                             metric=name, value=value,
-                             ci_low=lo, ci_high=hi, n=n))
+                             metric=name, **summarise(v, bootstrap, seed)))
     return rows
 
 

@@ -95,12 +95,12 @@ class CheckpointEntry:
 
     def meta_model(self):
         """The architecture on the meta device (shapes only, no memory)."""
-        from repa_probe.models import DiffusionTransformer
+        from repa_probe.models import from_config
 
         if self.model is not None:
             return self.model
         with torch.device("meta"):
-            return DiffusionTransformer(**self.info.config)
+            return from_config(self.info.config)
 
     def describe(self) -> dict:
         """What ``summary.json`` says about the checkpoint."""

@@ -251,7 +251,9 @@ class ProbeOptions(AnalysisOptions):
     """:class:`AnalysisOptions` plus the probes' own: ``task`` (linear | segmentation), ``num_train`` /
     ``num_test`` (images per split; default the whole split, shapes 2000 / 500), ``backend`` (sklearn | torch,
     linear only), ``epochs`` (torch / segmentation probe), ``encoder_reference`` (also probe the encoder),
-    ``max_feature_gb`` (features held per extraction pass). The model is always fed its null class."""
+    ``max_feature_gb`` (features held per extraction pass), ``bootstrap`` (replicates over test images for
+    95% intervals of linear-probe accuracy, stored in ``replicates.npz``; 0 = off). The model is always fed
+    its null class."""
 
     timesteps: Any = (0.0, 0.25, 0.5)
     task: str = "linear"
@@ -261,10 +263,12 @@ class ProbeOptions(AnalysisOptions):
     epochs: int | None = None
     encoder_reference: bool = False
     max_feature_gb: float = 4.0
+    bootstrap: int = 200
 
     def validate(self) -> None:
         super().validate()
         _choice("task", self.task, TASKS)
+        self.bootstrap = _int("bootstrap", self.bootstrap, minimum=0)
         _choice("backend", self.backend, BACKENDS)
         if self.labels != "null":
             raise OptionsError("--labels must be null for probes: the true class would hand the probe its answer")

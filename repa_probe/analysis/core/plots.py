@@ -21,7 +21,6 @@ from matplotlib.figure import Figure
 
 from repa_probe.timesteps import Step, as_float, parse_time
 
-DPI = 200
 TIME_LABEL = "t (0 = clean, 1 = noise)"
 LAYER_LABEL = "Block (1-based)"
 MAX_BANDS = 5  # CI bands are drawn when a plot has at most this many lines (more would hide each other)
@@ -41,14 +40,12 @@ def _figure(width: float = 6.0, height: float = 4.0):
 
 
 def save_figure(fig: Figure, stem: Path) -> list[Path]:
-    """Tight layout, then ``stem.pdf`` (vector) and ``stem.png`` (200 dpi). Returns both paths."""
-    stem = Path(stem)
-    stem.parent.mkdir(parents=True, exist_ok=True)
+    """Tight layout, then ``stem.pdf`` (vector) and ``stem.png`` (200 dpi,
+    :func:`repa_probe.reports.figures.save`). Returns both paths."""
+    from repa_probe.reports.figures import save
+
     fig.tight_layout()
-    paths = [stem.with_name(stem.name + ".pdf"), stem.with_name(stem.name + ".png")]
-    fig.savefig(paths[0])
-    fig.savefig(paths[1], dpi=DPI)
-    return paths
+    return save(fig, stem)
 
 
 def slug(text: str) -> str:

@@ -14,7 +14,10 @@ An analysis is a subclass of :class:`Analysis` that fills in a few hooks; :func:
    ``rows += analysis.analyse(run, entry, model)``, free the model, rewrite ``{csv_name}`` (a long run leaves
    partial results behind);
 5. ``analysis.figures(run, rows)`` -> ``figures/*.pdf|png``, then ``summary.json`` (common fields plus
-   ``analysis.summary(run, rows)``; paths relative to the folder) and ``options.json`` (the resolved options).
+   ``analysis.summary(run, rows)``; paths relative to the folder) and ``options.json`` (the resolved options)
+   beside the CSV, the rows' bootstrap replicates (a row's ``replicates`` key, popped from it) in
+   ``replicates.npz`` (:mod:`repa_probe.reports.bootstrap`) and the headline numbers in ``report.md``
+   (:mod:`repa_probe.reports.run_report`).
 
 Under torchrun every rank runs the hooks (``run.dist``: sampling shards its indices) and rank 0 alone writes.
 
@@ -43,6 +46,8 @@ import torch
 from repa_probe.analysis.core.inputs import AnalysisInputError, CheckpointEntry, load_checkpoints
 from repa_probe.analysis.core.writers import write_csv, write_json
 from repa_probe.devices import resolve_device
+from repa_probe.reports.bootstrap import FILE as REPLICATES, take_replicates, write_replicates
+from repa_probe.reports.run_report import write_run_report
 from repa_probe.training.distributed import DistInfo, cleanup_distributed, init_distributed
 
 log = logging.getLogger("repa_probe")
@@ -151,13 +156,16 @@ def _run(analysis: Analysis, run: Run) -> dict:
     out = make_out_dir(run.out) if main else run.out
     start = time.perf_counter()
     rows: list[dict] = list(analysis.prepare(run) or [])
+    replicates = take_replicates(rows)
     for entry in run.entries:
         model = entry.take_model()
         if model is not None:
             model = model.to(device)
             log.info("%s: %s (%s, %s time, step %s)", analysis.name, entry.label, entry.info.family,
                      entry.info.time_convention, entry.info.step)
-        rows += analysis.analyse(run, entry, model)
+        new = analysis.analyse(run, entry, model)
+        replicates.update(take_replicates(new))
+        rows += new
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -175,9 +183,13 @@ def _run(analysis: Analysis, run: Run) -> dict:
         "checkpoints": [e.describe() for e in run.entries],
         "versions": versions(),
         "seconds": time.perf_counter() - start,
-        "files": {"csv": analysis.csv_name, "options": "options.json", **extra.get("files", {}),
+        "files": {"csv": analysis.csv_name, "options": "options.json", "report": "report.md",
+                  "replicates": REPLICATES if replicates else None, **extra.get("files", {}),
                   "figures": [str(Path(p).relative_to(out)) for p in figures]},
     }
+    write_replicates(replicates, out / REPLICATES)
     write_json(options.to_dict(), out / "options.json")
     write_json(summary, out / "summary.json")
+    write_run_report(out, analysis.name, rows, replicates, summary,
+                     [out / analysis.csv_name, out / "summary.json", out / REPLICATES, *figures])
     return summary

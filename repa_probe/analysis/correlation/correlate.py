@@ -310,10 +310,12 @@ def correlate_table(df: pd.DataFrame, x: str | Quantity, y: str | Quantity, last
 
 def run_correlate(tables: Sequence, x: str, y: str, out_dir, last_only: bool = False, bootstrap: int = 2000,
                   permutations: int = 10000, seed: int = 0) -> dict:
-    """Tables -> ``out_dir/correlation.csv`` (the joined points), ``summary.json`` and ``figures/`` (scatter
-    coloured by run with steps annotated; both quantities vs training step on twin axes). Returns the summary."""
+    """Tables -> ``out_dir/correlation.csv`` (the joined points), ``summary.json``, ``report.md`` (the
+    statistics) and ``figures/`` (scatter coloured by run with steps annotated; both quantities vs training
+    step on twin axes). Returns the summary."""
     from repa_probe.analysis.correlation.plots import scatter, versus_step
     from repa_probe.analysis.core.plots import slug
+    from repa_probe.reports.run_report import write_run_report
 
     for name, v in (("--bootstrap", bootstrap), ("--permutations", permutations)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
@@ -333,5 +335,6 @@ def run_correlate(tables: Sequence, x: str, y: str, out_dir, last_only: bool = F
     summary = dict(stats, tables=[str(p) for p in files],
                    files={"csv": "correlation.csv", "figures": [str(p.relative_to(out)) for p in figures]})
     write_json(summary, out / "summary.json")
+    write_run_report(out, "correlate", [], None, summary, [out / "correlation.csv", out / "summary.json", *figures])
     return summary
 

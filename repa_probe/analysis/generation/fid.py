@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from repa_probe.analysis.generation.fid_inputs import (  # noqa: F401 (re-exported: part of this module's API)
     FIDError, ImageArray, Reference, check_layout, image_height, load_images, read_reference, save_reference_stats)
-from repa_probe.analysis.metrics.frechet import frechet_distance, statistics
+from repa_probe.analysis.metrics.frechet import fd_replicates, frechet_distance, statistics
 
 log = logging.getLogger("repa_probe")
 
@@ -176,11 +176,14 @@ def reference_features(ref: Reference, space: FeatureSpace, device, batch_size: 
 
 
 def evaluate(samples: np.ndarray, ref: Reference, spaces, device="cpu", batch_size: int = 64,
-             isc: bool = False, kid: bool = False, prc: bool = False) -> dict[str, float]:
+             isc: bool = False, kid: bool = False, prc: bool = False, bootstrap: int = 0,
+             replicates: dict | None = None) -> dict[str, float]:
     """Metrics of uint8 ``samples (N, H, W, 3)`` against ``ref`` in every FeatureSpace of ``spaces``; with
     the Inception space also IS (ADM: ``ceil(N / 5000)`` contiguous splits, no shuffle; the space must carry
     ``logits_unbiased``), KID and precision/recall (k = 3, Inception pool3 features; they need reference
-    images, whose features are computed once, :func:`reference_features`)."""
+    images, whose features are computed once, :func:`reference_features`). With ``bootstrap`` > 0,
+    ``replicates`` (a dict) receives each Fréchet distance's replicates over the samples
+    (:func:`~repa_probe.analysis.metrics.frechet.fd_replicates`)."""
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
     from torch_fidelity.metric_kid import kid_featuresdict_to_metric
     from torch_fidelity.metric_prc import prc_featuresdict_to_metric
@@ -191,6 +194,8 @@ def evaluate(samples: np.ndarray, ref: Reference, spaces, device="cpu", batch_si
         r = reference_features(ref, space, device, batch_size)
         mu, sigma = statistics(feats[space.layer])
         out[space.metric] = frechet_distance(mu, sigma, r["mu"], r["sigma"])
+        if bootstrap and replicates is not None:
+            replicates[space.metric] = fd_replicates(feats[space.layer], r["mu"], r["sigma"], bootstrap)
         if space.extractor != INCEPTION:
             continue
         if isc:

@@ -82,7 +82,8 @@ class FidOptions(SampleOptions):
     (used with checkpoints; ``num_samples`` defaults to the reference size for our runs' own data, else
     50000) plus ``samples`` (existing folders / ``.npz`` to evaluate instead of checkpoints), ``ref``,
     ``inception_weights`` (enables ``fid_inception``; ``isc``, ``kid``, ``prc`` need it), ``fd_dinov2`` /
-    ``dinov2_weights``, ``encoder`` / ``encoder_weights`` / ``random_encoder`` (FD in a target encoder's space).
+    ``dinov2_weights``, ``encoder`` / ``encoder_weights`` / ``random_encoder`` (FD in a target encoder's space),
+    ``bootstrap`` (replicates of each Fréchet distance over the samples, 0 = off).
     """
 
     samples: Any = None
@@ -96,6 +97,7 @@ class FidOptions(SampleOptions):
     encoder: str | None = None
     encoder_weights: str | None = None
     random_encoder: bool = False
+    bootstrap: int = 0
 
     min_samples = 2
 
@@ -105,6 +107,7 @@ class FidOptions(SampleOptions):
             self.samples = [str(s) for s in ([self.samples] if isinstance(self.samples, str) else self.samples)]
             if not self.samples:
                 self.samples = None
+        self.bootstrap = _int("bootstrap", self.bootstrap, minimum=0)
         if (self.isc or self.kid or self.prc) and not self.inception_weights:
             raise OptionsError("--isc/--kid/--prc use Inception features: pass --inception-weights FILE")
         if self.random_encoder and not self.encoder:

@@ -143,11 +143,14 @@ class FidAnalysis(Analysis):
         if not run.dist.is_main:
             return []
         images = load_images(path)
-        values = evaluate(images, self.reference, self.spaces, run.device, o.batch_size, o.isc, o.kid, o.prc)
+        reps: dict = {}
+        values = evaluate(images, self.reference, self.spaces, run.device, o.batch_size, o.isc, o.kid, o.prc,
+                          o.bootstrap, reps)
         log.info("%s: %s", entry.label, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
         s = dataclasses.asdict(settings) if settings else {}
         return [dict(checkpoint=entry.label, run=entry.run, step=step, metric=k, value=v, num_samples=len(images),
-                     **{c: s.get(c) for c in SETTING_COLUMNS}) for k, v in values.items()]
+                     **{c: s.get(c) for c in SETTING_COLUMNS}, **({"replicates": reps[k]} if k in reps else {}))
+                for k, v in values.items()]
 
     def figures(self, run: Run, rows: list[dict]) -> list[Path]:
         return fid_vs_step(rows, run.out / "figures" / "fid_vs_step", {e.label: e.run for e in run.entries})

@@ -35,6 +35,17 @@ def statistics(features) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(axis=0), np.cov(f, rowvar=False)
 
 
+def fd_replicates(features, mu_ref, sigma_ref, replicates: int, seed: int = 0) -> np.ndarray:
+    """``(replicates,)`` Fréchet distances of ``features: (N, D)`` resampled with replacement (indices of
+    :func:`repa_probe.reports.bootstrap.resample_indices`) against fixed reference statistics: the sampling
+    uncertainty of an FD over the generated samples (the reference is held fixed)."""
+    from repa_probe.reports.bootstrap import resample_indices
+
+    f = np.asarray(features.detach().cpu().numpy() if hasattr(features, "detach") else features, dtype=np.float64)
+    return np.array([frechet_distance(f[i].mean(axis=0), np.cov(f[i], rowvar=False), mu_ref, sigma_ref)
+                     for i in resample_indices(len(f), replicates, seed)])
+
+
 def _check(mu1, sigma1, mu2, sigma2):
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))

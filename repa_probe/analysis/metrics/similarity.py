@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from repa_probe.errors import ReproError
 
 __all__ = ["MetricInputError", "cknna", "mutual_knn", "cycle_knn", "cka", "unbiased_cka",
-           "prepare_features", "bootstrap"]
+           "prepare_features", "bootstrap", "bootstrap_replicates"]
 
 _EPS = 1e-6                 # platonic-rep's denominator epsilon (CKA and CKNNA)
 _CHUNK_ELEMENTS = 1 << 25   # default working-set budget: ~32M elements per Gram / feature chunk
@@ -345,13 +345,25 @@ def bootstrap(metric_fn: Callable, a, b, n: int = 100, seed: int = 0, ci: float 
     Subsampling without replacement has no duplicates. The kNN metrics also depend on N (neighbourhoods
     widen on a subsample), so the replicate distribution is re-centred on the full-data value:
     ``low/high = value + s·(q_{α/2,1−α/2} − mean)`` with ``s = sqrt(f / (1 − f))`` the delete-d jackknife
-    variance factor (Shao & Wu 1989), which is 1 for the default ``f = 0.5``.
-    Returns ``(value, low, high)``.
+    variance factor (Shao & Wu 1989), which is 1 for the default ``f = 0.5``
+    (:func:`repa_probe.reports.bootstrap.interval`). Returns ``(value, low, high)``.
     """
-    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
-        raise MetricInputError(f"n (replicates) must be an integer >= 2, got {n!r}")
+    from repa_probe.reports.bootstrap import interval
+
     if not 0 < ci < 1:
         raise MetricInputError(f"ci must be in (0, 1), got {ci!r}")
+    value, reps, scale = bootstrap_replicates(metric_fn, a, b, n, seed, fraction)
+    low, high = interval(value, reps, scale, ci)
+    return value, low, high
+
+
+def bootstrap_replicates(metric_fn: Callable, a, b, n: int = 100, seed: int = 0,
+                         fraction: float = 0.5) -> tuple[float, np.ndarray, float]:
+    """``(value, replicates (n,), scale)`` of :func:`bootstrap`'s half-sampling. The row subsets depend only on
+    ``(N, n, seed, fraction)``, so two models analysed on the same images get the same subsets (a paired
+    bootstrap of their difference: :func:`repa_probe.reports.bootstrap.difference`)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise MetricInputError(f"n (replicates) must be an integer >= 2, got {n!r}")
     if not 0 < fraction < 1:
         raise MetricInputError(f"fraction must be in (0, 1), got {fraction!r}")
     a, b = _check_pair(a, b)
@@ -366,8 +378,4 @@ def bootstrap(metric_fn: Callable, a, b, n: int = 100, seed: int = 0, ci: float 
     if not np.all(np.isfinite(reps)) or not math.isfinite(value):
         raise RuntimeError(f"bootstrap: metric returned a non-finite value ({int((~np.isfinite(reps)).sum())} "
                            f"of {n} replicates; full data: {value})")
-    alpha = (1.0 - ci) / 2.0
-    q_lo, q_hi = np.quantile(reps, [alpha, 1.0 - alpha])
-    scale = math.sqrt(fraction / (1.0 - fraction))
-    centre = reps.mean()
-    return value, value + scale * (q_lo - centre), value + scale * (q_hi - centre)
+    return value, reps, math.sqrt(fraction / (1.0 - fraction))

@@ -72,7 +72,9 @@ class ProbeResult:
     ``top1``: test accuracy in [0, 1]; ``top5``: top-``topk`` test accuracy, None (and ``topk`` None) with
     :data:`TOPK` classes or fewer; ``hparams``: the chosen hyper-parameters plus how they were chosen
     (``selection``: "held-out", "fixed" or "default"); ``val_top1``: held-out accuracy of the chosen point
-    (None without a sweep); ``sweep``: one dict per grid point with its held-out top-1.
+    (None without a sweep); ``sweep``: one dict per grid point with its held-out top-1; ``hits``: per test
+    image, whether it was right (``{"top1": (M,) bool, "top5": (M,) bool}``, the metrics' keys), for bootstrap
+    intervals over test images (not in :meth:`to_dict`).
     """
 
     top1: float
@@ -86,13 +88,14 @@ class ProbeResult:
     num_test: int
     num_classes: int
     fit_seconds: float
+    hits: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def metrics(self) -> dict[str, float]:
         """The reported metrics: ``{"top1": ...}``, plus ``"top5"`` with more than :data:`TOPK` classes."""
         return {"top1": self.top1} if self.top5 is None else {"top1": self.top1, "top5": self.top5}
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "hits"}
         if self.top5 is None:
             del d["top5"], d["topk"]
         return d
@@ -114,11 +117,10 @@ def stratified_holdout(y: torch.Tensor, fraction: float, seed: int = 0) -> tuple
     return p[~val].sort().values, p[val].sort().values
 
 
-def _topk_correct(scores: torch.Tensor, y: torch.Tensor, k: int) -> tuple[int, int]:
-    """scores: (B, K), y: (B,) → (number correct at top-1, number correct at top-k)."""
-    top = scores.topk(k, dim=1).indices
-    hit = top == y[:, None]
-    return int(hit[:, 0].sum()), int(hit.any(dim=1).sum())
+def _topk_hits(scores: torch.Tensor, y: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores: (B, K), y: (B,) → (right at top-1 (B,) bool, right at top-k (B,) bool), on the CPU."""
+    hit = (scores.topk(k, dim=1).indices == y[:, None]).cpu()
+    return hit[:, 0], hit.any(dim=1)
 
 
 def _select(sweep: list[dict], candidates: list[dict]) -> tuple[dict, float | None]:
@@ -180,13 +182,13 @@ def _fit_sklearn(tx, ty, vx, vy, split, num_classes, k, seed, Cs, max_iter):
             prev = None
             for cand in sorted(candidates, key=lambda c: c["C"]):  # warm start along the regularisation path
                 prev, conv = _sk_fit(tx[fit_idx], ty[fit_idx], cand["C"], max_iter, seed, init=prev)
-                acc = _topk_correct(_sk_scores(prev, tx[val_idx], num_classes), torch.from_numpy(ty[val_idx]), 1)[0]
-                fitted[cand["C"]] = (prev, {**cand, "val_top1": acc / len(val_idx), "converged": conv})
+                acc = _topk_hits(_sk_scores(prev, tx[val_idx], num_classes), torch.from_numpy(ty[val_idx]), 1)[0]
+                fitted[cand["C"]] = (prev, {**cand, "val_top1": int(acc.sum()) / len(val_idx), "converged": conv})
             sweep = [fitted[c["C"]][1] for c in candidates]
         chosen, val = _select(sweep, candidates)
         clf, conv = _sk_fit(tx, ty, chosen["C"], max_iter, seed, init=fitted.get(chosen["C"], (None,))[0])
-        top1, topk = _topk_correct(_sk_scores(clf, vx, num_classes), torch.from_numpy(vy), k)
-    return top1, topk, {**chosen, "max_iter": max_iter, "converged": conv}, sweep, val
+        hits = _topk_hits(_sk_scores(clf, vx, num_classes), torch.from_numpy(vy), k)
+    return hits, {**chosen, "max_iter": max_iter, "converged": conv}, sweep, val
 
 
 # ----------------------------------------------------------------------------------------------- torch
@@ -224,17 +226,18 @@ def train_linear_heads(x: Array, y: torch.Tensor, idx: torch.Tensor, mean: torch
 
 @torch.no_grad()
 def evaluate_linear_heads(heads, x: Array, y: torch.Tensor, idx: torch.Tensor, mean, std, k: int,
-                          device: torch.device) -> list[tuple[int, int]]:
-    """(top-1 correct, top-k correct) counts of every head on rows ``idx`` of ``x``."""
-    counts = [(0, 0)] * len(heads)
+                          device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per head, (right at top-1, right at top-k) of every row ``idx`` of ``x``: two ``(len(idx),)`` bool
+    tensors on the CPU."""
+    parts: list[list] = [[] for _ in heads]
     step = rows_per_chunk(x)
     for start in range(0, len(idx), step):
         b = idx[start: start + step]
         xb = (gather(x, b, device) - mean) / std
         yb = y[b].to(device)
-        counts = [(c1 + r1, c5 + r5) for (c1, c5), (r1, r5) in
-                  zip(counts, (_topk_correct(h(xb), yb, k) for h in heads))]
-    return counts
+        for part, h in zip(parts, heads):
+            part.append(_topk_hits(h(xb), yb, k))
+    return [(torch.cat([p[0] for p in part]), torch.cat([p[1] for p in part])) for part in parts]
 
 
 def _fit_torch(train_x, train_y, test_x, test_y, split, mean, std, num_classes, k, seed, device,
@@ -245,14 +248,14 @@ def _fit_torch(train_x, train_y, test_x, test_y, split, mean, std, num_classes, 
     if fit_idx is not None:
         heads = train_linear_heads(train_x, train_y, fit_idx, mean, std, num_classes, candidates, epochs,
                                    batch_size, device, seed)
-        counts = evaluate_linear_heads(heads, train_x, train_y, val_idx, mean, std, 1, device)
-        sweep = [{**c, "val_top1": n1 / len(val_idx)} for c, (n1, _) in zip(candidates, counts)]
+        hits = evaluate_linear_heads(heads, train_x, train_y, val_idx, mean, std, 1, device)
+        sweep = [{**c, "val_top1": int(h1.sum()) / len(val_idx)} for c, (h1, _) in zip(candidates, hits)]
     chosen, val = _select(sweep, candidates)
     all_idx = torch.arange(train_x.shape[0])
     head = train_linear_heads(train_x, train_y, all_idx, mean, std, num_classes, [chosen], epochs, batch_size,
                               device, seed)
-    (top1, topk), = evaluate_linear_heads(head, test_x, test_y, torch.arange(test_x.shape[0]), mean, std, k, device)
-    return top1, topk, {**chosen, "epochs": epochs, "batch_size": batch_size, "optimizer": "AdamW"}, sweep, val
+    hits, = evaluate_linear_heads(head, test_x, test_y, torch.arange(test_x.shape[0]), mean, std, k, device)
+    return hits, {**chosen, "epochs": epochs, "batch_size": batch_size, "optimizer": "AdamW"}, sweep, val
 
 
 # ----------------------------------------------------------------------------------------------- entry point
@@ -334,16 +337,17 @@ def fit_linear_probe(train_x: Array, train_y: Any, test_x: Array, test_y: Any, b
     if backend == "sklearn":
         tx, vx = _standardised_numpy(train_x, mean, std), _standardised_numpy(test_x, mean, std)
         sk_split = tuple(None if s is None else s.numpy() for s in split)
-        top1, topk, hparams, sweep, chosen_val = _fit_sklearn(tx, ty.numpy(), vx, vy.numpy(), sk_split,
+        hits, hparams, sweep, chosen_val = _fit_sklearn(tx, ty.numpy(), vx, vy.numpy(), sk_split,
                                                               num_classes, k, seed, Cs, max_iter)
     else:
-        top1, topk, hparams, sweep, chosen_val = _fit_torch(train_x, ty, test_x, vy, split, mean, std, num_classes,
+        hits, hparams, sweep, chosen_val = _fit_torch(train_x, ty, test_x, vy, split, mean, std, num_classes,
                                                             k, seed, dev, lrs, weight_decays, epochs, batch_size)
     hparams["selection"] = selection
     if split[0] is not None:
         hparams["val_fraction"] = val_fraction
     m = test_x.shape[0]
-    top5, k_out = (topk / m, k) if reports_topk(num_classes) else (None, None)
-    return ProbeResult(top1=top1 / m, top5=top5, topk=k_out, hparams=hparams, val_top1=chosen_val, sweep=sweep,
-                       backend=backend, num_train=int(train_x.shape[0]), num_test=int(m), num_classes=num_classes,
-                       fit_seconds=time.perf_counter() - t0)
+    top5, k_out = (int(hits[1].sum()) / m, k) if reports_topk(num_classes) else (None, None)
+    return ProbeResult(top1=int(hits[0].sum()) / m, top5=top5, topk=k_out, hparams=hparams, val_top1=chosen_val,
+                       sweep=sweep, backend=backend, num_train=int(train_x.shape[0]), num_test=int(m),
+                       num_classes=num_classes, fit_seconds=time.perf_counter() - t0,
+                       hits={"top1": hits[0], **({"top5": hits[1]} if top5 is not None else {})})

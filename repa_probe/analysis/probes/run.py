@@ -31,6 +31,7 @@ from repa_probe.analysis.probes.inputs import ProbeSetupError, collect_masks, re
 from repa_probe.analysis.probes.plots import chance_levels, make_probe_figures
 from repa_probe.analysis.core.runner import Analysis, Run, run_analysis
 from repa_probe.analysis.core.targets import encoder_features
+from repa_probe.reports.bootstrap import resample_means
 from repa_probe.timesteps import TIME_HELP, label
 
 log = logging.getLogger("repa_probe")
@@ -51,9 +52,17 @@ def layer_groups(layers: Sequence[int], num_samples: int, values_per_sample: int
     return [list(layers[i:i + size]) for i in range(0, len(layers), size)]
 
 
-def _metric_rows(task: str, result, base: dict) -> list[dict]:
-    return [dict(base, metric=k, value=v, num_train=result.num_train, num_test=result.num_test)
-            for k, v in result.metrics().items()]  # top5 only with more than 5 classes
+def _metric_rows(task: str, result, base: dict, bootstrap: int = 0, seed: int = 0) -> list[dict]:
+    """One row per metric (top5 only with more than 5 classes); with ``bootstrap`` and per-image hits (linear
+    probes), the accuracy's replicates over test images (popped into ``replicates.npz`` by the run skeleton)."""
+    rows = []
+    for k, v in result.metrics().items():
+        row = dict(base, metric=k, value=v, num_train=result.num_train, num_test=result.num_test)
+        hits = getattr(result, "hits", {}).get(k)
+        if bootstrap and hits is not None:
+            row.update(replicates=resample_means(hits.double().numpy(), bootstrap, seed), replicate_scale=1.0)
+        rows.append(row)
+    return rows
 
 
 class ProbeAnalysis(Analysis):
@@ -138,7 +147,7 @@ class ProbeAnalysis(Analysis):
             res = fit_segmentation_probe(train_x, y["train"], test_x, y["test"], self.data.num_classes,
                                          ignore_index=self.data.ignore_index, device=run.device, seed=opts.seed,
                                          **self._probe_options(opts))
-        rows = _metric_rows(self.task, res, base)
+        rows = _metric_rows(self.task, res, base, opts.bootstrap, opts.seed)
         self.details.append(dict(base, **res.to_dict()))
         where = base["source"] if base["layer"] is None else f"block {base['layer']} t={base['timestep']}"
         log.info("%s %s %s: %s", self.name, base["checkpoint"], where,
