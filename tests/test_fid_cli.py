@@ -203,7 +203,7 @@ def test_fid_of_samples_folders_writes_options_and_relative_paths(tmp_path):
                      "tiny_vit", "--random-encoder", "--out", str(out), "-q"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["files"] == {"csv": "fid.csv", "options": "options.json", "reference_stats": "reference_stats.pt",
-                                "figures": []}
+                                "report": "report.md", "replicates": None, "figures": []}
     assert summary["checkpoints"] == [dict(label="a", path=str(tmp_path / "a.npz"), run=None, step=None,
                                            source_format="samples")]
     assert json.loads((out / "options.json").read_text())["samples"] == [str(tmp_path / "a.npz")]
