@@ -12,8 +12,9 @@ from repa_probe.reports import document as D
 from repa_probe.reports import numbers as N
 from repa_probe.reports.bootstrap import (difference, interval, read_replicates, resample_means, row_key,
                                           take_replicates, write_replicates)
+from repa_probe.reports.findings import find
 from repa_probe.reports.html import render_html
-from repa_probe.reports.latex import escape, write_latex
+from repa_probe.reports.latex import escape
 from repa_probe.reports.paper import build_paper, write_report
 from repa_probe.reports.selection import ReportChoice, ReportData, ReportError, comparisons
 
@@ -115,6 +116,16 @@ def test_findings_sentences_quote_the_csv(built):
     repa = next(r for r in rows if r["run"] == "repa")
     assert repa["CKNNA"] in by[("repa", "cknna")]["sentence"]
     assert repa["block"] == 2 and len(parts.figures) == 2  # the heatmap and CKNNA (+ FD) vs step
+
+
+def test_best_block_and_pairs_choose_what_is_compared():
+    data = _data()
+    data.tables.pop("fid")
+    found = find(ReportChoice(block="best", pairs=[["other", "repa"]]), data)
+    assert [(f.a.run, f.b.run, f.block) for f in found] == [("other", "repa", "best")]
+    assert found[0].a.row["layer"] == found[0].b.row["layer"] == 3  # the highest CKNNA of both runs
+    assert "at the best block (3 vs 3), t = 0.5, step 40" in found[0].sentence() and found[0].resolved is True
+    assert find(ReportChoice(block="1", timestep=0.1), data)[0].where() == "at block 1, t = 0, step 40"
 
 
 def test_latex_fragment_parses_and_compiles(built):

@@ -64,6 +64,16 @@ def test_shipped_study_configs_load():
     assert big.launcher.kind == "slurm" and len(big.train.runs) == 4
 
 
+def test_report_section_is_validated():
+    cfg = load_study_config(str(ROOT / "configs/study_tiny.yaml"), ["report.pairs=[[irepa,repa]]", "report.block=3"])
+    assert cfg.report.pairs == [["irepa", "repa"]] and cfg.report.block == "3"
+    assert load_study_config(str(ROOT / "configs/study_imagenet.yaml")).report.pairs[0] == ["repa_sit_b2", "sit_b2"]
+    for override, match in (("report.baseline=nope", "unknown run 'nope'"), ("report.block=top", "repa, best or"),
+                             ("report.pairs=[[repa]]", r"\[\[run_a, run_b\], ...\]")):
+        with pytest.raises(ConfigError, match=match):
+            load_study_config(str(ROOT / "configs/study_tiny.yaml"), [override])
+
+
 def test_bad_run_override_names_the_run():
     with pytest.raises(ConfigError, match=r"train.runs.repa: unknown config key 'repa.nope'"):
         load_study_config(str(ROOT / "configs/study_tiny.yaml"), ["train.runs.repa=[repa.nope=1]"])
@@ -95,7 +105,9 @@ def test_tiny_study_writes_its_report(tmp_path):
         assert f"{ckpt}," in best
     assert "tables/best-alignment.csv" in md
     assert json.loads((root / "study.json").read_text())["runs"]["baseline"]["proj_coeff"] == 0.0
-    # rerun: nothing trained or computed again
+    # rerun: nothing trained or computed again, no figure redrawn
+    drawn = (root / "figures" / "heatmap-cknna.pdf").stat().st_mtime_ns
     again = run_study(cfg, command="pytest")
     assert all(r["trained"] == "existing" for r in again["runs"].values())
+    assert (root / "figures" / "heatmap-cknna.pdf").stat().st_mtime_ns == drawn and (root / "report.tex").is_file()
     assert not again["sweep"]["failed"]

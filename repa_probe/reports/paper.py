@@ -5,9 +5,14 @@ writer of ``report.md`` / ``report.html`` / ``report.tex`` + ``tables/*.tex``.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+import numpy as np
 
 from repa_probe.reports import document as D
 from repa_probe.reports import figures as F
@@ -51,8 +56,35 @@ def build_paper(choice: ReportChoice, data: ReportData, root: Path, correlations
     if found:
         parts.tables.append(D.table(T.findings_rows(found), "comparisons",
                                     "Differences A - B with paired bootstrap 95% intervals (`findings.csv`)."))
-    parts.figures = paper_figures(choice, data, root / "figures", correlations, chance)
+    parts.figures = cached_figures(choice, data, root / "figures", correlations, chance)
     return parts
+
+
+def _fingerprint(choice: ReportChoice, data: ReportData, correlations, chance) -> str:
+    """A hash of everything the figures are drawn from (rows, replicates, runs, choice, correlations)."""
+    h = hashlib.sha256(json.dumps([dataclasses.asdict(choice), data.tables, data.run_of, data.repa_block, data.runs,
+                                   [(c.get("x"), c.get("y"), c.get("dir"), c.get("error"), (c.get("summary") or {})
+                                     .get("pearson")) for c in correlations], chance], default=str,
+                                  sort_keys=True).encode())
+    for name in sorted(data.replicates):
+        for key in sorted(data.replicates[name]):
+            h.update(key.encode() + np.ascontiguousarray(data.replicates[name][key][0], np.float32).tobytes())
+    return h.hexdigest()
+
+
+def cached_figures(choice: ReportChoice, data: ReportData, out: Path, correlations, chance) -> list[tuple]:
+    """:func:`paper_figures`, or the figure blocks of the previous report when it was drawn from the same data
+    (``figures/figures.json``: a rerun of a finished study does not redraw)."""
+    index, stamp = Path(out) / "figures.json", _fingerprint(choice, data, correlations, chance)
+    if index.is_file():
+        previous = json.loads(index.read_text())
+        blocks = [D.figure(Path(out) / png, caption, width) for png, caption, width in previous["figures"]]
+        if previous.get("stamp") == stamp and all(b[1].is_file() for b in blocks):
+            return blocks
+    blocks = paper_figures(choice, data, out, correlations, chance)
+    index.parent.mkdir(parents=True, exist_ok=True)
+    index.write_text(json.dumps(dict(stamp=stamp, figures=[[b[1].name, b[2], b[3]["width"]] for b in blocks])))
+    return blocks
 
 
 def _grids(rows: list[dict], data: ReportData, metric: str) -> dict:

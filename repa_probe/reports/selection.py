@@ -23,7 +23,7 @@ class ReportChoice:
     baseline: Optional[str] = None  # run compared with every other (null: the one run without REPA, else the first)
     pairs: List[List[str]] = field(default_factory=list)  # [[run_a, run_b], ...] instead of "each run vs baseline"
     block: str = "repa"  # repa (each pair at its aligned run's REPA block), best (each run's best block), or a number
-    timestep: Optional[float] = None  # null: the alignment's plot timestep (the one nearest 0.5)
+    timestep: Optional[float] = None  # null: 0.5 (each table at its analysed timestep nearest to it)
 
     def validate(self, runs: List[str]) -> None:
         for name in ([self.baseline] if self.baseline else []) + [r for p in self.pairs for r in p]:
