@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides before and after flags
     setup_logging(args.verbose)
     from repa_probe.errors import one_line_errors
     from repa_probe.sweeps.config import load_sweep_config

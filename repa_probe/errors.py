@@ -16,6 +16,7 @@ from contextlib import contextmanager
 
 EXIT_USER_ERROR = 2
 EXIT_OUT_OF_MEMORY = 3
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 DEBUG_ENV = "REPA_PROBE_DEBUG"
 MEMORY_HINT = "lower --batch-size (analysis) or train.batch_size / raise train.grad_accum (training)"
 
@@ -26,6 +27,10 @@ class ReproError(Exception):
 
 class CLIExit(SystemExit):
     pass
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, re-raised by the code that was writing an output with what the user finds there (one line)."""
 
 
 def debug_enabled(flag: bool = False) -> bool:
@@ -48,10 +53,19 @@ def one_line_errors(debug: bool = False):
     """Print a :class:`ReproError` (or out-of-memory) as ``error: <Class>: <message>`` and exit non-zero.
 
     Other exceptions propagate unchanged with their traceback. With ``debug`` (or ``REPA_PROBE_DEBUG=1``)
-    the traceback of a user error is logged before the one-line message.
+    the traceback of a user error is logged before the one-line message. Ctrl-C is one line too
+    (``interrupted: <what is left>``, from an :class:`Interrupted`) and exit code 130.
     """
     try:
         yield
+    except KeyboardInterrupt as exc:
+        if debug_enabled(debug):
+            logging.getLogger("repa_probe").exception("traceback")
+        note = _first_line(exc) if isinstance(exc, Interrupted) and str(exc).strip() else \
+            "stopped by Ctrl-C; files already written are whole (atomic writes); the same command " \
+            "continues or redoes the rest"
+        print(f"interrupted: {note}", file=sys.stderr)
+        raise CLIExit(EXIT_INTERRUPTED) from None
     except (ReproError, MemoryError, RuntimeError) as exc:
         oom = _is_out_of_memory(exc)
         if not oom and not isinstance(exc, ReproError):

@@ -159,7 +159,7 @@ def test_bad_inputs_fail_in_one_line_before_heavy_work(run, tmp_path, capsys, mo
         "--batch-size must be an integer >= 1": base + ["--batch-size", "0"],
         "--device 'gpu0' is not a device": base + ["--device", "gpu0"],
         "layers [7] are outside 1..4": base + ["--layers", "2,7"],
-        "--topk 10 must be smaller than the number of samples N = 8": base + ["--num-samples", "8"],
+        "--topk 10 must be smaller than the number of images N = 8 (--num-samples)": base + ["--num-samples", "8"],
         "must exceed --topk": base + ["--num-samples", "16", "--bootstrap", "10"],
         "pass --data and --encoder": ["--ckpt", str(official), "--out", str(tmp_path / "o")],
         "unknown metric": base + ["--metric", "cknna,ssim"],

@@ -181,3 +181,61 @@ def test_constant_quantity_warns_that_the_correlation_is_undefined(caplog):
     with caplog.at_level("WARNING", logger="repa_probe"):
         _, stats = correlate_table(pd.DataFrame(rows), "lds@target", "fd_x", bootstrap=0, permutations=0)
     assert any("same value (0.5) at every checkpoint" in w for w in stats["warnings"])
+
+
+def _alignment_table_with_settings(folder: Path, num_samples: int, values, encoder: str = "enc", seed: int = 0):
+    """alignment.csv of checkpoints a/1..a/4 (blocks 1, 2 at t = 0.5) with options.json / summary.json."""
+    rows = [dict(checkpoint=f"a/{i}", step=i, layer=layer, timestep=0.5, metric="cknna", value=v[layer - 1], n=num_samples)
+            for i, v in enumerate(values, 1) for layer in (1, 2)]
+    _write(folder / "alignment.csv", ALIGN_COLS, rows)
+    (folder / "options.json").write_text(json.dumps(dict(num_samples=num_samples, seed=seed, timesteps=[0.5])))
+    (folder / "summary.json").write_text(json.dumps(dict(settings=dict(num_samples=num_samples),
+                                                         encoder=dict(name=encoder))))
+
+
+def test_tables_of_different_settings_are_refused_for_every_layer_choice(tmp_path, capsys):
+    """Issue 21 item 1: two alignments of the same checkpoints (N = 64 and N = 32) under one --tables folder;
+    @best took the best block over both tables and flipped the sign of r without a word."""
+    _alignment_table_with_settings(tmp_path / "cor" / "align", 64, [(0.1, 0.2), (0.2, 0.3), (0.3, 0.4), (0.4, 0.5)])
+    _alignment_table_with_settings(tmp_path / "cor" / "align_n32", 32, [(0.9, 0.1), (0.7, 0.1), (0.5, 0.1), (0.3, 0.1)])
+    _write(tmp_path / "cor" / "fid" / "fid.csv", FID_COLS,
+           [dict(checkpoint=f"a/{i}", step=i, metric="fid_inception", value=10.0 * i) for i in range(1, 5)])
+    for x in ("cknna@best,t=0.5", "cknna@block2,t=0.5"):
+        err = _one_line_error(capsys, ["--tables", str(tmp_path / "cor"), "--x", x, "--y", "fid_inception",
+                                       "--out", str(tmp_path / "o")])
+        assert "share checkpoint a/1" in err and "num_samples 64 vs 32" in err and "one setting" in err, err
+    assert not (tmp_path / "o").exists()
+    # the same conflict without settings files: the values disagree, refused before @best picks a winner
+    for name in ("options.json", "summary.json"):
+        (tmp_path / "cor" / "align_n32" / name).unlink()
+    err = _one_line_error(capsys, ["--tables", str(tmp_path / "cor"), "--x", "cknna@best,t=0.5", "--y",
+                                   "fid_inception", "--out", str(tmp_path / "o")])
+    assert "checkpoint a/1 has 2 different values" in err, err
+
+
+def test_tables_of_different_checkpoints_need_the_same_n_and_seed_but_not_the_same_encoder(tmp_path, capsys):
+    _alignment_table_with_settings(tmp_path / "r1", 64, [(0.1, 0.2), (0.2, 0.3)], encoder="dinov2")
+    _alignment_table_with_settings(tmp_path / "r2", 64, [(0.1, 0.2), (0.2, 0.3)], encoder="mae")
+    df = load_tables([tmp_path / "r1", tmp_path / "r2"])
+    df.loc[df.file.str.contains("r2"), "checkpoint"] = df.checkpoint.str.replace("a/", "b/")
+    from repa_probe.analysis.correlation.correlate import check_settings
+
+    check_settings(df)  # iREPA's figure: runs with different target encoders
+    (tmp_path / "r2" / "options.json").write_text(json.dumps(dict(num_samples=64, seed=3)))
+    with pytest.raises(CorrelateError, match="hold different checkpoints.*seed 0 vs 3"):
+        check_settings(df)
+
+
+def test_a_second_correlation_into_the_same_out_removes_the_first_ones_figures(tmp_path, caplog):
+    make_runs(tmp_path / "t", runs=2, per_run=3)
+    out = tmp_path / "o"
+    base = ["--tables", str(tmp_path / "t"), "--y", "fid_inception", "--out", str(out), "--bootstrap", "0",
+            "--permutations", "0"]
+    assert main(base + ["--x", "cknna@block2,t=0.5"]) == 0
+    first = set(json.loads((out / "summary.json").read_text())["files"]["figures"])
+    with caplog.at_level(logging.WARNING, logger="repa_probe"):
+        assert main(base + ["--x", "cknna@block1,t=0"]) == 0
+    now = {str(p.relative_to(out)) for p in (out / "figures").rglob("*") if p.is_file()}
+    assert now == set(json.loads((out / "summary.json").read_text())["files"]["figures"]) and not first & now
+    assert "held the outputs of an earlier correlation; removed correlation.csv" in caplog.text
+    assert not (out / "INCOMPLETE").exists()

@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # overrides before and after flags
     setup_logging(args.verbose)
     from repa_probe.training import launch
     from repa_probe.training.config import load_config, to_yaml

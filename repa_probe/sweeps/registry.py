@@ -46,10 +46,21 @@ class AnalysisSpec:
         return list(dict.fromkeys(names + list(SWEEP_OPTIONS)))
 
     def check_options(self, options: dict, where: str) -> dict:
+        """Names and values: an unknown option, or a bad value of an options dataclass' field (built here, as
+        the job will build it), is a :class:`ConfigError` when the config is read, before any job runs."""
+        from repa_probe.errors import ReproError
+
         valid = self.valid_options()
         for key in options:
             if key not in valid:
                 raise ConfigError(f"unknown option '{where}.{key}'; valid options of {self.name}: {', '.join(valid)}")
+        for src in self.option_sources():
+            if dataclasses.is_dataclass(src):
+                names = {f.name for f in dataclasses.fields(src)}
+                try:
+                    src(**{k: v for k, v in options.items() if k in names})
+                except (ReproError, TypeError, ValueError) as exc:
+                    raise ConfigError(f"{where}: {str(exc).splitlines()[0]}") from None
         return options
 
     def write_table(self, rows: list[dict], path: Path) -> None:

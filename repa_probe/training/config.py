@@ -232,7 +232,11 @@ def load_structured(schema: type, path: Optional[str] = None, overrides: Sequenc
         if not p.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"{path}: not a YAML config (not UTF-8 text: a binary file?)") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
         if not isinstance(data, dict):

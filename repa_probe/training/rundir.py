@@ -32,6 +32,41 @@ class RunDirError(ReproError, RuntimeError):
     """The run directory cannot be used (not writable, no loadable checkpoint, ...)."""
 
 
+# What a run is, for its whole life: a rerun (resume) that changes any of these keys is refused.
+RUN_DEFINING = ("model", "objective", "repa", "encoder.name", "encoder.pretrained", "encoder.input_size",
+                "vae.name", "data.name", "data.resolution", "data.num_classes", "run.seed")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_same_run(run: Path, new_config: dict) -> None:
+    """Refuse (:class:`RunDirError`, nothing touched) to continue the run in ``run`` with a config whose
+    run-defining keys (:data:`RUN_DEFINING`) differ from its stored ``config.yaml`` while it has checkpoints."""
+    import yaml
+
+    stored_path = run / "config.yaml"
+    if not list_checkpoints(run / "checkpoints") or not stored_path.is_file():
+        return
+    try:
+        stored = _flat(yaml.safe_load(stored_path.read_text()) or {})
+    except (OSError, ValueError, yaml.YAMLError):
+        raise RunDirError(f"{stored_path} is unreadable; the run's checkpoints cannot be matched to a config. "
+                          "Start a new run with run.name=NEW") from None
+    new = _flat(new_config)
+    differ = [k for k in sorted(set(stored) | set(new))
+              if any(k == d or k.startswith(d + ".") for d in RUN_DEFINING) and stored.get(k) != new.get(k)]
+    if differ:
+        shown = ", ".join(f"{k}={new.get(k)!r} (stored {stored.get(k)!r})" for k in differ[:4])
+        raise RunDirError(f"run {run} has checkpoints of another model/setup: {shown}"
+                          f"{' ...' if len(differ) > 4 else ''}; to continue it keep its config.yaml values, or "
+                          "start a new run with run.name=NEW (or another run.out_dir)")
+
+
 def prepare(out_dir: str, name: str) -> Path:
     """Create ``out_dir/name/checkpoints`` and check that it is writable."""
     run = Path(out_dir) / name
@@ -44,6 +79,21 @@ def prepare(out_dir: str, name: str) -> Path:
         raise RunDirError(f"output directory {run} is not writable ({exc.strerror or exc}); "
                           f"set run.out_dir to a writable path") from None
     return run
+
+
+def remove_new_run(run: Path, made: Path) -> None:
+    """Undo :func:`prepare` after a start that failed: remove ``run`` (only while it holds no checkpoint) and
+    its parents up to ``made``, the first folder that start created."""
+    if list_checkpoints(run / "checkpoints"):
+        return
+    for path in sorted(run.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+        path.rmdir() if path.is_dir() else path.unlink(missing_ok=True)
+    for folder in [run, *run.parents]:
+        if not folder.is_dir() or any(folder.iterdir()):
+            break
+        folder.rmdir()
+        if folder == made:
+            break
 
 
 def checkpoint_run(path) -> Optional[str]:
@@ -113,8 +163,8 @@ def load_latest(ckpt_dir: Path, loader) -> Optional[Tuple[Path, dict]]:
             return path, loader(path)
         except Exception as exc:  # noqa: BLE001 - any unreadable file: fall back to an older one
             msg = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
-            log.warning("WARNING: checkpoint %s cannot be loaded (%s); falling back to the previous one",
-                        path, msg)
+            older = "falling back to the previous one" if step != ckpts[0][0] else "it was the oldest one"
+            log.warning("WARNING: checkpoint %s cannot be loaded (%s); %s", path, msg, older)
             errors.append(msg)
     raise RunDirError(f"no loadable checkpoint in {ckpt_dir} ({len(errors)} tried, all unreadable)")
 

@@ -264,14 +264,25 @@ def _start(cfg: Config, dist: DistInfo) -> tuple:
     if cfg.train.batch_size % (dist.world_size * cfg.train.grad_accum):
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} is not divisible by the {dist.world_size} "
                          f"process(es) x train.grad_accum={cfg.train.grad_accum} micro-batches")
+    run_path = Path(cfg.run.out_dir) / cfg.run.name
+    rundir.check_same_run(run_path, to_dict(cfg))
+    made = next((p for p in [*reversed(run_path.parents), run_path] if not p.exists()), None)  # made by this start
     run = rundir.prepare(cfg.run.out_dir, cfg.run.name)
     handler = rundir.add_file_log(run) if dist.is_main else None
+    try:
+        if device.type == "cpu" and cfg.train.precision != "fp32":
+            log.info("precision: train.precision=%s applies on GPU only; the CPU runs fp32", cfg.train.precision)
+        s = TrainState.build(cfg, dist, device)
+        resumed = _resume(cfg, run / "checkpoints")
+    except BaseException:
+        if handler is not None:
+            log.removeHandler(handler)
+            handler.close()
+        if made is not None and dist.is_main:  # a failed start leaves no half-made run folder
+            rundir.remove_new_run(run, made)
+        raise
     if dist.is_main:
         (run / "config.yaml").write_text(to_yaml(cfg))
-    if device.type == "cpu" and cfg.train.precision != "fp32":
-        log.info("precision: train.precision=%s applies on GPU only; the CPU runs fp32", cfg.train.precision)
-    s = TrainState.build(cfg, dist, device)
-    resumed = _resume(cfg, run / "checkpoints")
     if resumed is not None:
         path, state = resumed
         s.load_state_dict(state)

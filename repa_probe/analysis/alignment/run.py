@@ -62,14 +62,14 @@ def metric_function(name: str, topk: int) -> Callable:
 def check_metric_settings(metrics: Sequence[str], n: int, topk: int, bootstrap: int) -> None:
     """Raise AlignmentError when N, k or the bootstrap cannot work together."""
     if n < 4:
-        raise AlignmentError(f"need at least 4 samples, got N = {n}")
+        raise AlignmentError(f"--num-samples: the metrics need at least 4 images, got N = {n}")
     if bootstrap and (bootstrap < 2):
         raise AlignmentError(f"--bootstrap must be 0 (off) or >= 2 replicates, got {bootstrap}")
     if any(m in KNN_METRICS for m in metrics):
         if topk < 2:
             raise AlignmentError(f"--topk must be >= 2, got {topk}")
         if topk >= n:
-            raise AlignmentError(f"--topk {topk} must be smaller than the number of samples N = {n}")
+            raise AlignmentError(f"--topk {topk} must be smaller than the number of images N = {n} (--num-samples)")
         half = int(round(0.5 * n))
         if bootstrap and topk >= half:
             raise AlignmentError(f"--bootstrap resamples N/2 = {half} rows, which must exceed --topk {topk}")

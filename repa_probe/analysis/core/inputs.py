@@ -29,6 +29,7 @@ log = logging.getLogger("repa_probe")
 #: default sizes of the procedural ``shapes`` data in the analyses (it has no natural size): alignment
 #: N (enough for k = 10 CKNNA, fast on a CPU) and the probes' train / test splits
 SHAPES_SIZES = {"alignment": 512, "train": 2000, "test": 500}
+PROCEDURAL_MAX = 50_000  # the largest procedural shapes set an analysis draws (more would run for hours)
 MAX_DEFAULT_SAMPLES = 10000  # alignment N when --num-samples is not given (min with the dataset size)
 KEEP_MODEL_PARAMS = 50_000_000  # models this small stay in memory between validation and analysis
 
@@ -131,8 +132,12 @@ def checkpoint_paths(items: Sequence) -> list[Path]:
             raise AnalysisInputError(f"--ckpt {p}: no such file or directory")
     if not out:
         raise AnalysisInputError("no checkpoints given (--ckpt PATH)")
-    if len({q.resolve() for q in out}) != len(out):
-        raise AnalysisInputError("the same checkpoint is listed twice in --ckpt")
+    seen: dict[Path, Path] = {}
+    for q in out:
+        if q.resolve() in seen:
+            raise AnalysisInputError(f"--ckpt: checkpoint {q} is listed twice (also as {seen[q.resolve()]}, "
+                                     "directly or through its run directory)")
+        seen[q.resolve()] = q
     return out
 
 
@@ -373,6 +378,15 @@ def resolve_encoder(entries: Sequence[CheckpointEntry], options, resolution: int
     return build_config_encoder(ours[0].cfg)
 
 
+def procedural_size(num: int | None, default: int, option: str) -> int:
+    """Images of a procedural (shapes) dataset: ``num`` or ``default``, at most :data:`PROCEDURAL_MAX`."""
+    n = default if num is None else int(num)
+    if n > PROCEDURAL_MAX:
+        raise AnalysisInputError(f"{option} {n}: the procedural shapes data is capped at {PROCEDURAL_MAX} images "
+                                 f"(more would run for hours and hold every image in memory); lower {option}")
+    return n
+
+
 def build_analysis_dataset(source: DataSource, split: str = "auto", num_samples: int | None = None):
     """One split of ``source``: ``split="auto"`` takes the held-out ``val`` split when the dataset has one,
     else ``train``. ``source.name`` may be a directory (``repa`` layout if it has ``images/``, else
@@ -385,7 +399,7 @@ def build_analysis_dataset(source: DataSource, split: str = "auto", num_samples:
         root, name = name, ("repa" if (Path(name) / "images").is_dir() else "imagefolder")
     extra = {}
     if name == "shapes":
-        extra = dict(num_samples=num_samples or SHAPES_SIZES["alignment"])
+        extra = dict(num_samples=procedural_size(num_samples, SHAPES_SIZES["alignment"], "--num-samples"))
         extra.update({"num_classes": source.classes} if source.classes is not None else {})
     splits = ("val", "train") if split == "auto" else (split,)
     for i, sp in enumerate(splits):

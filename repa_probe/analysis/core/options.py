@@ -12,6 +12,7 @@ naming the flag. :meth:`to_dict` is what an analysis writes to ``options.json``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import numbers
 from typing import Any, Sequence
@@ -27,6 +28,8 @@ METRICS = ("cknna", "mutual_knn", "cka", "unbiased_cka", "cycle_knn")
 TARGET_KINDS = ("cls", "mean_patch")
 TASKS = ("linear", "segmentation")
 BACKENDS = ("sklearn", "torch")
+
+log = logging.getLogger("repa_probe")
 
 
 class OptionsError(ReproError, ValueError):
@@ -77,14 +80,23 @@ def parse_layers(value) -> str | list[int]:
     """``"all"`` / None or 1-based block numbers (``"1,4,8"`` or a list) -> ``"all"`` or a sorted unique list."""
     if value is None or value == "all":
         return "all"
-    items = value.split(",") if isinstance(value, str) else list(value)
+    items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
     try:
-        out = sorted({int(str(v).strip()) for v in items if str(v).strip()})
+        given = [int(str(v).strip()) for v in items if str(v).strip()]
     except ValueError:
         raise OptionsError(f"--layers must be 'all' or 1-based block numbers like 1,4,8, got {value!r}") from None
+    out = sorted(set(given))
     if not out or out[0] < 1:
         raise OptionsError(f"--layers must be 'all' or 1-based block numbers like 1,4,8, got {value!r}")
+    _say_merged("--layers", given, out)
     return out
+
+
+def _say_merged(option: str, given: list, kept: list) -> None:
+    """Warn when ``given`` named a value twice (each is computed once: ``kept``)."""
+    if len(kept) < len(given):
+        twice = sorted({str(v) for v in given if given.count(v) > 1})
+        log.warning("%s: %s given more than once; each is computed once", option, ", ".join(twice))
 
 
 def parse_metrics(value) -> list[str]:
@@ -99,10 +111,14 @@ def parse_metrics(value) -> list[str]:
 
 
 def _times(name: str, value) -> list[UserTime]:
+    """Parsed times in the order given; a time named twice (``0.5,0.50``) is kept once, with a warning."""
     try:
-        return parse_times(value, flag(name))
+        given = parse_times(value, flag(name))
     except TimeError as exc:
         raise OptionsError(str(exc)) from None
+    kept = list(dict.fromkeys(given))
+    _say_merged(flag(name), given, kept)
+    return kept
 
 
 def validate_checkpoint_options(options) -> None:

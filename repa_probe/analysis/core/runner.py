@@ -7,7 +7,9 @@ An analysis is a subclass of :class:`Analysis` that fills in a few hooks; :func:
    our files and official ones; small models stay in memory; FID also takes sample folders as entries without
    a model), then ``analysis.setup(run)``: validate everything else and resolve
    the light inputs (data, VAE, encoder) — every user error surfaces here, before any heavy work — and
-   make the output directory (checked writable);
+   make the output directory (checked writable): the outputs of an earlier run in it are removed (named in
+   a warning) and an ``INCOMPLETE`` marker stays until ``summary.json`` is written, so a folder never
+   mixes two runs and an interrupted or failed run is marked (Ctrl-C: one line, exit 130 in the CLIs);
 3. ``analysis.prepare(run)``: heavy work shared by all checkpoints (model inputs, encoder features); it may
    return rows that belong to no checkpoint (e.g. the probes' encoder reference rows);
 4. for each checkpoint: take its model (loading it again if it was not kept), move it to the device,
@@ -44,8 +46,9 @@ from typing import Any, Sequence
 import torch
 
 from repa_probe.analysis.core.inputs import AnalysisInputError, CheckpointEntry, load_checkpoints
-from repa_probe.analysis.core.writers import write_csv, write_json
+from repa_probe.analysis.core.writers import INCOMPLETE, begin_outputs, end_outputs, write_csv, write_json
 from repa_probe.devices import resolve_device
+from repa_probe.errors import Interrupted
 from repa_probe.reports.bootstrap import FILE as REPLICATES, take_replicates, write_replicates
 from repa_probe.reports.run_report import write_run_report
 from repa_probe.training.distributed import DistInfo, cleanup_distributed, init_distributed
@@ -97,11 +100,13 @@ class Run:
 class Analysis:
     """Base of every analysis run by :func:`run_analysis` (see the module docstring).
 
-    Attributes: ``name`` (``{name}.csv``, log lines), ``columns`` (the CSV columns).
+    Attributes: ``name`` (``{name}.csv``, log lines), ``columns`` (the CSV columns), ``outputs`` (its other
+    files, removed with the rest when a folder is reused).
     """
 
     name: str = "analysis"
     columns: Sequence[str] = ()
+    outputs: Sequence[str] = ()  # files besides the CSV, summary, options, report and figures (removed on a rerun)
 
     @property
     def csv_name(self) -> str:
@@ -150,10 +155,34 @@ def run_analysis(analysis: Analysis, ckpts: Sequence, out_dir, options) -> dict:
 
 
 def _run(analysis: Analysis, run: Run) -> dict:
-    device, main = run.device, run.dist.is_main
+    """Step 2 (setup, the output folder) and the rest under the folder's INCOMPLETE marker."""
+    main = run.dist.is_main
     analysis.setup(run)
-    options = run.options  # as setup resolved them (e.g. a default that depends on the inputs)
-    out = make_out_dir(run.out) if main else run.out
+    if not main:  # torchrun: rank 0 alone writes
+        return _work(analysis, run, run.out)
+    out = make_out_dir(run.out)
+    removed = begin_outputs(out, [analysis.csv_name, "options.json", REPLICATES, "report.md", *analysis.outputs])
+    if removed:
+        log.warning("--out %s held the outputs of an earlier run; removed %s", out, _describe_files(removed))
+    try:
+        summary = _work(analysis, run, out)
+    except KeyboardInterrupt:
+        raise Interrupted(f"{out} is incomplete (marked by {INCOMPLETE}; {analysis.csv_name} may hold part of the "
+                          "rows); rerun the same command to redo it") from None
+    end_outputs(out)
+    return summary
+
+
+def _describe_files(paths: list[str]) -> str:
+    figures = [p for p in paths if p.startswith("figures/")]
+    rest = [p for p in paths if not p.startswith("figures/")]
+    return ", ".join(rest + ([f"{len(figures)} figure file(s)"] if figures else []))
+
+
+def _work(analysis: Analysis, run: Run, out: Path) -> dict:
+    """Steps 3-5 of the module docstring: the heavy work (every rank) and every output file (rank 0 only).
+    ``run.options`` are read after setup, which may resolve a default that depends on the inputs."""
+    options, device, main = run.options, run.device, run.dist.is_main
     start = time.perf_counter()
     rows: list[dict] = list(analysis.prepare(run) or [])
     replicates = take_replicates(rows)

@@ -19,7 +19,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-__all__ = ["atomic_write", "write_text", "write_csv", "write_json", "read_json"]
+__all__ = ["atomic_write", "write_text", "write_csv", "write_json", "read_json", "begin_outputs", "end_outputs",
+           "INCOMPLETE"]
+
+INCOMPLETE = "INCOMPLETE"  # marker file of an output folder whose run has not finished (interrupted or failed)
 
 
 def atomic_write(path, write: Callable, binary: bool = False) -> Path:
@@ -92,3 +95,31 @@ def read_json(path, default=None):
         return json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return default
+
+
+# ------------------------------------------------------------------------------------ one run per folder
+def begin_outputs(out, names: Sequence[str]) -> list[str]:
+    """Make ``out`` hold one run's outputs: remove an earlier run's (``names``, ``summary.json``, everything
+    under ``figures/``, left-over ``.*.tmp`` files; other files, such as sample folders a run resumes, are
+    left alone) and write the :data:`INCOMPLETE` marker, which :func:`end_outputs` removes once the run is
+    complete.
+
+    Returns the removed paths, relative to ``out``.
+    """
+    out = Path(out)
+    candidates = [out / n for n in [*names, "summary.json"]]
+    candidates += sorted(p for p in (out / "figures").rglob("*") if p.is_file()) if (out / "figures").is_dir() else []
+    candidates += sorted(out.glob(".*.tmp"))
+    removed = []
+    for path in dict.fromkeys(candidates):
+        if path.is_file():
+            path.unlink()
+            removed.append(str(path.relative_to(out)))
+    write_text(out / INCOMPLETE, "The run writing this folder has not finished (interrupted or failed): its "
+                                 "files are partial. Rerun the same command to redo them.\n")
+    return removed
+
+
+def end_outputs(out) -> None:
+    """The run writing ``out`` is complete: remove the :data:`INCOMPLETE` marker."""
+    (Path(out) / INCOMPLETE).unlink(missing_ok=True)

@@ -11,6 +11,11 @@ Quantity syntax: ``METRIC[@LAYER][,t=T]``
 * ``lds@target``: the target encoder's value (spatial rows of ``alignment.csv``; no timestep);
 * ``fid_inception``, ``fd_dinov2_vitl14``: FID-table metrics (no layer, no timestep).
 
+Tables of one kind made with different settings (N, seed, encoder, timesteps: ``options.json`` /
+``summary.json`` beside them) are refused when they share a checkpoint, and for N and seed always
+(:func:`check_settings`); a checkpoint with two different values of one quantity is refused for every
+layer choice (``@blockN``, ``@best``, ``@target``), before the best block is picked.
+
 A layer or timestep may be left out when the tables have only one. When tables have different timesteps,
 only the shared ones are offered and the checkpoints of a table without the requested one are left out
 with a warning. The run of a checkpoint is the part of its label before ``/`` (our labels are
@@ -32,7 +37,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
-from repa_probe.analysis.core.writers import write_json, write_text
+from repa_probe.analysis.core.writers import begin_outputs, end_outputs, read_json, write_json, write_text
 from repa_probe.errors import ReproError
 
 __all__ = ["CorrelateError", "Quantity", "parse_quantity", "find_tables", "load_tables", "select", "join",
@@ -42,6 +47,8 @@ log = logging.getLogger("repa_probe")
 
 TABLE_NAMES = ("alignment.csv", "probe.csv", "segment.csv", "fid.csv")
 MIN_CHECKPOINTS = 3
+SETTING_KEYS = ("num_samples", "num_train", "num_test", "seed", "encoder", "timesteps")  # what makes a table's values
+COMPARABLE_KEYS = ("num_samples", "num_train", "num_test", "seed")  # values of different checkpoints need equal ones
 _SPEC = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:@\s*([A-Za-z0-9_]+))?\s*(?:,\s*t\s*=\s*([0-9.eE+\-]+))?\s*$")
 
 
@@ -152,6 +159,54 @@ def load_tables(items: Sequence) -> pd.DataFrame:
     return pd.concat([_read(p) for p in find_tables(items)], ignore_index=True)
 
 
+# ---------------------------------------------------------------------------------------- table settings
+def table_settings(path: Path) -> dict:
+    """The :data:`SETTING_KEYS` a table was made with, from the ``options.json`` / ``summary.json`` beside it
+    (the resolved N and encoder when the summary has them); ``{}`` for a table without them."""
+    from repa_probe.timesteps import TimeError, label, parse_times
+
+    summary = read_json(path.parent / "summary.json", {}) or {}
+    options = read_json(path.parent / "options.json") or summary.get("options") or {}
+    out = {k: options[k] for k in SETTING_KEYS if options.get(k) is not None}
+    settings = summary.get("settings") or {}
+    if settings.get("num_samples") is not None:
+        out["num_samples"] = settings["num_samples"]
+    encoder = (summary.get("encoder") or {}).get("name") or settings.get("encoder_name")
+    if encoder:
+        out["encoder"] = encoder
+    if "timesteps" in out:
+        try:
+            out["timesteps"] = [label(t) for t in parse_times(out["timesteps"])]
+        except (TimeError, TypeError, ValueError):
+            pass
+    return out
+
+
+def check_settings(df: pd.DataFrame) -> None:
+    """Refuse tables of one kind (one file name, e.g. two ``alignment.csv``) made with different settings
+    before any quantity is formed: tables that share a checkpoint must agree on every :data:`SETTING_KEYS`
+    (else a value, or the best block, would be picked from either); tables of different checkpoints on
+    :data:`COMPARABLE_KEYS` (values at different N or noise seeds are not comparable). Different timesteps
+    of different checkpoints join on the shared ones; different target encoders of different runs are what
+    iREPA's figure compares."""
+    if "file" not in df.columns:  # an in-memory frame: no tables to compare
+        return
+    checkpoints = {f: set(g) for f, g in df.groupby("file")["checkpoint"]}
+    settings = {f: table_settings(Path(f)) for f in checkpoints}
+    files = sorted(checkpoints)
+    for i, a in enumerate(files):
+        for b in files[i + 1:]:
+            if Path(a).name != Path(b).name:
+                continue
+            sa, sb, shared = settings[a], settings[b], checkpoints[a] & checkpoints[b]
+            keys = [k for k in (SETTING_KEYS if shared else COMPARABLE_KEYS) if k in sa and k in sb and sa[k] != sb[k]]
+            if keys:
+                diff = "; ".join(f"{k} {sa[k]} vs {sb[k]}" for k in keys)
+                what = f"share checkpoint {sorted(shared)[0]} but" if shared else "hold different checkpoints"
+                raise CorrelateError(f"tables {a} and {b} {what} were made with different settings ({diff}): pass "
+                                     "only the tables of one setting")
+
+
 # ------------------------------------------------------------------------------------------- selection
 def _available(df: pd.DataFrame) -> str:
     """What the tables hold, as quantities a user can type (compressed)."""
@@ -215,14 +270,14 @@ def select(df: pd.DataFrame, q: Quantity, warnings: list | None = None) -> pd.Da
         raise CorrelateError(f"{q} is not in the tables; available: {_available(df[df['metric'] == q.metric])}")
     if q.layer != "target":
         rows = _pick_timestep(rows, q, warnings)
+    spread = rows.groupby(["checkpoint", "layer", "timestep"], dropna=False)["value"].nunique()
+    if (spread > 1).any():  # before @best / @target reduce the rows: a conflict must not pick a winner
+        ck = spread[spread > 1].index[0][0]
+        files = sorted(set(rows.loc[rows["checkpoint"] == ck, "file"]))
+        raise CorrelateError(f"{q}: checkpoint {ck} has {int(spread.max())} different values (in {', '.join(files)}; "
+                             "e.g. several sampler settings): pass only the tables of one setting")
     if q.layer == "best":
         rows = rows.loc[rows.groupby("checkpoint")["value"].idxmax()]
-    spread = rows.groupby("checkpoint")["value"].nunique()
-    if (spread > 1).any():
-        ck = spread[spread > 1].index[0]
-        files = sorted(set(rows.loc[rows["checkpoint"] == ck, "file"]))
-        raise CorrelateError(f"{q}: checkpoint {ck} has {int(spread[ck])} different values (in {', '.join(files)}; "
-                             "e.g. several sampler settings): pass only the tables of one setting")
     rows = rows.drop_duplicates("checkpoint")
     return rows[["run", "checkpoint", "step", "layer", "value"]].reset_index(drop=True)
 
@@ -287,6 +342,7 @@ def correlate_table(df: pd.DataFrame, x: str | Quantity, y: str | Quantity, last
     qx = x if isinstance(x, Quantity) else parse_quantity(x, "x")
     qy = y if isinstance(y, Quantity) else parse_quantity(y, "y")
     warnings: list = []
+    check_settings(df)
     sx, sy = select(df, qx, warnings), select(df, qy, warnings)
     points = join(sx, sy, last_only)
     dropped = sorted(set(sx["checkpoint"]) ^ set(sy["checkpoint"]))
@@ -327,6 +383,9 @@ def run_correlate(tables: Sequence, x: str, y: str, out_dir, last_only: bool = F
         (out / "figures").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise CorrelateError(f"--out {out} is not writable ({exc.strerror or exc})") from None
+    removed = begin_outputs(out, ["correlation.csv", "report.md"])
+    if removed:
+        log.warning("--out %s held the outputs of an earlier correlation; removed %s", out, ", ".join(removed))
     write_text(out / "correlation.csv", points.to_csv(index=False))
     stem = f"{slug(stats['x'])}_vs_{slug(stats['y'])}"
     figures = scatter(points, stats, out / "figures" / f"scatter_{stem}")
@@ -336,5 +395,6 @@ def run_correlate(tables: Sequence, x: str, y: str, out_dir, last_only: bool = F
                    files={"csv": "correlation.csv", "figures": [str(p.relative_to(out)) for p in figures]})
     write_json(summary, out / "summary.json")
     write_run_report(out, "correlate", [], None, summary, [out / "correlation.csv", out / "summary.json", *figures])
+    end_outputs(out)
     return summary
 

@@ -101,7 +101,7 @@ def sample_checkpoints(ckpts, out_dir, options: SampleOptions) -> dict:
 
 # ---------------------------------------------------------------------------------------------- FID
 class FidAnalysis(Analysis):
-    name, columns = "fid", CSV_COLUMNS
+    name, columns, outputs = "fid", CSV_COLUMNS, (REFERENCE_STATS,)
 
     def load_entries(self, ckpts, options: FidOptions) -> list:
         if bool(ckpts) == bool(options.samples):

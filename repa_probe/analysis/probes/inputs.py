@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from repa_probe.analysis.core.inputs import SHAPES_SIZES, DataSource, resolve_source
+from repa_probe.analysis.core.inputs import SHAPES_SIZES, DataSource, procedural_size, resolve_source
 from repa_probe.analysis.probes.linear import default_probe_data
 from repa_probe.errors import ReproError
 
@@ -76,7 +76,8 @@ def probe_split(task: str, source: DataSource, split: str, num: int | None):
     held_out = "val" if split == "test" else "train"
     if name == "shapes":
         extra = {"num_classes": source.classes} if source.classes is not None else {}
-        return build_dataset("shapes", split=held_out, resolution=res, num_samples=num or SHAPES_SIZES[split],
+        num = procedural_size(num, SHAPES_SIZES[split], f"--num-{split}")
+        return build_dataset("shapes", split=held_out, resolution=res, num_samples=num,
                              seed=source.seed, **extra)
     if name == "voc":
         ds = VOCSegmentation(root, held_out, resolution=res)

@@ -76,6 +76,7 @@ class ProbeAnalysis(Analysis):
         self.task = task
         self.name, self.pool, self.metrics, self.ref_kinds = TASKS[task]
         self.details: list[dict] = []
+        self.warnings: list[str] = []
 
     # ---- hooks
     def setup(self, run: Run) -> None:
@@ -129,6 +130,7 @@ class ProbeAnalysis(Analysis):
                         backend=opts.backend if self.task == "linear" else None, probe_options=self._probe_options(opts))
         enc = self.encoder
         return {"task": self.task, "settings": settings, "rows": rows, "details": self.details,
+                "warnings": self.warnings,
                 "encoder": None if enc is None else {"name": enc.name, "cache_key": enc.cache_key, "source": enc.source}}
 
     # ---- helpers
@@ -148,11 +150,30 @@ class ProbeAnalysis(Analysis):
                                          ignore_index=self.data.ignore_index, device=run.device, seed=opts.seed,
                                          **self._probe_options(opts))
         rows = _metric_rows(self.task, res, base, opts.bootstrap, opts.seed)
+        self._warn_unselected(res)
         self.details.append(dict(base, **res.to_dict()))
         where = base["source"] if base["layer"] is None else f"block {base['layer']} t={base['timestep']}"
         log.info("%s %s %s: %s", self.name, base["checkpoint"], where,
                  ", ".join(f"{r['metric']}={r['value']:.4f}" for r in rows))
         return rows
+
+    def _warn_unselected(self, res) -> None:
+        """Say once (log and ``summary.json`` ``warnings``) when too few training images left no held-out part:
+        the linear probe's C (or learning rate) is then not chosen on held-out data, the segmentation probe
+        keeps its last epoch."""
+        if self.task == "linear" and res.hparams.get("selection") == "default":
+            what = (f"the linear probe's hyper-parameters were not chosen on a held-out part (--num-train "
+                    f"{res.num_train} for {res.num_classes} classes leaves none): the grid's middle point "
+                    f"{ {k: v for k, v in res.hparams.items() if k != 'selection'} } was used; give each class at "
+                    "least 5 training images")
+        elif self.task == "segmentation" and res.hparams.get("num_fit") == res.num_train:
+            what = (f"the segmentation probe had no held-out images (--num-train {res.num_train}): every epoch was "
+                    "run and the last one kept; use --num-train 10 or more for early stopping")
+        else:
+            return
+        if what not in self.warnings:
+            log.warning("WARNING: %s", what)
+            self.warnings.append(what)
 
     def _reference_rows(self, run: Run) -> list[dict]:
         """Probe rows of the target encoder's own features (one per reference kind)."""
