@@ -9,6 +9,7 @@ import os
 from typing import List, Optional
 
 from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from repa_probe.reports.numbers import fmt_interval
 
 DESCRIPTION = """\
 Measure how well each block of a diffusion transformer (our checkpoints, official DiT / SiT / REPA
@@ -110,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     plot_t = summary["settings"]["plot_timestep"]
     for b in (b for b in summary["best"] if b["timestep"] == plot_t):
         print(f"{b['checkpoint']}  t={b['timestep']}  {b['metric']}: best block {b['best_layer']} "
-              f"({b['value']:.4f})")
+              f"({fmt_interval(b['value'], b['ci_low'], b['ci_high'])})")
     print(f"wrote {os.path.join(args.out, 'alignment.csv')}, summary.json, report.md and "
           f"{len(summary['files']['figures'])} figure files")
     return 0

@@ -46,6 +46,8 @@ def add_sampler_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance-high", type=float, default=1.0, help="guidance interval end, REPA time in [0, 1]")
     g.add_argument("--cfg-channels", default="auto", help="guided channels: auto (repa models all, DiT and "
                    "official SiT the first 3, as their forward_with_cfg), all, or a number k (the first k)")
+    g.add_argument("--cls-cfg-scale", type=float, default=None, help="REG models: guidance of the class token, "
+                   "applied where the image is guided (default: --cfg-scale; <= 0: its conditional velocity)")
     g.add_argument("--labels", default="balanced", choices=("balanced", "random"),
                    help="class labels: balanced (i mod K, default) or random (uniform, REPA's protocol)")
     g.add_argument("--seed", type=int, default=0, help="sample i is seeded by (seed, i); default 0")

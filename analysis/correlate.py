@@ -9,6 +9,7 @@ import os
 from typing import List, Optional
 
 from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from repa_probe.reports.numbers import fmt, fmt_interval
 
 DESCRIPTION = """\
 Join result tables (alignment.csv with CKNNA and the spatial metrics, probe.csv / segment.csv, fid.csv) of
@@ -67,9 +68,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                           permutations=args.permutations, seed=args.seed)
     for name, sym in (("pearson", "r"), ("spearman", "rho")):
         v = s[name]
-        ci = "" if v["ci_low"] is None else f"  95% CI [{v['ci_low']:.3f}, {v['ci_high']:.3f}]"
-        p = "" if v["p_perm"] is None else f"  p = {v['p_perm']:.3g}"
-        print(f"{s['x']} vs {s['y']}: {sym} = {v['r']:.3f}{ci}{p}  (n = {s['n']} checkpoints, {s['runs']} runs)")
+        p = "" if v["p_perm"] is None else f"  p = {fmt(v['p_perm'], 3)}"
+        print(f"{s['x']} vs {s['y']}: {sym} = {fmt_interval(v['r'], v['ci_low'], v['ci_high'])}{p}  (95% CI; "
+              f"n = {s['n']} checkpoints, {s['runs']} runs)")
     print(f"wrote {os.path.join(args.out, 'correlation.csv')}, summary.json, report.md and "
           f"{len(s['files']['figures'])} figure files")
     return 0

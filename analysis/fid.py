@@ -10,6 +10,7 @@ from typing import List, Optional
 
 from analysis.common import add_sampler_options
 from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from repa_probe.reports.numbers import fmt
 
 DESCRIPTION = """\
 Evaluate generated samples. With --ckpt (a checkpoint, a run directory = every checkpoint, or an official
@@ -83,7 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if summary["files"] is None:  # torchrun rank > 0: rank 0 reports
         return 0
     for r in summary["rows"]:
-        print(f"{r['checkpoint']}  {r['metric']}: {r['value']:.4f}  (n={r['num_samples']})")
+        print(f"{r['checkpoint']}  {r['metric']}: {fmt(r['value'])}  (n={r['num_samples']})")
     print(f"wrote {os.path.join(args.out, summary['files']['csv'])}, summary.json, report.md and "
           f"{len(summary['files']['figures'])} figure files")
     return 0

@@ -116,3 +116,15 @@ def test_bad_family_configs_are_one_line_errors(tmp_path, extra, match):
 def test_haste_blocks_grids_and_heads_are_checked_against_the_networks(tmp_path, extra, match):
     with pytest.raises(ConfigError, match=match):
         TrainState.build(cfg_for(tmp_path, "haste.attn_coeff=0.5", *extra), DistInfo(), CPU)
+
+
+def test_family_study_config_trains_the_five_methods():
+    from repa_probe.sweeps.study import load_study_config, train_config
+
+    cfg = load_study_config(str(ROOT / "configs/study_family.yaml"))
+    runs = {name: train_config(cfg, name) for name in cfg.train.runs}
+    assert list(runs) == ["none", "repa", "irepa", "reg", "haste"]
+    assert runs["none"].repa.proj_coeff == 0 and runs["irepa"].repa.projector == "conv"
+    assert runs["reg"].reg.cls_coeff > 0 and runs["reg"].repa.proj_coeff > 0
+    assert runs["haste"].haste.attn_coeff > 0 and 0 < runs["haste"].haste.stop_step < runs["haste"].train.steps
+    assert {"alignment", "probe", "fid"} <= set(cfg.analyses)

@@ -17,6 +17,7 @@ from repa_probe.reports.html import render_html
 from repa_probe.reports.latex import escape
 from repa_probe.reports.paper import build_paper, write_report
 from repa_probe.reports.selection import ReportChoice, ReportData, ReportError, comparisons
+from repa_probe.reports.tables import summary_cells
 
 NUMBER = r"[+-]?\d+(?:\.\d+)?"
 
@@ -126,6 +127,22 @@ def test_best_block_and_pairs_choose_what_is_compared():
     assert found[0].a.row["layer"] == found[0].b.row["layer"] == 3  # the highest CKNNA of both runs
     assert "at the best block (3 vs 3), t = 0.5, step 40" in found[0].sentence() and found[0].resolved is True
     assert find(ReportChoice(block="1", timestep=0.1), data)[0].where() == "at block 1, t = 0, step 40"
+
+
+def test_imagenet_study_shape_each_pair_at_its_own_repa_block():
+    """configs/study_imagenet.yaml: B/2 aligned at block 4, XL/2 at block 8, each compared with its own baseline;
+    the compact table shows each baseline at its pair's block."""
+    rows = [dict(checkpoint=f"{run}/0400000", step=400000, layer=layer, timestep=0.5, metric="cknna",
+                 value=0.1 * layer + (0.05 if run.startswith("repa") else 0.0))
+            for run in ("repa_b2", "b2", "repa_xl", "xl") for layer in range(1, 9)]
+    data = ReportData({"alignment": rows}, {}, {r["checkpoint"]: r["checkpoint"].split("/")[0] for r in rows},
+                      {"repa_b2": 4, "b2": None, "repa_xl": 8, "xl": None}, ["repa_b2", "b2", "repa_xl", "xl"])
+    choice = ReportChoice(pairs=[["repa_b2", "b2"], ["repa_xl", "xl"]])
+    found = find(choice, data)
+    assert [(f.a.run, f.b.run, f.block) for f in found] == [("repa_b2", "b2", 4), ("repa_xl", "xl", 8)]
+    assert all(f.resolved is None and "no interval" in f.sentence() for f in found)  # no replicates stored
+    cells = {e["run"]: e["block"] for e in summary_cells(choice, data)}
+    assert cells == {"repa_b2": 4, "b2": 4, "repa_xl": 8, "xl": 8}
 
 
 def test_latex_fragment_parses_and_compiles(built):

@@ -10,9 +10,12 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["seeded_noise"]
+__all__ = ["seeded_noise", "CLASS_TOKEN_KEY"]
 
 _M32 = 0xFFFFFFFF
+#: REG models: the noise of sample i's class token is ``seeded_noise(seed ^ CLASS_TOKEN_KEY, i, (D,))``, independent
+#: of its latents' noise (initial noise when sampling, the noise of x_t's class token in the analyses)
+CLASS_TOKEN_KEY = 0x43C15
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -103,14 +103,14 @@ def make_figures(rows, out_dir, plot_timestep, runs: dict | None = None) -> list
     df = frame(rows)
     out, paths = Path(out_dir), []
     for metric in dict.fromkeys(df.metric):
-        for ckpt in dict.fromkeys(df.checkpoint):
+        for ckpt in dict.fromkeys(df[df.metric == metric].checkpoint):  # REG's class-token metrics: REG only
             paths += heatmap(rows, ckpt, metric, out / f"heatmap_{slug(ckpt)}_{metric}")
             paths += by_layer(rows, ckpt, metric, out / f"layers_{slug(ckpt)}_{metric}")
         paths += by_layer_checkpoints(rows, plot_timestep, metric,
                                       out / f"layers_t{time_tag(plot_timestep)}_{metric}")
         for run in sorted({r for r in (runs or {}).values() if r is not None}):
             members = [c for c, r in runs.items() if r == run]
-            if df[df.checkpoint.isin(members)].step.nunique() >= 2:
+            if df[df.checkpoint.isin(members) & (df.metric == metric)].step.nunique() >= 2:
                 paths += by_step(rows, plot_timestep, metric, out / f"steps_{slug(run)}_t{time_tag(plot_timestep)}_"
                                  f"{metric}", checkpoints=members)
     return paths

@@ -10,6 +10,10 @@ REPA's own CKNNA code is unreleased (REPA issue #54), so this follows platonic-r
 
 Time: user times as in :mod:`repa_probe.timesteps` (t = 0 clean data, t = 1 pure noise, or ``step:N``).
 
+REG models: the mean-pooled features are the patch tokens'; the class token is analysed as its own "layer": its
+hidden state at each block and timestep against the same target, in rows whose metric is ``<metric>_cls``
+(e.g. ``cknna_cls``) — see :mod:`repa_probe.analysis.core.class_token` for the class token they are given.
+
 :func:`alignment_table` works on in-memory objects and returns rows; :func:`run_alignment` goes from
 checkpoint files to ``alignment.csv``, ``summary.json``, ``options.json`` and figures through the shared
 run skeleton (:mod:`repa_probe.analysis.core.runner`), validating every input first.
@@ -23,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 
 from repa_probe.analysis import metrics as M
+from repa_probe.analysis.core.class_token import attach_class_tokens, class_token_encoder
 from repa_probe.analysis.core.features import ModelInputs, extract_features, prepare_inputs
 from repa_probe.analysis.core.inputs import (build_analysis_dataset, check_class_labels, check_times_and_layers,
                                         resolve_encoder, resolve_source)
@@ -36,12 +41,13 @@ from repa_probe.timesteps import TIME_HELP, label
 
 __all__ = ["alignment_table", "run_alignment", "best_layers", "metric_function", "check_metric_settings",
            "AlignmentAnalysis", "AlignmentOptions", "AlignmentError", "METRICS", "KNN_METRICS", "TARGET_KINDS",
-           "CSV_COLUMNS"]
+           "CSV_COLUMNS", "CLASS_TOKEN"]
 
 log = logging.getLogger("repa_probe")
 
 KNN_METRICS = ("cknna", "mutual_knn", "cycle_knn")
 CSV_COLUMNS = ("checkpoint", "step", "layer", "timestep", "metric", "value", "ci_low", "ci_high", "n")
+CLASS_TOKEN = "_cls"  # metric suffix of a REG model's class-token rows
 FEATURE_PREP = ("platonic-rep: clamp |x| at the mean per-sample 0.95 quantile, then L2 rows; per (layer, "
                 "timestep) on the model side")
 
@@ -124,9 +130,13 @@ def alignment_table(model, objective, data, target, options: AlignmentOptions | 
                               batch_size=opts.batch_size, seed=opts.seed, labels=opts.labels, progress=opts.progress)
         for layer in fs.layers:
             a = M.prepare_features(fs.get(layer, t).float()).to(device)
+            cls = M.prepare_features(fs.class_token[(layer, t)].float()).to(device) if fs.class_token else None
             for name in names:
                 row = dict(checkpoint=checkpoint, step=step, layer=layer, timestep=label(t), metric=name, n=n)
-                rows.append(_with_interval(row, metric_function(name, opts.topk), a, b, opts))
+                fn = metric_function(name, opts.topk)
+                rows.append(_with_interval(row, fn, a, b, opts))
+                if cls is not None:  # REG: the class token, its own "layer"
+                    rows.append(_with_interval(dict(row, metric=name + CLASS_TOKEN), fn, cls, b, opts))
     return rows
 
 
@@ -174,6 +184,7 @@ class AlignmentAnalysis(Analysis):
         self.dataset, self.split = build_analysis_dataset(self.source, opts.split, opts.num_samples)
         check_class_labels(run.entries, opts.labels, getattr(self.dataset, "num_classes", None))
         self.encoder = resolve_encoder(run.entries, opts, self.source.resolution)
+        self.cls_encoder = class_token_encoder(run.entries, self.encoder)
         self.cross = cross_metrics(opts.metric)
         self.spatial_names = [m for m in opts.metric if m not in self.cross]
         check_metric_settings(self.cross, len(self.dataset), opts.topk, opts.bootstrap)
@@ -182,6 +193,7 @@ class AlignmentAnalysis(Analysis):
         opts, vae = run.options, self.source.vae
         self.inputs = prepare_inputs(self.dataset, vae.to(run.device) if vae is not None else None,
                                      opts.batch_size, progress=opts.progress)
+        attach_class_tokens(self.inputs, self.dataset, self.cls_encoder, opts, run.device)
         self.target = encoder_features(self.encoder.to(run.device), self.dataset, opts.target_kind,
                                        cache_dir=opts.cache_dir, batch_size=opts.batch_size,
                                        progress=opts.progress) if self.cross else None

@@ -102,7 +102,7 @@ def model_spatial_values(model, objective, inputs: ModelInputs, timesteps, layer
     for t in timesteps:
         for a in range(0, n, step):
             b = min(a + step, n)
-            sub = ModelInputs(inputs.data[a:b], inputs.labels[a:b], inputs.indices[a:b], inputs.pixel)
+            sub = inputs.subset(a, b)
             fs = extract_features(model, objective, sub, [t], layer_list, pool="tokens", device=device,
                                   batch_size=batch_size, seed=seed, labels=labels, progress=False)
             for layer in layer_list:

@@ -7,6 +7,10 @@ Determinism: the noise of sample ``i`` depends only on ``(seed, dataset index i)
 generator, :func:`repa_probe.sampling.noise.seeded_noise`), so every checkpoint, timestep, batch size and
 device sees the same noise for the same image. VAE latents are the posterior mean (scaled), not a sample.
 
+REG models (``cls_token_dim > 0``) take the class token of their training encoder as an input: it is noised with
+the image's t (its own seeded noise) from :attr:`ModelInputs.cls`; their block outputs lose that token before
+pooling (patch tokens only), and it is kept apart as :attr:`FeatureSet.class_token` (analysed as its own "layer").
+
 Shapes: N samples, C/H/W model input, T tokens, D width.
 """
 from __future__ import annotations
@@ -23,7 +27,7 @@ from tqdm import tqdm
 
 from repa_probe.analysis.core.options import LABEL_MODES
 from repa_probe.errors import ReproError
-from repa_probe.sampling.noise import seeded_noise
+from repa_probe.sampling.noise import CLASS_TOKEN_KEY, seeded_noise
 from repa_probe.timesteps import DDPM_STEPS, check_objective, model_times, parse_time, parse_times
 
 log = logging.getLogger("repa_probe")
@@ -41,13 +45,15 @@ class ModelInputs:
 
     ``data``: uint8 images ``(N, 3, H, W)`` when ``pixel`` (mapped to [-1, 1] per batch) or float32
     latents ``(N, C, h, w)`` (VAE posterior mean * scale + bias); ``labels: (N,)`` int64;
-    ``indices: (N,)`` int64 dataset indices (they key the noise).
+    ``indices: (N,)`` int64 dataset indices (they key the noise); ``cls: (N, D_c)`` float32 clean class tokens
+    of a REG model's training encoder, or None (see :mod:`repa_probe.analysis.core.class_token`).
     """
 
     data: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor
     pixel: bool
+    cls: torch.Tensor | None = None
     _noise: dict = dataclasses.field(default_factory=dict, repr=False)
 
     #: the noise of the whole dataset is memoised (per seed) up to this many bytes, else recomputed per batch
@@ -66,6 +72,19 @@ class ModelInputs:
             self._noise[seed] = torch.cat([seeded_noise(seed, self.indices[i:i + 1024], shape)
                                            for i in range(0, len(self), 1024)])
         return self._noise[seed][start:stop].to(device)
+
+    def class_tokens(self, start: int, stop: int, seed: int, device, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """REG: rows ``start:stop`` of the clean class tokens and their seeded noise, float32 ``(b, dim)`` each."""
+        if self.cls is None or self.cls.shape[1:] != (dim,):
+            got = "none" if self.cls is None else f"width {self.cls.shape[-1]}"
+            raise FeatureError(f"a REG model needs the class tokens of its training encoder (width {dim}), got {got}")
+        noise = seeded_noise(seed ^ CLASS_TOKEN_KEY, self.indices[start:stop], (dim,), device=device)
+        return self.cls[start:stop].to(device).float(), noise
+
+    def subset(self, start: int, stop: int) -> "ModelInputs":
+        """Rows ``start:stop`` (same noise keys: the dataset indices travel along)."""
+        cls = None if self.cls is None else self.cls[start:stop]
+        return ModelInputs(self.data[start:stop], self.labels[start:stop], self.indices[start:stop], self.pixel, cls)
 
     def x0(self, start: int, stop: int, device) -> torch.Tensor:
         """Rows ``start:stop`` as float32 model inputs ``(b, C, H, W)`` on ``device``."""
@@ -117,7 +136,8 @@ class FeatureSet:
     ``features[(layer, t)]``: ``(N, D)`` pooled or ``(N, T, D)`` tokens, on the CPU; ``layers`` 1-based
     block numbers; ``timesteps`` the user times (floats or :class:`~repa_probe.timesteps.Step`);
     ``model_times`` what the network received for each;
-    ``labels: (N,)``; ``indices: (N,)``.
+    ``labels: (N,)``; ``indices: (N,)``; ``class_token[(layer, t)]``: REG models, the class token's ``(N, D)``
+    hidden state (empty otherwise).
     """
 
     features: dict
@@ -127,6 +147,7 @@ class FeatureSet:
     labels: torch.Tensor
     indices: torch.Tensor
     pool: str
+    class_token: dict = dataclasses.field(default_factory=dict)
 
     def get(self, layer: int, t) -> torch.Tensor:
         """Features of block ``layer`` (1-based) at user timestep ``t``: ``(N, D)`` or ``(N, T, D)``."""
@@ -227,26 +248,59 @@ def extract_features(model, objective, data, timesteps, layers="all", pool: str 
     n = len(inputs)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     feats: dict = {}
+    class_token: dict = {}
     steps = range(0, n, batch_size)
     bar = tqdm(total=len(steps) * len(user_t), desc="features", disable=not progress, leave=False)
     for start in steps:
         stop = min(start + batch_size, n)
-        x0 = inputs.x0(start, stop, device)
-        y = y_all[start:stop].to(device)
-        noise = inputs.noise(start, stop, seed, device)
+        batch = _Batch(inputs.x0(start, stop, device), y_all[start:stop].to(device),
+                       inputs.noise(start, stop, seed, device),
+                       inputs.class_tokens(start, stop, seed, device, model.cls_token_dim)
+                       if getattr(model, "cls_token_dim", 0) else None)
         for t_user, t_proc, t_net in zip(user_t, process_t, model_t):
-            x_t = objective.add_noise(x0, t_proc.expand(stop - start).to(device), noise)
             with autocast:
-                hidden = model.forward_features(x_t, t_net.expand(stop - start).to(device), y,
-                                                layers=[v - 1 for v in layer_list])
-                if pool == "projector":
-                    hidden = [model.project(hidden[0])[0]]
-            for layer, h in zip(layer_list, hidden):
+                hidden, cls_hidden = _block_outputs(model, objective, batch, t_proc, t_net, layer_list, pool)
+            for layer, h, c in zip(layer_list, hidden, cls_hidden or [None] * len(hidden)):
                 out = h.float().mean(dim=1) if pool in ("mean", "projector") else h.float()
-                key = (layer, t_user)
-                if key not in feats:
-                    feats[key] = torch.empty((n, *out.shape[1:]), dtype=dtype)
-                feats[key][start:stop] = out.to(dtype).cpu()
+                _store(feats, (layer, t_user), out, start, stop, n, dtype)
+                if c is not None:
+                    _store(class_token, (layer, t_user), c.float(), start, stop, n, dtype)
             bar.update(1)
     bar.close()
-    return FeatureSet(feats, layer_list, user_t, model_t.tolist(), inputs.labels, inputs.indices, pool)
+    return FeatureSet(feats, layer_list, user_t, model_t.tolist(), inputs.labels, inputs.indices, pool, class_token)
+
+
+@dataclasses.dataclass
+class _Batch:
+    """Clean inputs of one batch: ``x0: (b, C, H, W)``, ``y: (b,)``, ``noise`` like x0, ``cls``: REG's (clean
+    class tokens, their noise), each ``(b, D_c)``, or None."""
+
+    x0: torch.Tensor
+    y: torch.Tensor
+    noise: torch.Tensor
+    cls: tuple | None
+
+
+def _block_outputs(model, objective, batch: _Batch, t_proc, t_net, layer_list, pool: str) -> tuple[list, list]:
+    """The requested blocks' patch tokens ``(b, T, D)`` (the projector's output for ``pool="projector"``) at one
+    time, and for a REG model its class token's ``(b, D)`` hidden state per block (else an empty list)."""
+    b = batch.x0.shape[0]
+    x_t = objective.add_noise(batch.x0, t_proc.expand(b).to(batch.x0.device), batch.noise)
+    kwargs = {}
+    if batch.cls is not None:
+        cls_t = objective.add_noise(batch.cls[0], t_proc.expand(b).to(batch.x0.device), batch.cls[1])
+        kwargs = dict(cls_token=cls_t, prefix=True)
+    hidden = model.forward_features(x_t, t_net.expand(b).to(batch.x0.device), batch.y,
+                                    layers=[v - 1 for v in layer_list], **kwargs)
+    p = model.num_prefix_tokens if kwargs else 0
+    cls_hidden = [h[:, 0] for h in hidden] if p else []
+    if pool == "projector":
+        hidden = [model.project(hidden[0])[0]]
+    return [h[:, p:] for h in hidden], cls_hidden
+
+
+def _store(feats: dict, key, out: torch.Tensor, start: int, stop: int, n: int, dtype) -> None:
+    """Write batch rows ``out`` into ``feats[key]`` (an ``(n, ...)`` CPU tensor of ``dtype``, made on first use)."""
+    if key not in feats:
+        feats[key] = torch.empty((n, *out.shape[1:]), dtype=dtype)
+    feats[key][start:stop] = out.to(dtype).cpu()

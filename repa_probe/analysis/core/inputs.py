@@ -359,6 +359,12 @@ def build_config_encoder(cfg):
     return build_encoder(cfg, torch.device("cpu"), required=True)
 
 
+def encoder_fields(cfg) -> dict:
+    """What makes a training config's target encoder the same as another's."""
+    return dict(name=cfg.encoder.name, weights=cfg.encoder.weights, pretrained=cfg.encoder.pretrained,
+                source=cfg.encoder.source, size=cfg.encoder.input_size, seed=cfg.run.seed)
+
+
 def resolve_encoder(entries: Sequence[CheckpointEntry], options, resolution: int):
     """The target encoder on the CPU: ``options.encoder`` (weights ``encoder_weights``, random with
     ``random_encoder`` seeded by ``seed``) when given, else the training config's (must agree)."""
@@ -372,9 +378,7 @@ def resolve_encoder(entries: Sequence[CheckpointEntry], options, resolution: int
     ours = [e for e in entries if e.cfg is not None]
     if not ours:
         raise AnalysisInputError("official checkpoints store no target encoder: pass --encoder NAME")
-    agreed(ours, "encoder", lambda c: dict(name=c.encoder.name, weights=c.encoder.weights,
-                                            pretrained=c.encoder.pretrained, source=c.encoder.source,
-                                            size=c.encoder.input_size, seed=c.run.seed))
+    agreed(ours, "encoder", encoder_fields)
     return build_config_encoder(ours[0].cfg)
 
 

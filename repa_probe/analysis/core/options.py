@@ -74,6 +74,12 @@ def _float(name: str, value, minimum: float | None = None, maximum: float | None
             f" >= {minimum}" if minimum is not None else f" <= {maximum}" if maximum is not None else ""
         raise OptionsError(f"{flag(name)} must be a finite number{bounds}, got {value!r}")
     return float(value)
+def _replicates(value) -> int:
+    """``--bootstrap``: 0 (off) or at least 2 replicates."""
+    value = _int("bootstrap", value, minimum=0)
+    if value == 1:
+        raise OptionsError("--bootstrap must be 0 (off) or >= 2 replicates, got 1")
+    return value
 
 
 def parse_layers(value) -> str | list[int]:
@@ -247,9 +253,7 @@ class AlignmentOptions(AnalysisOptions):
         _choice("target_kind", self.target_kind, TARGET_KINDS)
         self.metric = parse_metrics(self.metric)
         self.topk = _int("topk", self.topk, minimum=2)
-        self.bootstrap = _int("bootstrap", self.bootstrap, minimum=0)
-        if self.bootstrap == 1:
-            raise OptionsError("--bootstrap must be 0 (off) or >= 2 replicates, got 1")
+        self.bootstrap = _replicates(self.bootstrap)
         if self.plot_timestep is None:
             self.plot_timestep = min(self.timesteps, key=lambda v: (abs(as_float(v) - 0.5), as_float(v)))
         else:
@@ -284,7 +288,7 @@ class ProbeOptions(AnalysisOptions):
     def validate(self) -> None:
         super().validate()
         _choice("task", self.task, TASKS)
-        self.bootstrap = _int("bootstrap", self.bootstrap, minimum=0)
+        self.bootstrap = _replicates(self.bootstrap)
         _choice("backend", self.backend, BACKENDS)
         if self.labels != "null":
             raise OptionsError("--labels must be null for probes: the true class would hand the probe its answer")

@@ -13,6 +13,7 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from repa_probe.analysis.core.plots import _figure, _legend, _palette, _step_label, _style, save_figure
+from repa_probe.reports.numbers import fmt, fmt_interval
 
 __all__ = ["scatter", "versus_step"]
 
@@ -24,9 +25,8 @@ def _colours(points: pd.DataFrame) -> dict:
 
 def _stat_line(stats: dict, name: str, symbol: str) -> str:
     s = stats[name]
-    ci = "" if s["ci_low"] is None else f" [{s['ci_low']:.2f}, {s['ci_high']:.2f}]"
-    p = "" if s["p_perm"] is None else f", p={s['p_perm']:.3g}"
-    return f"{symbol} = {s['r']:.2f}{ci}{p}"
+    p = "" if s["p_perm"] is None else f", p={fmt(s['p_perm'], 3)}"
+    return f"{symbol} = {fmt_interval(s['r'], s['ci_low'], s['ci_high'])}{p}"
 
 
 def scatter(points: pd.DataFrame, stats: dict, stem: Path) -> list[Path]:

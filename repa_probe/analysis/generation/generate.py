@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from repa_probe.analysis.core.writers import atomic_write, write_text
 from repa_probe.analysis.generation.fid_inputs import read_image
-from repa_probe.sampling.noise import seeded_noise
+from repa_probe.sampling.noise import CLASS_TOKEN_KEY, seeded_noise
 from repa_probe.errors import ReproError
 from repa_probe.sampling import methods_for, sample
 from repa_probe.sampling.guidance import make_guidance
@@ -53,6 +53,7 @@ class SamplerSettings:
     labels: str = "balanced"
     seed: int = 0
     cfg_channels: str | int = "auto"
+    cls_cfg_scale: float | None = None  # REG models: the class token's guidance (None: cfg_scale; <= 0: conditional)
 
     def validate(self, convention: str) -> None:
         """Check the settings for a model of time ``convention`` (repa | sit | ddpm)."""
@@ -183,7 +184,7 @@ def generate(model, out_dir, settings: SamplerSettings, *, vae=None, path: str =
             x = sample(model, noise, labels, method=settings.method, steps=settings.steps,
                        cfg_scale=settings.cfg_scale, guidance_interval=(settings.guidance_low, settings.guidance_high),
                        generator=IndexedNoise(settings.seed, idx.to(device)), cfg_channels=settings.cfg_channels,
-                       path=path)
+                       path=path, **_class_token_kwargs(model, settings, idx, device))
         images = decode(x.float(), vae).permute(0, 2, 3, 1).numpy()
         for i, image in zip(idx.tolist(), images):
             _atomic_png(image, out_dir / f"{i:06d}.png")
@@ -193,6 +194,16 @@ def generate(model, out_dir, settings: SamplerSettings, *, vae=None, path: str =
     if r.finalize and rank == 0 and (todo or not npz.exists()):  # a complete folder is left as it is
         build_npz(out_dir, settings.num_samples)
     return npz
+
+
+def _class_token_kwargs(model, settings: SamplerSettings, idx: torch.Tensor, device) -> dict:
+    """REG models: the initial class-token noise of samples ``idx`` (seeded like the latents' but independent of
+    them) and the class token's guidance; nothing for other models."""
+    dim = getattr(model, "cls_token_dim", 0)
+    if not dim:
+        return {}
+    return dict(cls_noise=seeded_noise(settings.seed ^ CLASS_TOKEN_KEY, idx, (dim,), device=device),
+                cls_cfg_scale=settings.cls_cfg_scale)
 
 
 def load_pngs(out_dir: Path, num_samples: int) -> np.ndarray:
@@ -238,7 +249,7 @@ def settings_for(convention: str, options) -> SamplerSettings:
     method, steps = default_method(convention)
     return SamplerSettings(options.num_samples, options.method or method, options.steps or steps,
                            options.cfg_scale, options.guidance_low, options.guidance_high, options.labels,
-                           options.seed, options.cfg_channels)
+                           options.seed, options.cfg_channels, options.cls_cfg_scale)
 
 
 def check_entry(entry, settings: SamplerSettings) -> None:

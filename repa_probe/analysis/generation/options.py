@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from repa_probe.analysis.core.options import Options, OptionsError, _choice, _float, _int, validate_checkpoint_options
+from repa_probe.analysis.core.options import (Options, OptionsError, _choice, _float, _int, _replicates,
+                                              validate_checkpoint_options)
 
 SAMPLE_LABELS = ("balanced", "random")
 SAMPLE_METHODS = ("euler", "heun", "sde", "ddpm", "ddim")
@@ -29,7 +30,8 @@ class SampleOptions(Options):
     default the run's, else the default of the model's latent channels). Sampler: ``num_samples`` (required
     to sample), ``method`` / ``steps`` (default per model: euler 50 for flow models, ddpm 250 for DiT),
     ``cfg_scale`` (w, 1 = off), ``guidance_low`` / ``guidance_high`` (interval in REPA time, within [0, 1]),
-    ``cfg_channels``, ``labels`` (balanced | random), ``seed``. Running: ``batch_size``, ``device``,
+    ``cfg_channels``, ``cls_cfg_scale`` (REG models: the class token's guidance; None = ``cfg_scale``, <= 0 =
+    its conditional velocity), ``labels`` (balanced | random), ``seed``. Running: ``batch_size``, ``device``,
     ``progress``.
     """
 
@@ -44,6 +46,7 @@ class SampleOptions(Options):
     guidance_low: float = 0.0
     guidance_high: float = 1.0
     cfg_channels: Any = "auto"
+    cls_cfg_scale: float | None = None
     labels: str = "balanced"
     seed: int = 0
     batch_size: int = 256
@@ -66,6 +69,7 @@ class SampleOptions(Options):
             raise OptionsError(f"--guidance-low {self.guidance_low} is above --guidance-high {self.guidance_high}: "
                                "the guidance interval is empty")
         self.cfg_channels = parse_cfg_channels(self.cfg_channels)
+        self.cls_cfg_scale = _float("cls_cfg_scale", self.cls_cfg_scale, optional=True)
         _choice("labels", self.labels, SAMPLE_LABELS)
         self.seed = _int("seed", self.seed, minimum=0)
         self.batch_size = _int("batch_size", self.batch_size)
@@ -107,7 +111,7 @@ class FidOptions(SampleOptions):
             self.samples = [str(s) for s in ([self.samples] if isinstance(self.samples, str) else self.samples)]
             if not self.samples:
                 self.samples = None
-        self.bootstrap = _int("bootstrap", self.bootstrap, minimum=0)
+        self.bootstrap = _replicates(self.bootstrap)
         if (self.isc or self.kid or self.prc) and not self.inception_weights:
             raise OptionsError("--isc/--kid/--prc use Inception features: pass --inception-weights FILE")
         if self.random_encoder and not self.encoder:

@@ -32,6 +32,7 @@ from repa_probe.analysis.generation.fid_inputs import FIDError, Reference, image
 from repa_probe.analysis.generation.generate import check_entry, sample_entry, settings_for
 from repa_probe.analysis.generation.options import FidOptions, SampleOptions
 from repa_probe.encoders.target import load_encoder
+from repa_probe.reports.numbers import fmt
 
 log = logging.getLogger("repa_probe")
 
@@ -146,7 +147,7 @@ class FidAnalysis(Analysis):
         reps: dict = {}
         values = evaluate(images, self.reference, self.spaces, run.device, o.batch_size, o.isc, o.kid, o.prc,
                           o.bootstrap, reps)
-        log.info("%s: %s", entry.label, ", ".join(f"{k} {v:.4f}" for k, v in values.items()))
+        log.info("%s: %s", entry.label, ", ".join(f"{k} {fmt(v)}" for k, v in values.items()))
         s = dataclasses.asdict(settings) if settings else {}
         return [dict(checkpoint=entry.label, run=entry.run, step=step, metric=k, value=v, num_samples=len(images),
                      **{c: s.get(c) for c in SETTING_COLUMNS}, **({"replicates": reps[k]} if k in reps else {}))

@@ -23,6 +23,7 @@ import dataclasses
 import logging
 from typing import Sequence
 
+from repa_probe.analysis.core.class_token import attach_class_tokens, class_token_encoder
 from repa_probe.analysis.core.features import extract_features, prepare_inputs
 from repa_probe.analysis.core.inputs import check_times_and_layers, resolve_encoder
 from repa_probe.analysis.core.options import ProbeOptions
@@ -32,6 +33,7 @@ from repa_probe.analysis.probes.plots import chance_levels, make_probe_figures
 from repa_probe.analysis.core.runner import Analysis, Run, run_analysis
 from repa_probe.analysis.core.targets import encoder_features
 from repa_probe.reports.bootstrap import resample_means
+from repa_probe.reports.numbers import fmt
 from repa_probe.timesteps import TIME_HELP, label
 
 log = logging.getLogger("repa_probe")
@@ -85,6 +87,7 @@ class ProbeAnalysis(Analysis):
         self.data = resolve_probe_data(run.entries, opts)
         self.encoder = resolve_encoder(run.entries, opts, self.data.source.resolution) \
             if opts.encoder_reference else None
+        self.cls_encoder = class_token_encoder(run.entries, self.encoder)  # REG models take its class token
 
     def prepare(self, run: Run) -> list[dict]:
         """Model inputs and probe targets of both splits; the encoder reference rows."""
@@ -92,6 +95,8 @@ class ProbeAnalysis(Analysis):
         vae = vae.to(run.device) if vae is not None else None
         self.inputs = {s: prepare_inputs(getattr(self.data, s), vae, opts.batch_size, progress=opts.progress)
                        for s in SPLITS}
+        for s in SPLITS:
+            attach_class_tokens(self.inputs[s], getattr(self.data, s), self.cls_encoder, opts, run.device)
         # The noise of an image is keyed by (seed, index). Test indices continue after the training ones, so no
         # test image shares its noise with a training image: with shared noise, a probe could read the label
         # off the noise pattern whenever labels follow the index (shapes: label = index % classes).
@@ -154,7 +159,7 @@ class ProbeAnalysis(Analysis):
         self.details.append(dict(base, **res.to_dict()))
         where = base["source"] if base["layer"] is None else f"block {base['layer']} t={base['timestep']}"
         log.info("%s %s %s: %s", self.name, base["checkpoint"], where,
-                 ", ".join(f"{r['metric']}={r['value']:.4f}" for r in rows))
+                 ", ".join(f"{r['metric']}={fmt(r['value'])}" for r in rows))
         return rows
 
     def _warn_unselected(self, res) -> None:
