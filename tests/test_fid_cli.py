@@ -207,3 +207,11 @@ def test_fid_of_samples_folders_writes_options_and_relative_paths(tmp_path):
     assert summary["checkpoints"] == [dict(label="a", path=str(tmp_path / "a.npz"), run=None, step=None,
                                            source_format="samples")]
     assert json.loads((out / "options.json").read_text())["samples"] == [str(tmp_path / "a.npz")]
+
+
+def test_cls_cfg_scale_is_a_checked_sampler_option():
+    from repa_probe.analysis.generation.options import OptionsError, SampleOptions
+
+    assert SampleOptions(cls_cfg_scale="1.5").cls_cfg_scale == 1.5 and SampleOptions().cls_cfg_scale is None
+    with pytest.raises(OptionsError, match="--cls-cfg-scale must be a finite number"):
+        SampleOptions(cls_cfg_scale=float("nan"))
