@@ -8,7 +8,10 @@ import argparse
 import os
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from analysis.common import add_checkpoint_options, add_running_options
+from repa_probe.analysis.core.options import METRICS, TARGET_KINDS
+from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
+from repa_probe.timesteps import TIME_HELP
 from repa_probe.reports.numbers import fmt_interval
 
 DESCRIPTION = """\
@@ -40,10 +43,6 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from analysis.common import add_checkpoint_options, add_running_options
-    from repa_probe.analysis.core.options import METRICS, TARGET_KINDS
-    from repa_probe.timesteps import TIME_HELP
-
     p = OneLineParser(prog="python -m analysis.alignment", description=DESCRIPTION.format(time_help=TIME_HELP),
                       epilog=EXAMPLES,
                       formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="class fed to the model: null (unconditional, default) or the dataset's true labels")
     g = p.add_argument_group("what to measure")
     g.add_argument("--layers", default="all", help="'all' or 1-based block numbers, e.g. 1,4,8 (8 = REPA's "
-                   "encoder_depth 8)")
+                   "encoder_depth 8); 'latent' adds layer 0, the clean VAE latent tokens as the model sees them "
+                   "(compare latent spaces: SD-VAE, REPA-E's E2E-VAE, VA-VAE)")
     g.add_argument("--timesteps", default="0,0.25,0.5,0.75,1",
                    help="comma list of times t in [0, 1] or step:N (see Time above; default: %(default)s)")
     g.add_argument("--metric", default="cknna", help=f"one or more of {', '.join(METRICS)} and the spatial-structure "
@@ -100,10 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
     from repa_probe.analysis.alignment.run import AlignmentOptions, run_alignment
-    from repa_probe.errors import one_line_errors
 
+    setup_logging(args.verbose)
     with one_line_errors(args.debug):
         options = AlignmentOptions.from_namespace(
             args, cache_dir=None if args.no_cache else os.path.expanduser(args.cache_dir), progress=not args.quiet)

@@ -8,7 +8,7 @@ import argparse
 import os
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
 from repa_probe.reports.numbers import fmt, fmt_interval
 
 DESCRIPTION = """\
@@ -59,10 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
     from repa_probe.analysis.correlation.correlate import run_correlate
-    from repa_probe.errors import one_line_errors
 
+    setup_logging(args.verbose)
     with one_line_errors(args.debug):
         s = run_correlate(args.tables, args.x, args.y, args.out, last_only=args.last_only, bootstrap=args.bootstrap,
                           permutations=args.permutations, seed=args.seed)

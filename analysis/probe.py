@@ -9,7 +9,9 @@ import argparse
 import os
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from analysis.common import add_checkpoint_options, add_running_options
+from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
+from repa_probe.timesteps import TIME_HELP
 
 DESCRIPTIONS = {
     "linear": """\
@@ -63,9 +65,6 @@ examples:
 
 
 def build_parser(task: str = "linear") -> argparse.ArgumentParser:
-    from analysis.common import add_checkpoint_options, add_running_options
-    from repa_probe.timesteps import TIME_HELP
-
     common = COMMON.format(time_help=TIME_HELP, prefix="probe" if task == "linear" else "segment")
     p = OneLineParser(prog=f"python -m {PROGS[task]}", description=DESCRIPTIONS[task] + common,
                       epilog=EXAMPLES[task], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,7 +83,8 @@ def build_parser(task: str = "linear") -> argparse.ArgumentParser:
     g.add_argument("--vae", metavar="NAME", help="VAE of latent models; default: the training config's")
     add_checkpoint_options(g)
     g = p.add_argument_group("what to probe")
-    g.add_argument("--layers", default="all", help="'all' or 1-based block numbers, e.g. 1,4,8")
+    g.add_argument("--layers", default="all", help="'all' or 1-based block numbers, e.g. 1,4,8; 'latent' = the clean latent "
+                   "tokens (layer 0), e.g. latent,1,4")
     g.add_argument("--timesteps", default="0,0.25,0.5",
                    help="comma list of times t in [0, 1] or step:N (see Time above; default: %(default)s)")
     if task == "linear":
@@ -113,13 +113,13 @@ def build_parser(task: str = "linear") -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None, task: str = "linear") -> int:
     p = build_parser(task)
     args = p.parse_args(argv)
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
+    from repa_probe.analysis.probes.run import ProbeOptions, run_probes
+
     if args.data and len(args.data) > 2:
         p.error(f"--data takes a name and at most one directory, got {' '.join(args.data)}")
     data, root = (args.data + [None])[:2] if args.data else (None, None)
     setup_logging(args.verbose)
-    from repa_probe.analysis.probes.run import ProbeOptions, run_probes
-    from repa_probe.errors import one_line_errors
-
     with one_line_errors(args.debug):
         options = ProbeOptions.from_namespace(args, task=task, data=data, data_root=root or args.data_root,
                                               progress=not args.quiet)

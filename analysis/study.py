@@ -8,7 +8,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
 
 EPILOG = """\
 The study trains every run of train.runs (base config + common overrides + the run's overrides), then sweeps
@@ -36,10 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # overrides before and after flags
-    setup_logging(args.verbose)
-    from repa_probe.errors import one_line_errors
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
     from repa_probe.sweeps.study import load_study_config, run_study
 
+    setup_logging(args.verbose)
     command = "python -m analysis.study " + " ".join(sys.argv[1:] if argv is None else argv)
     with one_line_errors(args.debug):
         cfg = load_study_config(args.cfg, args.overrides)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
 
 EPILOG = """\
 The config names runs (every checkpoint in {run}/checkpoints) or checkpoint globs, the analyses with the
@@ -38,11 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # overrides before and after flags
-    setup_logging(args.verbose)
-    from repa_probe.errors import one_line_errors
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
     from repa_probe.sweeps.config import load_sweep_config
     from repa_probe.sweeps.sweep import run_sweep
 
+    setup_logging(args.verbose)
     with one_line_errors(args.debug):
         cfg = load_sweep_config(args.cfg, args.overrides)
         result = run_sweep(cfg, force=args.force, retry_failed=args.retry_failed, dry_run=args.dry_run)

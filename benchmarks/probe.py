@@ -28,13 +28,13 @@ import time
 import torch
 
 from repa_probe.analysis.core.features import ModelInputs, extract_features, prepare_inputs
+from repa_probe.analysis.probes import fit_linear_probe, fit_segmentation_probe
+from repa_probe.data import ShapesDataset
+from repa_probe.models import create_model
 from repa_probe.objectives import FlowMatching
-from repa_probe.analysis.probes import fit_linear_probe
 
 
 def _model(name: str, device: torch.device):
-    from repa_probe.models import create_model
-
     torch.manual_seed(0)
     if name == "tiny":
         m = create_model("SiT-S/4", depth=6, hidden_size=128, num_heads=4, input_size=32, in_channels=3,
@@ -46,8 +46,6 @@ def _model(name: str, device: torch.device):
 
 def _inputs(name: str, n: int) -> ModelInputs:
     if name == "tiny":
-        from repa_probe.data import ShapesDataset
-
         return prepare_inputs(ShapesDataset(n, resolution=32, split="val"), None, batch_size=64, progress=False)
     g = torch.Generator().manual_seed(0)
     return ModelInputs(torch.randn(n, 4, 32, 32, generator=g), torch.zeros(n, dtype=torch.long),
@@ -89,9 +87,6 @@ def bench_fit(backend: str, n: int, dim: int, classes: int, device: torch.device
 
 def bench_seg_fit(n: int, dim: int, noise: float, device: torch.device) -> dict:
     import torch.nn.functional as F
-
-    from repa_probe.analysis.probes import fit_segmentation_probe
-    from repa_probe.data import ShapesDataset
 
     def split(name: str, size: int, seed: int):
         masks = ShapesDataset(size, resolution=32, split=name).render(range(size))["mask"]      # (N, 32, 32)

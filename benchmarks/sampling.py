@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from repa_probe.analysis.generation.fid import extract, register_encoder
+from repa_probe.encoders.target import load_encoder
 from repa_probe.models import create_model
 from repa_probe.sampling import sample
 
@@ -80,9 +82,6 @@ def bench_sampling(args, device):
 
 
 def bench_features(args, device):
-    from repa_probe.analysis.generation.fid import extract, register_encoder
-    from repa_probe.encoders.target import load_encoder
-
     torch.manual_seed(0)
     enc = load_encoder(args.encoder, pretrained=False, resolution=256).to(device)
     space = register_encoder(enc, f"fd_{enc.name}")

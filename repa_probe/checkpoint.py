@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import logging
 import os
 import re
@@ -39,9 +40,11 @@ import torch
 
 from repa_probe.models.layout import (LayoutError, detect_convention, encoder_depth_of, infer_config,  # noqa: F401
                                       is_state_dict, normalize_keys)
+from repa_probe.models.layers import ModelInputError
+from repa_probe.models.lightningdit import LightningOptions
 from repa_probe.models.registry import from_config, size_name
 from repa_probe.models.transformer import DiffusionTransformer
-from repa_probe.errors import ReproError
+from repa_probe.errors import ReproError, error_summary
 from repa_probe.timesteps import TimeError, convention_of
 
 log = logging.getLogger(__name__)
@@ -103,15 +106,6 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
             os.close(dir_fd)
 
 
-def _one_line(exc: BaseException, limit: int = 160) -> str:
-    """``"<ExcType>: <first non-empty line, truncated>"``."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    text = lines[0] if lines else ""
-    if len(text) > limit:
-        text = text[: limit - 3] + "..."
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _describe_load_error(path: Path, exc: BaseException) -> str:
     """One line saying why ``torch.load`` failed on ``path``."""
     unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(exc))
@@ -124,8 +118,8 @@ def _describe_load_error(path: Path, exc: BaseException) -> str:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"PK\x03\x04":
-        return f"{path}: truncated or corrupt checkpoint archive [{_one_line(exc)}]"
-    return f"{path}: not a torch checkpoint, or corrupt [{_one_line(exc)}]"
+        return f"{path}: truncated or corrupt checkpoint archive [{error_summary(exc)}]"
+    return f"{path}: not a torch checkpoint, or corrupt [{error_summary(exc)}]"
 
 
 def safe_load(path: str | os.PathLike, extra_globals: Iterable[Any] = ()) -> Any:
@@ -175,8 +169,8 @@ def _check_against_model(model: DiffusionTransformer, sd: Mapping[str, torch.Ten
 
 
 def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema: bool = True,
-               time_convention: str | None = None, loaded: object = None, encoder_depth: int | None = None,
-               family: str | None = None) -> tuple[DiffusionTransformer, ModelInfo]:
+               time_convention: str | None = None, loaded: object = None,
+               encoder_depth: int | None = None) -> tuple[DiffusionTransformer, ModelInfo]:
     """Load a model from our or an official checkpoint (see the module docstring).
 
     Args:
@@ -184,8 +178,8 @@ def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema
         num_heads: override the head count (shapes cannot tell it unless qk_norm is on).
         prefer_ema: take the ``ema`` weights when the file has them, else ``model``.
         time_convention: "repa" | "sit" | "ddpm" to override the detected convention (needed for plain
-            official SiT state dicts, which look like DiT ones). ``family`` ("REPA" | "SiT" | "DiT") is
-            the same choice by code base.
+            official SiT state dicts, which look like DiT ones); ``repa_probe.timesteps.convention_of``
+            maps a code base name ("REPA" | "SiT" | "DiT") to it.
         loaded: the file's content when the caller already ``safe_load``-ed it (avoids reading it twice).
         encoder_depth: the 1-based block REPA's projectors read. Official REPA state dicts do not store
             it and no tensor shape reveals it; training files carry it in ``args`` and ours in
@@ -200,7 +194,7 @@ def load_model(path: str | os.PathLike, num_heads: int | None = None, prefer_ema
     path = Path(path)
     obj = safe_load(path) if loaded is None else loaded  # its errors name the path already
     try:
-        forced = None if (time_convention or family) is None else convention_of(time_convention or family)
+        forced = None if time_convention is None else convention_of(time_convention)
         source, step, config, args = _read_layout(obj, path)
         use_ema, sd = _pick_weights(obj, source, prefer_ema)
         config = _model_config(config, sd, args, num_heads, encoder_depth, forced)
@@ -249,6 +243,7 @@ def _model_config(config: dict | None, sd: dict, args: Any, num_heads, encoder_d
     else:
         if "family" in config:  # our checkpoints before time_convention
             config["time_convention"] = convention_of(config.pop("family"))
+        _check_stored_config(config)
         if num_heads is not None:
             config["num_heads"] = int(num_heads)
         if encoder_depth is not None:
@@ -260,14 +255,43 @@ def _model_config(config: dict | None, sd: dict, args: Any, num_heads, encoder_d
     return config
 
 
+def _check_stored_config(config: Mapping) -> None:
+    """A ``model_config`` read from a file: only the constructors' keywords, each of its default's type
+    (ints for ints, numbers for floats, a list of ints for ``z_dims``); a one-line CheckpointError otherwise."""
+    defaults = {name: p.default for name, p in inspect.signature(DiffusionTransformer.__init__).parameters.items()
+                if name != "self"}
+    defaults.update(dataclasses.asdict(LightningOptions()))  # LightningDiT's switches
+    unknown = sorted(set(config) - set(defaults))
+    if unknown:
+        raise CheckpointError(f"model_config has unknown keys {unknown}; valid: {sorted(defaults)}")
+    for key, value in config.items():
+        default = defaults[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        elif default is None:  # bn_momentum (REPA-E): None or a number
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+        else:  # z_dims
+            ok = isinstance(value, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        if not ok:
+            raise CheckpointError(f"model_config[{key!r}] = {value!r} has the wrong type")
+
+
 def _build(config: dict, sd: dict) -> DiffusionTransformer:
-    """A float32 CPU model in eval mode holding ``sd`` (strict: keys and shapes checked first)."""
+    """A float32 CPU model in eval mode holding ``sd`` (strict: keys and shapes checked first). ``config``
+    has passed :func:`_check_stored_config` or was inferred by our code, so only the constructor's own value
+    checks (:class:`ModelInputError`) describe the file; anything else is a bug and keeps its traceback."""
     try:
         with torch.device("meta"):
             model = from_config(config)
-        _check_against_model(model, sd)
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"cannot build a model from config: {_one_line(exc)}") from exc
+    except ModelInputError as exc:
+        raise CheckpointError(f"cannot build a model from config: {exc}") from exc
+    _check_against_model(model, sd)
     sd = {k: (v.float() if v.is_floating_point() else v) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)
     model.pos_embed.requires_grad_(False)

@@ -38,9 +38,18 @@ def debug_enabled(flag: bool = False) -> bool:
     return flag or os.environ.get(DEBUG_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else exc.__class__.__name__
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of ``exc``'s message, or its class name when it has none."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else exc.__class__.__name__
+
+
+def error_summary(exc: BaseException, limit: int = 160) -> str:
+    """``"<ExcType>: <first line, at most limit characters>"`` (for messages that wrap a foreign error)."""
+    text = first_line(exc) if str(exc).strip() else ""
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _is_out_of_memory(exc: BaseException) -> bool:
@@ -61,7 +70,7 @@ def one_line_errors(debug: bool = False):
     except KeyboardInterrupt as exc:
         if debug_enabled(debug):
             logging.getLogger("repa_probe").exception("traceback")
-        note = _first_line(exc) if isinstance(exc, Interrupted) and str(exc).strip() else \
+        note = first_line(exc) if isinstance(exc, Interrupted) and str(exc).strip() else \
             "stopped by Ctrl-C; files already written are whole (atomic writes); the same command " \
             "continues or redoes the rest"
         print(f"interrupted: {note}", file=sys.stderr)
@@ -73,9 +82,9 @@ def one_line_errors(debug: bool = False):
         if debug_enabled(debug):
             logging.getLogger("repa_probe").exception("traceback")
         if oom:
-            print(f"error: out of memory ({_first_line(exc)}): {MEMORY_HINT}", file=sys.stderr)
+            print(f"error: out of memory ({first_line(exc)}): {MEMORY_HINT}", file=sys.stderr)
             raise CLIExit(EXIT_OUT_OF_MEMORY) from None
-        print(f"error: {exc.__class__.__name__}: {_first_line(exc)}", file=sys.stderr)
+        print(f"error: {exc.__class__.__name__}: {first_line(exc)}", file=sys.stderr)
         raise CLIExit(EXIT_USER_ERROR) from None
 
 

@@ -20,27 +20,10 @@ from repa_probe.analysis.core.inputs import (DataSource, build_analysis_dataset,
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A 2-step tiny run (checkpoints at steps 1 and 2) and the target encoder the trainer built."""
-    from repa_probe.training import trainer
-    from repa_probe.training.config import load_config
-
-    out = tmp_path_factory.mktemp("runs")
-    built = {}
-
-    def recording_build_encoder(cfg, device):
-        enc = real(cfg, device)
-        built["state"] = {k: v.clone() for k, v in enc.state_dict().items()}
-        return enc
-
-    real = trainer.build_encoder
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer, "build_encoder", recording_build_encoder)
-        run_dir = trainer.train(load_config(None, [f"run.out_dir={out}", "train.steps=2", "train.ckpt_every=1",
-                                                   "train.log_every=1", "data.num_samples=32", "train.batch_size=8",
-                                                   "train.tensorboard=false"]))
-    return Path(run_dir), built["state"]
+@pytest.fixture
+def run(tiny_run, tiny_run_encoder):
+    """The shared tiny run (checkpoints at steps 1 and 2) and the target encoder the trainer built."""
+    return tiny_run, tiny_run_encoder
 
 
 @pytest.fixture

@@ -4,12 +4,13 @@ import json
 import pytest
 import torch
 
-import repa_probe.checkpoint as checkpoint
 from analysis.alignment import build_parser as alignment_parser
 from analysis.probe import build_parser as probe_parser
-from repa_probe.analysis.core.inputs import (AnalysisInputError, check_times_and_layers, load_checkpoints, resolve_encoder,
+from repa_probe.analysis.errors import AnalysisInputError, OptionsError
+from repa_probe.analysis.core import inputs
+from repa_probe.analysis.core.inputs import (check_times_and_layers, load_checkpoints, resolve_encoder,
                                         resolve_source)
-from repa_probe.analysis.core.options import AlignmentOptions, AnalysisOptions, OptionsError, ProbeOptions
+from repa_probe.analysis.core.options import AlignmentOptions, AnalysisOptions, ProbeOptions
 from repa_probe.analysis.core.runner import Analysis, run_analysis
 from repa_probe.models import create_model
 from repa_probe.objectives import FlowMatching
@@ -145,8 +146,8 @@ class Counting(Analysis):
 
 def test_run_skeleton_loads_each_checkpoint_once_and_writes_its_files(ckpts, tmp_path, monkeypatch):
     calls = []
-    real = checkpoint.load_model
-    monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    real = inputs.load_model
+    monkeypatch.setattr(inputs, "load_model", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
     opts = AnalysisOptions(data="shapes", device="cpu", progress=False)
     summary = run_analysis(Counting(), list(ckpts), tmp_path / "out", opts)
     assert len(calls) == 2  # small models are kept from validation: each file is read once

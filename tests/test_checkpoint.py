@@ -19,7 +19,7 @@ from repa_probe.checkpoint import (
     load_model,
     safe_load,
 )
-from repa_probe.models import create_model, list_models
+from repa_probe.models import create_model, list_models, transformer
 
 TINY = dict(depth=3, hidden_size=64, num_heads=4, input_size=8)
 
@@ -84,19 +84,18 @@ def test_bad_files_raise_one_line_checkpoint_error(tmp_path, kind):
 
 # --------------------------------------------------------------------------------- official key layouts
 
-def test_prefixes_and_family_override(tmp_path):
+def test_prefixes_and_time_convention_override(tmp_path):
     model = create_model("DiT-S/2", **TINY)
     sd = {f"module.{k}": v for k, v in model.state_dict().items()}
     torch.save(sd, tmp_path / "ddp.pt")
     loaded, info = load_model(tmp_path / "ddp.pt", num_heads=4)
     assert info.family == "DiT" and info.time_convention == "ddpm"
-    loaded, info = load_model(tmp_path / "ddp.pt", num_heads=4, family="SiT")
+    loaded, info = load_model(tmp_path / "ddp.pt", num_heads=4, time_convention="sit")
     assert info.family == "SiT" and info.time_convention == "sit"
-    assert load_model(tmp_path / "ddp.pt", num_heads=4, time_convention="sit")[1].time_convention == "sit"
     x, t, y = _inputs(loaded)
     assert loaded(x, t, y)[0].shape[1] == 4  # official SiT cuts the sigma half
     with pytest.raises(CheckpointError, match="learn_sigma"):
-        load_model(tmp_path / "ddp.pt", family="REPA")
+        load_model(tmp_path / "ddp.pt", time_convention="repa")
     with pytest.raises(CheckpointError, match="time convention"):
         load_model(tmp_path / "ddp.pt", time_convention="edm")
 
@@ -180,6 +179,27 @@ def test_shape_mismatch_and_unknown_layout(tmp_path):
     torch.save({"encoder.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="unknown key layout"):
         load_model(tmp_path / "other.pt")
+
+
+def test_bad_model_config_is_a_checkpoint_error_but_our_bugs_keep_their_type(tmp_path, monkeypatch):
+    model = create_model("SiT-S/2", **TINY)
+    cases = {"unknown": ({"widht": 3}, "unknown keys \\['widht'\\]"),
+             "type": ({"depth": "2"}, "model_config\\['depth'\\] = '2' has the wrong type"),
+             "value": ({"num_heads": 5}, "cannot build a model from config: .*hidden_size 64 is not divisible")}
+    for name, (change, match) in cases.items():
+        torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": {**model.config, **change},
+                    "step": 1}, tmp_path / f"{name}.pt")
+        with pytest.raises(CheckpointError, match=match):
+            load_model(tmp_path / f"{name}.pt")
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": model.config, "step": 1},
+               tmp_path / "good.pt")
+
+    def broken_check(*args):  # a bug in our constructor, not in the file
+        raise TypeError("bug")
+
+    monkeypatch.setattr(transformer, "_check_config", broken_check)
+    with pytest.raises(TypeError, match="bug"):
+        load_model(tmp_path / "good.pt")
 
 
 def test_half_precision_file_loads_as_float32(tmp_path):

@@ -9,7 +9,8 @@ import pytest
 from scipy.stats import pearsonr, spearmanr
 
 from analysis.correlate import main
-from repa_probe.analysis.correlation.correlate import (CorrelateError, Quantity, correlate_table, correlation, load_tables,
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.analysis.correlation.correlate import (Quantity, correlate_table, correlation, load_tables,
                                            parse_quantity)
 
 ALIGN_COLS = ("checkpoint", "step", "layer", "timestep", "metric", "value", "ci_low", "ci_high", "n")
@@ -66,7 +67,7 @@ def test_parse_quantity():
     assert parse_quantity("lds@target") == Quantity("lds", "target", None)
     assert parse_quantity("fid_inception") == Quantity("fid_inception")
     for bad in ("cknna@layer", "cknna,t=x", "", "a b"):
-        with pytest.raises(CorrelateError):
+        with pytest.raises(AnalysisInputError):
             parse_quantity(bad)
 
 
@@ -222,7 +223,7 @@ def test_tables_of_different_checkpoints_need_the_same_n_and_seed_but_not_the_sa
 
     check_settings(df)  # iREPA's figure: runs with different target encoders
     (tmp_path / "r2" / "options.json").write_text(json.dumps(dict(num_samples=64, seed=3)))
-    with pytest.raises(CorrelateError, match="hold different checkpoints.*seed 0 vs 3"):
+    with pytest.raises(AnalysisInputError, match="hold different checkpoints.*seed 0 vs 3"):
         check_settings(df)
 
 

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from repa_probe import errors
-from repa_probe.analysis.core.features import FeatureError
+from repa_probe.analysis.errors import AnalysisInputError
 from repa_probe.checkpoint import CheckpointError
 from repa_probe.data.common import DatasetError
 from repa_probe.encoders import EncoderWeightsError
@@ -13,7 +13,7 @@ from repa_probe.errors import CLIExit, ReproError, one_line_errors
 from repa_probe.training.config import ConfigError
 
 
-@pytest.mark.parametrize("cls", [ConfigError, CheckpointError, DatasetError, EncoderWeightsError, FeatureError])
+@pytest.mark.parametrize("cls", [ConfigError, CheckpointError, DatasetError, EncoderWeightsError, AnalysisInputError])
 def test_project_errors_share_one_base(cls):
     assert issubclass(cls, ReproError)
 

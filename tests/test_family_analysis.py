@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from repa_probe.analysis.alignment.run import AlignmentOptions, run_alignment
-from repa_probe.analysis.core.features import FeatureError, extract_features, prepare_inputs
+from repa_probe.analysis.core.features import extract_features, prepare_inputs
 from repa_probe.analysis.core.options import ProbeOptions
+from repa_probe.analysis.errors import AnalysisInputError
 from repa_probe.analysis.generation.generate import Running, SamplerSettings, generate
-from repa_probe.analysis.probes.run import run_linear_probes
+from repa_probe.analysis.probes.run import run_probes
 from repa_probe.checkpoint import load_model
 from repa_probe.data import build_dataset
 from repa_probe.objectives import FlowMatching
@@ -37,7 +38,7 @@ def test_features_take_the_noised_class_token_and_pool_patch_tokens_only(reg_run
     model, _ = load_model(run / "checkpoints" / "0000002.pt")
     data = build_dataset("shapes", resolution=32, num_samples=6, seed=0)
     inputs = prepare_inputs(data, progress=False)
-    with pytest.raises(FeatureError, match="class tokens"):
+    with pytest.raises(AnalysisInputError, match="class tokens"):
         extract_features(model, FlowMatching(), inputs, [0.5], progress=False)
     enc = build_encoder(cfg, torch.device("cpu"))
     inputs.cls = torch.stack([enc.cls(data[i]["image"][None])[0] for i in range(len(data))])
@@ -64,8 +65,8 @@ def test_alignment_spatial_and_probes_run_on_a_reg_run(reg_run, tmp_path):
                                            for t in times}
     assert {b["metric"] for b in summary["best"]} >= {"cknna", "cknna_cls"}
     assert any("cknna_cls" in p.name for p in (tmp_path / "align" / "figures").iterdir())
-    probes = run_linear_probes([run], tmp_path / "probe", ProbeOptions(num_train=32, num_test=16, timesteps=(0.5,),
-                                                                       progress=False))
+    probes = run_probes([run], tmp_path / "probe", ProbeOptions(task="linear", num_train=32, num_test=16,
+                                                                timesteps=(0.5,), progress=False))
     assert {r["layer"] for r in probes["rows"] if r.get("source") == "model"} == {1, 2}
 
 

@@ -7,7 +7,8 @@ import torch.nn as nn
 
 from repa_probe.data import ShapesDataset
 from repa_probe.encoders.target import load_encoder
-from repa_probe.analysis.core.features import FeatureError, extract_features, module_device, prepare_inputs
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.analysis.core.features import extract_features, module_device, prepare_inputs
 from repa_probe.sampling.noise import seeded_noise
 from repa_probe.models import DiffusionTransformer
 from repa_probe.objectives import FlowMatching, GaussianDiffusion
@@ -71,7 +72,7 @@ def test_one_pass_capture_equals_truncated_forwards(shapes):
                 torch.testing.assert_close(proj.get(2, 0.3), z, rtol=1e-4, atol=1e-5)
     assert fs.get(1, 0.3).shape == (12, 32) and tokens.get(3, 0.3).shape == (12, 16, 32)
     assert not torch.allclose(fs.get(1, 0.3), fs.get(4, 0.3))  # the blocks really transform
-    with pytest.raises(FeatureError, match="no features for layer 2"):
+    with pytest.raises(AnalysisInputError, match="no features for layer 2"):
         tokens.get(2, 0.3)
 
 
@@ -151,17 +152,17 @@ def test_model_time_per_convention_and_ddpm_steps(shapes):
 
 def test_bad_layers_pool_labels_and_device(shapes):
     model, obj = _model(), FlowMatching()
-    with pytest.raises(FeatureError, match=r"layers \[5\] are outside 1..4"):
+    with pytest.raises(AnalysisInputError, match=r"layers \[5\] are outside 1..4"):
         extract_features(model, obj, shapes, [0.5], layers=[1, 5], progress=False)
-    with pytest.raises(FeatureError, match="outside"):
-        extract_features(model, obj, shapes, [0.5], layers=[0], progress=False)
-    with pytest.raises(FeatureError, match="reads block 2 only"):
+    with pytest.raises(AnalysisInputError, match="outside"):
+        extract_features(model, obj, shapes, [0.5], layers=[-1], progress=False)
+    with pytest.raises(AnalysisInputError, match="reads block 2 only"):
         extract_features(model, obj, shapes, [0.5], layers=[3], pool="projector", progress=False)
-    with pytest.raises(FeatureError, match="pool must be"):
+    with pytest.raises(AnalysisInputError, match="pool must be"):
         extract_features(model, obj, shapes, [0.5], pool="max", progress=False)
-    with pytest.raises(FeatureError, match="no null class"):
+    with pytest.raises(AnalysisInputError, match="no null class"):
         extract_features(_model(class_dropout_prob=0.0), obj, shapes, [0.5], progress=False)
-    with pytest.raises(FeatureError, match="move the model first"):
+    with pytest.raises(AnalysisInputError, match="move the model first"):
         extract_features(model, obj, shapes, [0.5], device="meta", progress=False)
     true = extract_features(model, obj, shapes, [0.5], labels="true", batch_size=12, progress=False)
     null = extract_features(model, obj, shapes, [0.5], labels="null", batch_size=12, progress=False)
@@ -182,10 +183,10 @@ def test_module_device_reads_plain_cuda_as_the_current_device(monkeypatch):
     assert module_device(OnCuda1(), "cuda", "model") == torch.device("cuda", 1)
     assert module_device(OnCuda1(), "cuda:1", "model") == torch.device("cuda", 1)
     assert module_device(OnCuda1(), None, "model") == torch.device("cuda", 1)
-    with pytest.raises(FeatureError, match="the model is on cuda:1 but device=cuda:0"):
+    with pytest.raises(AnalysisInputError, match="the model is on cuda:1 but device=cuda:0"):
         module_device(OnCuda1(), "cuda:0", "model")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    with pytest.raises(FeatureError, match="the encoder is on cuda:1 but device=cuda: move the encoder first"):
+    with pytest.raises(AnalysisInputError, match="the encoder is on cuda:1 but device=cuda: move the encoder first"):
         module_device(OnCuda1(), "cuda", "encoder")
     assert module_device(nn.Linear(2, 2), "cpu", "model") == torch.device("cpu")
 
@@ -233,6 +234,9 @@ def test_prepare_inputs_pixels_and_latents(shapes):
         def encode_moments(self, images):
             mean = images.float()[:, :2, ::2, ::2] / 255.0
             return torch.cat([mean, torch.ones_like(mean)], dim=1)
+
+        def normalize(self, raw):  # LatentVAE's: raw * scale + bias
+            return raw * self.scale + self.bias
 
     lat = prepare_inputs(shapes, FakeVAE(), batch_size=5, progress=False)
     expected = torch.stack([shapes[i]["image"] for i in range(12)]).float()[:, :2, ::2, ::2] / 255.0 * 0.5 + 0.1

@@ -7,8 +7,9 @@ import torch
 from PIL import Image
 
 from repa_probe.analysis.generation import fid
-from repa_probe.analysis.generation.fid import FIDError, ImageArray, Reference, evaluate, read_reference, register_encoder
-from repa_probe.analysis.metrics.frechet import FrechetError, frechet_distance, statistics
+from repa_probe.analysis.errors import AnalysisInputError, MetricInputError
+from repa_probe.analysis.generation.fid import ImageArray, Reference, evaluate, read_reference, register_encoder
+from repa_probe.analysis.metrics.frechet import frechet_distance, statistics
 from repa_probe.encoders.target import load_encoder
 
 METHODS = ("eigvals", "sqrtm")
@@ -50,7 +51,7 @@ def test_statistics_warn_when_rank_deficient(caplog):
         mu, sigma = statistics(np.random.default_rng(0).normal(size=(10, 32)))
     assert "only 10 samples for 32-dimensional" in caplog.text
     assert mu.dtype == np.float64 and sigma.shape == (32, 32)
-    with pytest.raises(FrechetError, match="do not match"):
+    with pytest.raises(MetricInputError, match="do not match"):
         frechet_distance(mu, sigma, mu[:3], sigma[:3, :3])
 
 
@@ -99,27 +100,27 @@ def test_adm_reference_and_bad_references(tmp_path):
     ref = read_reference(tmp_path / "adm.npz")
     assert ref.images is None and ref.stats["fid_inception"]["sigma"].shape == (2048, 2048)
     np.savez(tmp_path / "mu_only.npz", mu=mu)
-    with pytest.raises(FIDError, match="not sigma"):
+    with pytest.raises(AnalysisInputError, match="not sigma"):
         read_reference(tmp_path / "mu_only.npz")
     np.savez(tmp_path / "none.npz", x=mu)
-    with pytest.raises(FIDError, match="neither mu/sigma"):
+    with pytest.raises(AnalysisInputError, match="neither mu/sigma"):
         read_reference(tmp_path / "none.npz")
     np.savez(tmp_path / "chw.npz", arr_0=np.zeros((2, 3, 8, 8), np.uint8))
-    with pytest.raises(FIDError, match=r"uint8 of shape \(N, H, W, 3\)"):
+    with pytest.raises(AnalysisInputError, match=r"uint8 of shape \(N, H, W, 3\)"):
         read_reference(tmp_path / "chw.npz")
     folder = tmp_path / "imgs"
     folder.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "a.png")
     Image.fromarray(np.zeros((9, 8, 3), np.uint8)).save(folder / "b.png")
-    with pytest.raises(FIDError, match="different sizes"):
+    with pytest.raises(AnalysisInputError, match="different sizes"):
         fid.load_images(folder)
 
 
 def test_inception_needs_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
-    with pytest.raises(FIDError, match="--inception-weights"):
+    with pytest.raises(AnalysisInputError, match="--inception-weights"):
         fid.inception_space(None)
-    with pytest.raises(FIDError, match="--inception-weights"):
+    with pytest.raises(AnalysisInputError, match="--inception-weights"):
         fid.inception_space(tmp_path / "nope.pth")
 
 

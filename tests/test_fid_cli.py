@@ -1,7 +1,6 @@
 """`python -m analysis.sample` and `python -m analysis.fid` end to end on a tiny trained run, and their errors."""
 import csv
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,16 +12,10 @@ from repa_probe.analysis.generation.run import CSV_COLUMNS
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A 2-step tiny run with checkpoints at steps 1 and 2."""
-    from repa_probe.training import trainer
-    from repa_probe.training.config import load_config
-
-    out = tmp_path_factory.mktemp("runs")
-    cfg = load_config(None, [f"run.out_dir={out}", "train.steps=2", "train.ckpt_every=1", "train.log_every=1",
-                             "data.num_samples=32", "train.batch_size=8", "train.tensorboard=false"])
-    return Path(trainer.train(cfg))
+@pytest.fixture
+def run(tiny_run):
+    """The shared tiny run, checkpoints at steps 1 and 2."""
+    return tiny_run
 
 
 def _one_line_error(main, capsys, argv) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from repa_probe.analysis.metrics import similarity as M
-from repa_probe.analysis.metrics.similarity import MetricInputError
+from repa_probe.analysis.errors import MetricInputError
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "platonic_reference.json").read_text())
 

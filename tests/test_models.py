@@ -48,13 +48,13 @@ def _inputs(model: DiffusionTransformer, batch: int = 3, seed: int = 1, int_time
 
 def test_list_models_names():
     names = list_models()
-    assert len([n for n in names if n.startswith(("SiT-", "DiT-"))]) == 24
+    assert len([n for n in names if n.startswith(("SiT-", "DiT-"))]) == 28  # SiT-*/1: REPA-E; no DiT-*/1
     assert len([n for n in names if n.startswith("LightningDiT-")]) == 16
     for prefix in ("SiT", "DiT", "LightningDiT"):
         for size in ("S", "B", "L", "XL"):
             for p in (2, 4, 8):
                 assert f"{prefix}-{size}/{p}" in names
-    assert "LightningDiT-XL/1" in names
+    assert "LightningDiT-XL/1" in names and "SiT-XL/1" in names and "DiT-XL/1" not in names
 
 
 @pytest.mark.parametrize("name", list_models())

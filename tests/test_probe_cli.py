@@ -12,17 +12,10 @@ from analysis.segment import main as segment_main
 from repa_probe.analysis.probes.run import CSV_COLUMNS, layer_groups
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from repa_probe.training.config import load_config
-    from repa_probe.training.trainer import train
-
-    out = tmp_path_factory.mktemp("runs")
-    run = train(load_config(None, [f"run.out_dir={out}", "train.steps=2", "train.ckpt_every=2", "train.log_every=2",
-                                   "data.num_samples=32", "train.batch_size=16", "train.tensorboard=false"]))
-    path = run / "checkpoints" / "0000002.pt"
-    assert path.is_file()
-    return str(path)
+@pytest.fixture
+def tiny_ckpt(tiny_run):
+    """The step-2 checkpoint of the shared tiny run."""
+    return str(tiny_run / "checkpoints" / "0000002.pt")
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -171,7 +164,7 @@ def test_probe_cli_on_image_folder(tiny_ckpt, tmp_path, capsys):
     (["--data", "voc"], "needs a directory"),
     (["--data", "imagefolder", "/nonexistent"], "not a directory"),
     (["--num-train", "0", "--data", "digits"], "--num-train must be an integer >= 1"),
-    (["--data", "voc", "/x"], "ProbeSetupError: --data 'voc' is not a linear probe dataset"),
+    (["--data", "voc", "/x"], "AnalysisInputError: --data 'voc' is not a linear probe dataset"),
     (["--timesteps", "0,3"], "ambiguous: write step:3"),
 ])
 def test_probe_cli_errors_are_one_line(tiny_ckpt, tmp_path, capsys, args, match):

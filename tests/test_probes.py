@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from repa_probe.analysis.probes import (ProbeInputError, confusion_matrix, fit_linear_probe, fit_segmentation_probe,
+from repa_probe.analysis.errors import MetricInputError
+from repa_probe.analysis.probes import (confusion_matrix, fit_linear_probe, fit_segmentation_probe,
                                         iou_from_confusion, miou, stratified_holdout)
 from repa_probe.analysis.probes.common import channel_stats
 from repa_probe.analysis.probes.segmentation import upsample_logits
@@ -125,7 +126,7 @@ def _bad_inputs():
 
 @pytest.mark.parametrize("args,kwargs,match", _bad_inputs())
 def test_linear_probe_bad_input(args, kwargs, match):
-    with pytest.raises(ProbeInputError, match=match) as info:
+    with pytest.raises(MetricInputError, match=match) as info:
         fit_linear_probe(*args, **kwargs)
     assert "\n" not in str(info.value)
 
@@ -144,11 +145,11 @@ def test_miou_hand_worked_example():
     assert acc == pytest.approx(0.6)
     assert per_class[:3] == pytest.approx([1 / 3, 2 / 3, 0.0]) and per_class[3] is None
     assert miou(target.clamp(max=3), target.clamp(max=3), 4, ignore_index=None) == 1.0
-    with pytest.raises(ProbeInputError, match="outside 0..3"):
+    with pytest.raises(MetricInputError, match="outside 0..3"):
         miou(pred, torch.tensor([[0, 4, 1], [1, 255, 0]]), 4)
-    with pytest.raises(ProbeInputError, match="no valid pixels"):
+    with pytest.raises(MetricInputError, match="no valid pixels"):
         miou(pred, torch.full_like(target, 255), 4)
-    with pytest.raises(ProbeInputError, match="shape"):
+    with pytest.raises(MetricInputError, match="shape"):
         miou(pred[:1], target, 4)
 
 
@@ -203,7 +204,7 @@ def test_segmentation_early_stopping():
     hp = noise.hparams
     assert hp["num_fit"] == 36 and hp["epochs_run"] < 30 and hp["epochs_run"] - hp["best_epoch"] == 2, hp
     assert 0.0 <= hp["val_miou"] <= 1.0
-    with pytest.raises(ProbeInputError, match="patience"):
+    with pytest.raises(MetricInputError, match="patience"):
         fit_segmentation_probe(tr_tok, tr_mask, te_tok, te_mask, K + 1, patience=0)
 
 
@@ -237,7 +238,7 @@ def _seg_bad_inputs():
 
 @pytest.mark.parametrize("args,match", _seg_bad_inputs())
 def test_segmentation_bad_input(args, match):
-    with pytest.raises(ProbeInputError, match=match) as info:
+    with pytest.raises(MetricInputError, match=match) as info:
         fit_segmentation_probe(*args, epochs=1)
     assert "\n" not in str(info.value)
 

@@ -107,7 +107,8 @@ def test_respacing_pins():
 def _golden(name, tmp_path):
     data = safe_load(GOLDEN / f"sampling_{name}.pt")
     torch.save(data["state_dict"], tmp_path / "m.pt")
-    model, _ = load_model(tmp_path / "m.pt", family=data["family"], num_heads=data["num_heads"])
+    model, _ = load_model(tmp_path / "m.pt", time_convention=convention_of(data["family"]),
+                          num_heads=data["num_heads"])
     return data, model
 
 

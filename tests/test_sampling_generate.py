@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from repa_probe.analysis.generation import generate as gen
-from repa_probe.analysis.generation.generate import GenerateError, Running, SamplerSettings, generate, sample_labels
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.analysis.generation.generate import Running, SamplerSettings, generate, sample_labels
 from repa_probe.models import DiffusionTransformer
 from repa_probe.sampling import SamplingError
 
@@ -71,7 +72,7 @@ def test_resume_samples_only_what_is_missing(model, tmp_path, monkeypatch):
     monkeypatch.setattr(gen, "sample", counting)
     generate(model, folder, SETTINGS, running=Running(batch_size=4, progress=False))
     assert seen == [2] and _same(_pngs(folder, 7), ref) and (folder / "samples.npz").exists()
-    with pytest.raises(GenerateError, match="other settings"):
+    with pytest.raises(AnalysisInputError, match="other settings"):
         generate(model, folder, SamplerSettings(7, "sde", 4), running=Running(progress=False))
 
 
@@ -85,7 +86,7 @@ def test_labels():
 
 
 def test_bad_input_fails_before_writing(model, tmp_path):
-    with pytest.raises(GenerateError, match="--method"):
+    with pytest.raises(AnalysisInputError, match="--method"):
         generate(model, tmp_path / "x", SamplerSettings(4, "ddpm", 4), running=Running(progress=False))
     no_null = DiffusionTransformer(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1,
                                    num_heads=2, num_classes=4, class_dropout_prob=0.0)
@@ -100,9 +101,9 @@ def test_missing_png_makes_no_npz(tmp_path):
     folder.mkdir()
     Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "000000.png")
     Image.fromarray(np.zeros((6, 8, 3), np.uint8)).save(folder / "000001.png")
-    with pytest.raises(GenerateError, match="missing"):
+    with pytest.raises(AnalysisInputError, match="missing"):
         gen.build_npz(folder, 3)
-    with pytest.raises(GenerateError, match="one size"):
+    with pytest.raises(AnalysisInputError, match="one size"):
         gen.build_npz(folder, 2)
     assert not (folder / "samples.npz").exists()
 

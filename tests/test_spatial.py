@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from repa_probe.analysis import metrics as M
-from repa_probe.analysis.metrics.spatial import SpatialMetricError, cds, lds, pair_counts, rmsc, spatial_metrics, srss
+from repa_probe.analysis.errors import MetricInputError
+from repa_probe.analysis.metrics.spatial import cds, lds, pair_counts, rmsc, spatial_metrics, srss
 from repa_probe.errors import ReproError
 
 GOLDEN = Path(__file__).parent / "data" / "golden" / "spatial.pt"
@@ -110,8 +111,7 @@ def test_chunking_does_not_change_values():
 
 
 def _golden_cases():
-    if not GOLDEN.is_file():
-        pytest.skip(f"{GOLDEN} missing: python -m tools.golden.spatial --irepa PATH")
+    assert GOLDEN.is_file(), f"{GOLDEN} is committed: restore it, or rebuild it with python -m tools.golden"
     return torch.load(GOLDEN, weights_only=True)["cases"]
 
 
@@ -140,29 +140,29 @@ def test_golden_covers_the_edge_cases():
 
 def test_bad_input_is_a_one_line_repro_error():
     x = torch.randn(2, 16, 4)
-    with pytest.raises(SpatialMetricError, match="no token pairs at distance >= 6"):
+    with pytest.raises(MetricInputError, match="no token pairs at distance >= 6"):
         lds(torch.randn(1, 9, 4))                            # 3x3: largest distance 4
-    with pytest.raises(SpatialMetricError, match="d_neg"):
+    with pytest.raises(MetricInputError, match="d_neg"):
         srss(torch.randn(1, 9, 4), masks=torch.ones(1, 9))
-    with pytest.raises(SpatialMetricError, match="not a square"):
+    with pytest.raises(MetricInputError, match="not a square"):
         lds(torch.randn(1, 12, 4))
-    with pytest.raises(SpatialMetricError, match="does not hold"):
+    with pytest.raises(MetricInputError, match="does not hold"):
         lds(x, grid=(3, 4))
-    with pytest.raises(SpatialMetricError, match="unknown spatial metric"):
+    with pytest.raises(MetricInputError, match="unknown spatial metric"):
         spatial_metrics(x, ["lds", "foo"])
-    with pytest.raises(SpatialMetricError, match="masks"):
+    with pytest.raises(MetricInputError, match="masks"):
         srss(x, masks=None)
-    with pytest.raises(SpatialMetricError, match="masks must be"):
+    with pytest.raises(MetricInputError, match="masks must be"):
         srss(x, masks=torch.ones(2, 15))
-    with pytest.raises(SpatialMetricError, match="slope"):
+    with pytest.raises(MetricInputError, match="slope"):
         cds(torch.randn(1, 2, 4), grid=(1, 2))
-    with pytest.raises(SpatialMetricError, match="far"):
+    with pytest.raises(MetricInputError, match="far"):
         lds(x, far=0)
-    with pytest.raises(SpatialMetricError, match="variant"):
+    with pytest.raises(MetricInputError, match="variant"):
         lds(x, variant="pape")
-    with pytest.raises(SpatialMetricError, match="floating"):
+    with pytest.raises(MetricInputError, match="floating"):
         lds(torch.ones(1, 16, 4, dtype=torch.int64))
-    assert issubclass(SpatialMetricError, ReproError)
+    assert issubclass(MetricInputError, ReproError)
 
 
 def test_reexported_from_metrics():

@@ -10,22 +10,17 @@ import torch
 from analysis.alignment import main
 from repa_probe.analysis.core.features import extract_features, prepare_inputs
 from repa_probe.analysis.core.inputs import build_analysis_dataset, load_checkpoints, resolve_encoder, resolve_source
-from repa_probe.analysis.core.options import AlignmentOptions, OptionsError
+from repa_probe.analysis.errors import OptionsError
+from repa_probe.analysis.core.options import AlignmentOptions
 from repa_probe.analysis.metrics.spatial import lds, srss
 from repa_probe.analysis.alignment.spatial import summarise, token_masks
 from repa_probe.analysis.core.targets import encoder_features
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A 2-step tiny run with one checkpoint (step 2)."""
-    from repa_probe.training import trainer
-    from repa_probe.training.config import load_config
-
-    out = tmp_path_factory.mktemp("runs")
-    return Path(trainer.train(load_config(None, [f"run.out_dir={out}", "train.steps=2", "train.ckpt_every=2",
-                                                 "train.log_every=1", "data.num_samples=32", "train.batch_size=8",
-                                                 "train.tensorboard=false"])))
+@pytest.fixture
+def ckpt(tiny_run):
+    """The step-2 checkpoint of the shared tiny run."""
+    return tiny_run / "checkpoints" / "0000002.pt"
 
 
 def _rows(path: Path) -> list[dict]:
@@ -34,9 +29,9 @@ def _rows(path: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_cli_lds_matches_the_metric_on_the_tokens(run, tmp_path):
+def test_cli_lds_matches_the_metric_on_the_tokens(ckpt, tmp_path):
     out = tmp_path / "out"
-    assert main(["--ckpt", str(run), "--out", str(out), "--metric", "lds", "--layers", "1,3", "--timesteps", "0,1",
+    assert main(["--ckpt", str(ckpt), "--out", str(out), "--metric", "lds", "--layers", "1,3", "--timesteps", "0,1",
                  "--num-samples", "12", "--no-cache", "-q"]) == 0
     rows = _rows(out / "alignment.csv")
     assert {r["metric"] for r in rows} == {"lds"}
@@ -44,7 +39,7 @@ def test_cli_lds_matches_the_metric_on_the_tokens(run, tmp_path):
                                                                   ("3", "1.0"), ("target", "")]
     # recompute independently: block tokens of the same inputs, and the encoder's patch tokens
     opts = AlignmentOptions(num_samples=12, progress=False)
-    (entry,) = load_checkpoints([run / "checkpoints" / "0000002.pt"], opts)
+    (entry,) = load_checkpoints([ckpt], opts)
     source = resolve_source([entry], opts, need_encoder=True)
     dataset, _ = build_analysis_dataset(source, opts.split, opts.num_samples)
     encoder = resolve_encoder([entry], opts, source.resolution)
@@ -62,14 +57,14 @@ def test_cli_lds_matches_the_metric_on_the_tokens(run, tmp_path):
 
 
 @pytest.mark.slow
-def test_srss_uses_the_shapes_masks_and_is_skipped_without_masks(run, tmp_path, caplog):
+def test_srss_uses_the_shapes_masks_and_is_skipped_without_masks(ckpt, tmp_path, caplog):
     out = tmp_path / "out"
-    assert main(["--ckpt", str(run), "--out", str(out), "--metric", "srss,rmsc", "--layers", "2", "--timesteps", "0.5",
+    assert main(["--ckpt", str(ckpt), "--out", str(out), "--metric", "srss,rmsc", "--layers", "2", "--timesteps", "0.5",
                  "--num-samples", "16", "--no-cache", "-q"]) == 0
     srss_rows = [r for r in _rows(out / "alignment.csv") if r["metric"] == "srss"]
     assert len(srss_rows) == 2 and all(0 < int(r["n"]) <= 16 for r in srss_rows)
     with caplog.at_level(logging.WARNING, logger="repa_probe"):
-        assert main(["--ckpt", str(run), "--out", str(tmp_path / "d"), "--data", "digits", "--metric", "srss,lds",
+        assert main(["--ckpt", str(ckpt), "--out", str(tmp_path / "d"), "--data", "digits", "--metric", "srss,lds",
                      "--layers", "2", "--timesteps", "0.5", "--num-samples", "16", "--no-cache", "-q"]) == 0
     assert "srss skipped" in caplog.text
     assert {r["metric"] for r in _rows(tmp_path / "d" / "alignment.csv")} == {"lds"}

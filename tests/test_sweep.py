@@ -128,19 +128,6 @@ def test_shipped_sweep_configs_load():
 
 
 # ------------------------------------------------------------------------------- end to end (local executor)
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """A tiny run with checkpoints at steps 4 and 8."""
-    from repa_probe.training.config import load_config
-    from repa_probe.training.trainer import train
-
-    out = tmp_path_factory.mktemp("sweep_runs")
-    cfg = load_config(None, [f"run.out_dir={out}", "run.name=tiny", "train.steps=8", "train.ckpt_every=4",
-                             "train.keep_last=5", "train.batch_size=8", "model.depth=2", "model.hidden_size=64",
-                             "data.num_samples=256", "train.tensorboard=false", "train.log_every=4"])
-    return train(cfg)
-
-
 def _children(pid: int) -> list[int]:
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
@@ -169,7 +156,7 @@ def _kill_when(path_glob: str, root: Path, stop: threading.Event):
 @pytest.mark.slow
 def test_local_sweep_killed_job_is_retried_and_results_appear_once(tiny_run, tmp_path, capsys):
     over = [f"runs=[{tiny_run}]", f"sweep.out_dir={tmp_path}", "sweep.name=s", "launcher.poll_s=0.3",
-            "analyses.alignment={num_samples: 32, timesteps: '0,1', batch_size: 32, device: cpu}"]
+            "analyses.alignment={num_samples: 32, timesteps: '0,1', layers: '1,2', batch_size: 32, device: cpu}"]
     cfg = load_sweep_config(None, over)
     root = tmp_path / "s"
     stop = threading.Event()
@@ -185,10 +172,10 @@ def test_local_sweep_killed_job_is_retried_and_results_appear_once(tiny_run, tmp
     assert "has not produced any output" in first["failed"][0]["error"]
     summary = json.loads((root / "results/alignment/summary.json").read_text())
     assert summary["done"] == 1 and not summary["complete"]
-    assert [m["checkpoint"] for m in summary["missing"]] == ["tiny/0000008"]
+    assert [m["checkpoint"] for m in summary["missing"]] == ["tiny/0000002"]
     assert summary["missing"][0]["state"] == "failed" and summary["missing"][0]["log"]
     rows = read_table(root / "results/alignment/alignment.csv")
-    assert {r["checkpoint"] for r in rows} == {"tiny/0000004"} and len(rows) == 2 * 2  # 2 blocks x 2 timesteps
+    assert {r["checkpoint"] for r in rows} == {"tiny/0000001"} and len(rows) == 2 * 2  # 2 blocks x 2 timesteps
     assert "--retry-failed" in capsys.readouterr().out
     done_first = next(root.glob("units/alignment/*/done.json"))
     stamp = done_first.stat().st_mtime_ns
@@ -198,17 +185,18 @@ def test_local_sweep_killed_job_is_retried_and_results_appear_once(tiny_run, tmp
     assert not second["failed"] and second["results"]["alignment"]["complete"]
     assert done_first.stat().st_mtime_ns == stamp  # not recomputed
     rows = read_table(root / "results/alignment/alignment.csv")
-    assert sorted(r["checkpoint"] for r in rows) == ["tiny/0000004"] * 4 + ["tiny/0000008"] * 4
+    assert sorted(r["checkpoint"] for r in rows) == ["tiny/0000001"] * 4 + ["tiny/0000002"] * 4
     assert {(r["layer"], r["timestep"]) for r in rows} == {(1, 0.0), (1, 1.0), (2, 0.0), (2, 1.0)}
     assert (root / "results/alignment/figures/steps_tiny_t0_cknna.png").is_file()  # alignment vs step
     # a finished sweep submits nothing; a probe added later runs through the same machinery
     assert run_sweep(cfg, dry_run=True)["planned"] == []
-    over.append("analyses.probe={num_train: 48, num_test: 24, timesteps: '0.5', device: cpu, checkpoint_steps: [8]}")
+    over.append("analyses.probe={num_train: 48, num_test: 24, timesteps: '0.5', layers: '1,2', device: cpu, "
+                "checkpoint_steps: [2]}")
     third = run_sweep(load_sweep_config(None, over))
     assert not third["failed"]
     probe = read_table(root / "results/probe/probe.csv")
     assert {(r["checkpoint"], r["layer"], r["metric"]) for r in probe} == {
-        ("tiny/0000008", layer, m) for layer in (1, 2) for m in ("top1", "top5")}
+        ("tiny/0000002", layer, m) for layer in (1, 2) for m in ("top1", "top5")}
     assert (root / "results/probe/figures/probe_tiny_top1.png").is_file()  # probe accuracy vs block per run
     state = json.loads((root / "state.json").read_text())
     assert all(v["state"] == "done" for v in state.values()) and len(state) == 2
@@ -261,10 +249,10 @@ def test_failed_job_error_is_the_remote_error_line():
 
     remote = FailedJobError(
         "Job (task=0) failed during processing with trace:\n----------------------\nTraceback (most recent call "
-        "last):\n  File \"x.py\", line 1, in f\n    raise AlignmentError('bad')\nrepa_probe.analysis.core.inputs."
-        "AlignmentError: --timesteps: 'abc' is not a number\n\n----------------------\nYou can check full logs "
+        "last):\n  File \"x.py\", line 1, in f\n    raise AnalysisInputError('bad')\nrepa_probe.analysis.core.inputs."
+        "AnalysisInputError: --timesteps: 'abc' is not a number\n\n----------------------\nYou can check full logs "
         "with 'job.stderr(0)' and 'job.stdout(0)'or at paths:\n  - /logs/1_0_log.err\n  - /logs/1_0_log.out")
-    assert error_line(remote) == "AlignmentError: --timesteps: 'abc' is not a number"
+    assert error_line(remote) == "AnalysisInputError: --timesteps: 'abc' is not a number"
     killed = UncompletedJobError("Job 7 (task: 0) with path /logs/7_0_result.pkl\nhas not produced any output "
                                  "(state: INTERRUPTED)\nError stream produced:\n----\nsome log line")
     assert error_line(killed) == "job has not produced any output (state: INTERRUPTED)"

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from PIL import Image
 
@@ -33,8 +34,15 @@ def states_equal(a: dict, b: dict) -> bool:
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_tiny_yaml_is_the_embedded_default():
+def test_tiny_yaml_is_the_embedded_default_written_out_in_full():
     assert to_dict(load_config(str(ROOT / "configs/tiny.yaml"))) == to_dict(Config())
+
+    def keys(d, prefix=""):
+        return {k for key, v in d.items() for k in ([f"{prefix}{key}"] + (sorted(keys(v, f"{prefix}{key}."))
+                                                                          if isinstance(v, dict) else []))}
+
+    written = yaml.safe_load((ROOT / "configs/tiny.yaml").read_text())
+    assert keys(written) == keys(to_dict(Config())), keys(to_dict(Config())) ^ keys(written)
 
 
 @pytest.mark.parametrize("name", ["repa_sit", "repa_dit", "sit_baseline", "dit_baseline", "tiny"])

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
+from repa_probe.training.config import describe, load_config, to_yaml
 
 EPILOG = """\
 overrides:
@@ -24,8 +25,6 @@ config keys (default = the embedded tiny CPU run):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from repa_probe.training.config import describe
-
     p = OneLineParser(
         prog="python -m train",
         description="Train a SiT or DiT diffusion transformer, with or without REPA. Without --cfg, trains "
@@ -44,11 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_intermixed_args(argv)  # overrides before and after flags
-    setup_logging(args.verbose)
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
     from repa_probe.training import launch
-    from repa_probe.training.config import load_config, to_yaml
-    from repa_probe.errors import one_line_errors
 
+    setup_logging(args.verbose)
     with one_line_errors(args.debug):
         cfg = load_config(args.cfg, args.overrides)
         if args.print_config:

@@ -1,15 +1,17 @@
-"""`python -m train.extract_latents`: encode an image dataset with the SD-VAE into REPA's preprocessed layout.
+"""`python -m train.extract_latents`: encode an image dataset with a VAE into REPA's preprocessed layout.
 
 Writes ``OUT/images/{idx[:5]}/img{idx:08d}.png`` and ``OUT/vae-sd/{idx[:5]}/img-mean-std-{idx:08d}.npy``
 (posterior mean ‖ std, float32, 8×h×w) with ``dataset.json`` label files: the layout REPA's ``train.py`` reads,
-and what ``data.name=repa data.root=OUT`` trains on (the posterior is re-sampled at every step).
+and what ``data.name=repa data.root=OUT`` trains on (the posterior is re-sampled at every step). ``--vae`` also
+takes the VAE tuned by an end-to-end (REPA-E) run: its run directory or checkpoint, or the folder
+``train.export_vae`` wrote; train the second stage with the same ``vae.name`` (its latent statistics).
 """
 from __future__ import annotations
 
 import argparse
 from typing import List, Optional
 
-from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
+from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, default=None, help="cap on the number of images (default: all)")
     p.add_argument("--out", required=True, help="output directory (gets images/ and vae-sd/)")
     p.add_argument("--vae", default="stabilityai/sd-vae-ft-mse",
-                   help="VAE: a diffusers repo id in the local HF cache, a local directory, or random:tiny")
+                   help="VAE: a diffusers repo id in the local HF cache, a local diffusers folder (e.g. from "
+                        "train.export_vae), an LDM .pt with its -latents-stats.pt, a REPA-E run directory or "
+                        "checkpoint (its tuned VAE), or random:tiny")
     p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward pass")
     p.add_argument("--num-workers", type=int, default=4, help="DataLoader worker processes")
     p.add_argument("--flip", action="store_true", help="also store horizontally flipped copies (2N items)")
@@ -59,12 +63,13 @@ def _in_flags(exc: Exception) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-
+    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
     from repa_probe.data import DatasetError, build_dataset
     from repa_probe.devices import resolve_device
-    from repa_probe.errors import one_line_errors
-    from repa_probe.encoders.vae import VAEInputError, VAEWeightsError, extract_latents, load_vae
+    from repa_probe.encoders.vae import VAEInputError, VAEWeightsError, extract_latents
+    from repa_probe.trained_vae import load_any_vae
+
+    setup_logging(args.verbose)
 
     with one_line_errors(args.debug):
         _check_flags(args)
@@ -72,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             dataset = build_dataset(args.data, root=args.data_root, split=args.split, resolution=args.resolution,
                                     num_samples=args.num_samples)
-            vae = load_vae(args.vae, device=device)
+            vae = load_any_vae(args.vae, device=device)
         except DatasetError as exc:
             raise DatasetError(_in_flags(exc)) from None
         except VAEWeightsError as exc:

@@ -69,7 +69,7 @@ SHAPES: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 SHAPE_NAMES = tuple(SHAPES)
 
 
-def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
+def _noise_upsample_matrix(n_out: int, n_in: int) -> np.ndarray:
     """(n_out, n_in) bilinear interpolation weights from n_in grid nodes spanning [0, 1]."""
     pos = (np.arange(n_out) + 0.5) / n_out * (n_in - 1)
     lo = np.clip(np.floor(pos).astype(np.int64), 0, n_in - 2)
@@ -109,7 +109,7 @@ class ShapesDataset(Dataset):
         self.class_names = list(SHAPE_NAMES[: self.num_classes])
         self.seed = int(seed)
         self.split = check_split(split)
-        self._interp = _interp_matrix(self.resolution, _NOISE_GRID)
+        self._interp = _noise_upsample_matrix(self.resolution, _NOISE_GRID)
 
     def __len__(self) -> int:
         return self.num_samples

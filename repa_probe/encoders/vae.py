@@ -1,7 +1,11 @@
-"""SD-VAE latents the REPA way: posterior moments, per-step re-sampling, scale 0.18215.
+"""VAE latents the REPA way: posterior moments, per-step re-sampling, then a latent normalisation.
 
 ``load_vae(name)`` returns a frozen :class:`LatentVAE` (or ``None`` for pixel space). Images are uint8
-``(B, 3, H, W)``; pixels are mapped with ``x / 127.5 - 1``. ``encode_moments`` returns the posterior
+``(B, 3, H, W)``; pixels are mapped with ``x / 127.5 - 1``. The normalisation ``z = raw * scale + bias`` is
+SD-VAE's 0.18215 (a diffusers folder's ``scaling_factor`` / ``shift_factor``) or per channel (C,): REPA-E's
+``-latents-stats.pt`` beside an LDM-layout VAE file, ``latents_stats.pt`` in an exported diffusers folder
+(``python -m train.export_vae``), or a REPA-E model's BatchNorm statistics (:meth:`LatentVAE.with_batchnorm`).
+32-channel f16 VAEs (VA-VAE, E2E-VA-VAE) work as 4-channel f8 ones. ``encode_moments`` returns the posterior
 ``mean || std`` ``(B, 2C, H/f, W/f)`` in fp32 (f = 8 for SD-VAE and ``random:tiny``), which
 ``extract_latents`` stores in REPA's preprocessed layout::
 
@@ -33,6 +37,12 @@ TINY_VAE_CONFIG = dict(  # random:tiny - 8x downsampling like SD-VAE, ~1M parame
     in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=32,
     block_out_channels=(32, 32, 64, 64), down_block_types=("DownEncoderBlock2D",) * 4,
     up_block_types=("UpDecoderBlock2D",) * 4, sample_size=32)
+RANDOM_VAES = {  # random:NAME - tests and the tiny runs only
+    "tiny": TINY_VAE_CONFIG,
+    "tiny-f16d32": dict(TINY_VAE_CONFIG, latent_channels=32, block_out_channels=(32, 32, 32, 64, 64),
+                        down_block_types=("DownEncoderBlock2D",) * 5, up_block_types=("UpDecoderBlock2D",) * 5),
+}
+STATS_FILE = "latents_stats.pt"  # in a diffusers folder: REPA-E's {latents_scale, latents_bias}, (1, C, 1, 1)
 
 
 #: the VAE a file that stores no training config is decoded with, by the latent channels of its model (3 =
@@ -60,23 +70,62 @@ def sample_posterior(moments: torch.Tensor, scale: float = SD_VAE_SCALE, bias: f
     return (mean + std * noise) * scale + bias
 
 
+def _channels(v, like: torch.Tensor):
+    """A float or a (C,) tensor as something that broadcasts over ``like: (B, C, h, w)``."""
+    return v.to(like.device, like.dtype).reshape(1, -1, 1, 1) if torch.is_tensor(v) else v
+
+
 class LatentVAE(nn.Module):
     """A frozen diffusers ``AutoencoderKL`` with REPA's latent conventions.
 
-    Attributes: ``name``, ``scale`` (0.18215), ``bias`` (0.0), ``latent_channels`` (C),
-    ``downsample_factor`` (f). Always eval, ``requires_grad=False``, all methods run under no_grad.
+    Attributes: ``name``, ``scale`` and ``bias`` (floats, SD-VAE: 0.18215 and 0.0, or per-channel (C,) CPU
+    tensors), ``latent_channels`` (C), ``downsample_factor`` (f). ``normalize(raw) = raw * scale + bias``;
+    ``denormalize`` is its inverse unless ``decode_stats`` = (std, mean) says otherwise (a BatchNorm's eps is
+    in the normalisation but not in REPA-E's de-normalisation). Always eval, ``requires_grad=False``, all
+    methods run under no_grad.
     """
 
-    def __init__(self, vae: nn.Module, name: str, scale: float = SD_VAE_SCALE, bias: float = 0.0):
+    def __init__(self, vae: nn.Module, name: str, scale=SD_VAE_SCALE, bias=0.0, decode_stats=None):
         super().__init__()
         self.vae = vae
         self.name = name
-        self.scale = float(scale)
-        self.bias = float(bias)
+        self.scale = scale.float().reshape(-1) if torch.is_tensor(scale) else float(scale)
+        self.bias = bias.float().reshape(-1) if torch.is_tensor(bias) else float(bias)
+        self.decode_stats = decode_stats
         self.latent_channels = int(vae.config.latent_channels)
         self.downsample_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.requires_grad_(False)
         super().train(False)
+
+    def with_batchnorm(self, running_mean: torch.Tensor, running_var: torch.Tensor, eps: float) -> "LatentVAE":
+        """This VAE normalised as a REPA-E model's BatchNorm in eval mode: ``(raw - mean) / sqrt(var + eps)``,
+        de-normalised with ``sqrt(var)`` (no eps, REPA-E's ``generate.py``). mean, var: (C,)."""
+        mean, var = running_mean.detach().float().cpu(), running_var.detach().float().cpu()
+        scale = (var + eps).rsqrt()
+        return LatentVAE(self.vae, self.name, scale, -mean * scale, decode_stats=(var.sqrt(), mean))
+
+    def latent_stats(self) -> dict:
+        """REPA-E's ``latents_stats`` of this normalisation: ``latents_scale``, ``latents_bias`` (1, C, 1, 1)
+        with ``z = (raw - latents_bias) * latents_scale`` (a BatchNorm's as REPA-E's ``save_vae_weights.py``)."""
+        c = self.latent_channels
+        if self.decode_stats is not None:
+            std, mean = self.decode_stats
+            scale, bias = 1.0 / std, mean
+        else:
+            scale = self.scale if torch.is_tensor(self.scale) else torch.full((c,), self.scale)
+            bias = -(self.bias if torch.is_tensor(self.bias) else torch.full((c,), self.bias)) / scale
+        return {"latents_scale": scale.reshape(1, c, 1, 1).clone(), "latents_bias": bias.reshape(1, c, 1, 1).clone()}
+
+    def normalize(self, raw: torch.Tensor) -> torch.Tensor:
+        """raw: (B, C, h, w) VAE latents -> what the diffusion model sees, ``raw * scale + bias``."""
+        return raw * _channels(self.scale, raw) + _channels(self.bias, raw)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """z: (B, C, h, w) normalised latents -> raw VAE latents."""
+        if self.decode_stats is not None:
+            std, mean = self.decode_stats
+            return z * _channels(std, z) + _channels(mean, z)
+        return (z - _channels(self.bias, z)) / _channels(self.scale, z)
 
     def train(self, mode: bool = True) -> "LatentVAE":
         """The VAE stays in eval mode whatever the caller asks."""
@@ -108,51 +157,107 @@ class LatentVAE(nn.Module):
         """moments: (B, 2C, h, w) -> z: (B, C, h, w) = (mean + std * eps) * scale + bias."""
         if moments.shape[1] != 2 * self.latent_channels:
             raise VAEInputError(f"moments have {moments.shape[1]} channels, expected {2 * self.latent_channels}")
-        return sample_posterior(moments, self.scale, self.bias, generator)
+        mean, std = moments.chunk(2, dim=1)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.normalize(mean + std * noise)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """z: (B, C, h, w) scaled latents -> (B, 3, h*f, w*f) uint8 images.
 
-        Like REPA's ``generate.py``: ``x = decode((z - bias) / scale)``, ``clamp(255 * (x + 1) / 2, 0, 255)``
-        then truncation to uint8."""
+        Like REPA's ``generate.py``: ``x = decode(denormalize(z))`` (SD-VAE: ``(z - bias) / scale``),
+        ``clamp(255 * (x + 1) / 2, 0, 255)`` then truncation to uint8."""
         if z.ndim != 4 or z.shape[1] != self.latent_channels:
             raise VAEInputError(f"z must be (B, {self.latent_channels}, h, w), got {tuple(z.shape)}")
         if z.device != self.device:
             raise VAEInputError(f"z is on {z.device} but the VAE is on {self.device}")
         with torch.no_grad():
-            x = self.vae.decode(((z - self.bias) / self.scale).to(self.dtype)).sample
+            x = self.vae.decode(self.denormalize(z).to(self.dtype)).sample
             return torch.clamp(255.0 * (x.float() + 1.0) / 2.0, 0, 255).to(torch.uint8)
 
     def extra_repr(self) -> str:
-        return f"name={self.name}, scale={self.scale}, bias={self.bias}, f={self.downsample_factor}"
+        per_channel = torch.is_tensor(self.scale)
+        return (f"name={self.name}, scale={'per-channel' if per_channel else self.scale}, "
+                f"bias={'per-channel' if per_channel else self.bias}, f={self.downsample_factor}")
 
 
 def load_vae(name_or_path: str | os.PathLike | None, device: torch.device | str | None = None) -> LatentVAE | None:
-    """``None`` / ``"none"`` -> None (pixel space); ``random:tiny`` -> small random AutoencoderKL (tests);
-    ``stabilityai/sd-vae-ft-mse`` | ``-ema`` (or ``mse`` / ``ema``), any diffusers repo id or a local
-    diffusers folder -> :class:`LatentVAE`, moved to ``device`` when given. Offline and not cached ->
-    :class:`VAEWeightsError`."""
+    """``None`` / ``"none"`` -> None (pixel space); ``random:tiny`` (f8, 4 channels) or ``random:tiny-f16d32``
+    (f16, 32 channels) -> small random AutoencoderKL (tests); ``stabilityai/sd-vae-ft-mse`` | ``-ema`` (or
+    ``mse`` / ``ema``), any diffusers repo id or a local diffusers folder (with ``latents_stats.pt`` when
+    exported by ``train.export_vae``) -> :class:`LatentVAE`; a ``.pt`` / ``.pth`` file holding an LDM-layout
+    state dict (REPA-E's ``save_vae_weights.py``, VA-VAE) with REPA-E's ``-latents-stats.pt`` beside it
+    (required). Moved to ``device`` when given. Offline and not cached -> :class:`VAEWeightsError`."""
     if name_or_path is None or str(name_or_path).lower() == "none":
         return None
     from diffusers import AutoencoderKL
 
     name = SD_VAE_ALIASES.get(str(name_or_path), str(name_or_path))
-    if name == "random:tiny":
-        vae = AutoencoderKL(**TINY_VAE_CONFIG)
-    elif name.startswith("random:"):
-        raise VAEWeightsError(f"unknown random VAE {name!r}; only vae.name=random:tiny exists")
-    elif os.path.isdir(os.path.expanduser(name)):
+    path = os.path.expanduser(name)
+    stats = None
+    if name.startswith("random:"):
+        if name[len("random:"):] not in RANDOM_VAES:
+            raise VAEWeightsError(f"unknown random VAE {name!r}; valid: "
+                                  f"{', '.join('vae.name=random:' + k for k in RANDOM_VAES)}")
+        vae = AutoencoderKL(**RANDOM_VAES[name[len("random:"):]])
+    elif os.path.isdir(path):
         try:
-            vae = AutoencoderKL.from_pretrained(os.path.expanduser(name), low_cpu_mem_usage=False)
+            vae = AutoencoderKL.from_pretrained(path, low_cpu_mem_usage=False)
         except Exception as e:  # noqa: BLE001 - one-line error
             raise VAEWeightsError(f"vae.name={name}: not a loadable diffusers AutoencoderKL folder "
                                   f"({type(e).__name__})") from e
+        if os.path.isfile(os.path.join(path, STATS_FILE)):
+            stats = _read_stats(Path(path) / STATS_FILE)
+    elif os.path.isfile(path):
+        vae, stats = _from_ldm_file(Path(path))
     elif name.count("/") == 1 and not os.path.exists(name):
         vae = _from_hub(AutoencoderKL, name)
     else:
-        raise VAEWeightsError(f"vae.name={name}: neither 'none', 'random:tiny', a HF repo id nor a local folder")
-    out = LatentVAE(vae, name)
+        raise VAEWeightsError(f"vae.name={name}: neither 'none', 'random:...', a HF repo id, a local diffusers "
+                              "folder nor an LDM-layout VAE file")
+    out = _wrap(vae, name, stats)
     return out if device is None else out.to(device)
+
+
+def _wrap(vae, name: str, stats: dict | None) -> LatentVAE:
+    """LatentVAE with REPA-E's statistics (``z = (raw - latents_bias) * latents_scale``) or the folder's
+    ``scaling_factor`` / ``shift_factor`` (SD-VAE: 0.18215, no shift)."""
+    if stats is not None:
+        scale, bias = stats["latents_scale"].reshape(-1), stats["latents_bias"].reshape(-1)
+        return LatentVAE(vae, name, scale, -bias * scale)
+    scale = float(getattr(vae.config, "scaling_factor", None) or SD_VAE_SCALE)
+    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    return LatentVAE(vae, name, scale, -shift * scale)
+
+
+def _read_stats(path: Path) -> dict:
+    """REPA-E's latent statistics file -> {latents_scale, latents_bias} float tensors."""
+    try:
+        stats = torch.load(path, map_location="cpu", weights_only=True)
+        return {k: stats[k].float() for k in ("latents_scale", "latents_bias")}
+    except Exception as e:  # noqa: BLE001 - one-line error
+        raise VAEWeightsError(f"{path}: not REPA-E latent statistics {{latents_scale, latents_bias}} "
+                              f"({type(e).__name__})") from e
+
+
+def _from_ldm_file(path: Path):
+    """(diffusers AutoencoderKL, stats) from an LDM-layout state dict file and its ``-latents-stats.pt``."""
+    from repa_probe.encoders.ldm_vae import LDMLayoutError, build_from_ldm, latents_stats_path
+
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - one-line error
+        raise VAEWeightsError(f"vae.name={path}: not a torch state dict file ({type(e).__name__})") from e
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
+    try:
+        vae = build_from_ldm(sd)
+    except LDMLayoutError as e:
+        raise VAEWeightsError(f"vae.name={path}: {e}") from e
+    stats_file = latents_stats_path(path)
+    if not stats_file.is_file():
+        raise VAEWeightsError(f"vae.name={path}: its latent statistics {stats_file.name} are missing (REPA-E "
+                              "writes them beside the VAE; without them the latents cannot be normalised)")
+    return vae, _read_stats(stats_file)
 
 
 def _from_hub(cls, repo: str):

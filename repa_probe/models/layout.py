@@ -90,7 +90,8 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
     ``num_classes`` (the table is assumed to include the null row unless
     ``args.num_classes`` says otherwise), ``learn_sigma`` (2C output), projector dims and type (REPA's
     MLP, or iREPA's conv ``projectors.k.projection_layer`` and its kernel), ``qk_norm``, ``mlp_ratio`` and
-    LightningDiT's ``swiglu`` / ``rmsnorm`` / ``rope`` / ``wo_shift`` (present only for such a layout).
+    LightningDiT's ``swiglu`` / ``rmsnorm`` / ``rope`` / ``wo_shift`` (present only for such a layout); REPA-E's
+    ``bn.*`` buffers give ``bn_momentum`` (``args.bn_momentum``, else 0.1).
     Heads: from the q_norm width when ``qk_norm``, else from the RoPE table, else ``num_heads`` or the
     rule 384→6, 768→12, 1024→16, 1152→16, otherwise width/64. ``encoder_depth`` (1-based block the
     projectors read) is in no shape: the ``encoder_depth`` argument, else ``args.encoder_depth`` (the two
@@ -140,6 +141,8 @@ def infer_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None =
         num_classes, dropout = rows - 1, 0.1
     proj = _projectors(sd)
     enc_depth = encoder_depth_of(encoder_depth, _args_get(args, "encoder_depth"), depth, bool(proj["z_dims"]))
+    if "bn.running_mean" in sd:  # REPA-E's latent BatchNorm; its momentum is in no shape (REPA-E's default 0.1)
+        proj["bn_momentum"] = float(_args_get(args, "bn_momentum", 0.1) or 0.1)
     return dict(
         input_size=grid * patch, patch_size=patch, in_channels=in_ch, hidden_size=hidden, depth=depth,
         num_heads=heads, mlp_ratio=mlp_ratio,

@@ -1,5 +1,6 @@
-"""Named model configurations: ``SiT-{S,B,L,XL}/{2,4,8}``, ``DiT-{S,B,L,XL}/{2,4,8}`` and
-``LightningDiT-{S,B,L,XL}/{1,2,4,8}``.
+"""Named model configurations: ``SiT-{S,B,L,XL}/{1,2,4,8}``, ``DiT-{S,B,L,XL}/{2,4,8}`` and
+``LightningDiT-{S,B,L,XL}/{1,2,4,8}`` (patch 1: REPA-E's SiT-XL/1 and LightningDiT's XL/1 on 16x16x32 VA-VAE
+latents; DiT's code has none).
 
 The name prefix is the architecture: ``SiT-*`` builds SiT as REPA trains it (``time_convention="repa"``: float
 time with t=0 data, ``learn_sigma=False``); ``DiT-*`` builds DiT (``time_convention="ddpm"``,
@@ -32,7 +33,7 @@ ARCHITECTURES: dict[str, dict] = {  # name prefix -> constructor defaults
     "DiT": dict(time_convention="ddpm", learn_sigma=True),
     "LightningDiT": dict(time_convention="repa", learn_sigma=False, **dataclasses.asdict(LightningOptions())),
 }
-ARCHITECTURE_PATCHES = {"LightningDiT": (1,)}  # patch sizes beyond PATCH_SIZES (their released model is XL/1)
+ARCHITECTURE_PATCHES = {"SiT": (1,), "LightningDiT": (1,)}  # beyond PATCH_SIZES (REPA-E's and their XL/1)
 CONSTRUCTOR_KEYWORDS = tuple(p for p in inspect.signature(DiffusionTransformer.__init__).parameters if p != "self")
 
 

@@ -29,6 +29,7 @@ from repa_probe.models.layers import (  # noqa: F401 (the building blocks are re
     FREQUENCY_DIM, Attention, Block, FinalLayer, LabelEmbedder, Mlp, ModelInputError, PatchEmbed, TimestepEmbedder,
     build_projector, modulate, sincos_pos_embed_2d, timestep_embedding)
 
+from repa_probe.models.latent_norm import LatentBatchNorm
 from repa_probe.timesteps import CONVENTIONS as TIME_CONVENTIONS
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -39,7 +40,9 @@ class DiffusionTransformer(nn.Module):
     See the module docstring for ``time_convention``. ``encoder_depth`` is 1-based: the REPA projectors read
     the output of block ``encoder_depth`` (= ``hidden[encoder_depth - 1]``). ``z_dims`` empty means
     no projectors. ``projector_type``: ``"mlp"`` (REPA) or ``"conv"`` (iREPA: a ``projector_kernel``-sized
-    convolution on the token grid). ``config`` returns the constructor keywords (enough to rebuild the model).
+    convolution on the token grid). ``bn_momentum`` (REPA-E) adds ``bn``, the BatchNorm of the clean latents
+    (:mod:`repa_probe.models.latent_norm`; applied by the caller before noising, never in ``forward``;
+    ``None`` = no ``bn``). ``config`` returns the constructor keywords (enough to rebuild the model).
 
     ``cls_token_dim > 0`` makes it REG's SiT (Martinser/REG): the target encoder's class token ``(B, cls_token_dim)``
     enters as one extra token in front of the patch tokens (``wg_norm(cls_projectors2(c))``, position row 0 of a
@@ -53,7 +56,7 @@ class DiffusionTransformer(nn.Module):
                  num_classes: int = 1000, class_dropout_prob: float = 0.1, learn_sigma: bool = False,
                  qk_norm: bool = False, encoder_depth: int = 8, z_dims: Sequence[int] = (),
                  projector_dim: int = 2048, time_convention: str = "repa", projector_type: str = "mlp",
-                 projector_kernel: int = 3, cls_token_dim: int = 0):
+                 projector_kernel: int = 3, cls_token_dim: int = 0, bn_momentum: float | None = None):
         super().__init__()
         z_dims = tuple(int(z) for z in z_dims)
         _check_config(input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio,
@@ -67,6 +70,11 @@ class DiffusionTransformer(nn.Module):
             projector_dim=int(projector_dim), time_convention=time_convention, projector_type=projector_type,
             projector_kernel=int(projector_kernel), cls_token_dim=_check_class_token(cls_token_dim, projector_type),
         )
+        if bn_momentum is not None:  # REPA-E's latent BatchNorm (keys bn.*): see models/latent_norm.py
+            if not 0.0 < float(bn_momentum) <= 1.0:
+                raise ModelInputError(f"invalid DiffusionTransformer config: bn_momentum must be in (0, 1], "
+                                      f"got {bn_momentum}")
+            self._config["bn_momentum"] = float(bn_momentum)
         self.time_convention = time_convention
         self.input_size, self.patch_size, self.in_channels = input_size, patch_size, in_channels
         self.hidden_size, self.depth, self.num_heads = hidden_size, depth, num_heads
@@ -91,6 +99,7 @@ class DiffusionTransformer(nn.Module):
         if self.cls_token_dim:  # REG: the class token's input map (official names)
             self.cls_projectors2 = nn.Linear(self.cls_token_dim, hidden_size)
             self.wg_norm = nn.LayerNorm(hidden_size, eps=1e-6)
+        self.bn = LatentBatchNorm(in_channels, float(bn_momentum)) if bn_momentum is not None else None
         if self.pos_embed.device.type != "meta":  # a meta model (shapes only, e.g. load_model) has nothing to fill
             self.initialize_weights()
 

@@ -155,17 +155,3 @@ class FlowMatching(Objective):
         cos = mean_flat(1.0 - F.cosine_similarity(pred, target, dim=1))
         return {"loss": err + self.cosine_weight * cos, "denoise": err, "cos_loss": cos}
 
-    # ---------------------------------------------------------------- conversions
-    def velocity_to_x0_eps(self, v: torch.Tensor, x_t: torch.Tensor,
-                           t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Recover `(x0_hat, eps_hat)` from a velocity `v` at `x_t`; `v, x_t: (B, C, H, W)`, `t: (B,)`.
-
-        Solves x_t = alpha x0 + sigma eps, v = alpha' x0 + sigma' eps. The determinant alpha sigma' - sigma alpha'
-        is 1 (linear) or pi/2 (cosine), so the inversion is well defined for every t in [0, 1].
-        """
-        check_same_shape(v=v, x_t=x_t)
-        alpha, sigma, d_alpha, d_sigma = self._coefficients(t, x_t)
-        det = alpha * d_sigma - sigma * d_alpha
-        x0 = (d_sigma * x_t - sigma * v) / det
-        eps = (alpha * v - d_alpha * x_t) / det
-        return x0, eps

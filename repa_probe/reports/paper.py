@@ -23,7 +23,7 @@ from repa_probe.reports.findings import CSV_COLUMNS, correlation_sentence, find
 from repa_probe.reports.html import write_html
 from repa_probe.reports.latex import write_latex
 from repa_probe.reports.markdown import write_markdown
-from repa_probe.reports.selection import ReportChoice, ReportData, final_checkpoint, metrics_of, nearest_time
+from repa_probe.reports.selection import ReportChoice, ReportData, final_checkpoint, metrics_of, nearest_time, pick
 
 
 @dataclass
@@ -100,8 +100,6 @@ def _grids(rows: list[dict], data: ReportData, metric: str) -> dict:
 
 def _series(rows: list[dict], data: ReportData, analysis: str, metric: str, block, t) -> dict:
     """run -> [(step, value, low, high)] at the run's block and ``t`` over its checkpoints."""
-    from repa_probe.reports.selection import pick
-
     out = {}
     reps = data.replicates.get(analysis, {})
     for run in data.runs:

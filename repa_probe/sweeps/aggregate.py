@@ -12,7 +12,10 @@ import csv
 import logging
 from pathlib import Path
 
+from repa_probe.analysis.core.plots import slug
 from repa_probe.analysis.core.writers import read_json, write_json
+from repa_probe.analysis.correlation.correlate import run_correlate
+from repa_probe.errors import ReproError
 from repa_probe.reports.bootstrap import FILE as REPLICATES, read_replicates, write_replicates
 from repa_probe.sweeps.plan import Job
 from repa_probe.sweeps.registry import get_analysis
@@ -73,10 +76,6 @@ def correlate_results(sweep_dir: Path, correlations: list[dict]) -> list[dict]:
     """Run :func:`repa_probe.analysis.correlation.correlate.run_correlate` over every gathered table for each ``{x, y,
     last_only}``, into ``results/correlation/<x>_vs_<y>/``. A correlation that cannot be computed (a quantity
     missing because its jobs failed, fewer than 3 checkpoints) is recorded with its one-line error, never fatal."""
-    from repa_probe.analysis.correlation.correlate import run_correlate
-    from repa_probe.analysis.core.plots import slug
-    from repa_probe.errors import ReproError
-
     results = Path(sweep_dir) / "results"
     tables = sorted(results.glob("*/*.csv"))  # the analyses' tables (correlations live one level deeper)
     out, stamp = [], _fingerprint(tables)

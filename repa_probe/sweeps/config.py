@@ -9,7 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
+from repa_probe.analysis.correlation.correlate import parse_quantity
 from repa_probe.errors import ReproError
+from repa_probe.sweeps.registry import get_analysis
 from repa_probe.training.config import ConfigError, load_structured
 
 
@@ -73,8 +75,6 @@ def validate_launcher(launcher: LauncherConfig, where: str = "launcher") -> None
 
 def validate_analyses(analyses: Dict[str, Any], where: str = "analyses") -> Dict[str, dict]:
     """Names exist in the registry and options are keywords of their entry points; returns name -> options."""
-    from repa_probe.sweeps.registry import get_analysis
-
     if not analyses:
         raise ConfigError(f"no analyses configured; set {where}.<name>, e.g. {where}.alignment={{}}")
     out = {}
@@ -92,8 +92,6 @@ CORRELATION_KEYS = ("x", "y", "last_only")
 def validate_correlations(items, where: str = "correlations") -> List[dict]:
     """Each item a mapping with ``x`` and ``y`` (quantities of :mod:`repa_probe.analysis.correlation.correlate`), optional
     ``last_only``; quantities are parsed here so a typo fails before any job runs."""
-    from repa_probe.analysis.correlation.correlate import parse_quantity
-
     out = []
     for k, item in enumerate(items or []):
         if not isinstance(item, dict) or not {"x", "y"} <= set(item) or set(item) - set(CORRELATION_KEYS):

@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 from repa_probe.analysis.core.writers import write_json
+from repa_probe.errors import setup_logging
+from repa_probe.sweeps.plan import DONE
+from repa_probe.sweeps.registry import get_analysis
 
 log = logging.getLogger("repa_probe")
 
@@ -25,10 +28,6 @@ class SweepJob:
         self.cache_dir = cache_dir
 
     def __call__(self) -> dict:
-        from repa_probe.errors import setup_logging
-        from repa_probe.sweeps.plan import DONE
-        from repa_probe.sweeps.registry import get_analysis
-
         setup_logging()
         spec = get_analysis(self.job.analysis)
         ran = []

@@ -18,11 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Sequence
 
-from repa_probe.analysis.alignment.run import CSV_COLUMNS as ALIGNMENT_COLUMNS
+from repa_probe.analysis.alignment import plots
+from repa_probe.analysis.alignment.run import CSV_COLUMNS as ALIGNMENT_COLUMNS, run_alignment
 from repa_probe.analysis.generation.options import FidOptions
-from repa_probe.analysis.generation.run import CSV_COLUMNS as FID_COLUMNS
+from repa_probe.analysis.generation.run import CSV_COLUMNS as FID_COLUMNS, run_fid
 from repa_probe.analysis.core.options import AlignmentOptions, ProbeOptions
-from repa_probe.analysis.probes.run import CSV_COLUMNS as PROBE_COLUMNS
+from repa_probe.analysis.core.plots import slug
+from repa_probe.analysis.core.writers import write_csv
+from repa_probe.analysis.generation.fid import fid_vs_step
+from repa_probe.analysis.probes.plots import make_probe_figures
+from repa_probe.analysis.probes.run import CSV_COLUMNS as PROBE_COLUMNS, TASK_SPECS, run_probes
+from repa_probe.errors import ReproError
 from repa_probe.timesteps import label
 from repa_probe.training.config import ConfigError
 
@@ -48,8 +54,6 @@ class AnalysisSpec:
     def check_options(self, options: dict, where: str) -> dict:
         """Names and values: an unknown option, or a bad value of an options dataclass' field (built here, as
         the job will build it), is a :class:`ConfigError` when the config is read, before any job runs."""
-        from repa_probe.errors import ReproError
-
         valid = self.valid_options()
         for key in options:
             if key not in valid:
@@ -64,8 +68,6 @@ class AnalysisSpec:
         return options
 
     def write_table(self, rows: list[dict], path: Path) -> None:
-        from repa_probe.analysis.core.writers import write_csv
-
         write_csv(rows, path, self.columns)
 
 
@@ -83,22 +85,14 @@ def get_analysis(name: str) -> AnalysisSpec:
     return _REGISTRY[name]
 
 
-def analysis_names() -> list[str]:
-    return sorted(_REGISTRY)
-
-
 # ------------------------------------------------------------------------------------------ alignment
 def _run_alignment(ckpts: Sequence[Path], out_dir: Path, options: dict, cache_dir: Path) -> dict:
-    from repa_probe.analysis.alignment.run import run_alignment
-
     return run_alignment(list(ckpts), out_dir, AlignmentOptions(cache_dir=cache_dir, progress=False, **options))
 
 
 def _alignment_figures(rows: list[dict], out_dir: Path, runs: dict, options: dict) -> list[Path]:
     """Per checkpoint heatmaps, checkpoints compared per block, and alignment vs training step per run (the
     spatial metrics' target rows are a reference, not a block)."""
-    from repa_probe.analysis.alignment import plots
-
     opts = AlignmentOptions(timesteps=options.get("timesteps", AlignmentOptions.timesteps),
                             plot_timestep=options.get("plot_timestep"))
     model_rows = [r for r in rows if r.get("layer") != "target"]
@@ -108,8 +102,6 @@ def _alignment_figures(rows: list[dict], out_dir: Path, runs: dict, options: dic
 # ---------------------------------------------------------------------------------- probe, segment
 def _probe_runner(task: str) -> Callable:
     def run(ckpts: Sequence[Path], out_dir: Path, options: dict, cache_dir: Path) -> dict:
-        from repa_probe.analysis.probes.run import run_probes
-
         return run_probes(list(ckpts), out_dir, ProbeOptions(task=task, cache_dir=cache_dir, progress=False,
                                                              **options))
     return run
@@ -118,11 +110,7 @@ def _probe_runner(task: str) -> Callable:
 def _probe_figures(task: str) -> Callable:
     def figures(rows: list[dict], out_dir: Path, runs: dict, options: dict) -> list[Path]:
         """Metric vs block (panels per timestep) over all checkpoints, and one figure per run."""
-        from repa_probe.analysis.core.plots import slug
-        from repa_probe.analysis.probes.plots import make_probe_figures
-        from repa_probe.analysis.probes.run import TASKS
-
-        prefix, _, metrics, _ = TASKS[task]  # metrics without rows (top-5 of <= 5 classes) are skipped
+        prefix, _, metrics, _ = TASK_SPECS[task]  # metrics without rows (top-5 of <= 5 classes) are skipped
         paths = make_probe_figures(rows, out_dir, prefix, metrics)
         for run in sorted({r for r in runs.values() if r is not None}):
             mine = [r for r in rows if r["source"] != "model" or runs.get(r["checkpoint"]) == run]
@@ -135,14 +123,10 @@ def _probe_figures(task: str) -> Callable:
 def _run_fid(ckpts: Sequence[Path], out_dir: Path, options: dict, cache_dir: Path) -> dict:
     """Sample each checkpoint into ``out_dir/samples`` (resumable: a requeued job continues its folder), then
     FID / FD against the reference."""
-    from repa_probe.analysis.generation.run import run_fid
-
     return run_fid(list(ckpts), out_dir, FidOptions(progress=False, **options))
 
 
 def _fid_figures(rows: list[dict], out_dir: Path, runs: dict, options: dict) -> list[Path]:
-    from repa_probe.analysis.generation.fid import fid_vs_step
-
     return fid_vs_step(rows, Path(out_dir) / "fid_vs_step", runs)
 
 

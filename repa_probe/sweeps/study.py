@@ -16,12 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from repa_probe.analysis.core.writers import write_json
 from repa_probe.reports.selection import ReportChoice, ReportError
 from repa_probe.sweeps.config import (LauncherConfig, SweepConfig, SweepError, SweepSection, validate_analyses,
                                       validate_correlations, validate_launcher)
-from repa_probe.analysis.core.writers import write_json
 from repa_probe.sweeps.launch import error_line
+from repa_probe.sweeps.report import write_report
+from repa_probe.sweeps.sweep import run_sweep
+from repa_probe.training import launch
 from repa_probe.training.config import ConfigError, load_config, load_structured
+from repa_probe.training.rundir import checkpoint_path
 
 log = logging.getLogger("repa_probe")
 
@@ -82,16 +86,12 @@ def train_config(cfg: StudyConfig, name: str):
 
 
 def _final_checkpoint(tcfg) -> Path:
-    from repa_probe.training.rundir import checkpoint_path
-
     return checkpoint_path(Path(tcfg.run.out_dir) / tcfg.run.name / "checkpoints", tcfg.train.steps)
 
 
 def train_runs(cfg: StudyConfig) -> dict:
     """Train every run that has not reached its final step; in this process (``launch.mode=local``, one after
     the other) or through submitit (``slurm`` / ``submitit_local``, all at once). Returns name -> info."""
-    from repa_probe.training import launch
-
     info, remote = {}, []
     for name in cfg.train.runs:
         tcfg = train_config(cfg, name)
@@ -131,9 +131,6 @@ def sweep_config(cfg: StudyConfig, runs: dict) -> SweepConfig:
 
 def run_study(cfg: StudyConfig, force: bool = False, retry_failed: bool = False, command: str = "") -> dict:
     """Train, sweep, report. Returns the study record (also ``study.json``) with the report paths."""
-    from repa_probe.sweeps.report import write_report
-    from repa_probe.sweeps.sweep import run_sweep
-
     root = study_dir(cfg)
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()

@@ -18,6 +18,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from repa_probe.errors import error_summary
 from repa_probe.training.builders import encoder_kind
 from repa_probe.training.config import Config
 
@@ -36,11 +37,6 @@ def want_compile(cfg: Config, device: torch.device) -> bool:
     """``train.compile``: ``true`` / ``false``, or ``auto`` = compile on CUDA only."""
     mode = cfg.train.compile
     return device.type == "cuda" if mode == "auto" else mode == "true"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0][:200]}" if text else type(exc).__name__
 
 
 def _warm_up(s) -> None:
@@ -81,7 +77,7 @@ def prepare_step_modules(s) -> None:
             s.opt.zero_grad(set_to_none=True)
             s.net, s.enc_net = s.model, s.enc
             log.warning("WARNING: torch.compile failed after %.1f s (%s); training eager (train.compile=false "
-                        "skips the attempt)", time.perf_counter() - start, _first_line(exc))
+                        "skips the attempt)", time.perf_counter() - start, error_summary(exc, limit=200))
         else:
             log.info("torch.compile: model%s compiled in %.1f s (first forward + backward)",
                      " and encoder" if s.enc is not None else "", time.perf_counter() - start)
@@ -106,7 +102,7 @@ def check_flash_attention(cfg: Config, model, device: torch.device):
             F.scaled_dot_product_attention(q, q, q)
     except RuntimeError as exc:
         log.warning("WARNING: flash attention is not usable here (%s); SDPA falls back to a slower kernel",
-                    _first_line(exc))
+                    error_summary(exc, limit=200))
         return False
     log.info("attention: flash SDPA kernel in use (%d heads of %d, %s)", model.num_heads, head_dim,
              str(dtype).replace("torch.", ""))

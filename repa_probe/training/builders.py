@@ -7,15 +7,21 @@ from typing import Tuple
 
 import torch
 
+from repa_probe.data import ResumableSampler, build_dataset as _build, infinite_loader
+from repa_probe.encoders.target import load_encoder
+from repa_probe.trained_vae import load_any_vae
+from repa_probe.models import create_model
+from repa_probe.models.lightningdit import OPTION_NAMES as LIGHTNING_OPTIONS
+from repa_probe.models.registry import model_kwargs
+from repa_probe.objectives import FlowMatching, GaussianDiffusion, match_token_grid, spatial_normalize
 from repa_probe.training.config import Config, ConfigError, uses_encoder
 from repa_probe.training.distributed import DistInfo
 
 log = logging.getLogger("repa_probe")
 
 
-def build_dataset(cfg: Config, split: str = "train"):
-    from repa_probe.data import build_dataset as _build
-
+def dataset_from_config(cfg: Config, split: str = "train"):
+    """``split`` of the dataset ``cfg.data`` names (``data.root`` required for file datasets), unaugmented."""
     d = cfg.data
     if d.root is None and d.name not in ("shapes", "digits"):
         raise ConfigError(f"data.name={d.name} reads files: set data.root=/path/to/dataset")
@@ -24,8 +30,6 @@ def build_dataset(cfg: Config, split: str = "train"):
 
 
 def build_objective(cfg: Config):
-    from repa_probe.objectives import FlowMatching, GaussianDiffusion
-
     o = cfg.objective
     if o.kind == "flow":
         return FlowMatching(path=o.path, prediction=o.prediction, weighting=o.weighting, cosine_weight=o.cosine_weight)
@@ -40,8 +44,6 @@ def build_encoder(cfg: Config, device: torch.device, required: bool = False):
     """
     if not uses_encoder(cfg) and not required:
         return None
-    from repa_probe.encoders.target import load_encoder
-
     e = cfg.encoder
     kw = {"input_size": e.input_size} if e.input_size is not None else {}
     with torch.random.fork_rng(devices=[]):
@@ -71,10 +73,6 @@ def latent_shape(cfg: Config, vae) -> Tuple[int, int]:
 def build_model(cfg: Config, batches: "Batches", enc):
     """The diffusion transformer for this config (REPA projector when ``repa.proj_coeff > 0``, REG's class token
     of the encoder's width when ``reg.cls_coeff > 0``)."""
-    from repa_probe.models import create_model
-    from repa_probe.models.lightningdit import OPTION_NAMES as LIGHTNING_OPTIONS
-    from repa_probe.models.registry import model_kwargs
-
     m, r = cfg.model, cfg.repa
     channels, side = latent_shape(cfg, batches.vae)
     overrides = {k: getattr(m, k) for k in ("depth", "hidden_size", "num_heads", "patch_size", *LIGHTNING_OPTIONS)
@@ -90,12 +88,21 @@ def build_model(cfg: Config, batches: "Batches", enc):
                          encoder_depth=r.encoder_depth, projector_dim=r.projector_dim, projector_type=r.projector,
                          projector_kernel=r.projector_kernel,
                          z_dims=(enc.embed_dim,) if enc is not None and r.proj_coeff > 0 else (),
-                         cls_token_dim=enc.embed_dim if enc is not None and cfg.reg.cls_coeff > 0 else 0, **overrides)
+                         cls_token_dim=enc.embed_dim if enc is not None and cfg.reg.cls_coeff > 0 else 0, **overrides,
+                         **_latent_norm(cfg))
+    if model.bn is not None:  # REPA-E: the BatchNorm starts from the VAE's latent statistics
+        stats = batches.vae.latent_stats()
+        model.bn.init_from_stats(stats["latents_bias"], 1.0 / stats["latents_scale"])
     if enc is not None:
         eg, mg = enc.grid_size, model.grid_size
         if eg != mg:
             log.info("encoder token grid %dx%d is resized to the model grid %dx%d (bilinear)", eg, eg, mg, mg)
     return model
+
+
+def _latent_norm(cfg: Config) -> dict:
+    """Model keywords of ``vae.latent_norm``: REPA-E's BatchNorm on the latents, or nothing."""
+    return {"bn_momentum": cfg.vae.bn_momentum} if cfg.vae.latent_norm == "batchnorm" else {}
 
 
 class Batches:
@@ -109,11 +116,8 @@ class Batches:
     """
 
     def __init__(self, cfg: Config, dist: DistInfo, split: str = "train", pin_memory: bool = False):
-        from repa_probe.data import ResumableSampler
-        from repa_probe.encoders.vae import load_vae
-
-        self.dataset = build_dataset(cfg, split)
-        self.vae = load_vae(cfg.vae.name)
+        self.dataset = dataset_from_config(cfg, split)
+        self.vae = load_any_vae(cfg.vae.name)  # also a REPA-E run's tuned VAE (its latent statistics)
         self.num_classes = cfg.data.num_classes or self.dataset.num_classes
         self.local_batch = cfg.train.batch_size // dist.world_size
         if len(self.dataset) < cfg.train.batch_size:
@@ -128,8 +132,6 @@ class Batches:
     def next(self) -> dict:
         """The next local batch; the sampler position counts it as consumed (see data.sampler)."""
         if self._it is None:
-            from repa_probe.data import infinite_loader
-
             self._it = infinite_loader(self.dataset, self.sampler, self.local_batch,
                                        num_workers=self.num_workers, pin_memory=self.pin_memory, flip=self.flip)
         return next(self._it)
@@ -146,8 +148,10 @@ def model_inputs(batch: dict, vae, enc, device: torch.device, gen: torch.Generat
                  cfg: Config, grid: int, enc_autocast=None):
     """Turn a data batch into (x0, encoder tokens or None, labels) on ``device``.
 
-    x0: (b, C, H, W) — VAE latents sampled from the posterior (stored moments or encoded on the fly), or
-    pixels scaled to [-1, 1] when there is no VAE. The posterior noise is drawn for the global batch.
+    x0: (b, C, H, W) — VAE latents sampled from the posterior (stored moments or encoded on the fly) and
+    normalised by the VAE's scale / statistics (raw with ``vae.latent_norm=batchnorm``: the model's BatchNorm
+    normalises them in the step), or pixels scaled to [-1, 1] when there is no VAE. The posterior noise is drawn
+    for the global batch.
     ``enc_autocast``: context for the frozen encoder (the training autocast on GPU, as in REPA). With
     ``repa.spatial_norm_gamma`` set, the tokens (on the model's grid) are spatially normalised (iREPA), float32.
     REG (``reg.cls_coeff > 0``): the encoder's class token is put in front, ``(b, 1 + T, Dz)`` (REG's REPA targets).
@@ -161,11 +165,10 @@ def model_inputs(batch: dict, vae, enc, device: torch.device, gen: torch.Generat
         W = dist.world_size
         mean, std = moments.float().chunk(2, dim=1)
         eps = torch.randn((mean.shape[0] * W, *mean.shape[1:]), generator=gen, device=device)[dist.rank::W]
-        x0 = (mean + std * eps) * vae.scale + vae.bias
+        x0 = mean + std * eps
+        x0 = x0 if cfg.vae.latent_norm == "batchnorm" else vae.normalize(x0)
     z = None
     if enc is not None:
-        from repa_probe.objectives import match_token_grid, spatial_normalize
-
         with torch.no_grad(), (enc_autocast or nullcontext()):
             tokens = enc(images, encoder_kind(cfg))
             cls, patch = (tokens[:, :1], tokens[:, 1:]) if cfg.reg.cls_coeff > 0 else (None, tokens)

@@ -34,7 +34,7 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "SiT-S/4"  # registry name: SiT-{S,B,L,XL}/{2,4,8}, DiT-{S,B,L,XL}/{2,4,8}, LightningDiT-{S,B,L,XL}/{1,2,4,8}
+    name: str = "SiT-S/4"  # registry name: SiT-{S,B,L,XL}/{1,2,4,8}, DiT-{S,B,L,XL}/{2,4,8}, LightningDiT-*/{1,2,4,8}
     depth: Optional[int] = 4  # overrides of the named size (null = keep the size's value)
     hidden_size: Optional[int] = 128
     num_heads: Optional[int] = 2
@@ -66,6 +66,7 @@ class RepaConfig:
     projector: str = "mlp"  # mlp (REPA) or conv (iREPA: a k x k convolution on the token grid)
     projector_kernel: int = 3  # conv projector kernel k (iREPA paper: 3; its SiT trainer's default is 1)
     spatial_norm_gamma: Optional[float] = None  # iREPA target normalisation (x - g*mean_T)/(std_T + 1e-6); null = off
+    vae_coeff: float = 1.5  # REPA-E (vae.tune=true): weight of the REPA loss back-propagated into the VAE
 
 
 @dataclass
@@ -92,7 +93,24 @@ class EncoderConfig:
 
 @dataclass
 class VAEConfig:
-    name: str = "none"  # none (pixel space), stabilityai/sd-vae-ft-mse, -ema, a local dir, or random:tiny
+    name: str = "none"  # none (pixel space), stabilityai/sd-vae-ft-mse, -ema, a diffusers dir, an LDM .pt, random:tiny
+    latent_norm: str = "fixed"  # fixed (the VAE's scale / statistics) or batchnorm (REPA-E: BatchNorm in the model)
+    bn_momentum: float = 0.1  # latent_norm=batchnorm: momentum of its running statistics (REPA-E: 0.1)
+    tune: bool = False  # REPA-E: train the VAE end to end (needs latent_norm=batchnorm; see vae_loss.*)
+    lr: float = 1e-4  # tune: AdamW learning rate of the VAE (betas, eps, weight decay: optim.*)
+
+
+@dataclass
+class VAELossConfig:
+    recon_weight: float = 1.0  # L1 reconstruction
+    perceptual_weight: float = 1.0  # LPIPS (0 = off; needs lpips_weights)
+    lpips_weights: Optional[str] = None  # LPIPS lin layers (vgg.pth of taming-transformers / lpips), or a full LPIPS
+    vgg_weights: Optional[str] = None  # torchvision vgg16-397923af.pth (null = torch hub cache)
+    kl_weight: float = 1e-6  # KL to N(0, 1), summed over latent elements / batch
+    disc_weight: float = 0.1  # adversarial term of the VAE loss (PatchGAN, hinge)
+    disc_start: int = 0  # first step with the adversarial terms
+    disc_lr: float = 1e-4  # AdamW learning rate of the discriminator
+    disc_channels: int = 64  # PatchGAN width ndf (REPA-E: 64)
 
 
 @dataclass
@@ -163,6 +181,7 @@ class Config:
     haste: HasteConfig = field(default_factory=HasteConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
+    vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -180,6 +199,7 @@ CHOICES = {
     "encoder.source": ("auto", "hub", "timm"),
     "train.compile": ("auto", "true", "false"),
     "repa.projector": ("mlp", "conv"),
+    "vae.latent_norm": ("fixed", "batchnorm"),
 }
 
 
@@ -300,6 +320,31 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.betas must have two values, got {cfg.optim.betas}")
     if cfg.train.keep_last < 1:
         raise ConfigError(f"train.keep_last must be >= 1, got {cfg.train.keep_last}")
+    _validate_vae(cfg)
+
+
+def _validate_vae(cfg: Config) -> None:
+    """The latent normalisation and REPA-E's end-to-end VAE tuning."""
+    v = cfg.vae
+    if v.latent_norm == "batchnorm" and (v.name.lower() == "none" or not 0.0 < v.bn_momentum <= 1.0):
+        raise ConfigError("vae.latent_norm=batchnorm needs a VAE (vae.name) and 0 < vae.bn_momentum <= 1")
+    if not v.tune:
+        return
+    problems = [
+        (v.latent_norm != "batchnorm", "vae.tune=true needs vae.latent_norm=batchnorm (REPA-E)"),
+        (cfg.repa.vae_coeff > 0 and cfg.repa.proj_coeff <= 0,
+         "vae.tune=true with repa.vae_coeff > 0 needs repa.proj_coeff > 0 (the projector the VAE aligns through)"),
+        (cfg.repa.vae_coeff < 0, "repa.vae_coeff must be >= 0"),
+        (cfg.train.grad_accum != 1, "vae.tune=true runs whole batches: set train.grad_accum=1"),
+        (cfg.train.precision == "fp16", "vae.tune=true supports train.precision=bf16 or fp32 (one loss scaler only)"),
+        (cfg.objective.kind != "flow", "vae.tune=true trains SiT (objective.kind=flow), as REPA-E"),
+        (cfg.reg.cls_coeff > 0 or cfg.haste.attn_coeff > 0,
+         "vae.tune=true runs REPA-E's step, which has no REG class token or HASTE attention term: set "
+         "reg.cls_coeff=0 and haste.attn_coeff=0"),
+    ]
+    for failed, msg in problems:
+        if failed:
+            raise ConfigError(msg)
 
 
 def _validate_family(cfg: Config) -> None:
@@ -364,7 +409,7 @@ def describe() -> str:
                 walk(value, key + ".")
             else:
                 section = key.split(".")[-2]
-                note = comments.get(f"{section}.{f.name}", "")
+                note = comments.get(f"{section.replace('_', '')}.{f.name}", "")
                 lines.append(f"  {key:<28} {str(value):<14} {note}".rstrip())
 
     walk(Config(), "")

@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Callable, Optional
 
+from repa_probe.training.config import from_dict, to_dict
+from repa_probe.training.trainer import train
 
 log = logging.getLogger("repa_probe")
 
@@ -25,9 +27,6 @@ class SubmititTrainJob:
 
     def __call__(self) -> str:
         import submitit
-
-        from repa_probe.training.config import from_dict
-        from repa_probe.training.trainer import train
 
         env = submitit.JobEnvironment()
         if env.num_tasks > 1:
@@ -44,8 +43,8 @@ class SubmititTrainJob:
         return submitit.helpers.DelayedSubmission(SubmititTrainJob(cfg))
 
 
-def submit(cfg, fn_cfg_dict: dict, wait: bool = False) -> str:
-    """Submit training with submitit (``slurm`` or ``submitit_local``); returns the job id."""
+def submit(cfg, wait: bool = False) -> str:
+    """Submit training of ``cfg`` with submitit (``slurm`` or ``submitit_local``); returns the job id."""
     import submitit
 
     s = cfg.launch.slurm
@@ -62,7 +61,7 @@ def submit(cfg, fn_cfg_dict: dict, wait: bool = False) -> str:
         executor.update_parameters(nodes=s.nodes, gpus_per_node=s.gpus_per_node,
                                    tasks_per_node=s.gpus_per_node, cpus_per_task=s.cpus_per_task,
                                    timeout_min=s.timeout_min, name=cfg.run.name, **extra)
-    job = executor.submit(SubmititTrainJob(fn_cfg_dict))
+    job = executor.submit(SubmititTrainJob(to_dict(cfg)))
     log.info("submitted job %s (logs in %s)", job.job_id, folder)
     if wait:
         job.result()
@@ -71,10 +70,6 @@ def submit(cfg, fn_cfg_dict: dict, wait: bool = False) -> str:
 
 def run(cfg, train_fn: Optional[Callable] = None, wait: bool = False):
     """Dispatch by ``cfg.launch.mode``; returns the run directory (local) or the job id (submitit)."""
-    from repa_probe.training.config import to_dict
-
     if cfg.launch.mode in ("slurm", "submitit_local"):
-        return submit(cfg, to_dict(cfg), wait=wait)
-    if train_fn is None:
-        from repa_probe.training.trainer import train as train_fn
-    return train_fn(cfg)
+        return submit(cfg, wait=wait)
+    return (train_fn or train)(cfg)

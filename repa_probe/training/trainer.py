@@ -14,7 +14,7 @@ global batch (up to the order of floating-point reduction), and together with th
 data position makes resume exact: N steps ≡ N/2 steps + resume + N/2 steps, bit for bit on the CPU.
 
 The step never reads a value back to the host: losses are summed on the device and a non-finite loss is
-recorded there (the first such step); :func:`check_finite` reads it every ``train.log_every`` steps and
+recorded there (the first such step); :func:`raise_if_diverged` reads it every ``train.log_every`` steps and
 before every checkpoint, and stops the run naming the step. :class:`TrainState` owns everything a step
 touches and its checkpoint (``state_dict`` / ``load_state_dict``); ``training.rundir`` decides where
 checkpoints go and which are kept; ``repa_probe.checkpoint`` writes and reads the files.
@@ -37,6 +37,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from repa_probe.checkpoint import CHECKPOINT_FORMAT, CheckpointError, load_training_checkpoint
 from repa_probe.devices import resolve_device
 from repa_probe.errors import ReproError
+from repa_probe.objectives import drop_labels, repa_loss
 from repa_probe.training import rundir
 from repa_probe.training.accel import autocast_for, check_flash_attention, prepare_step_modules
 from repa_probe.training.builders import Batches, build_encoder, build_model, build_objective, model_inputs
@@ -44,6 +45,7 @@ from repa_probe.training.config import Config, ConfigError, to_dict, to_yaml
 from repa_probe.training.family import (AttentionTaps, StepBatch, aligning, build_attention_taps, class_token_noise,
                                         extra_terms, model_kwargs)
 from repa_probe.training.distributed import DistInfo, agree, cleanup_distributed, init_distributed
+from repa_probe.training.e2e import LOSS_NAMES, E2EParts, build_e2e, e2e_step
 
 log = logging.getLogger("repa_probe")
 
@@ -62,8 +64,14 @@ def _device(cfg: Config, dist: DistInfo) -> torch.device:
 @torch.no_grad()
 def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     """ema ← decay·ema + (1 − decay)·model over all parameters (frozen pos_embed included, as REPA):
-    one ``torch._foreach_lerp_`` over the parameter lists (a few fused kernels, no per-tensor Python loop)."""
+    one ``torch._foreach_lerp_`` over the parameter lists (a few fused kernels, no per-tensor Python loop).
+    Float buffers (REPA-E's latent BatchNorm statistics) are averaged too, others copied (REPA-E's EMA)."""
     torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - decay)
+    for e, m in zip(ema.buffers(), model.buffers()):
+        if e.is_floating_point():
+            e.lerp_(m, 1.0 - decay)
+        else:
+            e.copy_(m)
 
 
 class _StopFlag:
@@ -96,7 +104,7 @@ class TrainState:
     ``build`` makes it from a config exactly as ``train`` does; ``net`` / ``enc_net`` are what the step calls
     (the model and encoder themselves, compiled, or DDP-wrapped: ``accel.prepare_step_modules``).
     ``first_bad``: 0-d int64 on the device, the first step whose loss was not finite (0 = none yet);
-    ``checked``: the last step :func:`check_finite` looked at. ``taps``: HASTE's attention hooks, or None.
+    ``checked``: the last step :func:`raise_if_diverged` looked at. ``taps``: HASTE's attention hooks, or None.
     """
 
     cfg: Config
@@ -114,9 +122,11 @@ class TrainState:
     gen: torch.Generator
     net: Optional[torch.nn.Module] = None
     enc_net: Optional[torch.nn.Module] = None
+    e2e: Optional[E2EParts] = None  # vae.tune=true (REPA-E): the trained VAE, discriminator, their optimisers
     step: int = 0
     checked: int = 0
     first_bad: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    bad_term: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
     taps: Optional[AttentionTaps] = None
 
     @classmethod
@@ -129,6 +139,8 @@ class TrainState:
         ema = build_model(cfg, batches, enc).to(device)
         ema.load_state_dict(model.state_dict())  # the EMA starts as an exact copy
         ema.requires_grad_(False).eval()
+        if cfg.vae.tune:  # REPA-E trains pos_embed too: its requires_grad(model, True) after the VAE step
+            model.pos_embed.requires_grad_(True)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                 weight_decay=cfg.optim.weight_decay, eps=cfg.optim.eps, fused=True)
@@ -136,8 +148,10 @@ class TrainState:
         gen = torch.Generator(device=device).manual_seed(cfg.run.seed)
         vae = batches.vae.to(device) if batches.vae is not None else None
         model.train()
+        e2e = build_e2e(cfg, vae, device) if cfg.vae.tune else None
+        zero = torch.zeros((), dtype=torch.int64, device=device)
         return cls(cfg, dist, device, batches, enc, model, ema, build_objective(cfg), vae, params, opt, scaler,
-                   gen, net=model, enc_net=enc, first_bad=torch.zeros((), dtype=torch.int64, device=device),
+                   gen, net=model, enc_net=enc, e2e=e2e, first_bad=zero, bad_term=zero.clone(),
                    taps=build_attention_taps(cfg, model, enc))
 
     def _rng_state(self) -> dict:
@@ -153,7 +167,7 @@ class TrainState:
                 "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "rng": self._rng_state(), "data": self.batches.state_dict(), "config": to_dict(self.cfg),
-                "model_config": self.model.config}
+                "model_config": self.model.config, **(self.e2e.state_dict() if self.e2e is not None else {})}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore what :meth:`state_dict` saved (in place: compiled / DDP wrappers keep working)."""
@@ -163,6 +177,10 @@ class TrainState:
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
+        if self.e2e is not None:
+            if "opt_vae" not in state:
+                raise CheckpointError("vae.tune=true cannot resume from a checkpoint without the VAE's training state")
+            self.e2e.load_state_dict(state)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
@@ -192,11 +210,16 @@ def _micro_loss(s: TrainState, b: StepBatch, align: bool) -> tuple:
 def train_step(s: TrainState) -> dict:
     """One optimiser step on the next batch; returns detached scalar logs on the device (no host sync).
 
+    ``vae.tune=true``: REPA-E's step (:func:`repa_probe.training.e2e.e2e_step`: VAE, discriminator and
+    diffusion model, three optimisers). A model with a latent BatchNorm normalises the clean latents with it.
+
     Calls ``s.net`` (the model, compiled or DDP-wrapped). With ``train.grad_accum = k`` the batch runs as k
     equal micro-batches whose gradients add up to the full batch's (same samples, noise and labels as k = 1;
     DDP reduces once, on the last). A non-finite loss is recorded in ``s.first_bad`` (read by
-    :func:`check_finite`); the step itself never stops on it.
+    :func:`raise_if_diverged`); the step itself never stops on it.
     """
+    if s.e2e is not None:
+        return _finish_step(s, *e2e_step(s, objective_noise))
     cfg, obj = s.cfg, s.objective
     batch = s.batches.next()
     align = aligning(cfg, s.step)  # HASTE: no alignment (and no encoder, unless REG needs its class token) later
@@ -204,6 +227,8 @@ def train_step(s: TrainState) -> dict:
     x0, z_enc, y = model_inputs(batch, s.vae, enc, s.device, s.gen, s.dist, cfg, s.model.grid_size,
                                 enc_autocast=autocast_for(cfg, s.device))  # frozen encoder under autocast, as REPA
     t, noise, y = objective_noise(obj, x0, y, s.gen, s.dist, cfg, s.batches.num_classes)
+    if s.model.bn is not None:  # REPA-E's latent BatchNorm (train mode: batch statistics)
+        x0 = s.model.bn(x0)
     b = StepBatch(obj.add_noise(x0, t, noise), t, y, x0, noise, z_enc,
                   class_token_noise(z_enc, s.gen, s.dist) if s.model.cls_token_dim else None,
                   s.taps.teacher.logits(s.taps.heads) if s.taps is not None and align else None)
@@ -224,15 +249,22 @@ def train_step(s: TrainState) -> dict:
     gnorm = torch.nn.utils.clip_grad_norm_(s.params, clip)
     s.scaler.step(s.opt)
     s.scaler.update()
-    update_ema(s.ema, s.model, cfg.train.ema_decay)
-    s.step += 1
-    ok = torch.isfinite(logs["total"]) | (s.first_bad > 0)
-    s.first_bad = torch.where(ok, s.first_bad, s.step)  # first non-finite step, recorded on the device
     logs["grad_norm"] = gnorm.detach()
+    return _finish_step(s, logs, logs["total"].reshape(1))
+
+
+def _finish_step(s: TrainState, logs: dict, losses: torch.Tensor) -> dict:
+    """EMA, step count, and the first non-finite step with the index of its first bad loss (on the device)."""
+    update_ema(s.ema, s.model, s.cfg.train.ema_decay)
+    s.step += 1
+    finite = torch.isfinite(losses)
+    new = ~finite.all() & (s.first_bad == 0)
+    s.first_bad = torch.where(new, s.step, s.first_bad)  # first non-finite step, recorded on the device
+    s.bad_term = torch.where(new, (~finite).int().argmax(), s.bad_term)
     return logs
 
 
-def check_finite(s: TrainState) -> None:
+def raise_if_diverged(s: TrainState) -> None:
     """Raise TrainingDiverged if a loss since the last check was not finite (one host read; DDP ranks agree)."""
     first = s.first_bad
     if s.dist.enabled:
@@ -243,7 +275,8 @@ def check_finite(s: TrainState) -> None:
     bad, lo = int(first.item()), s.checked + 1
     s.checked = s.step
     if bad:
-        raise TrainingDiverged(f"non-finite loss at step {bad} (checked steps {lo}-{s.step}: the loss is checked "
+        what = LOSS_NAMES[int(s.bad_term.item())] if s.e2e is not None and s.first_bad.item() == bad else "loss"
+        raise TrainingDiverged(f"non-finite {what} at step {bad} (checked steps {lo}-{s.step}: the loss is checked "
                                f"every train.log_every={s.cfg.train.log_every} steps and before each checkpoint)")
 
 
@@ -304,6 +337,8 @@ def _train(cfg: Config, dist: DistInfo) -> Path:
             return run
         check_flash_attention(cfg, s.model, s.device)
         prepare_step_modules(s)
+        if s.e2e is not None:
+            s.e2e.prepare(s.dist, s.device)
         _loop(s, run / "checkpoints", rundir.MetricLogger(run, cfg.train.tensorboard) if dist.is_main else None)
     finally:
         if handler is not None:
@@ -333,7 +368,7 @@ def _loop(s: TrainState, ckpt_dir: Path, metrics) -> None:
                 do_save = s.step % cfg.train.ckpt_every == 0 or last or stopping
                 if do_log or do_save:
                     try:
-                        check_finite(s)
+                        raise_if_diverged(s)
                     except TrainingDiverged as exc:
                         raise TrainingDiverged(f"{exc}; stopping; the last good checkpoint is kept in "
                                                f"{ckpt_dir}") from None
@@ -356,8 +391,6 @@ def objective_noise(objective, x0, y, gen, dist: DistInfo, cfg: Config, null_cla
 
     x0: (b, C, H, W) local batch; y: (b,) labels. Returns t: (b,), noise: (b, C, H, W), y: (b,).
     """
-    from repa_probe.objectives import drop_labels
-
     W = dist.world_size
     B = x0.shape[0] * W
     t = objective.sample_t(B, gen, x0.device)[dist.rank::W]

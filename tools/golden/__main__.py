@@ -28,11 +28,12 @@ import torch  # noqa: E402
 
 from tools.golden.common import commit_of, log  # noqa: E402
 
-PARTS = ("models", "losses", "metrics", "sampling", "spatial", "reg", "haste", "lightningdit")
+PARTS = ("models", "losses", "metrics", "sampling", "spatial", "reg", "haste", "lightningdit", "repae")
 REPOS = {  # CLI key -> GitHub repository of the official code
     "dit": "facebookresearch/DiT", "sit": "willisma/SiT", "repa": "sihyun-yu/REPA",
     "platonic": "minyoungg/platonic-rep", "irepa": "End2End-Diffusion/iREPA", "reg": "Martinser/REG",
     "haste": "NUS-HPC-AI-Lab/HASTE", "lightningdit": "hustvl/LightningDiT",
+    "repae": "End2End-Diffusion/REPA-E",
 }
 
 

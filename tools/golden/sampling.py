@@ -3,8 +3,8 @@ the official model code (REPA ``samplers.py``; DiT ``diffusion`` p_sample_loop /
 ``transport`` Euler SDE). Part module of ``python -m tools.golden``: ``write(out_dir, repos) -> [paths]``.
 
 Each file ``sampling_{repa,dit,sit}.pt`` holds the model ``state_dict`` (load it with
-``repa_probe.checkpoint.load_model(..., family=..., num_heads=...)``), the fixed ``noise`` / ``labels`` and
-``cases``: per case the settings, the RNG ``seed`` set with ``torch.manual_seed`` right before the official
+``repa_probe.checkpoint.load_model(..., time_convention=convention_of(family), num_heads=...)``), the fixed
+``noise`` / ``labels`` and ``cases``: per case the settings, the RNG ``seed`` set with ``torch.manual_seed`` right before the official
 call (stochastic methods), ``noise_rows`` (the official loop draws its per-step noise for that many rows and
 uses the first B: CFG doubles the batch in DiT/SiT) and the official ``out``.
 Run alone: ``python -m tools.golden.sampling --repa DIR --dit DIR --sit DIR --out tests/data/golden``.

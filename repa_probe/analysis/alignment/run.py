@@ -27,20 +27,21 @@ from typing import Callable, Sequence
 import torch
 
 from repa_probe.analysis import metrics as M
+from repa_probe.analysis.alignment import plots
+from repa_probe.analysis.alignment.spatial import SpatialAnalysis
 from repa_probe.analysis.core.class_token import attach_class_tokens, class_token_encoder
-from repa_probe.analysis.core.features import ModelInputs, extract_features, prepare_inputs
+from repa_probe.analysis.core.features import InputsByVAE, ModelInputs, extract_features, prepare_inputs
 from repa_probe.analysis.core.inputs import (build_analysis_dataset, check_class_labels, check_times_and_layers,
-                                        resolve_encoder, resolve_source)
+                                             resolve_encoder, resolve_source)
 from repa_probe.analysis.core.options import METRICS, TARGET_KINDS, AlignmentOptions
 from repa_probe.analysis.core.runner import Analysis, Run, run_analysis
-from repa_probe.analysis.alignment.spatial import SpatialAnalysis
 from repa_probe.analysis.core.targets import dataset_identity, encoder_features
-from repa_probe.errors import ReproError
+from repa_probe.analysis.errors import AnalysisInputError
 from repa_probe.reports.bootstrap import interval
 from repa_probe.timesteps import TIME_HELP, label
 
 __all__ = ["alignment_table", "run_alignment", "best_layers", "metric_function", "check_metric_settings",
-           "AlignmentAnalysis", "AlignmentOptions", "AlignmentError", "METRICS", "KNN_METRICS", "TARGET_KINDS",
+           "AlignmentAnalysis", "AlignmentOptions", "AnalysisInputError", "METRICS", "KNN_METRICS", "TARGET_KINDS",
            "CSV_COLUMNS", "CLASS_TOKEN"]
 
 log = logging.getLogger("repa_probe")
@@ -52,33 +53,29 @@ FEATURE_PREP = ("platonic-rep: clamp |x| at the mean per-sample 0.95 quantile, t
                 "timestep) on the model side")
 
 
-class AlignmentError(ReproError, ValueError):
-    """Bad input to the alignment analysis (one-line message)."""
-
-
 def metric_function(name: str, topk: int) -> Callable:
     """``f(a: (N, D_a), b: (N, D_b)) -> float`` for a metric name."""
     fns = {"cknna": M.cknna, "mutual_knn": M.mutual_knn, "cycle_knn": M.cycle_knn, "cka": M.cka,
            "unbiased_cka": M.unbiased_cka}
     if name not in fns:
-        raise AlignmentError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
+        raise AnalysisInputError(f"unknown metric {name!r}; choose from {', '.join(METRICS)}")
     return functools.partial(fns[name], topk=topk) if name in KNN_METRICS else fns[name]
 
 
 def check_metric_settings(metrics: Sequence[str], n: int, topk: int, bootstrap: int) -> None:
-    """Raise AlignmentError when N, k or the bootstrap cannot work together."""
+    """Raise AnalysisInputError when N, k or the bootstrap cannot work together."""
     if n < 4:
-        raise AlignmentError(f"--num-samples: the metrics need at least 4 images, got N = {n}")
+        raise AnalysisInputError(f"--num-samples: the metrics need at least 4 images, got N = {n}")
     if bootstrap and (bootstrap < 2):
-        raise AlignmentError(f"--bootstrap must be 0 (off) or >= 2 replicates, got {bootstrap}")
+        raise AnalysisInputError(f"--bootstrap must be 0 (off) or >= 2 replicates, got {bootstrap}")
     if any(m in KNN_METRICS for m in metrics):
         if topk < 2:
-            raise AlignmentError(f"--topk must be >= 2, got {topk}")
+            raise AnalysisInputError(f"--topk must be >= 2, got {topk}")
         if topk >= n:
-            raise AlignmentError(f"--topk {topk} must be smaller than the number of images N = {n} (--num-samples)")
+            raise AnalysisInputError(f"--topk {topk} must be smaller than the number of images N = {n} (--num-samples)")
         half = int(round(0.5 * n))
         if bootstrap and topk >= half:
-            raise AlignmentError(f"--bootstrap resamples N/2 = {half} rows, which must exceed --topk {topk}")
+            raise AnalysisInputError(f"--bootstrap resamples N/2 = {half} rows, which must exceed --topk {topk}")
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -90,10 +87,10 @@ def _inputs_and_target(data, target, opts: AlignmentOptions, vae) -> tuple[Model
                                       batch_size=opts.batch_size, progress=opts.progress)
         data = prepare_inputs(data, vae, opts.batch_size, progress=opts.progress)
     elif not torch.is_tensor(target):
-        raise AlignmentError("with precomputed ModelInputs, pass the target as a (N, D) tensor")
+        raise AnalysisInputError("with precomputed ModelInputs, pass the target as a (N, D) tensor")
     n = len(data)
     if target.ndim != 2 or target.shape[0] != n:
-        raise AlignmentError(f"target must be (N={n}, D), got {tuple(target.shape)}")
+        raise AnalysisInputError(f"target must be (N={n}, D), got {tuple(target.shape)}")
     return data, target
 
 
@@ -118,7 +115,7 @@ def alignment_table(model, objective, data, target, options: AlignmentOptions | 
     device = next(model.parameters()).device if device is None else torch.device(device)
     names = cross_metrics(opts.metric)
     if not names:
-        raise AlignmentError(f"alignment_table computes {', '.join(METRICS)}; got only {opts.metric} "
+        raise AnalysisInputError(f"alignment_table computes {', '.join(METRICS)}; got only {opts.metric} "
                              "(spatial metrics: repa_probe.analysis.alignment.spatial)")
     data, target = _inputs_and_target(data, target, opts, vae)
     n = len(data)
@@ -194,6 +191,7 @@ class AlignmentAnalysis(Analysis):
         self.inputs = prepare_inputs(self.dataset, vae.to(run.device) if vae is not None else None,
                                      opts.batch_size, progress=opts.progress)
         attach_class_tokens(self.inputs, self.dataset, self.cls_encoder, opts, run.device)
+        self.by_vae = InputsByVAE(self.dataset, self.inputs, vae, run.device, opts.batch_size, opts.progress)
         self.target = encoder_features(self.encoder.to(run.device), self.dataset, opts.target_kind,
                                        cache_dir=opts.cache_dir, batch_size=opts.batch_size,
                                        progress=opts.progress) if self.cross else None
@@ -203,15 +201,15 @@ class AlignmentAnalysis(Analysis):
             bootstrap=opts.bootstrap, progress=opts.progress) if self.spatial_names else None
 
     def analyse(self, run: Run, entry, model) -> list[dict]:
-        rows = alignment_table(model, entry.objective, self.inputs, self.target, run.options, device=run.device,
+        inputs = self.by_vae.get(entry.vae)  # REPA-E checkpoints: their own VAE and latent statistics
+        rows = alignment_table(model, entry.objective, inputs, self.target, run.options, device=run.device,
                                checkpoint=entry.label, step=entry.info.step) if self.cross else []
         if self.spatial is not None:
+            self.spatial.inputs = inputs
             rows += self.spatial.rows(model, entry.objective, entry.label, entry.info.step)
         return rows
 
     def figures(self, run: Run, rows: list[dict]) -> list:
-        from repa_probe.analysis.alignment import plots
-
         runs = {e.label: e.run for e in run.entries}
         model_rows = [r for r in rows if r["layer"] != "target"]  # the target's spatial rows are a reference
         return plots.make_figures(model_rows, run.out / "figures", label(run.options.plot_timestep), runs=runs)

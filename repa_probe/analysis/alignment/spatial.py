@@ -6,7 +6,7 @@ mean over images (NaN images, e.g. SRSS without a usable mask, left out; ``n`` =
 ``bootstrap``, a 95% percentile interval over images. The target encoder's patch tokens of the clean
 images give the reference rows (``layer = "target"``, no timestep, repeated for every checkpoint so that
 each checkpoint carries its own target's value). Tokens are processed in chunks of images (at most
-``budget_bytes`` of tokens at once); no ``(N, T, D)`` or ``(N, T, T)`` tensor is ever held.
+``BUDGET_BYTES`` of tokens at once); no ``(N, T, D)`` or ``(N, T, T)`` tensor is ever held.
 
 SRSS masks: the dataset's ``mask`` (``0`` = background, ``255`` = VOC's void border, anything else =
 foreground), max-pooled to the token grid (a token is foreground if any of its pixels is); an image with
@@ -25,8 +25,9 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from repa_probe.analysis.core.features import ModelInputs, extract_features, resolve_layers
-from repa_probe.analysis.metrics.spatial import grid_shape, spatial_metrics
 from repa_probe.analysis.core.targets import encoder_features
+from repa_probe.analysis.metrics.spatial import grid_shape, spatial_metrics
+from repa_probe.data import collate
 from repa_probe.reports.bootstrap import interval, resample_means
 from repa_probe.timesteps import label
 
@@ -43,8 +44,6 @@ IGNORE_INDEX = 255
 def token_masks(dataset, grid: tuple[int, int], batch_size: int = 64, min_fraction: float = MIN_FRACTION):
     """Foreground masks ``(N, H*W)`` bool on a token ``grid`` from the dataset's pixel masks, or None when the
     dataset has none. Images outside ``[min_fraction, 1 - min_fraction]`` foreground get an empty mask."""
-    from repa_probe.data import collate
-
     if len(dataset) == 0 or "mask" not in dataset[0]:
         return None
     out = []
@@ -74,29 +73,29 @@ def summarise(values: torch.Tensor, bootstrap: int = 0, seed: int = 0) -> dict:
     return dict(value=value, ci_low=lo, ci_high=hi, n=n, replicates=reps, replicate_scale=1.0)
 
 
-def _chunk_size(per_image_bytes: int, budget_bytes: int) -> int:
-    return max(1, int(budget_bytes // max(1, per_image_bytes)))
+def _chunk_size(per_image_bytes: int) -> int:
+    """Images per chunk so that their tokens stay within :data:`BUDGET_BYTES`."""
+    return max(1, int(BUDGET_BYTES // max(1, per_image_bytes)))
 
 
-def _metrics_of(tokens: torch.Tensor, names: Sequence[str], masks, device, options: dict) -> dict:
-    """Per-image values of ``tokens: (b, T, D)`` on ``device``, returned on the CPU."""
+def _metrics_of(tokens: torch.Tensor, names: Sequence[str], masks, device) -> dict:
+    """Per-image values of ``tokens: (b, T, D)`` on ``device`` (iREPA's default settings), returned on the CPU."""
     tokens = tokens.to(device)
     m = None if masks is None else masks.to(device)
-    return {k: v.cpu() for k, v in spatial_metrics(tokens, names, masks=m, **options).items()}
+    return {k: v.cpu() for k, v in spatial_metrics(tokens, names, masks=m).items()}
 
 
 @torch.no_grad()
 def model_spatial_values(model, objective, inputs: ModelInputs, timesteps, layers, names: Sequence[str],
                          masks=None, *, device=None, batch_size: int = 64, seed: int = 0, labels: str = "null",
-                         budget_bytes: int = BUDGET_BYTES, progress: bool = True, **options) -> dict:
+                         progress: bool = True) -> dict:
     """``{(layer, t): {name: (N,)}}`` per-image spatial metrics of the model's block tokens at each timestep.
 
-    ``masks``: ``(N, T)`` foreground masks on the model's token grid (needed for ``srss``); ``options``:
-    keyword arguments of :func:`~repa_probe.analysis.metrics.spatial.spatial_metrics`.
+    ``masks``: ``(N, T)`` foreground masks on the model's token grid (needed for ``srss``).
     """
     layer_list = resolve_layers(model, layers)
     n = len(inputs)
-    step = _chunk_size(4 * len(layer_list) * model.num_tokens * model.hidden_size, budget_bytes)
+    step = _chunk_size(4 * len(layer_list) * model.num_tokens * model.hidden_size)
     parts: dict = {}
     bar = tqdm(total=len(list(timesteps)) * math.ceil(n / step), desc="spatial", disable=not progress, leave=False)
     for t in timesteps:
@@ -106,7 +105,7 @@ def model_spatial_values(model, objective, inputs: ModelInputs, timesteps, layer
             fs = extract_features(model, objective, sub, [t], layer_list, pool="tokens", device=device,
                                   batch_size=batch_size, seed=seed, labels=labels, progress=False)
             for layer in layer_list:
-                vals = _metrics_of(fs.get(layer, t), names, None if masks is None else masks[a:b], device, options)
+                vals = _metrics_of(fs.get(layer, t), names, None if masks is None else masks[a:b], device)
                 parts.setdefault((layer, t), []).append(vals)
             bar.update(1)
     bar.close()
@@ -115,17 +114,17 @@ def model_spatial_values(model, objective, inputs: ModelInputs, timesteps, layer
 
 @torch.no_grad()
 def target_spatial_values(encoder, dataset, names: Sequence[str], masks=None, *, batch_size: int = 64,
-                          budget_bytes: int = BUDGET_BYTES, progress: bool = True, **options) -> dict:
+                          progress: bool = True) -> dict:
     """``{name: (N,)}`` per-image spatial metrics of the encoder's final patch tokens of the clean images."""
     device = next(encoder.parameters()).device
     n = len(dataset)
-    step = _chunk_size(4 * encoder.num_tokens * encoder.embed_dim, budget_bytes)
+    step = _chunk_size(4 * encoder.num_tokens * encoder.embed_dim)
     parts = []
     for a in tqdm(range(0, n, step), desc="spatial target", disable=not progress, leave=False):
         b = min(a + step, n)
         tokens = encoder_features(encoder, Subset(dataset, range(a, b)), "patch", batch_size=batch_size,
                                   progress=False)
-        parts.append(_metrics_of(tokens, names, None if masks is None else masks[a:b], device, options))
+        parts.append(_metrics_of(tokens, names, None if masks is None else masks[a:b], device))
     return {k: torch.cat([p[k] for p in parts]) for k in names}
 
 

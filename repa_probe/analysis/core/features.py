@@ -19,24 +19,21 @@ import dataclasses
 import logging
 import math
 from contextlib import nullcontext
-from typing import Sequence
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from repa_probe.analysis.core.options import LABEL_MODES
-from repa_probe.errors import ReproError
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.data import collate
 from repa_probe.sampling.noise import CLASS_TOKEN_KEY, seeded_noise
 from repa_probe.timesteps import DDPM_STEPS, check_objective, model_times, parse_time, parse_times
 
 log = logging.getLogger("repa_probe")
 
 POOLS = ("mean", "tokens", "projector")
-
-class FeatureError(ReproError, ValueError):
-    """Bad input to feature extraction (layers, pooling, labels, devices, shapes); one-line message."""
-
+LATENT_LAYER = 0  # --layers latent: the clean latent tokens, patchified as the model sees them (no block)
 
 # ------------------------------------------------------------------------------------------- model inputs
 @dataclasses.dataclass
@@ -77,7 +74,7 @@ class ModelInputs:
         """REG: rows ``start:stop`` of the clean class tokens and their seeded noise, float32 ``(b, dim)`` each."""
         if self.cls is None or self.cls.shape[1:] != (dim,):
             got = "none" if self.cls is None else f"width {self.cls.shape[-1]}"
-            raise FeatureError(f"a REG model needs the class tokens of its training encoder (width {dim}), got {got}")
+            raise AnalysisInputError(f"a REG model needs the class tokens of its training encoder (width {dim}), got {got}")
         noise = seeded_noise(seed ^ CLASS_TOKEN_KEY, self.indices[start:stop], (dim,), device=device)
         return self.cls[start:stop].to(device).float(), noise
 
@@ -94,8 +91,6 @@ class ModelInputs:
 
 def batch_loader(data, batch_size: int, num_workers: int) -> DataLoader:
     """``data`` itself when it is a DataLoader, else an unshuffled DataLoader of it (the datasets' collate)."""
-    from repa_probe.data import collate
-
     if isinstance(data, DataLoader):
         return data
     return DataLoader(data, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate)
@@ -107,25 +102,45 @@ def prepare_inputs(data, vae=None, batch_size: int = 64, num_workers: int = 0,
     """Clean model inputs for every sample of ``data`` (a Dataset of dicts, or an unshuffled DataLoader).
 
     Pixel space (``vae=None``): the uint8 images are kept. Latent space: the posterior mean of the
-    stored ``moments`` (or of ``vae.encode_moments`` on the VAE's device), times ``vae.scale`` plus
-    ``vae.bias``, as float32 on the CPU. Indices are positions in iteration order.
+    stored ``moments`` (or of ``vae.encode_moments`` on the VAE's device), normalised by the VAE
+    (``vae.normalize``: SD-VAE's scale, or per-channel statistics), as float32 on the CPU. Indices are
+    positions in iteration order.
     """
     chunks, labels = [], []
     for batch in tqdm(batch_loader(data, batch_size, num_workers), desc="inputs", disable=not progress, leave=False):
         images = batch["image"]
         if images.dtype != torch.uint8 or images.ndim != 4:
-            raise FeatureError(f"dataset images must be uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+            raise AnalysisInputError(f"dataset images must be uint8 (B, 3, H, W), got {images.dtype} {tuple(images.shape)}")
         if vae is None:
             chunks.append(images)
         else:
             moments = batch["moments"] if "moments" in batch else vae.encode_moments(images.to(vae.device))
             mean = moments.float().chunk(2, dim=1)[0]
-            chunks.append((mean * vae.scale + vae.bias).cpu())
+            chunks.append(vae.normalize(mean).cpu())  # SD-VAE: mean * 0.18215; REPA-E: per channel
         labels.append(torch.as_tensor(batch["label"]).reshape(-1).to(torch.int64))
     if not chunks:
-        raise FeatureError("the dataset is empty")
+        raise AnalysisInputError("the dataset is empty")
     x = torch.cat(chunks)
     return ModelInputs(x, torch.cat(labels), torch.arange(x.shape[0], dtype=torch.int64), pixel=vae is None)
+
+
+class InputsByVAE:
+    """:func:`prepare_inputs` of one dataset for each checkpoint's VAE: REPA-E checkpoints read latents with their
+    own (tuned, or normalised by their BatchNorm statistics), every other one shares the source's. The shared
+    inputs are kept; of the others only the latest (checkpoints are analysed one after another)."""
+
+    def __init__(self, data, shared: ModelInputs, shared_vae, device, batch_size: int, progress: bool):
+        self.data, self.device, self.batch_size, self.progress = data, device, batch_size, progress
+        self.shared, self.shared_vae, self._last = shared, shared_vae, (None, None)
+
+    def get(self, vae) -> ModelInputs:
+        """The inputs as ``vae`` (an entry's LatentVAE or None) encodes and normalises them."""
+        if vae is self.shared_vae:
+            return self.shared
+        if self._last[0] is not vae:
+            self._last = (vae, prepare_inputs(self.data, vae.to(self.device) if vae is not None else None,
+                                              self.batch_size, progress=self.progress))
+        return self._last[1]
 
 
 # ------------------------------------------------------------------------------------------ extraction
@@ -154,35 +169,46 @@ class FeatureSet:
         try:
             return self.features[(layer, parse_time(t))]
         except KeyError:
-            raise FeatureError(f"no features for layer {layer} at t={t}; have layers {self.layers}, "
+            raise AnalysisInputError(f"no features for layer {layer} at t={t}; have layers {self.layers}, "
                                f"timesteps {self.timesteps}") from None
 
 
+def latent_tokens(model, x0: torch.Tensor) -> torch.Tensor:
+    """Layer 0, ``latent``: the clean input ``x0: (b, C, H, W)`` patchified as the model's patch embedding reads
+    it -> ``(b, T, C·p·p)`` (token order and per-token (C, p, p) order of ``x_embedder.proj``)."""
+    p = model.patch_size
+    b, c, h, w = x0.shape
+    x = x0.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
 def resolve_layers(model, layers) -> list[int]:
-    """``"all"``/None or an iterable of 1-based block numbers -> sorted unique list, validated."""
+    """``"all"``/None or an iterable of 1-based block numbers (0 = ``latent``, the clean latent tokens) -> sorted
+    unique list, validated. ``"all"`` means the blocks."""
     depth = model.depth
     if layers is None or layers == "all":
         return list(range(1, depth + 1))
     out = sorted({int(v) for v in layers})
     if not out:
-        raise FeatureError("no layers requested")
-    bad = [v for v in out if not 1 <= v <= depth]
+        raise AnalysisInputError("no layers requested")
+    bad = [v for v in out if not LATENT_LAYER <= v <= depth]
     if bad:
-        raise FeatureError(f"layers {bad} are outside 1..{depth} (1-based block numbers; the model has {depth} blocks)")
+        raise AnalysisInputError(f"layers {bad} are outside 1..{depth} (1-based block numbers, 0 = the latent; the "
+                                 f"model has {depth} blocks)")
     return out
 
 
 def _labels(model, inputs: ModelInputs, mode: str) -> torch.Tensor:
     """Class labels fed to the model: the null class (unconditional) or the dataset's labels."""
     if mode not in LABEL_MODES:
-        raise FeatureError(f"labels must be one of {LABEL_MODES}, got {mode!r}")
+        raise AnalysisInputError(f"labels must be one of {LABEL_MODES}, got {mode!r}")
     rows, n_cls = model.y_embedder.num_rows, model.num_classes
     if mode == "null":
         if rows <= n_cls:
-            raise FeatureError("the model has no null class (class_dropout_prob = 0): use labels='true'")
+            raise AnalysisInputError("the model has no null class (class_dropout_prob = 0): use labels='true'")
         return torch.full_like(inputs.labels, n_cls)
     if len(inputs.labels) and (int(inputs.labels.min()) < 0 or int(inputs.labels.max()) >= n_cls):
-        raise FeatureError(f"dataset labels span [{int(inputs.labels.min())}, {int(inputs.labels.max())}] "
+        raise AnalysisInputError(f"dataset labels span [{int(inputs.labels.min())}, {int(inputs.labels.max())}] "
                            f"but the model has {n_cls} classes: use labels='null'")
     return inputs.labels
 
@@ -197,21 +223,21 @@ def module_device(module: torch.nn.Module, device, what: str) -> torch.device:
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     if dev != own:
-        raise FeatureError(f"the {what} is on {own} but device={device}: move the {what} first")
+        raise AnalysisInputError(f"the {what} is on {own} but device={device}: move the {what} first")
     return dev
 
 
 def _pooled_layers(model, layers, pool: str) -> list[int]:
     """The 1-based blocks to capture for ``pool`` (``projector``: only block ``encoder_depth``)."""
     if pool not in POOLS:
-        raise FeatureError(f"pool must be one of {POOLS}, got {pool!r}")
+        raise AnalysisInputError(f"pool must be one of {POOLS}, got {pool!r}")
     layer_list = resolve_layers(model, layers)
     if pool == "projector":
         if not len(model.projectors):
-            raise FeatureError("pool='projector' needs a model with REPA projectors")
+            raise AnalysisInputError("pool='projector' needs a model with REPA projectors")
         if layer_list != [model.encoder_depth]:
             if layers not in (None, "all"):
-                raise FeatureError(f"pool='projector' reads block {model.encoder_depth} only, got layers {layer_list}")
+                raise AnalysisInputError(f"pool='projector' reads block {model.encoder_depth} only, got layers {layer_list}")
             layer_list = [model.encoder_depth]
     return layer_list
 
@@ -231,15 +257,17 @@ def extract_features(model, objective, data, timesteps, layers="all", pool: str 
         objective: FlowMatching or GaussianDiffusion matching ``model.time_convention``.
         data: a Dataset of dicts, an unshuffled DataLoader or :class:`ModelInputs`.
         timesteps: user times (see :func:`repa_probe.timesteps.parse_times`); the keys of the result.
-        layers: ``"all"`` or 1-based block numbers (block 8 = REPA's encoder_depth 8).
+        layers: ``"all"`` or 1-based block numbers (block 8 = REPA's encoder_depth 8); 0 is the clean latent
+            itself (:func:`latent_tokens`; the same at every t), to compare latent spaces (SD-VAE, REPA-E's).
         pool: ``"mean"`` -> ``(N, D)`` token mean; ``"tokens"`` -> ``(N, T, D)``; ``"projector"`` ->
             ``(N, z_dim)`` token mean of the first REPA projector's output (layer = encoder_depth only).
         labels: ``"null"`` (unconditional class) or ``"true"`` (dataset labels).
     """
     if dtype not in (torch.float32, torch.float16):
-        raise FeatureError(f"dtype must be float32 or float16, got {dtype}")
+        raise AnalysisInputError(f"dtype must be float32 or float16, got {dtype}")
     check_objective(model.time_convention, objective)
     layer_list = _pooled_layers(model, layers, pool)
+    blocks = [v for v in layer_list if v != LATENT_LAYER]
     user_t = parse_times(timesteps)
     process_t, model_t = model_times(user_t, model.time_convention, getattr(objective, "num_timesteps", DDPM_STEPS))
     device = module_device(model, device, "model")
@@ -259,7 +287,10 @@ def extract_features(model, objective, data, timesteps, layers="all", pool: str 
                        if getattr(model, "cls_token_dim", 0) else None)
         for t_user, t_proc, t_net in zip(user_t, process_t, model_t):
             with autocast:
-                hidden, cls_hidden = _block_outputs(model, objective, batch, t_proc, t_net, layer_list, pool)
+                hidden, cls_hidden = _block_outputs(model, objective, batch, t_proc, t_net, blocks, pool)
+            if LATENT_LAYER in layer_list:  # layer 0: the clean latent tokens (no block, the same at every t)
+                hidden = [latent_tokens(model, batch.x0)] + hidden
+                cls_hidden = [None] + cls_hidden if cls_hidden else cls_hidden
             for layer, h, c in zip(layer_list, hidden, cls_hidden or [None] * len(hidden)):
                 out = h.float().mean(dim=1) if pool in ("mean", "projector") else h.float()
                 _store(feats, (layer, t_user), out, start, stop, n, dtype)

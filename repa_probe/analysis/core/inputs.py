@@ -22,7 +22,19 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from repa_probe.errors import ReproError
+from repa_probe.analysis.core.features import resolve_layers
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.checkpoint import CheckpointError, load_model, safe_load
+from repa_probe.data import CappedDataset, DatasetError, build_dataset
+from repa_probe.encoders.target import load_encoder
+from repa_probe.encoders.vae import default_vae
+from repa_probe.models import from_config
+from repa_probe.trained_vae import checkpoint_vae, load_any_vae
+from repa_probe.objectives import FlowMatching, GaussianDiffusion
+from repa_probe.timesteps import DDPM_STEPS, TimeError, process_time
+from repa_probe.training.builders import build_encoder, build_objective
+from repa_probe.training.config import ConfigError, from_dict
+from repa_probe.training.rundir import checkpoint_label, checkpoint_run, list_checkpoints
 
 log = logging.getLogger("repa_probe")
 
@@ -32,10 +44,6 @@ SHAPES_SIZES = {"alignment": 512, "train": 2000, "test": 500}
 PROCEDURAL_MAX = 50_000  # the largest procedural shapes set an analysis draws (more would run for hours)
 MAX_DEFAULT_SAMPLES = 10000  # alignment N when --num-samples is not given (min with the dataset size)
 KEEP_MODEL_PARAMS = 50_000_000  # models this small stay in memory between validation and analysis
-
-
-class AnalysisInputError(ReproError, ValueError):
-    """Analysis inputs that do not fit together (checkpoints, data, encoder, VAE); one-line message."""
 
 
 # -------------------------------------------------------------------------------------- checkpoints
@@ -86,8 +94,6 @@ class CheckpointEntry:
     def take_model(self):
         """The model (float32, CPU, eval): the one kept from validation, else loaded again. The entry forgets
         it, so the caller's reference is the last one and ``del`` frees it."""
-        from repa_probe.checkpoint import load_model
-
         model, self.model = self.model, None
         if model is None:
             model = load_model(self.path, time_convention=self.info.time_convention, prefer_ema=self.info.ema,
@@ -96,8 +102,6 @@ class CheckpointEntry:
 
     def meta_model(self):
         """The architecture on the meta device (shapes only, no memory)."""
-        from repa_probe.models import from_config
-
         if self.model is not None:
             return self.model
         with torch.device("meta"):
@@ -115,8 +119,6 @@ class CheckpointEntry:
 
 def checkpoint_paths(items: Sequence) -> list[Path]:
     """Files as given; a directory means every checkpoint in it (or in its ``checkpoints/``), by step."""
-    from repa_probe.training.rundir import list_checkpoints
-
     out: list[Path] = []
     for item in items:
         p = Path(item)
@@ -153,9 +155,6 @@ def _use_ema(weights: str, cfg, step) -> bool:
 
 def _training_config(path: Path, raw) -> tuple[Any, Any]:
     """``(Config, step)`` of our checkpoint, ``(None, None)`` for an official file."""
-    from repa_probe.checkpoint import CheckpointError
-    from repa_probe.training.config import ConfigError, from_dict
-
     if not (isinstance(raw, dict) and str(raw.get("format", "")).startswith("repa-probe/")):
         return None, None
     if not isinstance(raw.get("config"), dict):
@@ -168,11 +167,7 @@ def _training_config(path: Path, raw) -> tuple[Any, Any]:
 
 def objective_for(cfg, info):
     """Our checkpoints: the training objective; official ``ddpm`` (DiT): DDPM, 1000 steps; others: linear flow."""
-    from repa_probe.objectives import FlowMatching, GaussianDiffusion
-
     if cfg is not None:
-        from repa_probe.training.builders import build_objective
-
         return build_objective(cfg)
     if info.time_convention == "ddpm":
         return GaussianDiffusion(1000, learn_sigma=bool(info.config.get("learn_sigma", True)))
@@ -184,8 +179,6 @@ def _load(path: Path, raw, cfg, options, prefer_ema: bool):
     dict whose shapes read as DiT (a plain official SiT file looks the same); our files, training files with
     args and REPA state dicts (projectors, C-channel output) keep the convention they show.
     ``options.encoder_depth`` applies to official files (ours store it)."""
-    from repa_probe.checkpoint import load_model
-
     kw = dict(prefer_ema=prefer_ema, loaded=raw, encoder_depth=options.encoder_depth if cfg is None else None)
     model, info = load_model(path, **kw)
     forced = options.time_convention
@@ -201,9 +194,9 @@ def _load(path: Path, raw, cfg, options, prefer_ema: bool):
 def _assign_vaes(entries: list[CheckpointEntry], options) -> None:
     """Each entry's ``vae_name`` and ``vae``: ``--vae``, else the run's ``vae.name``; a file without a training
     config takes the VAE of the first of our runs with as many latent channels, else
-    :func:`~repa_probe.encoders.vae.default_vae` of its channels. Each VAE is loaded once."""
-    from repa_probe.encoders.vae import default_vae, load_vae
-
+    :func:`~repa_probe.encoders.vae.default_vae` of its channels. Each VAE is loaded once. A model with REPA-E's
+    latent BatchNorm gets its own: the VAE its checkpoint holds (end-to-end tuned; else the named one),
+    normalised by the BatchNorm statistics of the weights analysed (:func:`repa_probe.trained_vae.checkpoint_vae`)."""
     ours = {e.latent_channels: e.cfg.vae.name for e in reversed(entries) if e.cfg is not None}
     vaes: dict = {}
     for e in entries:
@@ -214,8 +207,14 @@ def _assign_vaes(entries: list[CheckpointEntry], options) -> None:
             e.vae_name = str(e.cfg.vae.name)
         else:
             e.vae_name = str(ours.get(e.latent_channels) or default_vae(e.latent_channels))
+        if e.info.config.get("bn_momentum") is not None or (e.cfg is not None and e.cfg.vae.tune):
+            # REPA-E: the checkpoint's own (tuned) VAE unless --vae names one, normalised by its model's
+            # BatchNorm statistics (the weights analysed: EMA or raw)
+            e.vae = checkpoint_vae(e.path, e.vae_name, prefer_ema=e.info.ema, tuned=given is None)
+            e.vae_name = e.vae.name if given is None and e.vae is not None else e.vae_name
+            continue
         if e.vae_name not in vaes:
-            vaes[e.vae_name] = load_vae(e.vae_name)
+            vaes[e.vae_name] = load_any_vae(e.vae_name)
         e.vae = vaes[e.vae_name]
 
 
@@ -224,9 +223,6 @@ def load_checkpoints(items: Sequence, options) -> list[CheckpointEntry]:
     (:func:`_assign_vaes`); small models stay in memory. ``options``: ``weights``, ``time_convention``,
     ``encoder_depth`` (official files only: ours store their depth) and ``vae`` (when the options have it)
     of :class:`~repa_probe.analysis.core.options.AnalysisOptions`."""
-    from repa_probe.checkpoint import safe_load
-    from repa_probe.training.rundir import checkpoint_label, checkpoint_run
-
     entries, labels = [], set()
     for p in checkpoint_paths(items):
         raw = safe_load(p)
@@ -250,16 +246,13 @@ def load_checkpoints(items: Sequence, options) -> list[CheckpointEntry]:
 def check_times_and_layers(entries: Sequence[CheckpointEntry], options) -> dict[str, list[int]]:
     """The 1-based blocks of each checkpoint (label -> list), after checking that ``options.timesteps`` fit
     its time convention and ``options.layers`` its depth."""
-    from repa_probe.analysis.core.features import FeatureError, resolve_layers
-    from repa_probe.timesteps import DDPM_STEPS, TimeError, process_time
-
     out = {}
     for e in entries:
         try:
             process_time(options.timesteps, e.info.time_convention,
                          getattr(e.objective, "num_timesteps", DDPM_STEPS))
             out[e.label] = resolve_layers(e.meta_model(), options.layers)
-        except (TimeError, FeatureError) as exc:
+        except (TimeError, AnalysisInputError) as exc:
             raise AnalysisInputError(f"{e.label}: {exc}") from None
     return out
 
@@ -354,8 +347,6 @@ def check_class_labels(entries: Sequence[CheckpointEntry], labels: str, num_clas
 def build_config_encoder(cfg):
     """The training run's target encoder on the CPU, rebuilt exactly (random weights are seeded by
     ``run.seed`` alone, see :func:`repa_probe.training.builders.build_encoder`), also for a vanilla run."""
-    from repa_probe.training.builders import build_encoder
-
     return build_encoder(cfg, torch.device("cpu"), required=True)
 
 
@@ -369,8 +360,6 @@ def resolve_encoder(entries: Sequence[CheckpointEntry], options, resolution: int
     """The target encoder on the CPU: ``options.encoder`` (weights ``encoder_weights``, random with
     ``random_encoder`` seeded by ``seed``) when given, else the training config's (must agree)."""
     if options.encoder is not None:
-        from repa_probe.encoders.target import load_encoder
-
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(options.seed)
             return load_encoder(options.encoder, weights=options.encoder_weights,
@@ -396,8 +385,6 @@ def build_analysis_dataset(source: DataSource, split: str = "auto", num_samples:
     else ``train``. ``source.name`` may be a directory (``repa`` layout if it has ``images/``, else
     imagefolder). ``num_samples``: N (default min(10000, size); shapes :data:`SHAPES_SIZES`); more than the
     split has is an error. Returns ``(dataset, split used)``."""
-    from repa_probe.data import CappedDataset, DatasetError, build_dataset
-
     name, root = source.name, source.root
     if Path(name).is_dir():
         root, name = name, ("repa" if (Path(name) / "images").is_dir() else "imagefolder")

@@ -17,23 +17,20 @@ import math
 import numbers
 from typing import Any, Sequence
 
-from repa_probe.errors import ReproError
+from repa_probe.analysis.errors import OptionsError
 from repa_probe.analysis.metrics.spatial import SPATIAL_METRICS
+from repa_probe.analysis.probes.linear import BACKENDS
+from repa_probe.data.common import SPLITS
 from repa_probe.timesteps import TimeError, UserTime, as_float, convention_of, label, parse_time, parse_times
 
 WEIGHTS = ("auto", "ema", "model")
-SPLITS = ("auto", "train", "val", "test")
+SPLIT_CHOICES = ("auto", *SPLITS)  # a dataset split, or "auto": val when the dataset has one, else train
 LABEL_MODES = ("null", "true")
 METRICS = ("cknna", "mutual_knn", "cka", "unbiased_cka", "cycle_knn")
 TARGET_KINDS = ("cls", "mean_patch")
 TASKS = ("linear", "segmentation")
-BACKENDS = ("sklearn", "torch")
 
 log = logging.getLogger("repa_probe")
-
-
-class OptionsError(ReproError, ValueError):
-    """An analysis option with a bad value, or an unknown option (one-line message naming the flag)."""
 
 
 def flag(name: str) -> str:
@@ -83,17 +80,21 @@ def _replicates(value) -> int:
 
 
 def parse_layers(value) -> str | list[int]:
-    """``"all"`` / None or 1-based block numbers (``"1,4,8"`` or a list) -> ``"all"`` or a sorted unique list."""
+    """``"all"`` / None or 1-based block numbers (``"1,4,8"`` or a list), ``latent`` (= 0: the clean latent
+    tokens) among them -> ``"all"`` or a sorted unique list."""
     if value is None or value == "all":
         return "all"
     items = value.split(",") if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else [value]
+    words = [str(v).strip() for v in items if str(v).strip()]
     try:
-        given = [int(str(v).strip()) for v in items if str(v).strip()]
+        given = [0 if w == "latent" else int(w) for w in words]
     except ValueError:
-        raise OptionsError(f"--layers must be 'all' or 1-based block numbers like 1,4,8, got {value!r}") from None
+        given = []
     out = sorted(set(given))
-    if not out or out[0] < 1:
-        raise OptionsError(f"--layers must be 'all' or 1-based block numbers like 1,4,8, got {value!r}")
+    lowest = 0 if isinstance(value, (list, tuple)) else 1  # 0 is written 'latent' (lists: options.json)
+    if not out or out[0] < min(lowest, 0 if "latent" in words else 1):
+        raise OptionsError(f"--layers must be 'all' or 1-based block numbers like 1,4,8 (and 'latent': the clean "
+                           f"latent tokens), got {value!r}")
     _say_merged("--layers", given, out)
     return out
 
@@ -223,7 +224,7 @@ class AnalysisOptions(Options):
     def validate(self) -> None:
         """Check and normalise every field in place; :class:`OptionsError` naming the flag on a bad value."""
         validate_checkpoint_options(self)
-        _choice("split", self.split, SPLITS)
+        _choice("split", self.split, SPLIT_CHOICES)
         _choice("labels", self.labels, LABEL_MODES)
         self.layers = parse_layers(self.layers)
         self.timesteps = _times("timesteps", self.timesteps)
@@ -231,6 +232,7 @@ class AnalysisOptions(Options):
         self.batch_size = _int("batch_size", self.batch_size)
         if self.random_encoder and self.encoder is None:
             raise OptionsError("--random-encoder needs --encoder NAME (the architecture to initialise)")
+
 
 @dataclasses.dataclass
 class AlignmentOptions(AnalysisOptions):

@@ -19,6 +19,7 @@ import seaborn as sns
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from repa_probe.reports.figures import save
 from repa_probe.timesteps import Step, as_float, parse_time
 
 TIME_LABEL = "t (0 = clean, 1 = noise)"
@@ -42,8 +43,6 @@ def _figure(width: float = 6.0, height: float = 4.0):
 def save_figure(fig: Figure, stem: Path) -> list[Path]:
     """Tight layout, then ``stem.pdf`` (vector) and ``stem.png`` (200 dpi,
     :func:`repa_probe.reports.figures.save`). Returns both paths."""
-    from repa_probe.reports.figures import save
-
     fig.tight_layout()
     return save(fig, stem)
 

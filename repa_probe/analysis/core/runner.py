@@ -45,8 +45,9 @@ from typing import Any, Sequence
 
 import torch
 
-from repa_probe.analysis.core.inputs import AnalysisInputError, CheckpointEntry, load_checkpoints
+from repa_probe.analysis.core.inputs import CheckpointEntry, load_checkpoints
 from repa_probe.analysis.core.writers import INCOMPLETE, begin_outputs, end_outputs, write_csv, write_json
+from repa_probe.analysis.errors import AnalysisInputError
 from repa_probe.devices import resolve_device
 from repa_probe.errors import Interrupted
 from repa_probe.reports.bootstrap import FILE as REPLICATES, take_replicates, write_replicates

@@ -18,7 +18,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from repa_probe.analysis.core.features import FeatureError, batch_loader, module_device
+from repa_probe.analysis.core.features import batch_loader, module_device
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.checkpoint import atomic_save
 
 log = logging.getLogger("repa_probe")
 
@@ -88,7 +90,7 @@ def encoder_features(encoder, dataset, kind: str = "cls", cache_dir=None, batch_
     ``device``: where the encoder is (default: its own device); images are moved there batch by batch.
     """
     if kind not in ENCODER_KINDS:
-        raise FeatureError(f"encoder feature kind must be one of {ENCODER_KINDS}, got {kind!r}")
+        raise AnalysisInputError(f"encoder feature kind must be one of {ENCODER_KINDS}, got {kind!r}")
     n = len(dataset)
     path = key = None
     if cache_dir is not None:
@@ -108,7 +110,5 @@ def encoder_features(encoder, dataset, kind: str = "cls", cache_dir=None, batch_
             out.append(encoder.features(batch["image"].to(device), kind).float().cpu())
     feats = torch.cat(out)
     if path is not None:
-        from repa_probe.checkpoint import atomic_save
-
         atomic_save({"key": key, "kind": kind, "encoder": encoder.cache_key, "features": feats}, path)
     return feats

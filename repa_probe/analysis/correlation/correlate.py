@@ -37,10 +37,14 @@ import numpy as np
 import pandas as pd
 from scipy.stats import rankdata
 
+from repa_probe.analysis.core.plots import slug
 from repa_probe.analysis.core.writers import begin_outputs, end_outputs, read_json, write_json, write_text
-from repa_probe.errors import ReproError
+from repa_probe.analysis.correlation.plots import scatter, versus_step
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.reports.run_report import write_run_report
+from repa_probe.timesteps import TimeError, label, parse_times
 
-__all__ = ["CorrelateError", "Quantity", "parse_quantity", "find_tables", "load_tables", "select", "join",
+__all__ = ["AnalysisInputError", "Quantity", "parse_quantity", "find_tables", "load_tables", "select", "join",
            "correlation", "correlate_table", "run_correlate", "TABLE_NAMES"]
 
 log = logging.getLogger("repa_probe")
@@ -50,10 +54,6 @@ MIN_CHECKPOINTS = 3
 SETTING_KEYS = ("num_samples", "num_train", "num_test", "seed", "encoder", "timesteps")  # what makes a table's values
 COMPARABLE_KEYS = ("num_samples", "num_train", "num_test", "seed")  # values of different checkpoints need equal ones
 _SPEC = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:@\s*([A-Za-z0-9_]+))?\s*(?:,\s*t\s*=\s*([0-9.eE+\-]+))?\s*$")
-
-
-class CorrelateError(ReproError, ValueError):
-    """Bad input to the correlation analysis (quantity, tables, too few checkpoints); one-line message."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +73,7 @@ def parse_quantity(text: str, what: str = "x") -> Quantity:
     """``"cknna@block8,t=0.5"`` -> ``Quantity("cknna", 8, 0.5)`` (see the module docstring)."""
     m = _SPEC.match(str(text))
     if not m:
-        raise CorrelateError(f"--{what} {text!r}: expected METRIC[@blockN|@best|@target][,t=T], "
+        raise AnalysisInputError(f"--{what} {text!r}: expected METRIC[@blockN|@best|@target][,t=T], "
                              "e.g. cknna@block8,t=0.5")
     metric, layer, t = m.groups()
     if layer is not None:
@@ -83,11 +83,11 @@ def parse_quantity(text: str, what: str = "x") -> Quantity:
         elif re.fullmatch(r"(block)?\d+", low):
             layer = int(low.removeprefix("block"))
         else:
-            raise CorrelateError(f"--{what} {text!r}: layer must be blockN, N, best or target, got {layer!r}")
+            raise AnalysisInputError(f"--{what} {text!r}: layer must be blockN, N, best or target, got {layer!r}")
     try:
         t = None if t is None else float(t)
     except ValueError:
-        raise CorrelateError(f"--{what} {text!r}: t must be a number, got {t!r}") from None
+        raise AnalysisInputError(f"--{what} {text!r}: t must be a number, got {t!r}") from None
     return Quantity(metric, layer, t)
 
 
@@ -99,20 +99,20 @@ def find_tables(items: Sequence) -> list[Path]:
         text = str(item)
         matches = [Path(p) for p in sorted(glob.glob(text, recursive=True))] if glob.has_magic(text) else [Path(text)]
         if not matches:
-            raise CorrelateError(f"--tables {text!r}: the pattern matches nothing")
+            raise AnalysisInputError(f"--tables {text!r}: the pattern matches nothing")
         for p in matches:
             if p.is_dir():
                 found = sorted(q for name in TABLE_NAMES for q in p.rglob(name))
                 if not found:
-                    raise CorrelateError(f"--tables {p}: no {', '.join(TABLE_NAMES)} in this directory")
+                    raise AnalysisInputError(f"--tables {p}: no {', '.join(TABLE_NAMES)} in this directory")
                 out += found
             elif p.is_file():
                 out.append(p)
             else:
-                raise CorrelateError(f"--tables {p}: no such file or directory")
+                raise AnalysisInputError(f"--tables {p}: no such file or directory")
     unique = list(dict.fromkeys(p.resolve() for p in out))
     if not unique:
-        raise CorrelateError("no tables given (--tables PATH)")
+        raise AnalysisInputError("no tables given (--tables PATH)")
     return unique
 
 
@@ -120,10 +120,10 @@ def _read(path: Path) -> pd.DataFrame:
     try:
         df = pd.read_csv(path, dtype={"checkpoint": str, "layer": str, "metric": str})
     except (OSError, ValueError) as exc:
-        raise CorrelateError(f"{path}: not a readable CSV ({exc})") from None
+        raise AnalysisInputError(f"{path}: not a readable CSV ({exc})") from None
     missing = [c for c in ("checkpoint", "metric", "value") if c not in df.columns]
     if missing:
-        raise CorrelateError(f"{path}: not a result table (no {', '.join(missing)} column; "
+        raise AnalysisInputError(f"{path}: not a result table (no {', '.join(missing)} column; "
                              f"has {', '.join(df.columns)})")
     if "source" in df.columns:  # probe tables: the encoder's own reference rows are not per checkpoint
         df = df[df["source"].fillna("model") == "model"]
@@ -163,8 +163,6 @@ def load_tables(items: Sequence) -> pd.DataFrame:
 def table_settings(path: Path) -> dict:
     """The :data:`SETTING_KEYS` a table was made with, from the ``options.json`` / ``summary.json`` beside it
     (the resolved N and encoder when the summary has them); ``{}`` for a table without them."""
-    from repa_probe.timesteps import TimeError, label, parse_times
-
     summary = read_json(path.parent / "summary.json", {}) or {}
     options = read_json(path.parent / "options.json") or summary.get("options") or {}
     out = {k: options[k] for k in SETTING_KEYS if options.get(k) is not None}
@@ -203,7 +201,7 @@ def check_settings(df: pd.DataFrame) -> None:
             if keys:
                 diff = "; ".join(f"{k} {sa[k]} vs {sb[k]}" for k in keys)
                 what = f"share checkpoint {sorted(shared)[0]} but" if shared else "hold different checkpoints"
-                raise CorrelateError(f"tables {a} and {b} {what} were made with different settings ({diff}): pass "
+                raise AnalysisInputError(f"tables {a} and {b} {what} were made with different settings ({diff}): pass "
                                      "only the tables of one setting")
 
 
@@ -239,12 +237,12 @@ def _pick_timestep(rows: pd.DataFrame, q: Quantity, warnings: list) -> pd.DataFr
     t = q.t
     if t is None:
         if len(shared) != 1:
-            raise CorrelateError(f"{q}: give a timestep (,t=T); shared by all tables: "
+            raise AnalysisInputError(f"{q}: give a timestep (,t=T); shared by all tables: "
                                  f"{', '.join(f'{v:g}' for v in sorted(shared)) or 'none'}")
         t = next(iter(shared))
     lacking = [f for f, ts in per_file.items() if round(t, 6) not in ts]
     if len(lacking) == len(per_file):
-        raise CorrelateError(f"{q}: no table has t={t:g}; available: {_available(rows)}")
+        raise AnalysisInputError(f"{q}: no table has t={t:g}; available: {_available(rows)}")
     if lacking:
         warnings.append(f"{q}: t={t:g} is missing from {', '.join(lacking)}: their checkpoints are left out")
     return rows[rows["timestep"] == round(t, 6)]
@@ -255,7 +253,7 @@ def select(df: pd.DataFrame, q: Quantity, warnings: list | None = None) -> pd.Da
     warnings = [] if warnings is None else warnings
     rows = df[(df["metric"] == q.metric) & df["value"].notna()]
     if rows.empty:
-        raise CorrelateError(f"unknown metric {q.metric!r} ({q}); the tables have: {_available(df)}")
+        raise AnalysisInputError(f"unknown metric {q.metric!r} ({q}); the tables have: {_available(df)}")
     layers = set(rows["layer"])
     if q.layer == "target":
         rows = rows[rows["layer"] == "target"]
@@ -264,17 +262,17 @@ def select(df: pd.DataFrame, q: Quantity, warnings: list | None = None) -> pd.Da
     elif q.layer is not None:
         rows = rows[rows["layer"] == str(q.layer)]
     elif len(layers) > 1:
-        raise CorrelateError(f"{q}: the tables have it per layer; add @blockN, @best or @target "
+        raise AnalysisInputError(f"{q}: the tables have it per layer; add @blockN, @best or @target "
                              f"(available: {_available(rows)})")
     if rows.empty:
-        raise CorrelateError(f"{q} is not in the tables; available: {_available(df[df['metric'] == q.metric])}")
+        raise AnalysisInputError(f"{q} is not in the tables; available: {_available(df[df['metric'] == q.metric])}")
     if q.layer != "target":
         rows = _pick_timestep(rows, q, warnings)
     spread = rows.groupby(["checkpoint", "layer", "timestep"], dropna=False)["value"].nunique()
     if (spread > 1).any():  # before @best / @target reduce the rows: a conflict must not pick a winner
         ck = spread[spread > 1].index[0][0]
         files = sorted(set(rows.loc[rows["checkpoint"] == ck, "file"]))
-        raise CorrelateError(f"{q}: checkpoint {ck} has {int(spread.max())} different values (in {', '.join(files)}; "
+        raise AnalysisInputError(f"{q}: checkpoint {ck} has {int(spread.max())} different values (in {', '.join(files)}; "
                              "e.g. several sampler settings): pass only the tables of one setting")
     if q.layer == "best":
         rows = rows.loc[rows.groupby("checkpoint")["value"].idxmax()]
@@ -315,7 +313,7 @@ def correlation(x, y, bootstrap: int = 2000, permutations: int = 10000, seed: in
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     n = len(x)
     if n < MIN_CHECKPOINTS:
-        raise CorrelateError(f"{n} checkpoint(s) have both values; a correlation needs at least {MIN_CHECKPOINTS}")
+        raise AnalysisInputError(f"{n} checkpoint(s) have both values; a correlation needs at least {MIN_CHECKPOINTS}")
     rng = np.random.default_rng(seed)
     boot = rng.integers(0, n, size=(bootstrap, n)) if bootstrap else None
     perm = rng.permuted(np.tile(np.arange(n), (permutations, 1)), axis=1) if permutations else None
@@ -356,7 +354,7 @@ def correlate_table(df: pd.DataFrame, x: str | Quantity, y: str | Quantity, last
     for w in warnings:
         log.warning("%s", w)
     if len(points) < MIN_CHECKPOINTS:
-        raise CorrelateError(f"only {len(points)} checkpoint(s) have both {qx} and {qy}; a correlation needs at "
+        raise AnalysisInputError(f"only {len(points)} checkpoint(s) have both {qx} and {qy}; a correlation needs at "
                              f"least {MIN_CHECKPOINTS} (no correlation computed)")
     stats = correlation(points["x"], points["y"], bootstrap, permutations, seed)
     stats.update(x=str(qx), y=str(qy), n=len(points), runs=int(points["run"].nunique()), warnings=warnings,
@@ -369,20 +367,16 @@ def run_correlate(tables: Sequence, x: str, y: str, out_dir, last_only: bool = F
     """Tables -> ``out_dir/correlation.csv`` (the joined points), ``summary.json``, ``report.md`` (the
     statistics) and ``figures/`` (scatter coloured by run with steps annotated; both quantities vs training
     step on twin axes). Returns the summary."""
-    from repa_probe.analysis.correlation.plots import scatter, versus_step
-    from repa_probe.analysis.core.plots import slug
-    from repa_probe.reports.run_report import write_run_report
-
     for name, v in (("--bootstrap", bootstrap), ("--permutations", permutations)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise CorrelateError(f"{name} must be a non-negative integer, got {v!r}")
+            raise AnalysisInputError(f"{name} must be a non-negative integer, got {v!r}")
     files = find_tables(tables)
     points, stats = correlate_table(load_tables(files), x, y, last_only, bootstrap, permutations, seed)
     out = Path(out_dir)
     try:
         (out / "figures").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise CorrelateError(f"--out {out} is not writable ({exc.strerror or exc})") from None
+        raise AnalysisInputError(f"--out {out} is not writable ({exc.strerror or exc})") from None
     removed = begin_outputs(out, ["correlation.csv", "report.md"])
     if removed:
         log.warning("--out %s held the outputs of an earlier correlation; removed %s", out, ", ".join(removed))

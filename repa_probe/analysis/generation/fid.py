@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from repa_probe.analysis.generation.fid_inputs import (  # noqa: F401 (re-exported: part of this module's API)
-    FIDError, ImageArray, Reference, check_layout, image_height, load_images, read_reference, save_reference_stats)
+    ImageArray, Reference, check_layout, image_height, load_images, read_reference, save_reference_stats)
 from repa_probe.analysis.metrics.frechet import fd_replicates, frechet_distance, statistics
 
 log = logging.getLogger("repa_probe")
@@ -116,14 +116,14 @@ def inception_space(weights, isc: bool = False) -> FeatureSpace:
     path = Path(os.path.expanduser(str(weights))) if weights else (
         Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
     if not path.is_file():
-        raise FIDError(f"Inception weights {path} not found: pass --inception-weights FILE ({INCEPTION_FILE})")
+        raise AnalysisInputError(f"Inception weights {path} not found: pass --inception-weights FILE ({INCEPTION_FILE})")
     try:
         state = safe_load(path)
     except CheckpointError:
-        raise FIDError(f"--inception-weights {path}: not a PyTorch weights file (expected torch-fidelity's "
+        raise AnalysisInputError(f"--inception-weights {path}: not a PyTorch weights file (expected torch-fidelity's "
                        f"{INCEPTION_FILE})") from None
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
-        raise FIDError(f"--inception-weights {path}: not a state dict of tensors (expected torch-fidelity's "
+        raise AnalysisInputError(f"--inception-weights {path}: not a state dict of tensors (expected torch-fidelity's "
                        f"{INCEPTION_FILE})")
     del state
     space = FeatureSpace("fid_inception", INCEPTION, "2048", {"feature_extractor_weights_path": str(path)},
@@ -132,7 +132,7 @@ def inception_space(weights, isc: bool = False) -> FeatureSpace:
         space.extractor_on("cpu")
     except (RuntimeError, KeyError, ValueError) as exc:  # load_state_dict: missing / unexpected keys, shapes
         reason = str(exc).strip().splitlines()
-        raise FIDError(f"--inception-weights {path}: does not fit torch-fidelity's InceptionV3 "
+        raise AnalysisInputError(f"--inception-weights {path}: does not fit torch-fidelity's InceptionV3 "
                        f"({(reason[1] if len(reason) > 1 else reason[0]).strip()[:160]})") from None
     return space
 
@@ -166,7 +166,7 @@ def reference_features(ref: Reference, space: FeatureSpace, device, batch_size: 
     images go through each extractor once per run."""
     if space.metric not in ref.stats or (ref.images is not None and space.metric not in ref.features):
         if ref.images is None:
-            raise FIDError(f"--ref {ref.name} has no images and no {space.metric} statistics")
+            raise AnalysisInputError(f"--ref {ref.name} has no images and no {space.metric} statistics")
         feats = extract(ref.images, space, device, batch_size)[space.layer]
         ref.features[space.metric] = feats
         if space.metric not in ref.stats:
@@ -204,7 +204,7 @@ def evaluate(samples: np.ndarray, ref: Reference, spaces, device="cpu", batch_si
             out["inception_score"] = m["inception_score_mean"]
         if kid or prc:
             if ref.images is None:
-                raise FIDError(f"--ref {ref.name}: KID and precision/recall need reference images (arr_0)")
+                raise AnalysisInputError(f"--ref {ref.name}: KID and precision/recall need reference images (arr_0)")
             ref_feats = {space.layer: ref.features[space.metric]}
             if kid:
                 n = min(len(samples), len(ref.images), 1000)

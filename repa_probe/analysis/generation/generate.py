@@ -25,19 +25,15 @@ from tqdm import tqdm
 from repa_probe.analysis.core.writers import atomic_write, write_text
 from repa_probe.analysis.generation.fid_inputs import read_image
 from repa_probe.sampling.noise import CLASS_TOKEN_KEY, seeded_noise
-from repa_probe.errors import ReproError
+from repa_probe.analysis.errors import AnalysisInputError
 from repa_probe.sampling import methods_for, sample
 from repa_probe.sampling.guidance import make_guidance
 
 log = logging.getLogger("repa_probe")
 
-LABEL_MODES = ("balanced", "random")
+SAMPLE_LABEL_MODES = ("balanced", "random")
 SETTINGS_FILE, NPZ_FILE, GRID_FILE = "sampling.json", "samples.npz", "grid.png"
 _STEP_KEY = 0x9E3779B1
-
-
-class GenerateError(ReproError, ValueError):
-    """Bad input to sampling-to-a-folder (settings, folder, sizes); one-line message naming the option."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,15 +54,15 @@ class SamplerSettings:
     def validate(self, convention: str) -> None:
         """Check the settings for a model of time ``convention`` (repa | sit | ddpm)."""
         if self.num_samples < 1:
-            raise GenerateError(f"--num-samples must be >= 1, got {self.num_samples}")
+            raise AnalysisInputError(f"--num-samples must be >= 1, got {self.num_samples}")
         if self.method not in methods_for(convention):
             kind = "DDPM (DiT)" if convention == "ddpm" else "flow"
-            raise GenerateError(f"--method {self.method!r} does not apply to a {kind} model: use one of "
+            raise AnalysisInputError(f"--method {self.method!r} does not apply to a {kind} model: use one of "
                                 f"{', '.join(methods_for(convention))}")
         if convention == "ddpm" and self.steps < 2:
-            raise GenerateError(f"--steps must be >= 2 for {self.method} (DiT), got {self.steps}")
-        if self.labels not in LABEL_MODES:
-            raise GenerateError(f"--labels must be one of {', '.join(LABEL_MODES)}, got {self.labels!r}")
+            raise AnalysisInputError(f"--steps must be >= 2 for {self.method} (DiT), got {self.steps}")
+        if self.labels not in SAMPLE_LABEL_MODES:
+            raise AnalysisInputError(f"--labels must be one of {', '.join(SAMPLE_LABEL_MODES)}, got {self.labels!r}")
 
 
 def default_method(convention: str) -> tuple[str, int]:
@@ -115,7 +111,7 @@ def check_folder(out_dir: Path, settings: dict) -> None:
         old = json.loads(path.read_text())
         if old != settings:
             diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-            raise GenerateError(f"{out_dir} holds samples made with other settings ({', '.join(diff)}): "
+            raise AnalysisInputError(f"{out_dir} holds samples made with other settings ({', '.join(diff)}): "
                                 "use another --out or the same settings to resume")
     else:
         write_text(path, json.dumps(settings, indent=1, sort_keys=True))
@@ -131,7 +127,7 @@ def decode(x: torch.Tensor, vae) -> torch.Tensor:
     """Final latents / pixels ``(B, C, h, w)`` -> uint8 images ``(B, 3, H, W)`` on the CPU."""
     if vae is None:
         if x.shape[1] != 3:
-            raise GenerateError(f"the model makes {x.shape[1]}-channel latents: pass --vae (or a run with one)")
+            raise AnalysisInputError(f"the model makes {x.shape[1]}-channel latents: pass --vae (or a run with one)")
         return to_uint8(x).cpu()
     return vae.decode(x.to(vae.device)).cpu()
 
@@ -212,10 +208,10 @@ def load_pngs(out_dir: Path, num_samples: int) -> np.ndarray:
     for i in range(num_samples):
         p = out_dir / f"{i:06d}.png"
         if not p.exists():
-            raise GenerateError(f"{out_dir}: sample {p.name} is missing (run the sampling again to complete it)")
+            raise AnalysisInputError(f"{out_dir}: sample {p.name} is missing (run the sampling again to complete it)")
         a = read_image(p, str(out_dir))
         if size is not None and a.shape != size:
-            raise GenerateError(f"{out_dir}: {p.name} is {a.shape[1]}x{a.shape[0]} but the first sample is "
+            raise AnalysisInputError(f"{out_dir}: {p.name} is {a.shape[1]}x{a.shape[0]} but the first sample is "
                                 f"{size[1]}x{size[0]}; sample images must all have one size")
         size = a.shape
         images.append(a)

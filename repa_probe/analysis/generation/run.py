@@ -25,9 +25,10 @@ import torch
 from repa_probe.analysis.core.inputs import build_analysis_dataset, build_config_encoder, resolve_source
 from repa_probe.analysis.core.options import AnalysisOptions
 from repa_probe.analysis.core.runner import Analysis, Run, run_analysis
+from repa_probe.analysis.errors import AnalysisInputError
 from repa_probe.analysis.generation.fid import (INCEPTION, dinov2_space, evaluate, fid_vs_step, inception_space,
                                                 isc_splits, reference_features, register_encoder)
-from repa_probe.analysis.generation.fid_inputs import FIDError, Reference, image_height, load_images, read_reference, \
+from repa_probe.analysis.generation.fid_inputs import Reference, image_height, load_images, read_reference, \
     save_reference_stats
 from repa_probe.analysis.generation.generate import check_entry, sample_entry, settings_for
 from repa_probe.analysis.generation.options import FidOptions, SampleOptions
@@ -106,14 +107,14 @@ class FidAnalysis(Analysis):
 
     def load_entries(self, ckpts, options: FidOptions) -> list:
         if bool(ckpts) == bool(options.samples):
-            raise FIDError("give either --ckpt (sample, then evaluate) or --samples (evaluate existing samples)")
+            raise AnalysisInputError("give either --ckpt (sample, then evaluate) or --samples (evaluate existing samples)")
         if ckpts:
             return super().load_entries(ckpts, options)
         out = []
         for s in options.samples:
             p = Path(s)
             if not (p.is_dir() or (p.is_file() and p.suffix == ".npz")):
-                raise FIDError(f"--samples {p}: not an image folder or an .npz file")
+                raise AnalysisInputError(f"--samples {p}: not an image folder or an .npz file")
             out.append(SamplesEntry(p, p.stem if p.suffix == ".npz" else p.name))
         return out
 
@@ -174,7 +175,7 @@ def _reference(entries, ref_path) -> tuple[Reference, bool]:
         return read_reference(ref_path), False
     ours = [e for e in entries if e.cfg is not None]
     if not ours:
-        raise FIDError("--ref is required for official checkpoints and for --samples (an ADM reference .npz, "
+        raise AnalysisInputError("--ref is required for official checkpoints and for --samples (an ADM reference .npz, "
                        "an image folder or a reference_stats.pt)")
     source = resolve_source(ours, AnalysisOptions(labels="true", vae=ours[0].vae_name))
     ds, split = build_analysis_dataset(source, "auto")
@@ -201,7 +202,7 @@ def _spaces(entries, o: FidOptions, resolution: int) -> list:
             enc = build_config_encoder(ours[0].cfg)
             spaces.append(register_encoder(enc, f"fd_{enc.name}"))
         elif not spaces:
-            raise FIDError("no metric: pass --inception-weights FILE, --fd-dinov2 or --encoder NAME")
+            raise AnalysisInputError("no metric: pass --inception-weights FILE, --fd-dinov2 or --encoder NAME")
     assert not (o.isc or o.kid or o.prc) or any(s.extractor == INCEPTION for s in spaces)  # FidOptions checks
     return spaces
 

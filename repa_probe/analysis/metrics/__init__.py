@@ -7,10 +7,10 @@
 
 The alignment and spatial metrics are re-exported here (``from repa_probe.analysis.metrics import cknna, lds``).
 """
-from repa_probe.analysis.metrics.similarity import (MetricInputError, bootstrap, bootstrap_replicates, cka, cknna,
-                                                    cycle_knn, mutual_knn, prepare_features, unbiased_cka)
-from repa_probe.analysis.metrics.spatial import SPATIAL_METRICS, SpatialMetricError, cds, lds, rmsc, spatial_metrics, srss
+from repa_probe.analysis.errors import MetricInputError
+from repa_probe.analysis.metrics.similarity import (bootstrap, bootstrap_replicates, cka, cknna, cycle_knn, mutual_knn,
+                                                    prepare_features, unbiased_cka)
+from repa_probe.analysis.metrics.spatial import SPATIAL_METRICS, cds, lds, rmsc, spatial_metrics, srss
 
 __all__ = ["MetricInputError", "cknna", "mutual_knn", "cycle_knn", "cka", "unbiased_cka", "prepare_features",
-           "bootstrap", "bootstrap_replicates", "SPATIAL_METRICS", "SpatialMetricError", "lds", "cds", "srss", "rmsc",
-           "spatial_metrics"]
+           "bootstrap", "bootstrap_replicates", "SPATIAL_METRICS", "lds", "cds", "srss", "rmsc", "spatial_metrics"]

@@ -11,13 +11,10 @@ import logging
 
 import numpy as np
 
-from repa_probe.errors import ReproError
+from repa_probe.analysis.errors import MetricInputError
+from repa_probe.reports.bootstrap import resample_indices
 
 log = logging.getLogger("repa_probe")
-
-
-class FrechetError(ReproError, ValueError):
-    """Statistics that cannot be compared (shapes, non-finite values); one-line message."""
 
 
 def statistics(features) -> tuple[np.ndarray, np.ndarray]:
@@ -27,7 +24,7 @@ def statistics(features) -> tuple[np.ndarray, np.ndarray]:
     """
     f = np.asarray(features.detach().cpu().numpy() if hasattr(features, "detach") else features, dtype=np.float64)
     if f.ndim != 2 or f.shape[0] < 2:
-        raise FrechetError(f"need features of shape (N >= 2, D), got {f.shape}")
+        raise MetricInputError(f"need features of shape (N >= 2, D), got {f.shape}")
     n, d = f.shape
     if n <= d:
         log.warning("only %d samples for %d-dimensional features: the covariance is rank-deficient and the "
@@ -39,8 +36,6 @@ def fd_replicates(features, mu_ref, sigma_ref, replicates: int, seed: int = 0) -
     """``(replicates,)`` Fréchet distances of ``features: (N, D)`` resampled with replacement (indices of
     :func:`repa_probe.reports.bootstrap.resample_indices`) against fixed reference statistics: the sampling
     uncertainty of an FD over the generated samples (the reference is held fixed)."""
-    from repa_probe.reports.bootstrap import resample_indices
-
     f = np.asarray(features.detach().cpu().numpy() if hasattr(features, "detach") else features, dtype=np.float64)
     return np.array([frechet_distance(f[i].mean(axis=0), np.cov(f[i], rowvar=False), mu_ref, sigma_ref)
                      for i in resample_indices(len(f), replicates, seed)])
@@ -51,10 +46,10 @@ def _check(mu1, sigma1, mu2, sigma2):
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
     if mu1.shape != mu2.shape or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise FrechetError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
+        raise MetricInputError(f"statistics do not match: mu {mu1.shape} vs {mu2.shape}, sigma {sigma1.shape} vs "
                            f"{sigma2.shape} (features of different extractors or layers?)")
     if not all(np.isfinite(a).all() for a in (mu1, mu2, sigma1, sigma2)):
-        raise FrechetError("statistics contain NaN or infinite values")
+        raise MetricInputError("statistics contain NaN or infinite values")
     return mu1, sigma1, mu2, sigma2
 
 
@@ -67,7 +62,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, method: str = "eigvals") -> float
     elif method == "sqrtm":
         tr_covmean = _trace_sqrtm(sigma1, sigma2)
     else:
-        raise FrechetError(f"method must be 'eigvals' or 'sqrtm', got {method!r}")
+        raise MetricInputError(f"method must be 'eigvals' or 'sqrtm', got {method!r}")
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * tr_covmean)
 
 
@@ -80,6 +75,6 @@ def _trace_sqrtm(sigma1, sigma2) -> float:
         covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-            raise FrechetError(f"sqrtm has imaginary component {np.max(np.abs(covmean.imag)):.3g}")
+            raise MetricInputError(f"sqrtm has imaginary component {np.max(np.abs(covmean.imag)):.3g}")
         covmean = covmean.real
     return float(np.trace(covmean))

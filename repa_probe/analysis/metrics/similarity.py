@@ -27,17 +27,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from repa_probe.errors import ReproError
+from repa_probe.analysis.errors import MetricInputError
+from repa_probe.reports.bootstrap import interval
 
 __all__ = ["MetricInputError", "cknna", "mutual_knn", "cycle_knn", "cka", "unbiased_cka",
            "prepare_features", "bootstrap", "bootstrap_replicates"]
 
 _EPS = 1e-6                 # platonic-rep's denominator epsilon (CKA and CKNNA)
 _CHUNK_ELEMENTS = 1 << 25   # default working-set budget: ~32M elements per Gram / feature chunk
-
-
-class MetricInputError(ReproError, ValueError):
-    """Invalid input to an alignment metric (shape, dtype, values or parameters)."""
 
 
 # ----------------------------------------------------------------------------------------------- validation
@@ -348,8 +345,6 @@ def bootstrap(metric_fn: Callable, a, b, n: int = 100, seed: int = 0, ci: float 
     variance factor (Shao & Wu 1989), which is 1 for the default ``f = 0.5``
     (:func:`repa_probe.reports.bootstrap.interval`). Returns ``(value, low, high)``.
     """
-    from repa_probe.reports.bootstrap import interval
-
     if not 0 < ci < 1:
         raise MetricInputError(f"ci must be in (0, 1), got {ci!r}")
     value, reps, scale = bootstrap_replicates(metric_fn, a, b, n, seed, fraction)

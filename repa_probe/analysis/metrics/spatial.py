@@ -20,7 +20,7 @@ structure for all four:
 
 These agree with iREPA's ``metrics/spatial_metrics.py`` (commit 99ad4ac) to 1e-5, except that a grid too
 small for the far term (no pair at ``d >= far`` / ``d_neg``), or with fewer than two fitted distances for
-CDS, is refused with a :class:`SpatialMetricError` where iREPA silently returns the local term / 0 / NaN.
+CDS, is refused with a :class:`MetricInputError` where iREPA silently returns the local term / 0 / NaN.
 
 Memory: images are processed in chunks of ``chunk_size`` (default: a ~256 MiB working set, ~100 images of
 256 × 1152 tokens), so at most a ``(chunk, T, T)`` Gram matrix exists at any time, never ``(B, T, T)``.
@@ -33,9 +33,9 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
-from repa_probe.errors import ReproError
+from repa_probe.analysis.errors import MetricInputError
 
-__all__ = ["SPATIAL_METRICS", "SpatialMetricError", "lds", "cds", "srss", "rmsc", "spatial_metrics",
+__all__ = ["SPATIAL_METRICS", "MetricInputError", "lds", "cds", "srss", "rmsc", "spatial_metrics",
            "grid_shape", "pair_counts"]
 
 SPATIAL_METRICS = ("lds", "cds", "srss", "rmsc")
@@ -45,21 +45,17 @@ _EPS_SRSS = 1e-12      # iREPA's SRSS uses F.normalize's default
 _CHUNK_BYTES = 1 << 28   # working set per chunk of images: tokens + Gram + its float64 copy + masked copies
 
 
-class SpatialMetricError(ReproError, ValueError):
-    """Bad input to a spatial metric (shape, grid, mask or parameters); one-line message."""
-
-
 # ---------------------------------------------------------------------------------------------- grid
 def grid_shape(num_tokens: int, grid: Sequence[int] | None = None) -> tuple[int, int]:
     """``(H, W)`` of a token grid: ``grid`` checked against ``num_tokens``, or the square root of it."""
     if grid is None:
         h = math.isqrt(num_tokens)
         if h * h != num_tokens:
-            raise SpatialMetricError(f"T = {num_tokens} tokens is not a square grid: pass grid=(H, W)")
+            raise MetricInputError(f"T = {num_tokens} tokens is not a square grid: pass grid=(H, W)")
         return h, h
     h, w = (int(v) for v in grid)
     if h < 1 or w < 1 or h * w != num_tokens:
-        raise SpatialMetricError(f"grid {h}x{w} does not hold T = {num_tokens} tokens")
+        raise MetricInputError(f"grid {h}x{w} does not hold T = {num_tokens} tokens")
     return h, w
 
 
@@ -85,20 +81,20 @@ def pair_counts(h: int, w: int) -> torch.Tensor:
 def _check_tokens(tokens, grid) -> tuple[torch.Tensor, int, int]:
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or not tokens.is_floating_point():
         shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-        raise SpatialMetricError(f"tokens must be a floating (B, T, D) tensor, got {shape}")
+        raise MetricInputError(f"tokens must be a floating (B, T, D) tensor, got {shape}")
     h, w = grid_shape(tokens.shape[1], grid)
     return tokens, h, w
 
 
 def _check_int(name: str, value, low: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise SpatialMetricError(f"{name} must be an integer >= {low}, got {value!r}")
+        raise MetricInputError(f"{name} must be an integer >= {low}, got {value!r}")
     return value
 
 
 def _need_far(what: str, far: int, h: int, w: int) -> None:
     if h + w - 2 < far:
-        raise SpatialMetricError(f"{what}: a {h}x{w} grid has no token pairs at distance >= {far} (largest is "
+        raise MetricInputError(f"{what}: a {h}x{w} grid has no token pairs at distance >= {far} (largest is "
                                  f"{h + w - 2}); use a larger grid or a smaller {what.split()[-1]}")
 
 
@@ -204,7 +200,7 @@ def _srss_chunk(g: torch.Tensor, fg: torch.Tensor, pos: torch.Tensor, neg: torch
 
 def _resolve(variant: str, h: int, w: int, near, far, d_pos, d_neg) -> tuple[int, int, int, int]:
     if variant not in VARIANTS:
-        raise SpatialMetricError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+        raise MetricInputError(f"variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     r = _half(h, w)
     dn, df, dp, dg = (1, 6, 1, 6) if variant == "code" else (max(1, r - 1), r, r, r)
     return tuple(_check_int(name, dv if v is None else v) for name, v, dv in
@@ -223,7 +219,7 @@ def spatial_metrics(tokens: torch.Tensor, names: Sequence[str] = SPATIAL_METRICS
     tokens, h, w = _check_tokens(tokens, grid)
     unknown = [n for n in names if n not in SPATIAL_METRICS]
     if unknown or not names:
-        raise SpatialMetricError(f"unknown spatial metric(s) {unknown or names!r}; choose from "
+        raise MetricInputError(f"unknown spatial metric(s) {unknown or names!r}; choose from "
                                  f"{', '.join(SPATIAL_METRICS)}")
     near, far, d_pos, d_neg = _resolve(variant, h, w, near, far, d_pos, d_neg)
     if chunk_size is not None:
@@ -231,7 +227,7 @@ def spatial_metrics(tokens: torch.Tensor, names: Sequence[str] = SPATIAL_METRICS
     if "lds" in names:
         _need_far("LDS far", far, h, w)
     if "cds" in names and min(_check_int("dmax", dmax), h + w - 2) < 2:
-        raise SpatialMetricError(f"CDS: a {h}x{w} grid with dmax={dmax} has fewer than 2 distances to fit a slope")
+        raise MetricInputError(f"CDS: a {h}x{w} grid with dmax={dmax} has fewer than 2 distances to fit a slope")
     fg = pos = neg = None
     if "srss" in names:
         fg = _foreground(masks, tokens)
@@ -262,8 +258,8 @@ def _cds_fit(sums: torch.Tensor, counts: torch.Tensor, dmax: int, h: int, w: int
 def _foreground(masks, tokens: torch.Tensor) -> torch.Tensor:
     """``masks`` checked against ``tokens: (B, T, D)``, as a ``(B, T)`` bool foreground on the tokens' device."""
     if masks is None:
-        raise SpatialMetricError("srss needs masks=(B, T) foreground masks")
+        raise MetricInputError("srss needs masks=(B, T) foreground masks")
     masks = torch.as_tensor(masks, device=tokens.device)
     if masks.shape != tokens.shape[:2]:
-        raise SpatialMetricError(f"masks must be (B, T) = {tuple(tokens.shape[:2])}, got {tuple(masks.shape)}")
+        raise MetricInputError(f"masks must be (B, T) = {tuple(tokens.shape[:2])}, got {tuple(masks.shape)}")
     return masks != 0

@@ -7,11 +7,10 @@
 The run on checkpoints (features, datasets, CSV/JSON/figures) is :mod:`repa_probe.analysis.probes.run`; the
 VOC / ADE20K datasets are :mod:`repa_probe.data.segmentation`.
 """
-from repa_probe.analysis.probes.common import ProbeInputError
 from repa_probe.analysis.probes.linear import BACKENDS, ProbeResult, fit_linear_probe, stratified_holdout
 from repa_probe.analysis.probes.segmentation import SegResult, confusion_matrix, fit_segmentation_probe, iou_from_confusion, miou
 
 __all__ = [
-    "ProbeInputError", "ProbeResult", "fit_linear_probe", "stratified_holdout", "BACKENDS",
+    "ProbeResult", "fit_linear_probe", "stratified_holdout", "BACKENDS",
     "SegResult", "fit_segmentation_probe", "miou", "confusion_matrix", "iou_from_confusion",
 ]

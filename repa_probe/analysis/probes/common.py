@@ -15,32 +15,28 @@ import numpy as np
 import torch
 
 from repa_probe.devices import resolve_device  # noqa: F401 (the probes' device resolution is the shared one)
-from repa_probe.errors import ReproError
+from repa_probe.analysis.errors import MetricInputError
 
 Array = Union[torch.Tensor, np.ndarray]
 
 STD_EPS = 1e-6  # a column whose training std is below this is treated as constant (std set to 1)
 
 
-class ProbeInputError(ReproError, ValueError):
-    """Bad input to a probe (shapes, dtypes, labels, non-finite values), reported in one line."""
-
-
 def check_features(x: Any, name: str, ndims: tuple[int, ...]) -> Array:
     """Return ``x`` unchanged if it is a numeric torch tensor / numpy array with ``x.ndim in ndims`` and at
-    least one row; raise :class:`ProbeInputError` otherwise (finiteness is checked later, in chunks)."""
+    least one row; raise :class:`MetricInputError` otherwise (finiteness is checked later, in chunks)."""
     if not isinstance(x, (torch.Tensor, np.ndarray)):
-        raise ProbeInputError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
+        raise MetricInputError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
     if x.ndim not in ndims:
         want = " or ".join(f"{d}-D" for d in ndims)
-        raise ProbeInputError(f"{name} must be {want}, got shape {tuple(x.shape)}")
+        raise MetricInputError(f"{name} must be {want}, got shape {tuple(x.shape)}")
     kind = x.dtype.is_floating_point if isinstance(x, torch.Tensor) else np.issubdtype(x.dtype, np.floating)
     if not kind:
-        raise ProbeInputError(f"{name} must have a floating dtype, got {x.dtype}")
+        raise MetricInputError(f"{name} must have a floating dtype, got {x.dtype}")
     if x.shape[0] == 0:
-        raise ProbeInputError(f"{name} is empty (0 samples)")
+        raise MetricInputError(f"{name} is empty (0 samples)")
     if any(s == 0 for s in x.shape[1:]):
-        raise ProbeInputError(f"{name} has a zero-sized dimension: shape {tuple(x.shape)}")
+        raise MetricInputError(f"{name} has a zero-sized dimension: shape {tuple(x.shape)}")
     return x
 
 
@@ -48,21 +44,21 @@ def check_labels(y: Any, n: int, name: str, num_classes: int | None = None,
                  ignore_index: int | None = None) -> torch.Tensor:
     """Integer labels → int64 CPU tensor of the same shape.
 
-    Raises :class:`ProbeInputError` for non-integer dtypes, a first dimension other than ``n``, and (when
+    Raises :class:`MetricInputError` for non-integer dtypes, a first dimension other than ``n``, and (when
     ``num_classes`` is given) values outside ``[0, num_classes)`` other than ``ignore_index``.
     """
     if isinstance(y, np.ndarray):
         if not np.issubdtype(y.dtype, np.integer):
-            raise ProbeInputError(f"{name} must hold integers, got dtype {y.dtype}")
+            raise MetricInputError(f"{name} must hold integers, got dtype {y.dtype}")
         y = torch.from_numpy(np.asarray(y, dtype=np.int64))
     elif isinstance(y, torch.Tensor):
         if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
-            raise ProbeInputError(f"{name} must hold integers, got dtype {y.dtype}")
+            raise MetricInputError(f"{name} must hold integers, got dtype {y.dtype}")
         y = y.detach().to("cpu", torch.int64)
     else:
-        raise ProbeInputError(f"{name} must be a torch.Tensor or numpy array, got {type(y).__name__}")
+        raise MetricInputError(f"{name} must be a torch.Tensor or numpy array, got {type(y).__name__}")
     if y.ndim == 0 or y.shape[0] != n:
-        raise ProbeInputError(f"{name} has {y.shape[0] if y.ndim else 'no'} entries but its features have {n} rows")
+        raise MetricInputError(f"{name} has {y.shape[0] if y.ndim else 'no'} entries but its features have {n} rows")
     if num_classes is not None and y.numel():
         bad = (y < 0) | (y >= num_classes)
         if ignore_index is not None:
@@ -70,14 +66,14 @@ def check_labels(y: Any, n: int, name: str, num_classes: int | None = None,
         if bool(bad.any()):
             v = int(y[bad][0])
             extra = f" or ignore_index={ignore_index}" if ignore_index is not None else ""
-            raise ProbeInputError(f"{name} contains class {v}, outside the declared classes 0..{num_classes - 1}"
+            raise MetricInputError(f"{name} contains class {v}, outside the declared classes 0..{num_classes - 1}"
                                   f"{extra}")
     return y
 
 
 def check_num_classes(num_classes: Any) -> int:
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 2:
-        raise ProbeInputError(f"num_classes must be an int >= 2, got {num_classes!r}")
+        raise MetricInputError(f"num_classes must be an int >= 2, got {num_classes!r}")
     return int(num_classes)
 
 
@@ -103,13 +99,13 @@ def rows_per_chunk(x: Array, budget: int = 1 << 24) -> int:
 
 
 def check_finite(x: Array, name: str, device: torch.device) -> None:
-    """Raise :class:`ProbeInputError` naming the first row with a NaN / inf value (chunked pass)."""
+    """Raise :class:`MetricInputError` naming the first row with a NaN / inf value (chunked pass)."""
     for idx in chunks(x.shape[0], rows_per_chunk(x)):
         b = gather(x, idx, device)
         ok = torch.isfinite(b).flatten(1).all(dim=1)
         if not bool(ok.all()):
             row = int(idx[(~ok).nonzero()[0, 0].cpu()])
-            raise ProbeInputError(f"{name} has NaN or inf values (first at row {row})")
+            raise MetricInputError(f"{name} has NaN or inf values (first at row {row})")
 
 
 def channel_stats(x: Array, name: str, channel_dim: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +123,7 @@ def channel_stats(x: Array, name: str, channel_dim: int, device: torch.device) -
         if not bool(torch.isfinite(b).all()):
             ok = torch.isfinite(b).flatten(1).all(dim=1)
             row = int(idx[(~ok).nonzero()[0, 0].cpu()])
-            raise ProbeInputError(f"{name} has NaN or inf values (first at row {row})")
+            raise MetricInputError(f"{name} has NaN or inf values (first at row {row})")
         b = b.movedim(channel_dim, -1).reshape(-1, b.shape[channel_dim])
         if s1 is None:
             s1 = torch.zeros(b.shape[1], dtype=torch.float64, device=device)

@@ -2,7 +2,7 @@
 
 The dataset, VAE and encoder are resolved by the shared resolver (:mod:`repa_probe.analysis.core.inputs`: from
 the options, else from our checkpoints' training config); this module only picks the probe splits of that
-source. Nothing here computes features. Errors are one-line :class:`ProbeSetupError` (or the resolver's
+source. Nothing here computes features. Errors are one-line :class:`AnalysisInputError` (or the resolver's
 AnalysisInputError, the loaders' DatasetError / VAEWeightsError / EncoderWeightsError).
 """
 from __future__ import annotations
@@ -14,17 +14,15 @@ from typing import Any, Sequence
 import torch
 
 from repa_probe.analysis.core.inputs import SHAPES_SIZES, DataSource, procedural_size, resolve_source
+from repa_probe.analysis.errors import AnalysisInputError
 from repa_probe.analysis.probes.linear import default_probe_data
-from repa_probe.errors import ReproError
+from repa_probe.data import CappedDataset, DatasetError, build_dataset, collate
+from repa_probe.data.segmentation import ADE20KSegmentation, VOCSegmentation
 
 log = logging.getLogger("repa_probe")
 
 TASK_DATASETS = {"linear": ("shapes", "digits", "imagefolder"), "segmentation": ("shapes", "voc", "ade20k")}
 NEEDS_ROOT = ("imagefolder", "voc", "ade20k")
-
-
-class ProbeSetupError(ReproError, ValueError):
-    """Bad options for a probe run (one-line message)."""
 
 
 @dataclasses.dataclass
@@ -48,12 +46,10 @@ class ProbeData:
 
 
 def _capped(ds, n: int | None, what: str):
-    from repa_probe.data import CappedDataset
-
     if n is None or n == len(ds):
         return ds
     if not 0 < n <= len(ds):
-        raise ProbeSetupError(f"--num-{what} {n} must be in 1..{len(ds)} (size of the {what} split)")
+        raise AnalysisInputError(f"--num-{what} {n} must be in 1..{len(ds)} (size of the {what} split)")
     return CappedDataset(ds, n)
 
 
@@ -64,15 +60,12 @@ def probe_split(task: str, source: DataSource, split: str, num: int | None):
     ``test`` is the held-out split: shapes ``val``, digits ``test``, imagefolder ``root/val``, VOC ``val``,
     ADE20K ``validation``.
     """
-    from repa_probe.data.segmentation import ADE20KSegmentation, VOCSegmentation
-    from repa_probe.data import build_dataset
-
     name, root, res = source.name, source.root, source.resolution
     if name not in TASK_DATASETS[task]:
-        raise ProbeSetupError(f"--data {name!r} is not a {task} probe dataset; choose from "
+        raise AnalysisInputError(f"--data {name!r} is not a {task} probe dataset; choose from "
                               f"{', '.join(TASK_DATASETS[task])}")
     if name in NEEDS_ROOT and not root:
-        raise ProbeSetupError(f"--data {name} needs a directory: --data {name} DIR")
+        raise AnalysisInputError(f"--data {name} needs a directory: --data {name} DIR")
     held_out = "val" if split == "test" else "train"
     if name == "shapes":
         extra = {"num_classes": source.classes} if source.classes is not None else {}
@@ -98,14 +91,14 @@ def resolve_probe_data(entries: Sequence, options) -> ProbeData:
         log.info("linear probe of a %s run: probing %s (pass --data to choose)", source.name, probe_name)
         source = dataclasses.replace(source, name=probe_name, root=None, classes=None)
     if source.from_config and source.name not in TASK_DATASETS[task]:
-        raise ProbeSetupError(f"the checkpoints were trained on {source.name!r}, which is not a {task} probe "
+        raise AnalysisInputError(f"the checkpoints were trained on {source.name!r}, which is not a {task} probe "
                               f"dataset; pass --data ({', '.join(TASK_DATASETS[task])})")
     train = probe_split(task, source, "train", options.num_train)
     test = probe_split(task, source, "test", options.num_test)
     names = [getattr(d, "class_names", None) for d in (train, test)]
     if None not in names and list(names[0]) != list(names[1]):
         extra = sorted(set(names[0]) ^ set(names[1]))[:3]
-        raise ProbeSetupError(f"the train and test splits of {source.name} have different classes (e.g. {extra}): "
+        raise AnalysisInputError(f"the train and test splits of {source.name} have different classes (e.g. {extra}): "
                               "their labels would not mean the same thing")
     if task == "segmentation":
         num_classes = int(getattr(train, "num_mask_classes", getattr(train, "num_classes", 0)))
@@ -118,8 +111,6 @@ def resolve_probe_data(entries: Sequence, options) -> ProbeData:
 def collect_masks(dataset, batch_size: int = 64) -> torch.Tensor:
     """Every sample's ``mask`` as one int64 ``(N, H, W)`` tensor, checking that each mask has its image's size."""
     from torch.utils.data import DataLoader
-
-    from repa_probe.data import DatasetError, collate
 
     out = []
     for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate):

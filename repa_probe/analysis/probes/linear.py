@@ -35,7 +35,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from repa_probe.analysis.probes.common import (Array, ProbeInputError, channel_stats, check_features, check_finite, check_labels, chunks,
+from repa_probe.analysis.errors import MetricInputError
+from repa_probe.analysis.probes.common import (Array, channel_stats, check_features, check_finite, check_labels, chunks,
                      gather, resolve_device, rows_per_chunk)
 
 BACKENDS = ("sklearn", "torch")
@@ -261,14 +262,14 @@ def _fit_torch(train_x, train_y, test_x, test_y, split, mean, std, num_classes, 
 # ----------------------------------------------------------------------------------------------- entry point
 def _check_settings(backend: str, val_fraction: float, grids: dict, epochs: int, batch_size: int) -> None:
     if backend not in BACKENDS:
-        raise ProbeInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        raise MetricInputError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     if not 0.0 <= val_fraction < 1.0:
-        raise ProbeInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        raise MetricInputError(f"val_fraction must be in [0, 1), got {val_fraction}")
     for name, grid in grids.items():
         if len(grid) == 0 or any(not (isinstance(v, numbers.Real) and v >= 0) for v in grid):
-            raise ProbeInputError(f"{name} must be a non-empty sequence of non-negative numbers, got {grid!r}")
+            raise MetricInputError(f"{name} must be a non-empty sequence of non-negative numbers, got {grid!r}")
     if epochs < 1 or batch_size < 1:
-        raise ProbeInputError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
+        raise MetricInputError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
 
 
 def _checked_inputs(train_x, train_y, test_x, test_y, num_classes):
@@ -276,21 +277,21 @@ def _checked_inputs(train_x, train_y, test_x, test_y, num_classes):
     train_x = check_features(train_x, "train_x", (2,))
     test_x = check_features(test_x, "test_x", (2,))
     if train_x.shape[1] != test_x.shape[1]:
-        raise ProbeInputError(f"train_x has {train_x.shape[1]} features per row but test_x has {test_x.shape[1]}")
+        raise MetricInputError(f"train_x has {train_x.shape[1]} features per row but test_x has {test_x.shape[1]}")
     ty = check_labels(train_y, train_x.shape[0], "train_y")
     vy = check_labels(test_y, test_x.shape[0], "test_y")
     if num_classes is None:
         lo = min(int(ty.min()), int(vy.min()))
         if lo < 0:
-            raise ProbeInputError(f"labels must be >= 0, got {lo}")
+            raise MetricInputError(f"labels must be >= 0, got {lo}")
         num_classes = max(int(ty.max()), int(vy.max())) + 1
     if num_classes < 2:
-        raise ProbeInputError(f"num_classes must be >= 2, got {num_classes}")
+        raise MetricInputError(f"num_classes must be >= 2, got {num_classes}")
     check_labels(ty, train_x.shape[0], "train_y", num_classes)
     check_labels(vy, test_x.shape[0], "test_y", num_classes)
     present = int((torch.bincount(ty, minlength=num_classes) > 0).sum())
     if present < 2:
-        raise ProbeInputError(f"train_y has a single class ({int(ty[0])}); a probe needs at least two")
+        raise MetricInputError(f"train_y has a single class ({int(ty[0])}); a probe needs at least two")
     return train_x, ty, test_x, vy, num_classes
 
 
@@ -314,7 +315,7 @@ def fit_linear_probe(train_x: Array, train_y: Any, test_x: Array, test_y: Any, b
         seed: seeds the held-out split and the torch backend's shuffling.
 
     Raises:
-        ProbeInputError: empty splits, NaN / inf features, mismatched lengths or widths, non-integer labels,
+        MetricInputError: empty splits, NaN / inf features, mismatched lengths or widths, non-integer labels,
             labels outside the declared classes, a training split with a single class, unknown backend.
     """
     _check_settings(backend, val_fraction, {"Cs": Cs} if backend == "sklearn" else

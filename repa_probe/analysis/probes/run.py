@@ -24,11 +24,12 @@ import logging
 from typing import Sequence
 
 from repa_probe.analysis.core.class_token import attach_class_tokens, class_token_encoder
-from repa_probe.analysis.core.features import extract_features, prepare_inputs
+from repa_probe.analysis.core.features import InputsByVAE, extract_features, prepare_inputs
 from repa_probe.analysis.core.inputs import check_times_and_layers, resolve_encoder
 from repa_probe.analysis.core.options import ProbeOptions
 from repa_probe.analysis.probes import fit_linear_probe, fit_segmentation_probe
-from repa_probe.analysis.probes.inputs import ProbeSetupError, collect_masks, resolve_probe_data
+from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.analysis.probes.inputs import collect_masks, resolve_probe_data
 from repa_probe.analysis.probes.plots import chance_levels, make_probe_figures
 from repa_probe.analysis.core.runner import Analysis, Run, run_analysis
 from repa_probe.analysis.core.targets import encoder_features
@@ -39,11 +40,11 @@ from repa_probe.timesteps import TIME_HELP, label
 log = logging.getLogger("repa_probe")
 
 CSV_COLUMNS = ("checkpoint", "step", "source", "layer", "timestep", "metric", "value", "num_train", "num_test")
-TASKS = {  # task -> (output prefix, pooling, metrics, encoder reference kinds)
+TASK_SPECS = {  # task -> (output prefix, pooling, metrics, encoder reference kinds)
     "linear": ("probe", "mean", ("top1", "top5"), ("cls", "mean_patch")),
     "segmentation": ("segment", "tokens", ("miou", "pixel_acc"), ("patch",)),
 }
-SPLITS = ("train", "test")
+PROBE_SPLITS = ("train", "test")
 
 
 def layer_groups(layers: Sequence[int], num_samples: int, values_per_sample: int, budget_bytes: float) -> list:
@@ -54,7 +55,7 @@ def layer_groups(layers: Sequence[int], num_samples: int, values_per_sample: int
     return [list(layers[i:i + size]) for i in range(0, len(layers), size)]
 
 
-def _metric_rows(task: str, result, base: dict, bootstrap: int = 0, seed: int = 0) -> list[dict]:
+def _metric_rows(result, base: dict, bootstrap: int = 0, seed: int = 0) -> list[dict]:
     """One row per metric (top5 only with more than 5 classes); with ``bootstrap`` and per-image hits (linear
     probes), the accuracy's replicates over test images (popped into ``replicates.npz`` by the run skeleton)."""
     rows = []
@@ -73,10 +74,10 @@ class ProbeAnalysis(Analysis):
     columns = CSV_COLUMNS
 
     def __init__(self, task: str):
-        if task not in TASKS:
-            raise ProbeSetupError(f"task must be one of {', '.join(TASKS)}, got {task!r}")
+        if task not in TASK_SPECS:
+            raise AnalysisInputError(f"task must be one of {', '.join(TASK_SPECS)}, got {task!r}")
         self.task = task
-        self.name, self.pool, self.metrics, self.ref_kinds = TASKS[task]
+        self.name, self.pool, self.metrics, self.ref_kinds = TASK_SPECS[task]
         self.details: list[dict] = []
         self.warnings: list[str] = []
 
@@ -94,29 +95,39 @@ class ProbeAnalysis(Analysis):
         opts, vae = run.options, self.data.source.vae
         vae = vae.to(run.device) if vae is not None else None
         self.inputs = {s: prepare_inputs(getattr(self.data, s), vae, opts.batch_size, progress=opts.progress)
-                       for s in SPLITS}
-        for s in SPLITS:
+                       for s in PROBE_SPLITS}
+        for s in PROBE_SPLITS:
             attach_class_tokens(self.inputs[s], getattr(self.data, s), self.cls_encoder, opts, run.device)
+        self.by_vae = {s: InputsByVAE(getattr(self.data, s), self.inputs[s], self.data.source.vae, run.device,
+                                      opts.batch_size, opts.progress) for s in PROBE_SPLITS}
         # The noise of an image is keyed by (seed, index). Test indices continue after the training ones, so no
         # test image shares its noise with a training image: with shared noise, a probe could read the label
         # off the noise pattern whenever labels follow the index (shapes: label = index % classes).
         test = self.inputs["test"]
         self.inputs["test"] = dataclasses.replace(test, indices=test.indices + len(self.inputs["train"]))
         if self.task == "linear":
-            self.targets = {s: self.inputs[s].labels for s in SPLITS}
+            self.targets = {s: self.inputs[s].labels for s in PROBE_SPLITS}
         else:
-            self.targets = {s: collect_masks(getattr(self.data, s), opts.batch_size) for s in SPLITS}
+            self.targets = {s: collect_masks(getattr(self.data, s), opts.batch_size) for s in PROBE_SPLITS}
         return self._reference_rows(run) if self.encoder is not None else []
+
+    def _entry_inputs(self, split: str, entry):
+        """The split's model inputs as ``entry``'s VAE gives them (test indices after the training ones)."""
+        inputs = self.by_vae[split].get(entry.vae)
+        if split == "test" and inputs is not self.inputs["test"]:
+            inputs = dataclasses.replace(inputs, indices=inputs.indices + len(self.inputs["train"]))
+        return inputs
 
     def analyse(self, run: Run, entry, model) -> list[dict]:
         opts, rows = run.options, []
         layers = self.layers[entry.label]
         per_sample = model.hidden_size * (model.num_tokens if self.pool == "tokens" else 1) * len(opts.timesteps)
-        n_total = sum(len(self.inputs[s]) for s in SPLITS)
+        n_total = sum(len(self.inputs[s]) for s in PROBE_SPLITS)
+        inputs = {s: self._entry_inputs(s, entry) for s in PROBE_SPLITS}  # REPA-E: each checkpoint's own VAE
         for group in layer_groups(layers, n_total, per_sample, opts.max_feature_gb * 2 ** 30):
-            feats = {s: extract_features(model, entry.objective, self.inputs[s], opts.timesteps, group, pool=self.pool,
+            feats = {s: extract_features(model, entry.objective, inputs[s], opts.timesteps, group, pool=self.pool,
                                          device=run.device, batch_size=opts.batch_size, seed=opts.seed,
-                                         labels="null", progress=opts.progress) for s in SPLITS}
+                                         labels="null", progress=opts.progress) for s in PROBE_SPLITS}
             for t in opts.timesteps:
                 for layer in group:
                     base = dict(checkpoint=entry.label, step=entry.info.step, source="model", layer=layer,
@@ -154,7 +165,7 @@ class ProbeAnalysis(Analysis):
             res = fit_segmentation_probe(train_x, y["train"], test_x, y["test"], self.data.num_classes,
                                          ignore_index=self.data.ignore_index, device=run.device, seed=opts.seed,
                                          **self._probe_options(opts))
-        rows = _metric_rows(self.task, res, base, opts.bootstrap, opts.seed)
+        rows = _metric_rows(res, base, opts.bootstrap, opts.seed)
         self._warn_unselected(res)
         self.details.append(dict(base, **res.to_dict()))
         where = base["source"] if base["layer"] is None else f"block {base['layer']} t={base['timestep']}"
@@ -185,7 +196,7 @@ class ProbeAnalysis(Analysis):
         opts, enc, rows = run.options, self.encoder.to(run.device), []
         for kind in self.ref_kinds:
             feats = {s: encoder_features(enc, getattr(self.data, s), kind, cache_dir=opts.cache_dir,
-                                         batch_size=opts.batch_size, progress=opts.progress) for s in SPLITS}
+                                         batch_size=opts.batch_size, progress=opts.progress) for s in PROBE_SPLITS}
             base = dict(checkpoint=f"encoder:{enc.name}", step=None, source=f"encoder:{kind}", layer=None,
                         timestep=None)
             rows += self._fit(run, feats["train"], feats["test"], base)
@@ -207,15 +218,5 @@ def run_probes(ckpts: Sequence, out_dir, options: ProbeOptions | None = None) ->
     return run_analysis(ProbeAnalysis(options.task), ckpts, out_dir, options)
 
 
-def run_linear_probes(ckpts: Sequence, out_dir, options: ProbeOptions | None = None) -> dict:
-    """:func:`run_probes` with ``task="linear"`` (top-1 / top-5 of mean-pooled block outputs)."""
-    return run_probes(ckpts, out_dir, (options or ProbeOptions()).replace(task="linear"))
-
-
-def run_segmentation_probes(ckpts: Sequence, out_dir, options: ProbeOptions | None = None) -> dict:
-    """:func:`run_probes` with ``task="segmentation"`` (mIoU / pixel accuracy of patch tokens)."""
-    return run_probes(ckpts, out_dir, (options or ProbeOptions()).replace(task="segmentation"))
-
-
-__all__ = ["run_probes", "run_linear_probes", "run_segmentation_probes", "layer_groups", "ProbeAnalysis",
-           "ProbeOptions", "CSV_COLUMNS", "TASKS"]
+__all__ = ["run_probes", "layer_groups", "ProbeAnalysis",
+           "ProbeOptions", "CSV_COLUMNS", "TASK_SPECS"]

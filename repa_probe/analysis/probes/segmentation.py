@@ -25,7 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from repa_probe.analysis.probes.common import (Array, ProbeInputError, channel_stats, check_features, check_finite,
+from repa_probe.analysis.errors import MetricInputError
+from repa_probe.analysis.probes.common import (Array, channel_stats, check_features, check_finite,
                                                check_num_classes, chunks, gather, resolve_device, rows_per_chunk)
 
 EPOCHS = 10         # the most epochs of the probe (the cosine schedule spans them)
@@ -41,35 +42,35 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int,
 
     ``pred`` and ``target``: integer tensors of the same shape (any shape). Pixels whose target equals
     ``ignore_index`` are skipped. Predictions must lie in ``0..num_classes-1``; targets too, apart from
-    ``ignore_index`` (else :class:`ProbeInputError`).
+    ``ignore_index`` (else :class:`MetricInputError`).
     """
     num_classes = check_num_classes(num_classes)
     for name, v in (("pred", pred), ("target", target)):
         if not isinstance(v, torch.Tensor) or v.dtype.is_floating_point or v.dtype == torch.bool:
-            raise ProbeInputError(f"{name} must be an integer torch.Tensor, got "
+            raise MetricInputError(f"{name} must be an integer torch.Tensor, got "
                                   f"{v.dtype if isinstance(v, torch.Tensor) else type(v).__name__}")
     if pred.shape != target.shape:
-        raise ProbeInputError(f"pred has shape {tuple(pred.shape)} but target has shape {tuple(target.shape)}")
+        raise MetricInputError(f"pred has shape {tuple(pred.shape)} but target has shape {tuple(target.shape)}")
     pred, target = pred.reshape(-1).long(), target.reshape(-1).long().to(pred.device)
     valid = target != ignore_index if ignore_index is not None else torch.ones_like(target, dtype=torch.bool)
     t, p = target[valid], pred[valid]
     if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
         bad = int(t[(t < 0) | (t >= num_classes)][0])
-        raise ProbeInputError(f"target contains class {bad}, outside 0..{num_classes - 1} "
+        raise MetricInputError(f"target contains class {bad}, outside 0..{num_classes - 1} "
                               f"(ignore_index={ignore_index})")
     if p.numel() and (int(p.min()) < 0 or int(p.max()) >= num_classes):
         bad = int(p[(p < 0) | (p >= num_classes)][0])
-        raise ProbeInputError(f"pred contains class {bad}, outside 0..{num_classes - 1}")
+        raise MetricInputError(f"pred contains class {bad}, outside 0..{num_classes - 1}")
     return torch.bincount(t * num_classes + p, minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
 def iou_from_confusion(conf: torch.Tensor) -> tuple[float, float, list]:
     """``conf: (K, K)`` (rows = target) → (mIoU, pixel accuracy, per-class IoU list with None for classes
-    absent from both target and prediction). Raises :class:`ProbeInputError` if ``conf`` counts no pixel."""
+    absent from both target and prediction). Raises :class:`MetricInputError` if ``conf`` counts no pixel."""
     conf = conf.double().cpu()
     total = float(conf.sum())
     if total == 0:
-        raise ProbeInputError("no valid pixels to score (every target pixel is ignore_index)")
+        raise MetricInputError("no valid pixels to score (every target pixel is ignore_index)")
     tp = conf.diag()
     union = conf.sum(0) + conf.sum(1) - tp
     iou = torch.where(union > 0, tp / union.clamp(min=1), torch.full_like(tp, math.nan))
@@ -116,7 +117,7 @@ def _grid(tokens: Array, name: str) -> tuple[int, int, int, int]:
     t = int(tokens.shape[1])
     side = math.isqrt(t)
     if side * side != t:
-        raise ProbeInputError(f"{name} has {t} tokens per sample, not a square grid; pass (N, D, h, w) maps")
+        raise MetricInputError(f"{name} has {t} tokens per sample, not a square grid; pass (N, D, h, w) maps")
     return 2, int(tokens.shape[2]), side, side
 
 
@@ -132,25 +133,25 @@ def _gather_masks(m: Array, idx: torch.Tensor, device: torch.device) -> torch.Te
 
 def _check_masks(m: Any, n: int, name: str, num_classes: int, ignore_index: int) -> Array:
     if not isinstance(m, (torch.Tensor, np.ndarray)):
-        raise ProbeInputError(f"{name} must be a torch.Tensor or numpy array, got {type(m).__name__}")
+        raise MetricInputError(f"{name} must be a torch.Tensor or numpy array, got {type(m).__name__}")
     integer = (not m.dtype.is_floating_point and m.dtype != torch.bool) if isinstance(m, torch.Tensor) \
         else np.issubdtype(m.dtype, np.integer)
     if not integer:
-        raise ProbeInputError(f"{name} must hold integer class indices, got dtype {m.dtype}")
+        raise MetricInputError(f"{name} must hold integer class indices, got dtype {m.dtype}")
     if m.ndim != 3:
-        raise ProbeInputError(f"{name} must be (N, H, W), got shape {tuple(m.shape)}")
+        raise MetricInputError(f"{name} must be (N, H, W), got shape {tuple(m.shape)}")
     if m.shape[0] != n:
-        raise ProbeInputError(f"{name} has {m.shape[0]} masks but its tokens have {n} samples")
+        raise MetricInputError(f"{name} has {m.shape[0]} masks but its tokens have {n} samples")
     for idx in chunks(n, rows_per_chunk(m)):
         b = _gather_masks(m, idx, torch.device("cpu"))
         bad = ((b < 0) | (b >= num_classes)) & (b != ignore_index)
         if bool(bad.any()):
-            raise ProbeInputError(f"{name} contains class {int(b[bad][0])}, outside the declared classes "
+            raise MetricInputError(f"{name} contains class {int(b[bad][0])}, outside the declared classes "
                                   f"0..{num_classes - 1} and ignore_index={ignore_index}")
     return m
 
 
-def _interp_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+def _linear_upsample_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
     """``(n_out, n_in)`` weights of 1-D linear interpolation as ``F.interpolate(mode="linear",
     align_corners=False)`` computes it (obtained by interpolating the identity, so the conventions match)."""
     eye = torch.eye(n_in, device=device)[:, None, :]                                       # (n_in, 1, n_in)
@@ -162,8 +163,8 @@ def upsample_logits(logits: torch.Tensor, size: tuple) -> torch.Tensor:
     align_corners=False)`` (to float rounding) but computed as two small matrix products ``U_h @ x @ U_w^T``:
     on the CPU its backward pass is several times faster than the interpolation kernel's."""
     h, w = logits.shape[-2:]
-    u_h = _interp_matrix(h, int(size[0]), logits.device)
-    u_w = u_h if (w, size[1]) == (h, size[0]) else _interp_matrix(w, int(size[1]), logits.device)
+    u_h = _linear_upsample_matrix(h, int(size[0]), logits.device)
+    u_w = u_h if (w, size[1]) == (h, size[0]) else _linear_upsample_matrix(w, int(size[1]), logits.device)
     return u_h @ logits @ u_w.T
 
 
@@ -286,12 +287,12 @@ def fit_segmentation_probe(train_tokens: Array, train_masks: Array, test_tokens:
             stops after ``patience`` epochs without a gain. ``val_fraction=0``: all ``epochs`` on every image.
 
     Raises:
-        ProbeInputError: empty inputs, NaN / inf tokens, mismatched sample counts or widths, non-integer
+        MetricInputError: empty inputs, NaN / inf tokens, mismatched sample counts or widths, non-integer
             masks, mask classes outside ``0..num_classes-1`` other than ``ignore_index``, non-square grids.
     """
     num_classes = check_num_classes(num_classes)
     if epochs < 1 or batch_size < 1 or lr <= 0 or weight_decay < 0 or patience < 1 or not 0 <= val_fraction < 1:
-        raise ProbeInputError(f"need epochs >= 1, batch_size >= 1, lr > 0, weight_decay >= 0, patience >= 1, "
+        raise MetricInputError(f"need epochs >= 1, batch_size >= 1, lr > 0, weight_decay >= 0, patience >= 1, "
                               f"val_fraction in [0, 1); got {epochs}, {batch_size}, {lr}, {weight_decay}, {patience}, "
                               f"{val_fraction}")
     train_tokens = check_features(train_tokens, "train_tokens", (3, 4))
@@ -299,7 +300,7 @@ def fit_segmentation_probe(train_tokens: Array, train_masks: Array, test_tokens:
     ch, dim, h, w = _grid(train_tokens, "train_tokens")
     _, dim_t, h_t, w_t = _grid(test_tokens, "test_tokens")
     if dim_t != dim:
-        raise ProbeInputError(f"train_tokens have {dim} channels but test_tokens have {dim_t}")
+        raise MetricInputError(f"train_tokens have {dim} channels but test_tokens have {dim_t}")
     n, m = int(train_tokens.shape[0]), int(test_tokens.shape[0])
     _check_masks(train_masks, n, "train_masks", num_classes, ignore_index)
     _check_masks(test_masks, m, "test_masks", num_classes, ignore_index)
