@@ -41,7 +41,7 @@ def test_missing_vae_is_one_line_error(tmp_path, capsys):
     (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
     (["--num-samples", "0"], "--num-samples must be an integer >= 1, got 0"),
     (["--resolution", "30"], "--resolution 30 is not a multiple of 8"),
-    (["--vae", "random:big"], "only --vae random:tiny exists"),
+    (["--vae", "random:big"], "valid: --vae random:tiny"),
     (["--data", "imagefolder"], "needs --data-root"),
 ])
 def test_bad_flags_are_one_line_naming_this_commands_flags(tmp_path, capsys, argv, match):

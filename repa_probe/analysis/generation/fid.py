@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from repa_probe.analysis.errors import AnalysisInputError
 from repa_probe.analysis.generation.fid_inputs import (  # noqa: F401 (re-exported: part of this module's API)
     ImageArray, Reference, check_layout, image_height, load_images, read_reference, save_reference_stats)
 from repa_probe.analysis.metrics.frechet import fd_replicates, frechet_distance, statistics
