@@ -48,6 +48,9 @@ def add_sampler_options(p: argparse.ArgumentParser) -> None:
                    "official SiT the first 3, as their forward_with_cfg), all, or a number k (the first k)")
     g.add_argument("--cls-cfg-scale", type=float, default=None, help="REG models: guidance of the class token, "
                    "applied where the image is guided (default: --cfg-scale; <= 0: its conditional velocity)")
+    g.add_argument("--timestep-shift", type=float, default=0.0, metavar="S",
+                   help="LightningDiT's shifted grid for euler / heun: t -> t / (S + (1 - S) t) in REPA time "
+                        "(theirs: 0.3; default 0 = off)")
     g.add_argument("--labels", default="balanced", choices=("balanced", "random"),
                    help="class labels: balanced (i mod K, default) or random (uniform, REPA's protocol)")
     g.add_argument("--seed", type=int, default=0, help="sample i is seeded by (seed, i); default 0")

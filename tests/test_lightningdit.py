@@ -170,3 +170,60 @@ def test_tiny_config_trains_with_repa_and_loads_back(tmp_path):
     with torch.no_grad():
         out, zs = model(x, torch.rand(2), torch.tensor([0, 1]))
     assert out.shape == x.shape and zs[0].shape[1] == model.num_tokens
+
+
+def test_alignment_runs_on_their_file_in_their_time():
+    """The analyses' resolver takes their file as it is: SiT time, the VAE by --vae, the latent size from it."""
+    from repa_probe.analysis.alignment.run import alignment_table
+    from repa_probe.analysis.core.inputs import DataSource, build_analysis_dataset, load_checkpoints
+    from repa_probe.analysis.core.options import AlignmentOptions
+    from repa_probe.encoders.target import load_encoder
+
+    opts = AlignmentOptions(timesteps=[0.0, 1.0], topk=3, batch_size=8, progress=False, vae="random:tiny")
+    entry = load_checkpoints([GOLDEN / "lightningdit_all_state_dict.pt"], opts)[0]
+    assert (entry.info.time_convention, entry.latent_channels, entry.resolution) == ("sit", 4, 64)
+    source = DataSource("shapes", None, entry.resolution, 0, 4, entry.vae_name, entry.vae, False)
+    dataset, _ = build_analysis_dataset(source, "val", 12)
+    torch.manual_seed(0)
+    encoder = load_encoder("tiny_vit", pretrained=False, resolution=entry.resolution)
+    rows = alignment_table(entry.model, entry.objective, dataset, encoder, opts, vae=entry.vae)
+    assert len(rows) == 3 * 2 and all(-1 <= r["value"] <= 1 for r in rows)
+
+
+def test_sample_cli_takes_their_sampler_settings(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from analysis.sample import main as sample_main
+
+    base = ["--ckpt", str(GOLDEN / "lightningdit_all_state_dict.pt"), "--num-samples", "2", "--method", "euler",
+            "--steps", "3", "--cfg-scale", "6.7", "--guidance-high", "0.875", "--vae", "random:tiny", "-q"]
+    assert sample_main([*base, "--out", str(tmp_path / "shift"), "--timestep-shift", "0.3"]) == 0
+    assert sample_main([*base, "--out", str(tmp_path / "plain")]) == 0
+    record = json.loads((tmp_path / "shift" / "sampling.json").read_text())
+    assert (record["timestep_shift"], record["time_convention"], record["cfg_channels"]) == (0.3, "sit", "auto")
+    shifted, plain = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("shift", "plain"))
+    assert shifted.shape == plain.shape == (2, 64, 64, 3) and not np.array_equal(shifted, plain)
+    with pytest.raises(SystemExit):
+        sample_main([*base[:5], "sde", "--out", str(tmp_path / "sde"), "--timestep-shift", "0.3", "--vae",
+                     "random:tiny"])
+    assert "--timestep-shift" in capsys.readouterr().err
+
+
+def test_their_latent_statistics_normalise_the_vae_latents(tmp_path):
+    """LightningDiT's latents_stats.pt {mean, std} (1, C, 1, 1) in a VAE folder: the model sees (z - mean) / std
+    and samples decode from z * std + mean (their inference.py)."""
+    from diffusers import AutoencoderKL
+
+    from repa_probe.encoders.vae import RANDOM_VAES, load_vae
+
+    torch.manual_seed(0)
+    AutoencoderKL(**RANDOM_VAES["tiny-f16d32"]).save_pretrained(tmp_path / "vavae")
+    mean, std = torch.randn(1, 32, 1, 1), torch.rand(1, 32, 1, 1) + 0.5
+    torch.save({"mean": mean, "std": std}, tmp_path / "vavae" / "latents_stats.pt")
+    vae = load_vae(tmp_path / "vavae")
+    raw = torch.randn(2, 32, 4, 4)
+    torch.testing.assert_close(vae.normalize(raw), (raw - mean) / std)
+    torch.testing.assert_close(vae.denormalize(vae.normalize(raw)), raw)
+    assert (vae.latent_channels, vae.downsample_factor) == (32, 16)

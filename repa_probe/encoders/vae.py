@@ -42,7 +42,7 @@ RANDOM_VAES = {  # random:NAME - tests and the tiny runs only
     "tiny-f16d32": dict(TINY_VAE_CONFIG, latent_channels=32, block_out_channels=(32, 32, 32, 64, 64),
                         down_block_types=("DownEncoderBlock2D",) * 5, up_block_types=("UpDecoderBlock2D",) * 5),
 }
-STATS_FILE = "latents_stats.pt"  # in a diffusers folder: REPA-E's {latents_scale, latents_bias}, (1, C, 1, 1)
+STATS_FILE = "latents_stats.pt"  # in a diffusers folder: REPA-E's {latents_scale, latents_bias} or LightningDiT's {mean, std}, (1, C, 1, 1)
 
 
 #: the VAE a file that stores no training config is decoded with, by the latent channels of its model (3 =
@@ -230,13 +230,16 @@ def _wrap(vae, name: str, stats: dict | None) -> LatentVAE:
 
 
 def _read_stats(path: Path) -> dict:
-    """REPA-E's latent statistics file -> {latents_scale, latents_bias} float tensors."""
+    """A latent statistics file -> {latents_scale, latents_bias} float tensors: REPA-E's, or LightningDiT's
+    ``latents_stats.pt`` ``{mean, std}`` (its model sees ``(raw - mean) / std``: scale 1 / std, bias mean)."""
     try:
         stats = torch.load(path, map_location="cpu", weights_only=True)
+        if "latents_scale" not in stats and {"mean", "std"} <= set(stats):
+            return {"latents_scale": 1.0 / stats["std"].float(), "latents_bias": stats["mean"].float()}
         return {k: stats[k].float() for k in ("latents_scale", "latents_bias")}
     except Exception as e:  # noqa: BLE001 - one-line error
-        raise VAEWeightsError(f"{path}: not REPA-E latent statistics {{latents_scale, latents_bias}} "
-                              f"({type(e).__name__})") from e
+        raise VAEWeightsError(f"{path}: not latent statistics (REPA-E's {{latents_scale, latents_bias}} or "
+                              f"LightningDiT's {{mean, std}}) ({type(e).__name__})") from e
 
 
 def _from_ldm_file(path: Path):

@@ -50,6 +50,7 @@ class SamplerSettings:
     seed: int = 0
     cfg_channels: str | int = "auto"
     cls_cfg_scale: float | None = None  # REG models: the class token's guidance (None: cfg_scale; <= 0: conditional)
+    timestep_shift: float = 0.0  # LightningDiT's shifted euler / heun grid (0 = off; theirs 0.3)
 
     def validate(self, convention: str) -> None:
         """Check the settings for a model of time ``convention`` (repa | sit | ddpm)."""
@@ -63,6 +64,9 @@ class SamplerSettings:
             raise AnalysisInputError(f"--steps must be >= 2 for {self.method} (DiT), got {self.steps}")
         if self.labels not in SAMPLE_LABEL_MODES:
             raise AnalysisInputError(f"--labels must be one of {', '.join(SAMPLE_LABEL_MODES)}, got {self.labels!r}")
+        if self.timestep_shift and (self.method not in ("euler", "heun") or not self.timestep_shift > 0):
+            raise AnalysisInputError(f"--timestep-shift must be > 0 (0 = off) and applies to euler / heun, got "
+                                     f"{self.timestep_shift} with --method {self.method}")
 
 
 def default_method(convention: str) -> tuple[str, int]:
@@ -180,7 +184,8 @@ def generate(model, out_dir, settings: SamplerSettings, *, vae=None, path: str =
             x = sample(model, noise, labels, method=settings.method, steps=settings.steps,
                        cfg_scale=settings.cfg_scale, guidance_interval=(settings.guidance_low, settings.guidance_high),
                        generator=IndexedNoise(settings.seed, idx.to(device)), cfg_channels=settings.cfg_channels,
-                       path=path, **_class_token_kwargs(model, settings, idx, device))
+                       path=path, timestep_shift=settings.timestep_shift,
+                       **_class_token_kwargs(model, settings, idx, device))
         images = decode(x.float(), vae).permute(0, 2, 3, 1).numpy()
         for i, image in zip(idx.tolist(), images):
             _atomic_png(image, out_dir / f"{i:06d}.png")
@@ -245,7 +250,7 @@ def settings_for(convention: str, options) -> SamplerSettings:
     method, steps = default_method(convention)
     return SamplerSettings(options.num_samples, options.method or method, options.steps or steps,
                            options.cfg_scale, options.guidance_low, options.guidance_high, options.labels,
-                           options.seed, options.cfg_channels, options.cls_cfg_scale)
+                           options.seed, options.cfg_channels, options.cls_cfg_scale, options.timestep_shift)
 
 
 def check_entry(entry, settings: SamplerSettings) -> None:

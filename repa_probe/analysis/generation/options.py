@@ -31,7 +31,8 @@ class SampleOptions(Options):
     to sample), ``method`` / ``steps`` (default per model: euler 50 for flow models, ddpm 250 for DiT),
     ``cfg_scale`` (w, 1 = off), ``guidance_low`` / ``guidance_high`` (interval in REPA time, within [0, 1]),
     ``cfg_channels``, ``cls_cfg_scale`` (REG models: the class token's guidance; None = ``cfg_scale``, <= 0 =
-    its conditional velocity), ``labels`` (balanced | random), ``seed``. Running: ``batch_size``, ``device``,
+    its conditional velocity), ``timestep_shift`` (LightningDiT's shifted euler / heun grid, 0 = off),
+    ``labels`` (balanced | random), ``seed``. Running: ``batch_size``, ``device``,
     ``progress``.
     """
 
@@ -47,6 +48,7 @@ class SampleOptions(Options):
     guidance_high: float = 1.0
     cfg_channels: Any = "auto"
     cls_cfg_scale: float | None = None
+    timestep_shift: float = 0.0
     labels: str = "balanced"
     seed: int = 0
     batch_size: int = 256
@@ -70,6 +72,7 @@ class SampleOptions(Options):
                                "the guidance interval is empty")
         self.cfg_channels = parse_cfg_channels(self.cfg_channels)
         self.cls_cfg_scale = _float("cls_cfg_scale", self.cls_cfg_scale, optional=True)
+        self.timestep_shift = _float("timestep_shift", self.timestep_shift, minimum=0.0)
         _choice("labels", self.labels, SAMPLE_LABELS)
         self.seed = _int("seed", self.seed, minimum=0)
         self.batch_size = _int("batch_size", self.batch_size)
