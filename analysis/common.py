@@ -31,3 +31,29 @@ def add_running_options(g: argparse._ArgumentGroup, batch_size: int) -> None:
     g.add_argument("--batch-size", type=int, default=batch_size,
                    help=f"images per forward pass (default {batch_size})")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+
+
+def add_sampler_options(p: argparse.ArgumentParser) -> None:
+    """The sampler's flags (fields of :class:`repa_probe.analysis.generation.options.SampleOptions`), shared by
+    `python -m analysis.sample` and `python -m analysis.fid`."""
+    g = p.add_argument_group("sampler")
+    g.add_argument("--num-samples", type=int, metavar="N", help="number of samples per checkpoint")
+    g.add_argument("--method", choices=("euler", "heun", "sde", "ddpm", "ddim"),
+                   help="sampler (default: euler for flow models, as REPA's generate.py; ddpm for DiT)")
+    g.add_argument("--steps", type=int, help="sampling steps (default: euler 50, ddpm 250)")
+    g.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance w (default 1: off)")
+    g.add_argument("--guidance-low", type=float, default=0.0, help="guidance interval start, REPA time in [0, 1]")
+    g.add_argument("--guidance-high", type=float, default=1.0, help="guidance interval end, REPA time in [0, 1]")
+    g.add_argument("--cfg-channels", default="auto", help="guided channels: auto (repa models all, DiT and "
+                   "official SiT the first 3, as their forward_with_cfg), all, or a number k (the first k)")
+    g.add_argument("--cls-cfg-scale", type=float, default=None, help="REG models: guidance of the class token, "
+                   "applied where the image is guided (default: --cfg-scale; <= 0: its conditional velocity)")
+    g.add_argument("--timestep-shift", type=float, default=0.0, metavar="S",
+                   help="LightningDiT's shifted grid for euler / heun: t -> t / (S + (1 - S) t) in REPA time "
+                        "(theirs: 0.3; default 0 = off)")
+    g.add_argument("--labels", default="balanced", choices=("balanced", "random"),
+                   help="class labels: balanced (i mod K, default) or random (uniform, REPA's protocol)")
+    g.add_argument("--seed", type=int, default=0, help="sample i is seeded by (seed, i); default 0")
+    add_checkpoint_options(g)
+    g.add_argument("--vae", metavar="NAME", help="VAE decoder (default: the run's; for files without a config "
+                   "the default of the model's latent channels, sd-vae-ft-ema for 4; none in pixel space)")

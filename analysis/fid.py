@@ -1,14 +1,15 @@
 """`python -m analysis.fid`: FID / FD of samples (or of every checkpoint of a run) against a reference.
 
-Thin command line over :func:`repa_probe.analysis.generation.fid.run_fid`; see `--help`.
+Thin command line over :func:`repa_probe.analysis.generation.run.run_fid`; see `--help`.
 """
 from __future__ import annotations
 
 import argparse
+import os
 from typing import List, Optional
 
-from analysis.sample import add_sampler_args, sampler_kwargs
-from repa_probe.errors import OneLineParser, add_debug_flags, one_line_errors, setup_logging
+from analysis.common import add_sampler_options
+from repa_probe.errors import OneLineParser, add_debug_flags, setup_logging
 from repa_probe.reports.numbers import fmt
 
 DESCRIPTION = """\
@@ -25,8 +26,10 @@ works offline. Fréchet distances are computed in float64.
 
 Reference (--ref): an ADM reference batch .npz (mu/sigma; its arr_0 only for KID and precision/recall), an
 image folder or .npz of images, or OUT/reference_stats.pt of an earlier run.
-Outputs: fid.csv (checkpoint, step, metric, value, num_samples, sampler settings), summary.json,
-reference_stats.pt, figures/fid_vs_step.{pdf,png}, report.md and, with --bootstrap, replicates.npz.
+Outputs: fid.csv (checkpoint, run, step, metric, value, num_samples, sampler settings), summary.json,
+options.json, reference_stats.pt, figures/fid_vs_step.{pdf,png}, report.md and, with --bootstrap,
+replicates.npz. The reference goes through each feature extractor once per run (also for KID /
+precision-recall), and every input (weights files, reference, encoders) is checked before any sampling.
 """
 
 EXAMPLES = """\
@@ -48,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("metrics")
     g.add_argument("--inception-weights", metavar="FILE", help="torch-fidelity Inception weights file "
                    "(weights-inception-2015-12-05-6726825d.pth): enables fid_inception")
-    g.add_argument("--isc", action="store_true", help="Inception Score (10 splits, no shuffle, as ADM)")
+    g.add_argument("--isc", action="store_true", help="Inception Score (ADM's splits: ceil(N / 5000), i.e. 10 "
+                   "at N = 50000, contiguous, no shuffle)")
     g.add_argument("--kid", action="store_true", help="Kernel Inception Distance (needs reference images)")
     g.add_argument("--prc", action="store_true", help="precision/recall, k=3 on Inception features")
     g.add_argument("--fd-dinov2", action="store_true", help="FD_DINOv2 (dgm-eval protocol, ViT-L/14)")
@@ -59,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bootstrap", type=int, default=0, metavar="B", help="replicates of each Fréchet distance over "
                    "the samples (resampled with replacement) for 95%% intervals: replicates.npz, report.md "
                    "(0 = off; each costs one covariance and one Fréchet distance)")
-    add_sampler_args(p)
+    add_sampler_options(p)
     g = p.add_argument_group("running")
     g.add_argument("--batch-size", type=int, default=256, help="samples and images per batch (default 256)")
     g.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
@@ -70,24 +74,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
-    from repa_probe.analysis.generation.fid import run_fid
-
     setup_logging(args.verbose)
+    from repa_probe.analysis.generation.options import FidOptions
+    from repa_probe.analysis.generation.run import run_fid
+    from repa_probe.errors import one_line_errors
+
     with one_line_errors(args.debug):
-        summary = run_fid(args.out, ckpts=args.ckpt, samples=args.samples, ref=args.ref,
-                          inception_weights=args.inception_weights, fd_dinov2=args.fd_dinov2,
-                          dinov2_weights=args.dinov2_weights, encoder=args.encoder,
-                          encoder_weights=args.encoder_weights, random_encoder=args.random_encoder, isc=args.isc,
-                          kid=args.kid, prc=args.prc, num_samples=args.num_samples, batch_size=args.batch_size,
-                          device=args.device, progress=not args.quiet, bootstrap=args.bootstrap,
-                          **sampler_kwargs(args))
+        summary = run_fid(args.ckpt, args.out, FidOptions.from_namespace(args, progress=not args.quiet))
     if summary["files"] is None:  # torchrun rank > 0: rank 0 reports
         return 0
     for r in summary["rows"]:
         print(f"{r['checkpoint']}  {r['metric']}: {fmt(r['value'])}  (n={r['num_samples']})")
-    print(f"wrote {summary['files']['csv']}, summary.json, report.md and {len(summary['files']['figures'])} "
-          "figure files")
+    print(f"wrote {os.path.join(args.out, summary['files']['csv'])}, summary.json, report.md and "
+          f"{len(summary['files']['figures'])} figure files")
     return 0
 
 

@@ -164,6 +164,20 @@ def test_run_skeleton_loads_each_checkpoint_once_and_writes_its_files(ckpts, tmp
     assert written["checkpoints"][1]["time_convention"] == "repa" and written["versions"]["torch"]
 
 
+def test_run_skeleton_under_torchrun_writes_on_rank_0_only(ckpts, tmp_path, monkeypatch):
+    """Every rank runs the hooks (sampling is sharded); a rank > 0 writes no file and returns files=None."""
+    from repa_probe.analysis.core import runner
+    from repa_probe.training.distributed import DistInfo
+
+    monkeypatch.setattr(runner, "init_distributed", lambda device_type: DistInfo(rank=1, world_size=2))
+    monkeypatch.setattr(runner, "cleanup_distributed", lambda: None)
+    seen = []
+    analysis = Counting()
+    analysis.analyse = lambda run, entry, model: seen.append(run.dist.rank) or []
+    summary = run_analysis(analysis, list(ckpts), tmp_path / "out", AnalysisOptions(data="shapes", device="cpu"))
+    assert summary["files"] is None and seen == [1, 1] and not (tmp_path / "out").exists()
+
+
 def test_run_skeleton_fails_before_writing_anything(ckpts, tmp_path):
     with pytest.raises(AnalysisInputError, match="pass --data"):
         run_analysis(Counting(), [ckpts[1]], tmp_path / "out", AnalysisOptions(progress=False))

@@ -95,6 +95,21 @@ CASES = [
     ("sample", ["--ckpt", "{txt}", "--out", "{out}/s", "--num-samples", "4"], "notes.txt"),
     ("fid", ["--ckpt", "{out}/missing.pt", "--out", "{out}/f"], "missing.pt"),
     ("fid", ["--out", "{out}/f"], "--ckpt"),
+    ("sample", ["--ckpt", "{ck}", "--out", "{out}/s", "--num-samples", "4", "--cfg-scale", "nan"],
+     "--cfg-scale must be a finite number"),                                        # item 2
+    ("sample", ["--ckpt", "{ck}", "--out", "{out}/s", "--num-samples", "4", "--steps", "0"], "--steps"),  # item 3
+    ("fid", ["--ckpt", "{ck}", "--out", "{out}/f", "--num-samples", "0"], "--num-samples"),             # item 3
+    ("fid", ["--ckpt", "{ck}", "--out", "{out}/f", "--num-samples", "1"], "--num-samples"),
+    ("sample", ["--ckpt", "{ck}", "--out", "{out}/s", "--num-samples", "4", "--batch-size", "0"],
+     "--batch-size"),                                                               # item 6
+    ("fid", ["--ckpt", "{ck}", "--out", "{out}/f", "--batch-size", "-3"], "--batch-size"),
+    ("extract_latents", ["--data", "shapes", "--out", "{out}/lat", "--vae", "random:tiny", "--batch-size", "0"],
+     "--batch-size"),
+    ("sample", ["--ckpt", "{ck}", "--out", "{out}/earlier.txt", "--num-samples", "4"], "is a file"),    # item 7
+    ("fid", ["--ckpt", "{ck}", "--out", "{out}/earlier.txt", "--num-samples", "4"], "is a file"),
+    ("extract_latents", ["--data", "shapes", "--out", "{out}/earlier.txt", "--vae", "random:tiny"], "is a file"),
+    ("fid", ["--ckpt", "{ck}", "--out", "{out}/f", "--num-samples", "4", "--inception-weights", "{txt}"],
+     "--inception-weights"),                                                        # item 9
     # correlate
     ("correlate", ["--tables", "{tables}", "--x", "cknna@best,t=0.5", "--y", "fid_inception", "--out", "{out}/c"],
      "num_samples 64 vs 32"),                                                       # item 1

@@ -35,3 +35,28 @@ def test_missing_vae_is_one_line_error(tmp_path, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--batch-size", "0"], "--batch-size must be an integer >= 1, got 0"),
+    (["--num-samples", "0"], "--num-samples must be an integer >= 1, got 0"),
+    (["--resolution", "30"], "--resolution 30 is not a multiple of 8"),
+    (["--vae", "random:big"], "valid: --vae random:tiny"),
+    (["--data", "imagefolder"], "needs --data-root"),
+])
+def test_bad_flags_are_one_line_naming_this_commands_flags(tmp_path, capsys, argv, match):
+    args = ["--data", "shapes", "--resolution", "32", "--num-samples", "4", "--vae", "random:tiny",
+            "--out", str(tmp_path / "o"), "--device", "cpu", "--num-workers", "0"]
+    with pytest.raises(SystemExit) as exc:
+        main(args + argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and match in err, err
+    assert "vae.name=" not in err and "root=" not in err and not (tmp_path / "o").exists()
+
+
+def test_out_naming_a_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(SystemExit):
+        main(["--data", "shapes", "--resolution", "32", "--num-samples", "4", "--vae", "random:tiny",
+              "--out", str(tmp_path / "f"), "--device", "cpu"])
+    assert "--out" in capsys.readouterr().err and (tmp_path / "f").read_text() == "x"

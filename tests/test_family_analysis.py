@@ -10,7 +10,7 @@ from repa_probe.analysis.alignment.run import AlignmentOptions, run_alignment
 from repa_probe.analysis.core.features import CaptureSettings, extract_features, prepare_inputs
 from repa_probe.analysis.core.options import ProbeOptions
 from repa_probe.analysis.errors import AnalysisInputError
-from repa_probe.analysis.generation.generate import SamplerSettings, generate
+from repa_probe.analysis.generation.generate import Running, SamplerSettings, generate
 from repa_probe.analysis.probes.run import run_probes
 from repa_probe.checkpoint import load_model
 from repa_probe.data import build_dataset
@@ -76,8 +76,8 @@ def test_sampling_a_reg_model_is_seeded_per_sample(reg_run, tmp_path):
     model, _ = load_model(run / "checkpoints" / "0000002.pt")
     settings = SamplerSettings(num_samples=4, method="sde", steps=3, cfg_scale=2.0, guidance_high=0.85,
                                cls_cfg_scale=1.5, labels="random")
-    generate(model, tmp_path / "a", settings, batch_size=4, progress=False)
-    generate(model, tmp_path / "b", settings, batch_size=3, progress=False)
+    generate(model, tmp_path / "a", settings, running=Running(batch_size=4, progress=False))
+    generate(model, tmp_path / "b", settings, running=Running(batch_size=3, progress=False))
     a, b = (np.load(tmp_path / d / "samples.npz")["arr_0"] for d in ("a", "b"))
     assert a.shape == (4, 32, 32, 3) and np.array_equal(a, b)
     assert json.loads((tmp_path / "a" / "sampling.json").read_text())["cls_cfg_scale"] == 1.5

@@ -122,3 +122,32 @@ def test_inception_needs_weights(tmp_path, monkeypatch):
         fid.inception_space(None)
     with pytest.raises(AnalysisInputError, match="--inception-weights"):
         fid.inception_space(tmp_path / "nope.pth")
+
+
+def test_isc_splits_follow_adm():
+    """ADM's evaluator: one Inception Score split per 5000 samples (ceil), so 10 at N = 50 000."""
+    assert [fid.isc_splits(n) for n in (2, 4999, 5000, 5001, 50000)] == [1, 1, 1, 2, 10]
+
+
+def test_reference_goes_through_the_extractor_once(images, space, monkeypatch):
+    """KID / precision-recall and FD of several checkpoints: the reference images are extracted once and the
+    extractor is built once (its weights loaded once), whatever the number of evaluations."""
+    import torch_fidelity.utils as tfu
+
+    a, b = images
+    inception_like = fid.FeatureSpace("fid_inception", fid.INCEPTION, "cls")  # KID / PRC take Inception spaces
+    inception_like._built[False] = space.extractor_on("cpu")
+    built, extracted = [], []
+    real_create, real_extract = tfu.create_feature_extractor, tfu.get_featuresdict_from_dataset
+    monkeypatch.setattr(tfu, "create_feature_extractor", lambda *x, **k: built.append(1) or real_create(*x, **k))
+    monkeypatch.setattr(tfu, "get_featuresdict_from_dataset",
+                        lambda ds, *x, **k: extracted.append(len(ds)) or real_extract(ds, *x, **k))
+    ref = Reference("b", b[:30])
+    for _ in range(2):  # two checkpoints
+        out = evaluate(a, ref, [inception_like], kid=True, prc=True)
+        assert {"fid_inception", "kid_inception", "precision_inception", "recall_inception"} <= set(out)
+    assert extracted == [40, 30, 40] and built == []
+    fresh = fid.FeatureSpace("fd_x", space.extractor, "cls")
+    evaluate(a, Reference("b", b), [fresh])
+    evaluate(a, Reference("b", b), [fresh])
+    assert len(built) == 1

@@ -7,7 +7,7 @@ import torch
 from repa_probe.checkpoint import load_model, safe_load
 from repa_probe.models import DiffusionTransformer
 from repa_probe.sampling import SamplingError, sample
-from repa_probe.sampling.ddpm import respaced_schedule, space_timesteps
+from repa_probe.sampling.ddpm import respaced, space_timesteps
 from repa_probe.sampling.guidance import guided_output, make_guidance
 from repa_probe.timesteps import convention_of
 
@@ -95,7 +95,9 @@ def test_respacing_pins():
     kept = space_timesteps(1000, 250)
     assert len(kept) == 250 and sum(kept) == 124875 and kept[-1] == 999 and {164, 169, 497, 502} <= set(kept)
     assert space_timesteps(1000, 50)[:5] == [0, 20, 41, 61, 82]
-    betas = respaced_schedule(1000, 250)["betas"]
+    process = respaced(1000, 250)
+    assert process.timestep_map.tolist() == kept and process.num_timesteps == 250
+    betas = process.tables["betas"]
     assert torch.allclose(betas[:3], torch.tensor([1.0e-4, 5.99066e-4, 9.17603e-4], dtype=torch.float64),
                           rtol=1e-5)
     assert abs(betas[-1].item() - 0.0775193) < 1e-7
@@ -191,3 +193,19 @@ def test_errors_for_dit_methods_and_missing_null_class():
     with pytest.raises(SamplingError, match="null class"):
         sample(_tiny(dropout=0.0), torch.randn(1, 4, 4, 4), torch.tensor([0]), method="euler", steps=2,
                cfg_scale=1.5)
+
+
+def test_ddpm_sampler_is_the_objectives_respaced_process(monkeypatch):
+    """One source of the DDPM tables: respacing to all T steps is the training schedule itself, and every
+    ancestral step goes through the objective's p_mean_variance (the learned-variance rule written once)."""
+    from repa_probe.objectives.ddpm import GaussianDiffusion
+
+    full, same = GaussianDiffusion(1000), respaced(1000, 1000)
+    assert all(torch.allclose(full.tables[k], same.tables[k], rtol=1e-12, atol=0) for k in full.tables)
+    calls = []
+    original = GaussianDiffusion.p_mean_variance
+    monkeypatch.setattr(GaussianDiffusion, "p_mean_variance",
+                        lambda self, *a, **k: calls.append(self.num_timesteps) or original(self, *a, **k))
+    z = torch.randn(4, 1, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sample(Toy("DiT", 0.5), z, _labels(4), method="ddpm", steps=7, generator=torch.Generator().manual_seed(1))
+    assert calls == [7] * 7

@@ -8,7 +8,7 @@ from PIL import Image
 
 from repa_probe.analysis.generation import generate as gen
 from repa_probe.analysis.errors import AnalysisInputError
-from repa_probe.analysis.generation.generate import SamplerSettings, generate, sample_labels
+from repa_probe.analysis.generation.generate import Running, SamplerSettings, generate, sample_labels
 from repa_probe.models import DiffusionTransformer
 from repa_probe.sampling import SamplingError
 
@@ -39,11 +39,11 @@ def _same(a, b):
 
 
 def test_samples_do_not_depend_on_batch_size_or_process_count(model, tmp_path):
-    a = generate(model, tmp_path / "a", SETTINGS, batch_size=7, progress=False)
-    generate(model, tmp_path / "b", SETTINGS, batch_size=2, progress=False)
+    a = generate(model, tmp_path / "a", SETTINGS, running=Running(batch_size=7, progress=False))
+    generate(model, tmp_path / "b", SETTINGS, running=Running(batch_size=2, progress=False))
     for rank in (1, 0):  # two "processes" sharing the indices i = rank mod 2, rank 0 finalises
-        generate(model, tmp_path / "c", SETTINGS, batch_size=3, progress=False, rank=rank, world=2,
-                 finalize=rank == 0)
+        generate(model, tmp_path / "c", SETTINGS, running=Running(batch_size=3, rank=rank, world=2, progress=False,
+                                                                  finalize=rank == 0))
     ref = _pngs(tmp_path / "a", 7)
     assert ref.std() > 0 and len({ref[i].tobytes() for i in range(7)}) == 7
     for other in ("b", "c"):
@@ -57,7 +57,7 @@ def test_samples_do_not_depend_on_batch_size_or_process_count(model, tmp_path):
 
 def test_resume_samples_only_what_is_missing(model, tmp_path, monkeypatch):
     folder = tmp_path / "s"
-    generate(model, folder, SETTINGS, batch_size=4, progress=False)
+    generate(model, folder, SETTINGS, running=Running(batch_size=4, progress=False))
     ref = _pngs(folder, 7)
     for i in (2, 5):
         (folder / f"{i:06d}.png").unlink()
@@ -70,10 +70,10 @@ def test_resume_samples_only_what_is_missing(model, tmp_path, monkeypatch):
         return real(m, noise, labels, **kw)
 
     monkeypatch.setattr(gen, "sample", counting)
-    generate(model, folder, SETTINGS, batch_size=4, progress=False)
+    generate(model, folder, SETTINGS, running=Running(batch_size=4, progress=False))
     assert seen == [2] and _same(_pngs(folder, 7), ref) and (folder / "samples.npz").exists()
     with pytest.raises(AnalysisInputError, match="other settings"):
-        generate(model, folder, SamplerSettings(7, "sde", 4), progress=False)
+        generate(model, folder, SamplerSettings(7, "sde", 4), running=Running(progress=False))
 
 
 def test_labels():
@@ -87,11 +87,12 @@ def test_labels():
 
 def test_bad_input_fails_before_writing(model, tmp_path):
     with pytest.raises(AnalysisInputError, match="--method"):
-        generate(model, tmp_path / "x", SamplerSettings(4, "ddpm", 4), progress=False)
+        generate(model, tmp_path / "x", SamplerSettings(4, "ddpm", 4), running=Running(progress=False))
     no_null = DiffusionTransformer(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1,
                                    num_heads=2, num_classes=4, class_dropout_prob=0.0)
     with pytest.raises(SamplingError, match="null class"):
-        generate(no_null, tmp_path / "y", SamplerSettings(4, "euler", 2, cfg_scale=2.0), progress=False)
+        generate(no_null, tmp_path / "y", SamplerSettings(4, "euler", 2, cfg_scale=2.0),
+                 running=Running(progress=False))
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
@@ -117,7 +118,7 @@ def test_latent_dit_model_through_a_vae(tmp_path):
                                num_classes=3, class_dropout_prob=0.1, learn_sigma=True, time_convention="ddpm").eval()
     vae = load_vae("random:tiny")
     s = SamplerSettings(num_samples=3, method="ddpm", steps=4, cfg_scale=2.0, seed=1)
-    generate(dit, tmp_path / "a", s, vae=vae, batch_size=3, progress=False)
-    generate(dit, tmp_path / "b", s, vae=vae, batch_size=2, progress=False)
+    generate(dit, tmp_path / "a", s, vae=vae, running=Running(batch_size=3, progress=False))
+    generate(dit, tmp_path / "b", s, vae=vae, running=Running(batch_size=2, progress=False))
     a = _pngs(tmp_path / "a", 3)
     assert a.shape == (3, 32, 32, 3) and _same(a, _pngs(tmp_path / "b", 3))

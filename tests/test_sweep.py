@@ -287,3 +287,16 @@ def test_aggregate_is_not_redrawn_when_nothing_changed(tmp_path, monkeypatch):
     assert len(calls) == 2
     rows = json.loads((tmp_path / "results" / "alignment" / "summary.json").read_text())
     assert rows["checkpoints"] == [dict(label="run/0000001", run="run")]  # the run as the plan named it
+
+
+def test_fid_options_are_the_fields_of_fid_options():
+    """The registry reads the options dataclass (no function signatures): every FidOptions field the sweep
+    does not set itself is a valid option, and nothing else."""
+    from repa_probe.analysis.generation.options import FidOptions
+    from repa_probe.sweeps.registry import RESERVED, SWEEP_OPTIONS, get_analysis
+
+    valid = get_analysis("fid").valid_options()
+    assert valid == [f for f in FidOptions.field_names() if f not in RESERVED] + list(SWEEP_OPTIONS)
+    assert {"cfg_scale", "inception_weights", "num_samples"} <= set(valid) and "samples" not in valid
+    with pytest.raises(ConfigError, match="unknown option 'analyses.fid.entries'"):
+        get_analysis("fid").check_options({"entries": 1}, "analyses.fid")

@@ -38,23 +38,55 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _check_flags(args) -> None:
+    """Numbers that mean nothing (0 or negative) and an --out that is a file: one line naming the flag."""
+    from pathlib import Path
+
+    from repa_probe.encoders.vae import VAEInputError
+
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--num-workers", args.num_workers, 0),
+                             ("--resolution", args.resolution, 1), ("--num-samples", args.num_samples, 1)):
+        if value is not None and value < low:
+            raise VAEInputError(f"{flag} must be an integer >= {low}, got {value}")
+    if Path(args.out).exists() and not Path(args.out).is_dir():
+        raise VAEInputError(f"--out {args.out} is a file, not a folder; name a folder (it is created)")
+
+
+def _in_flags(exc: Exception) -> str:
+    """A loader's message in this command's flags (the loaders name the training keys)."""
+    msg = str(exc)
+    for key, flag in (("vae.name=", "--vae "), ("needs root=", "needs --data-root"), ("root ", "--data-root "),
+                      ("build_dataset(", "--data (")):
+        msg = msg.replace(key, flag)
+    return msg
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     # the library (torch, data, plotting) is imported after parsing: --help and usage errors stay instant
-    from repa_probe.data import build_dataset
+    from repa_probe.data import DatasetError, build_dataset
     from repa_probe.devices import resolve_device
-    from repa_probe.encoders.vae import VAEInputError, extract_latents
+    from repa_probe.encoders.vae import VAEInputError, VAEWeightsError, extract_latents
     from repa_probe.trained_vae import load_any_vae
 
     setup_logging(args.verbose)
 
     with one_line_errors(args.debug):
+        _check_flags(args)
         device = resolve_device(args.device)
-        dataset = build_dataset(args.data, root=args.data_root, split=args.split, resolution=args.resolution,
-                                num_samples=args.num_samples)
-        vae = load_any_vae(args.vae, device=device)
+        try:
+            dataset = build_dataset(args.data, root=args.data_root, split=args.split, resolution=args.resolution,
+                                    num_samples=args.num_samples)
+            vae = load_any_vae(args.vae, device=device)
+        except DatasetError as exc:
+            raise DatasetError(_in_flags(exc)) from None
+        except VAEWeightsError as exc:
+            raise VAEWeightsError(_in_flags(exc)) from None
         if vae is None:
             raise VAEInputError("--vae none has no latents to extract; name a VAE")
+        if args.resolution % vae.downsample_factor:
+            raise VAEInputError(f"--resolution {args.resolution} is not a multiple of {vae.downsample_factor}, the "
+                                f"downsampling factor of --vae {args.vae}")
         out = extract_latents(dataset, vae, args.out, batch_size=args.batch_size, flip=args.flip,
                               save_images=not args.no_images, num_workers=args.num_workers,
                               overwrite=args.overwrite)

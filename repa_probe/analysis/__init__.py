@@ -20,8 +20,10 @@ _EXPORTS = {
     "run_analysis": "repa_probe.analysis.core.runner",
     "run_alignment": "repa_probe.analysis.alignment.run",
     "run_probes": "repa_probe.analysis.probes.run",
-    "sample_checkpoints": "repa_probe.analysis.generation.generate",
-    "run_fid": "repa_probe.analysis.generation.fid",
+    "SampleOptions": "repa_probe.analysis.generation.options",
+    "FidOptions": "repa_probe.analysis.generation.options",
+    "sample_checkpoints": "repa_probe.analysis.generation.run",
+    "run_fid": "repa_probe.analysis.generation.run",
     "run_correlate": "repa_probe.analysis.correlation.correlate",
 }
 

@@ -65,6 +65,44 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, means: torch.Tensor, lo
     return torch.where(x < -0.999, log_cdf_hi, torch.where(x > 0.999, log_one_minus_cdf_lo, log_delta))
 
 
+def space_timesteps(num_timesteps: int, count: int) -> list[int]:
+    """DiT/ADM's kept steps for one section of ``count`` steps, ascending (``round`` of an accumulated stride)."""
+    stride = 1 if count <= 1 else (num_timesteps - 1) / (count - 1)
+    cur, kept = 0.0, []
+    for _ in range(count):
+        kept.append(round(cur))
+        cur += stride
+    return sorted(set(kept))
+
+
+def schedule_tables(betas: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The one computation of the float64 ``(T,)`` tables of a diffusion with ``betas`` (forward process,
+    posterior q(x_{t-1} | x_t, x_0), fixed variances); the training schedule and its respaced samplers alike."""
+    alphas = 1.0 - betas
+    abar = torch.cumprod(alphas, dim=0)
+    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+    # beta~_0 = 0: its log is clipped to beta~_1 (the t=0 term is the decoder NLL anyway).
+    post_var_clipped = torch.cat([post_var[1:2], post_var[1:]])
+    fixed_large = torch.cat([post_var[1:2], betas[1:]])
+    return {
+        "betas": betas,
+        "log_betas": torch.log(betas),
+        "alphas_cumprod": abar,
+        "alphas_cumprod_prev": abar_prev,
+        "sqrt_alphas_cumprod": torch.sqrt(abar),
+        "sqrt_one_minus_alphas_cumprod": torch.sqrt(1.0 - abar),
+        "sqrt_recip_alphas_cumprod": torch.sqrt(1.0 / abar),
+        "sqrt_recipm1_alphas_cumprod": torch.sqrt(1.0 / abar - 1.0),
+        "posterior_variance": post_var,
+        "posterior_log_variance_clipped": torch.log(post_var_clipped),
+        "posterior_mean_coef1": betas * torch.sqrt(abar_prev) / (1.0 - abar),
+        "posterior_mean_coef2": (1.0 - abar_prev) * torch.sqrt(alphas) / (1.0 - abar),
+        "fixed_large_variance": fixed_large,
+        "fixed_large_log_variance": torch.log(fixed_large),
+    }
+
+
 class GaussianDiffusion(Objective):
     """DiT's training diffusion: linear betas, epsilon prediction, LEARNED_RANGE variance, hybrid loss.
 
@@ -76,12 +114,19 @@ class GaussianDiffusion(Objective):
             used by `p_mean_variance` is the fixed "large" one (beta_t, with beta~_1 at t=0), as DiT.
         rescale_vb: multiply vb by T / 1000 (improved-DDPM's RESCALED_MSE). For T = 1000, the DiT setting, the
             factor is exactly 1, so this matches DiT's loss either way.
+        betas: float64 ``(T,)`` betas instead of the linear schedule (a respaced process, see :meth:`respace`);
+            ``num_timesteps`` is then ``len(betas)``.
+
+    ``timestep_map``: int64 ``(T,)`` step fed to the network at each step of this process (the identity, or the
+    kept steps of the original schedule after :meth:`respace`).
     """
 
     time_convention = "ddpm"
 
     def __init__(self, num_timesteps: int = 1000, beta_schedule: str = "linear", learn_sigma: bool = True,
-                 rescale_vb: bool = True):
+                 rescale_vb: bool = True, betas: torch.Tensor | None = None):
+        if betas is not None:
+            num_timesteps = len(betas)
         if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, numbers.Integral) or num_timesteps < 2:
             raise ObjectiveError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
         if beta_schedule not in BETA_SCHEDULES:
@@ -90,50 +135,42 @@ class GaussianDiffusion(Objective):
         self.beta_schedule = beta_schedule
         self.learn_sigma = bool(learn_sigma)
         self.rescale_vb = bool(rescale_vb)
+        #: float64 (T,) schedule tables; `_table(name, device, dtype)` gives cached copies.
+        self.tables: dict[str, torch.Tensor] = schedule_tables(
+            linear_betas(self.num_timesteps) if betas is None else betas.to(torch.float64))
+        self.timestep_map = torch.arange(self.num_timesteps, dtype=torch.int64)
+        self._cache: dict[tuple, torch.Tensor] = {}
 
-        betas = linear_betas(self.num_timesteps)
-        alphas = 1.0 - betas
-        abar = torch.cumprod(alphas, dim=0)
-        abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-        post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
-        # beta~_0 = 0: its log is clipped to beta~_1 (the t=0 term is the decoder NLL anyway).
-        post_var_clipped = torch.cat([post_var[1:2], post_var[1:]])
-        fixed_large = torch.cat([post_var[1:2], betas[1:]])
-        #: float64 (T,) schedule tables; `_table(name, device)` gives cached float32 copies.
-        self.tables: dict[str, torch.Tensor] = {
-            "betas": betas,
-            "log_betas": torch.log(betas),
-            "alphas_cumprod": abar,
-            "alphas_cumprod_prev": abar_prev,
-            "sqrt_alphas_cumprod": torch.sqrt(abar),
-            "sqrt_one_minus_alphas_cumprod": torch.sqrt(1.0 - abar),
-            "sqrt_recip_alphas_cumprod": torch.sqrt(1.0 / abar),
-            "sqrt_recipm1_alphas_cumprod": torch.sqrt(1.0 / abar - 1.0),
-            "posterior_variance": post_var,
-            "posterior_log_variance_clipped": torch.log(post_var_clipped),
-            "posterior_mean_coef1": betas * torch.sqrt(abar_prev) / (1.0 - abar),
-            "posterior_mean_coef2": (1.0 - abar_prev) * torch.sqrt(alphas) / (1.0 - abar),
-            "fixed_large_variance": fixed_large,
-            "fixed_large_log_variance": torch.log(fixed_large),
-        }
-        self._cache: dict[tuple[str, torch.device], torch.Tensor] = {}
+    def respace(self, count: int, learn_sigma: bool | None = None) -> "GaussianDiffusion":
+        """The process over ``space_timesteps(T, count)`` kept steps, built on this schedule as DiT's
+        ``SpacedDiffusion`` (``betas'_k = 1 - abar_{t_k} / abar_{t_{k-1}}``); its ``timestep_map`` holds the
+        original steps the network receives. ``learn_sigma``: of the network output (default: this one's)."""
+        kept = self.timestep_map[space_timesteps(self.num_timesteps, count)]
+        abar = self.tables["alphas_cumprod"][kept]
+        betas = 1.0 - abar / torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+        out = GaussianDiffusion(betas=betas, learn_sigma=self.learn_sigma if learn_sigma is None else learn_sigma,
+                                rescale_vb=self.rescale_vb)
+        out.timestep_map = kept
+        return out
 
     def __repr__(self) -> str:
         return (f"GaussianDiffusion(num_timesteps={self.num_timesteps}, beta_schedule={self.beta_schedule!r}, "
                 f"learn_sigma={self.learn_sigma})")
 
     # ---------------------------------------------------------------- lookup helpers
-    def _table(self, name: str, device: torch.device) -> torch.Tensor:
-        key = (name, device)
+    def _table(self, name: str, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        key = (name, device, dtype)
         if key not in self._cache:
-            self._cache[key] = self.tables[name].to(torch.float32).to(device)
+            self._cache[key] = self.tables[name].to(dtype).to(device)
         return self._cache[key]
 
     def extract(self, name: str, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """Look up schedule table `name` at integer steps `t: (B,)` -> float32 `(B, 1, ..., 1)` matching `x`."""
+        """Look up schedule table `name` at integer steps `t: (B,)` -> `(B, 1, ..., 1)` matching `x`: float64
+        when `x` is float64 (the samplers), else float32."""
         if t.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
             raise ObjectiveError(f"DDPM timesteps must be an integer tensor of steps 0..T-1, got dtype {t.dtype}")
-        return expand_time(self._table(name, t.device)[t.long()], x)
+        dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        return expand_time(self._table(name, t.device, dtype)[t.long()], x)
 
     def _split(self, model_out: torch.Tensor, x_t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Split `(B, 2C, H, W)` (learn_sigma) or check `(B, C, H, W)` -> (eps, variance values or None)."""

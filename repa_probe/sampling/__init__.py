@@ -125,12 +125,12 @@ def _sample_flow(model, convention, x, labels, method, steps, guidance: Guidance
 
 
 def _sample_ddpm(model, x, labels, method, steps, guidance: Guidance, noise, num_timesteps, dtype):
-    sched = ddpm.respaced_schedule(num_timesteps, steps)
-    kept = sched["timesteps"].tolist()
+    diffusion = ddpm.respaced(num_timesteps, steps)
+    kept = diffusion.timestep_map.tolist()
 
     def output(state, k: int) -> torch.Tensor:
         t_in = torch.full((state.shape[0],), kept[k], dtype=torch.int64, device=state.device)
         active = guidance.active(float(user_time(torch.tensor([kept[k]]), "ddpm", num_timesteps)))
         return guided_output(model, state.to(dtype), t_in, labels, guidance, active)
 
-    return ddpm.diffusion_loop(output, x, sched, method, noise)
+    return ddpm.diffusion_loop(output, x, diffusion, method, noise)

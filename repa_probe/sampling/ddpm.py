@@ -3,7 +3,11 @@
 * ``"ddpm"`` — ``p_sample_loop``: ancestral steps with the learned-range variance (2C outputs; C outputs use
   the fixed "large" variance), noise drawn after the network call, none on the last step.
 * ``"ddim"`` — ``ddim_sample_loop`` with eta = 0 (the variance channels are ignored).
-The network always receives the original step (0..T-1).
+
+The process is the training objective's own :class:`~repa_probe.objectives.ddpm.GaussianDiffusion`, respaced
+(:meth:`~repa_probe.objectives.ddpm.GaussianDiffusion.respace`, as DiT's ``respace.py`` builds on
+``GaussianDiffusion``): its tables and its reverse step (``p_mean_variance``, the learned-variance rule) are
+the only ones. The network always receives the original step (``timestep_map``, 0..T-1).
 """
 from __future__ import annotations
 
@@ -11,63 +15,41 @@ from typing import Callable
 
 import torch
 
-from repa_probe.objectives.ddpm import linear_betas
+from repa_probe.objectives.ddpm import GaussianDiffusion, space_timesteps  # noqa: F401 (space_timesteps re-exported)
 
 
-def space_timesteps(num_timesteps: int, count: int) -> list[int]:
-    """DiT/ADM's kept steps for one section of ``count`` steps, ascending (``round`` of an accumulated stride)."""
-    stride = 1 if count <= 1 else (num_timesteps - 1) / (count - 1)
-    cur, kept = 0.0, []
-    for _ in range(count):
-        kept.append(round(cur))
-        cur += stride
-    return sorted(set(kept))
+def respaced(num_timesteps: int, count: int) -> GaussianDiffusion:
+    """DiT's ``T``-step linear diffusion respaced to ``count`` steps (``timestep_map``: the kept steps)."""
+    return GaussianDiffusion(num_timesteps).respace(count)
 
 
-def respaced_schedule(num_timesteps: int, count: int) -> dict[str, torch.Tensor]:
-    """Float64 ``(K,)`` tables of the respaced process (``betas'_k = 1 - abar_{t_k} / abar_{t_{k-1}}``)
-    plus ``timesteps`` (int64 original steps)."""
-    kept = space_timesteps(num_timesteps, count)
-    abar_full = torch.cumprod(1.0 - linear_betas(num_timesteps), dim=0)
-    abar_kept = abar_full[kept]
-    betas = 1.0 - abar_kept / torch.cat([torch.ones(1, dtype=torch.float64), abar_kept[:-1]])
-    abar = torch.cumprod(1.0 - betas, dim=0)
-    abar_prev = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
-    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
-    return {
-        "timesteps": torch.tensor(kept, dtype=torch.int64),
-        "betas": betas, "alphas_cumprod": abar, "alphas_cumprod_prev": abar_prev,
-        "sqrt_recip": torch.sqrt(1.0 / abar), "sqrt_recipm1": torch.sqrt(1.0 / abar - 1.0),
-        "coef1": betas * torch.sqrt(abar_prev) / (1.0 - abar),
-        "coef2": (1.0 - abar_prev) * torch.sqrt(1.0 - betas) / (1.0 - abar),
-        "log_betas": torch.log(betas),
-        "post_log_var": torch.log(torch.cat([post_var[1:2], post_var[1:]])),
-        "large_log_var": torch.log(torch.cat([post_var[1:2], betas[1:]])),
-    }
+def diffusion_loop(output: Callable, x: torch.Tensor, diffusion: GaussianDiffusion, method: str,
+                   noise: Callable) -> torch.Tensor:
+    """Run ``method`` ("ddpm" | "ddim") of the respaced ``diffusion`` from ``x: (B, C, H, W)`` float64 at its
+    noisiest step.
 
-
-def diffusion_loop(output: Callable, x: torch.Tensor, sched: dict, method: str, noise: Callable) -> torch.Tensor:
-    """Run ``method`` ("ddpm" | "ddim") from ``x: (B, C, H, W)`` float64 at the noisiest kept step.
-
-    ``output(x, k) -> (B, C or 2C, H, W)`` float64 raw network output at respaced index k (guided);
-    ``noise(step, x) -> (B, C, H, W)`` float64 N(0, I). Returns float64 ``(B, C, H, W)``.
+    ``output(x, k) -> (B, C or 2C, H, W)`` float64 raw network output at respaced index k (guided; 2C =
+    learned variance); ``noise(step, x) -> (B, C, H, W)`` float64 N(0, I). Returns float64 ``(B, C, H, W)``.
     """
     c = x.shape[1]
-    s = {k: v.tolist() for k, v in sched.items()}
-    num = len(s["timesteps"])
-    for step, k in enumerate(reversed(range(num))):
+    for step, k in enumerate(reversed(range(diffusion.num_timesteps))):
         out = output(x, k)
-        eps = out[:, :c]
-        x0 = s["sqrt_recip"][k] * x - s["sqrt_recipm1"][k] * eps
+        if diffusion.learn_sigma != (out.shape[1] == 2 * c):  # the network decides (2C: learned variance)
+            diffusion = _with_learn_sigma(diffusion, out.shape[1] == 2 * c)
+        t = torch.full((x.shape[0],), k, dtype=torch.int64, device=x.device)
         if method == "ddim":
-            eps = (s["sqrt_recip"][k] * x - x0) / s["sqrt_recipm1"][k]
-            x = x0 * s["alphas_cumprod_prev"][k] ** 0.5 + (1.0 - s["alphas_cumprod_prev"][k]) ** 0.5 * eps
+            x0 = diffusion.predict_x0_from_eps(x, t, out[:, :c])
+            eps = diffusion.predict_eps_from_x0(x, t, x0)
+            abar_prev = diffusion.extract("alphas_cumprod_prev", t, x)
+            x = x0 * abar_prev.sqrt() + (1.0 - abar_prev).sqrt() * eps
             continue
-        mean = s["coef1"][k] * x0 + s["coef2"][k] * x
-        if out.shape[1] == 2 * c:
-            frac = (out[:, c:] + 1.0) / 2.0
-            log_var = frac * s["log_betas"][k] + (1.0 - frac) * s["post_log_var"][k]
-        else:
-            log_var = torch.full_like(mean, s["large_log_var"][k])
-        x = mean + torch.exp(0.5 * log_var) * noise(step, x) if k > 0 else mean
+        p = diffusion.p_mean_variance(out, x, t)
+        x = p["mean"] + torch.exp(0.5 * p["log_variance"]) * noise(step, x) if k > 0 else p["mean"]
     return x
+
+
+def _with_learn_sigma(diffusion: GaussianDiffusion, learn_sigma: bool) -> GaussianDiffusion:
+    """The same process (same tables and step map) reading ``learn_sigma`` outputs."""
+    out = GaussianDiffusion(betas=diffusion.tables["betas"], learn_sigma=learn_sigma, rescale_vb=diffusion.rescale_vb)
+    out.timestep_map = diffusion.timestep_map
+    return out

@@ -1,10 +1,9 @@
 """Analyses a sweep can run, by name: each maps to ONE adapter around its library entry point.
 
 An :class:`AnalysisSpec` says how to run the analysis on a list of checkpoints into a directory (the adapter),
-which keyword options it accepts (the parameters of its entry point(s), read with :mod:`inspect`, so the
-options follow the library), which CSV it writes, how the per-unit CSVs are written back as one table, and
-which cross-checkpoint figures are drawn from the gathered rows (the same plotting code as the single-run
-commands). ``shares_work``: the checkpoints of one run go to one job, which runs them one after the other
+which options it accepts (the fields of its options dataclass, so the options follow the library), which CSV
+it writes, how the per-unit CSVs are written back as one table, and which cross-checkpoint figures are drawn
+from the gathered rows (the same plotting code as the single-run commands). ``shares_work``: the checkpoints of one run go to one job, which runs them one after the other
 against a shared encoder-feature cache (computed once per job, not once per checkpoint).
 
 Adding an analysis is a few lines: write ``_run_<name>(ckpts, out_dir, options, cache_dir) -> dict`` that
@@ -15,18 +14,18 @@ Spatial metrics are alignment options (``metric: cknna,lds,cds``); the correlati
 from __future__ import annotations
 
 import dataclasses
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Sequence
 
 from repa_probe.analysis.alignment import plots
 from repa_probe.analysis.alignment.run import CSV_COLUMNS as ALIGNMENT_COLUMNS, run_alignment
+from repa_probe.analysis.generation.options import FidOptions
+from repa_probe.analysis.generation.run import CSV_COLUMNS as FID_COLUMNS, run_fid
 from repa_probe.analysis.core.options import AlignmentOptions, ProbeOptions
 from repa_probe.analysis.core.plots import slug
 from repa_probe.analysis.core.writers import write_csv
-from repa_probe.analysis.generation.fid import CSV_COLUMNS as FID_COLUMNS, fid_vs_step, run_fid
-from repa_probe.analysis.generation.generate import sample_checkpoints
+from repa_probe.analysis.generation.fid import fid_vs_step
 from repa_probe.analysis.probes.plots import make_probe_figures
 from repa_probe.analysis.probes.run import CSV_COLUMNS as PROBE_COLUMNS, TASK_SPECS, run_probes
 from repa_probe.errors import ReproError
@@ -41,7 +40,7 @@ SWEEP_OPTIONS = ("checkpoint_steps",)  # options every analysis takes, used by t
 class AnalysisSpec:
     name: str
     run: Callable  # (ckpts: list[Path], out_dir: Path, options: dict, cache_dir: Path) -> summary dict
-    option_sources: Callable  # () -> options dataclasses / functions whose fields / keyword parameters are valid
+    option_sources: Callable  # () -> the options dataclasses whose fields are the valid options
     table: str  # CSV written into each unit's directory and gathered under results/<name>/
     columns: Sequence[str]  # the table's columns (the library's own), written back with writers.write_csv
     figures: Callable  # (rows, out_dir: Path, runs: {checkpoint label: run}, options) -> list[Path]
@@ -49,14 +48,7 @@ class AnalysisSpec:
     report_figures: tuple = ("*.png",)  # figures (globs under results/<name>/figures) in a study report's appendix
 
     def valid_options(self) -> list[str]:
-        names: list[str] = []
-        for src in self.option_sources():
-            if dataclasses.is_dataclass(src):
-                names += [f.name for f in dataclasses.fields(src) if f.name not in RESERVED]
-                continue
-            for p in inspect.signature(src).parameters.values():
-                if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in RESERVED | {"entries"}:
-                    names.append(p.name)
+        names = [f.name for src in self.option_sources() for f in dataclasses.fields(src) if f.name not in RESERVED]
         return list(dict.fromkeys(names + list(SWEEP_OPTIONS)))
 
     def check_options(self, options: dict, where: str) -> dict:
@@ -131,15 +123,11 @@ def _probe_figures(task: str) -> Callable:
 def _run_fid(ckpts: Sequence[Path], out_dir: Path, options: dict, cache_dir: Path) -> dict:
     """Sample each checkpoint into ``out_dir/samples`` (resumable: a requeued job continues its folder), then
     FID / FD against the reference."""
-    return run_fid(out_dir, ckpts=list(ckpts), progress=False, **options)
+    return run_fid(list(ckpts), out_dir, FidOptions(progress=False, **options))
 
 
 def _fid_figures(rows: list[dict], out_dir: Path, runs: dict, options: dict) -> list[Path]:
     return fid_vs_step(rows, Path(out_dir) / "fid_vs_step", runs)
-
-
-def _fid_sources() -> tuple:
-    return run_fid, sample_checkpoints
 
 
 register(AnalysisSpec("alignment", _run_alignment, lambda: (AlignmentOptions,), "alignment.csv",
@@ -149,4 +137,4 @@ register(AnalysisSpec("probe", _probe_runner("linear"), lambda: (ProbeOptions,),
                       PROBE_COLUMNS, _probe_figures("linear")))
 register(AnalysisSpec("segment", _probe_runner("segmentation"), lambda: (ProbeOptions,), "segment.csv",
                       PROBE_COLUMNS, _probe_figures("segmentation")))
-register(AnalysisSpec("fid", _run_fid, _fid_sources, "fid.csv", FID_COLUMNS, _fid_figures))
+register(AnalysisSpec("fid", _run_fid, lambda: (FidOptions,), "fid.csv", FID_COLUMNS, _fid_figures))

@@ -55,6 +55,23 @@ def _int(name: str, value, minimum: int = 1, optional: bool = False) -> int | No
     return int(value)
 
 
+def _float(name: str, value, minimum: float | None = None, maximum: float | None = None,
+           optional: bool = False) -> float | None:
+    """A finite number (NaN and infinities refused) within ``[minimum, maximum]``, as float."""
+    if value is None and optional:
+        return None
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    bad = isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
+        or (minimum is not None and value < minimum) or (maximum is not None and value > maximum)
+    if bad:
+        bounds = " in [{}, {}]".format(minimum, maximum) if minimum is not None and maximum is not None else \
+            f" >= {minimum}" if minimum is not None else f" <= {maximum}" if maximum is not None else ""
+        raise OptionsError(f"{flag(name)} must be a finite number{bounds}, got {value!r}")
+    return float(value)
 def _replicates(value) -> int:
     """``--bootstrap``: 0 (off) or at least 2 replicates."""
     value = _int("bootstrap", value, minimum=0)
@@ -126,59 +143,28 @@ def _times(name: str, value) -> list[UserTime]:
     return kept
 
 
-@dataclasses.dataclass
-class AnalysisOptions:
-    """Options shared by every analysis of checkpoints (each field is the flag of the same name).
+def validate_checkpoint_options(options) -> None:
+    """The checkpoint fields every options class shares (``weights``, ``time_convention``, ``encoder_depth``),
+    checked and normalised in place."""
+    _choice("weights", options.weights, WEIGHTS)
+    if options.time_convention is not None:
+        try:
+            options.time_convention = convention_of(options.time_convention)
+        except TimeError as exc:
+            raise OptionsError(f"--time-convention: {exc}") from None
+    options.encoder_depth = _int("encoder_depth", options.encoder_depth, optional=True)
 
-    Checkpoints: ``weights`` (auto: the EMA once ``ema_decay**step <= 0.5``, else the raw weights),
-    ``time_convention`` (repa | sit | ddpm, or a family name REPA | SiT | DiT: for plain official state dicts
-    whose shapes read as DiT, e.g. an official SiT file), ``encoder_depth`` (REPA projector block of plain official REPA state dicts).
-    Data: ``data`` / ``data_root`` / ``split`` (default: the training config's dataset, held-out split),
-    ``vae``, ``labels`` (class fed to the model: null = unconditional). Encoder: ``encoder`` /
-    ``encoder_weights`` / ``random_encoder`` (default: the training config's). What: ``layers`` (1-based
-    blocks or "all"), ``timesteps`` (user times, :mod:`repa_probe.timesteps`). Running: ``seed`` (noise),
-    ``batch_size``, ``device``, ``cache_dir`` (encoder features; None = no cache), ``progress``.
-    """
 
-    weights: str = "auto"
-    time_convention: str | None = None
-    encoder_depth: int | None = None
-    data: str | None = None
-    data_root: str | None = None
-    split: str = "auto"
-    vae: str | None = None
-    labels: str = "null"
-    encoder: str | None = None
-    encoder_weights: str | None = None
-    random_encoder: bool = False
-    layers: Any = "all"
-    timesteps: Any = (0.0, 0.25, 0.5, 0.75, 1.0)
-    seed: int = 0
-    batch_size: int = 64
-    device: str = "auto"
-    cache_dir: str | None = None
-    progress: bool = True
+class Options:
+    """Base of the options dataclasses: every field is the flag of the same name, validated and normalised in
+    :meth:`validate` when the object is built; built from a dict (unknown keys refused) or an argparse
+    namespace; :meth:`to_dict` is what ``options.json`` holds."""
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        """Check and normalise every field in place; :class:`OptionsError` naming the flag on a bad value."""
-        _choice("weights", self.weights, WEIGHTS)
-        if self.time_convention is not None:
-            try:
-                self.time_convention = convention_of(self.time_convention)
-            except TimeError as exc:
-                raise OptionsError(f"--time-convention: {exc}") from None
-        self.encoder_depth = _int("encoder_depth", self.encoder_depth, optional=True)
-        _choice("split", self.split, SPLIT_CHOICES)
-        _choice("labels", self.labels, LABEL_MODES)
-        self.layers = parse_layers(self.layers)
-        self.timesteps = _times("timesteps", self.timesteps)
-        self.seed = _int("seed", self.seed, minimum=0)
-        self.batch_size = _int("batch_size", self.batch_size)
-        if self.random_encoder and self.encoder is None:
-            raise OptionsError("--random-encoder needs --encoder NAME (the architecture to initialise)")
+        """Check and normalise every field in place (:class:`OptionsError` naming the flag)."""
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -215,6 +201,52 @@ class AnalysisOptions:
             elif isinstance(value, (list, tuple)):
                 out[key] = list(value)
         return out
+
+
+@dataclasses.dataclass
+class AnalysisOptions(Options):
+    """Options shared by every analysis of checkpoints (each field is the flag of the same name).
+
+    Checkpoints: ``weights`` (auto: the EMA once ``ema_decay**step <= 0.5``, else the raw weights),
+    ``time_convention`` (repa | sit | ddpm, or a family name REPA | SiT | DiT: for plain official state dicts
+    whose shapes read as DiT, e.g. an official SiT file), ``encoder_depth`` (REPA projector block of plain official REPA state dicts).
+    Data: ``data`` / ``data_root`` / ``split`` (default: the training config's dataset, held-out split),
+    ``vae``, ``labels`` (class fed to the model: null = unconditional). Encoder: ``encoder`` /
+    ``encoder_weights`` / ``random_encoder`` (default: the training config's). What: ``layers`` (1-based
+    blocks or "all"), ``timesteps`` (user times, :mod:`repa_probe.timesteps`). Running: ``seed`` (noise),
+    ``batch_size``, ``device``, ``cache_dir`` (encoder features; None = no cache), ``progress``.
+    """
+
+    weights: str = "auto"
+    time_convention: str | None = None
+    encoder_depth: int | None = None
+    data: str | None = None
+    data_root: str | None = None
+    split: str = "auto"
+    vae: str | None = None
+    labels: str = "null"
+    encoder: str | None = None
+    encoder_weights: str | None = None
+    random_encoder: bool = False
+    layers: Any = "all"
+    timesteps: Any = (0.0, 0.25, 0.5, 0.75, 1.0)
+    seed: int = 0
+    batch_size: int = 64
+    device: str = "auto"
+    cache_dir: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Check and normalise every field in place; :class:`OptionsError` naming the flag on a bad value."""
+        validate_checkpoint_options(self)
+        _choice("split", self.split, SPLIT_CHOICES)
+        _choice("labels", self.labels, LABEL_MODES)
+        self.layers = parse_layers(self.layers)
+        self.timesteps = _times("timesteps", self.timesteps)
+        self.seed = _int("seed", self.seed, minimum=0)
+        self.batch_size = _int("batch_size", self.batch_size)
+        if self.random_encoder and self.encoder is None:
+            raise OptionsError("--random-encoder needs --encoder NAME (the architecture to initialise)")
 
 
 @dataclasses.dataclass

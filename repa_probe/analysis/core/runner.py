@@ -4,8 +4,9 @@ An analysis is a subclass of :class:`Analysis` that fills in a few hooks; :func:
 
 1. take the options (they validate when built, :class:`~repa_probe.analysis.core.options.AnalysisOptions`);
    resolve the device;
-2. load every checkpoint once (:func:`~repa_probe.analysis.core.inputs.load_checkpoints`: our files and official
-   ones; small models stay in memory), then ``analysis.setup(run)``: validate everything else and resolve
+2. ``analysis.load_entries``: load every checkpoint once (:func:`~repa_probe.analysis.core.inputs.load_checkpoints`:
+   our files and official ones; small models stay in memory; FID also takes sample folders as entries without
+   a model), then ``analysis.setup(run)``: validate everything else and resolve
    the light inputs (data, VAE, encoder) — every user error surfaces here, before any heavy work — and
    make the output directory (checked writable): the outputs of an earlier run in it are removed (named in
    a warning) and an ``INCOMPLETE`` marker stays until ``summary.json`` is written, so a folder never
@@ -16,10 +17,12 @@ An analysis is a subclass of :class:`Analysis` that fills in a few hooks; :func:
    ``rows += analysis.analyse(run, entry, model)``, free the model, rewrite ``{csv_name}`` (a long run leaves
    partial results behind);
 5. ``analysis.figures(run, rows)`` -> ``figures/*.pdf|png``, then ``summary.json`` (common fields plus
-   ``analysis.summary(run, rows)``) and ``options.json`` (the resolved options) beside the CSV, the rows'
-   bootstrap replicates (a row's ``replicates`` key, popped from it) in ``replicates.npz``
-   (:mod:`repa_probe.reports.bootstrap`) and the headline numbers in ``report.md``
+   ``analysis.summary(run, rows)``; paths relative to the folder) and ``options.json`` (the resolved options)
+   beside the CSV, the rows' bootstrap replicates (a row's ``replicates`` key, popped from it) in
+   ``replicates.npz`` (:mod:`repa_probe.reports.bootstrap`) and the headline numbers in ``report.md``
    (:mod:`repa_probe.reports.run_report`).
+
+Under torchrun every rank runs the hooks (``run.dist``: sampling shards its indices) and rank 0 alone writes.
 
 Sketch of a new analysis::
 
@@ -50,6 +53,7 @@ from repa_probe.devices import resolve_device
 from repa_probe.errors import Interrupted
 from repa_probe.reports.bootstrap import FILE as REPLICATES, take_replicates, write_replicates
 from repa_probe.reports.run_report import write_run_report
+from repa_probe.training.distributed import DistInfo, cleanup_distributed, init_distributed
 
 log = logging.getLogger("repa_probe")
 
@@ -70,6 +74,8 @@ def versions() -> dict:
 def make_out_dir(out_dir) -> Path:
     """``out_dir`` and ``out_dir/figures``, created and checked writable (:class:`AnalysisInputError`)."""
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise AnalysisInputError(f"--out {out} is a file, not a folder; name a folder (it is created)")
     try:
         (out / "figures").mkdir(parents=True, exist_ok=True)
         (out / ".write_test").write_text("ok")
@@ -82,27 +88,36 @@ def make_out_dir(out_dir) -> Path:
 # ------------------------------------------------------------------------------------------ skeleton
 @dataclasses.dataclass
 class Run:
-    """What the hooks see: the validated ``options``, the output directory ``out``, the ``device`` and the
-    loaded checkpoint ``entries`` (in the order given)."""
+    """What the hooks see: the validated ``options``, the output directory ``out``, the ``device``, the
+    loaded checkpoint ``entries`` (in the order given) and ``dist`` (torchrun's process group: every rank
+    runs the hooks, so that work such as sampling can be sharded; rank 0 alone writes files)."""
 
     options: Any
     out: Path
     device: torch.device
-    entries: list[CheckpointEntry]
+    entries: list
+    dist: DistInfo = dataclasses.field(default_factory=DistInfo)
 
 
 class Analysis:
     """Base of every analysis run by :func:`run_analysis` (see the module docstring).
 
-    Attributes: ``name`` (``{name}.csv``, log lines), ``columns`` (the CSV columns).
+    Attributes: ``name`` (``{name}.csv``, log lines), ``columns`` (the CSV columns), ``outputs`` (its other
+    files, removed with the rest when a folder is reused).
     """
 
     name: str = "analysis"
     columns: Sequence[str] = ()
+    outputs: Sequence[str] = ()  # files besides the CSV, summary, options, report and figures (removed on a rerun)
 
     @property
     def csv_name(self) -> str:
         return f"{self.name}.csv"
+
+    def load_entries(self, ckpts: Sequence, options) -> list:
+        """What is analysed, one entry each: the checkpoints (:func:`load_checkpoints`). An analysis of other
+        sources (FID of sample folders) returns entries whose ``take_model()`` is None."""
+        return load_checkpoints(ckpts, options)
 
     def setup(self, run: Run) -> None:
         """Validate and resolve light inputs; raise user errors here (before any heavy work)."""
@@ -130,14 +145,28 @@ def run_analysis(analysis: Analysis, ckpts: Sequence, out_dir, options) -> dict:
     Returns the summary dict (also written to ``summary.json``).
     """
     device = resolve_device(options.device)  # options validated themselves when built
-    run = Run(options, Path(out_dir), device, load_checkpoints(ckpts, options))
+    dist = init_distributed(device.type)
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    try:
+        return _run(analysis, Run(options, Path(out_dir), device, analysis.load_entries(ckpts, options), dist))
+    finally:
+        if dist.enabled:
+            cleanup_distributed()
+
+
+def _run(analysis: Analysis, run: Run) -> dict:
+    """Step 2 (setup, the output folder) and the rest under the folder's INCOMPLETE marker."""
+    main = run.dist.is_main
     analysis.setup(run)
-    out = make_out_dir(out_dir)
-    removed = begin_outputs(out, [analysis.csv_name, "options.json", REPLICATES, "report.md"])
+    if not main:  # torchrun: rank 0 alone writes
+        return _work(analysis, run, run.out)
+    out = make_out_dir(run.out)
+    removed = begin_outputs(out, [analysis.csv_name, "options.json", REPLICATES, "report.md", *analysis.outputs])
     if removed:
         log.warning("--out %s held the outputs of an earlier run; removed %s", out, _describe_files(removed))
     try:
-        summary = _run(analysis, run, out)
+        summary = _work(analysis, run, out)
     except KeyboardInterrupt:
         raise Interrupted(f"{out} is incomplete (marked by {INCOMPLETE}; {analysis.csv_name} may hold part of the "
                           "rows); rerun the same command to redo it") from None
@@ -151,34 +180,41 @@ def _describe_files(paths: list[str]) -> str:
     return ", ".join(rest + ([f"{len(figures)} figure file(s)"] if figures else []))
 
 
-def _run(analysis: Analysis, run: Run, out: Path) -> dict:
-    """Steps 3-5 of the module docstring: the heavy work and every output file."""
-    options, device = run.options, run.device
+def _work(analysis: Analysis, run: Run, out: Path) -> dict:
+    """Steps 3-5 of the module docstring: the heavy work (every rank) and every output file (rank 0 only).
+    ``run.options`` are read after setup, which may resolve a default that depends on the inputs."""
+    options, device, main = run.options, run.device, run.dist.is_main
     start = time.perf_counter()
     rows: list[dict] = list(analysis.prepare(run) or [])
     replicates = take_replicates(rows)
     for entry in run.entries:
-        model = entry.take_model().to(device)
-        log.info("%s: %s (%s, %s time, step %s)", analysis.name, entry.label, entry.info.family,
-                 entry.info.time_convention, entry.info.step)
+        model = entry.take_model()
+        if model is not None:
+            model = model.to(device)
+            log.info("%s: %s (%s, %s time, step %s)", analysis.name, entry.label, entry.info.family,
+                     entry.info.time_convention, entry.info.step)
         new = analysis.analyse(run, entry, model)
         replicates.update(take_replicates(new))
         rows += new
         del model
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        write_csv(rows, out / analysis.csv_name, analysis.columns)
+        if main:
+            write_csv(rows, out / analysis.csv_name, analysis.columns)
+    if not main:  # torchrun: rank 0 alone evaluates and writes
+        return {"analysis": analysis.name, "files": None}
     figures = analysis.figures(run, rows)
+    extra = analysis.summary(run, rows)
     summary = {
         "analysis": analysis.name,
-        **analysis.summary(run, rows),
+        **extra,
         "options": options.to_dict(),
         "device": str(device),
         "checkpoints": [e.describe() for e in run.entries],
         "versions": versions(),
         "seconds": time.perf_counter() - start,
         "files": {"csv": analysis.csv_name, "options": "options.json", "report": "report.md",
-                  "replicates": REPLICATES if replicates else None,
+                  "replicates": REPLICATES if replicates else None, **extra.get("files", {}),
                   "figures": [str(Path(p).relative_to(out)) for p in figures]},
     }
     write_replicates(replicates, out / REPLICATES)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -19,37 +20,45 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from repa_probe.analysis.core.inputs import DataSource, build_analysis_dataset, build_config_encoder
-from repa_probe.analysis.core.plots import save_figure
-from repa_probe.analysis.core.runner import versions
-from repa_probe.analysis.core.writers import write_csv, write_json
-from repa_probe.analysis.generation import generate
+from repa_probe.analysis.errors import AnalysisInputError
 from repa_probe.analysis.generation.fid_inputs import (  # noqa: F401 (re-exported: part of this module's API)
-    AnalysisInputError, ImageArray, Reference, check_layout, image_height, load_images, read_reference,
-    save_reference_stats)
+    ImageArray, Reference, check_layout, image_height, load_images, read_reference, save_reference_stats)
 from repa_probe.analysis.metrics.frechet import fd_replicates, frechet_distance, statistics
-from repa_probe.devices import resolve_device
-from repa_probe.encoders.target import load_encoder
-from repa_probe.reports.bootstrap import FILE, take_replicates, write_replicates
-from repa_probe.reports.run_report import write_run_report
-from repa_probe.reports.numbers import fmt
 
 log = logging.getLogger("repa_probe")
 
 INCEPTION = "inception-v3-compat"
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 DGM_ENCODER, DGM_SIZE = "dinov2_vitl14", 224
+ADM_SPLIT_SIZE = 5000  # ADM's evaluator: Inception Score over splits of 5000 samples
 
 
 # --------------------------------------------------------------------------------- feature extractors
 @dataclasses.dataclass
 class FeatureSpace:
-    """A metric's feature space: torch-fidelity extractor name, its feature layer and constructor kwargs."""
+    """A metric's feature space: torch-fidelity extractor name, its feature layer, the layers extracted
+    (``layers``: the feature layer, plus Inception's ``logits_unbiased`` for IS) and constructor kwargs. The
+    extractor is built (its weights loaded) once per space and device, by :meth:`extractor_on`."""
 
     metric: str
     extractor: str
     layer: str
     kwargs: dict = dataclasses.field(default_factory=dict)
+    layers: tuple = ()
+    _built: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.layers = tuple(self.layers) or (self.layer,)
+
+    def extractor_on(self, device):
+        """The torch-fidelity feature extractor of this space on ``device`` (built on first use)."""
+        from torch_fidelity.utils import create_feature_extractor
+
+        cuda = torch.device(device).type == "cuda"
+        if cuda not in self._built:
+            self._built[cuda] = create_feature_extractor(self.extractor, list(self.layers), cuda=cuda, verbose=False,
+                                                         **self.kwargs)
+        return self._built[cuda]
 
 
 _REGISTERED: dict[int, str] = {}
@@ -99,38 +108,71 @@ def register_encoder(encoder, metric: str, resize: int | None = None) -> Feature
     return FeatureSpace(metric, _REGISTERED[key], "cls")
 
 
-def inception_space(weights) -> FeatureSpace:
-    """torch-fidelity's Inception (ADM-compatible) with a local weights file (``--inception-weights``)."""
+def inception_space(weights, isc: bool = False) -> FeatureSpace:
+    """torch-fidelity's Inception (ADM-compatible) with a local weights file (``--inception-weights``; with
+    ``isc`` also its ``logits_unbiased``). The file is checked here, before any sampling: a state dict of
+    tensors (read with ``weights_only=True``) that loads into torch-fidelity's InceptionV3, keys and shapes."""
+    from repa_probe.checkpoint import CheckpointError, safe_load
+
     path = Path(os.path.expanduser(str(weights))) if weights else (
         Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
     if not path.is_file():
         raise AnalysisInputError(f"Inception weights {path} not found: pass --inception-weights FILE ({INCEPTION_FILE})")
-    return FeatureSpace("fid_inception", INCEPTION, "2048", {"feature_extractor_weights_path": str(path)})
+    try:
+        state = safe_load(path)
+    except CheckpointError:
+        raise AnalysisInputError(f"--inception-weights {path}: not a PyTorch weights file (expected torch-fidelity's "
+                       f"{INCEPTION_FILE})") from None
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise AnalysisInputError(f"--inception-weights {path}: not a state dict of tensors (expected torch-fidelity's "
+                       f"{INCEPTION_FILE})")
+    del state
+    space = FeatureSpace("fid_inception", INCEPTION, "2048", {"feature_extractor_weights_path": str(path)},
+                         ("2048", "logits_unbiased") if isc else ("2048",))
+    try:
+        space.extractor_on("cpu")
+    except (RuntimeError, KeyError, ValueError) as exc:  # load_state_dict: missing / unexpected keys, shapes
+        reason = str(exc).strip().splitlines()
+        raise AnalysisInputError(f"--inception-weights {path}: does not fit torch-fidelity's InceptionV3 "
+                       f"({(reason[1] if len(reason) > 1 else reason[0]).strip()[:160]})") from None
+    return space
 
 
 def dinov2_space(weights=None) -> FeatureSpace:
     """FD_DINOv2 as dgm-eval: DINOv2 ViT-L/14 CLS at 224 px (antialiased bicubic), ImageNet normalisation."""
+    from repa_probe.encoders.target import load_encoder
+
     enc = load_encoder(DGM_ENCODER, weights=weights, pretrained=True, resolution=256)
     return register_encoder(enc, f"fd_{DGM_ENCODER}", resize=DGM_SIZE)
 
 
-def extract(images: np.ndarray, space: FeatureSpace, layers, device, batch_size: int = 64) -> dict:
-    """Features ``{layer: (N, D) float tensor}`` of uint8 ``images`` through torch-fidelity."""
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+def extract(images: np.ndarray, space: FeatureSpace, device, batch_size: int = 64) -> dict:
+    """Features ``{layer: (N, D) float tensor}`` (every layer of ``space.layers``) of uint8 ``images``
+    ``(N, H, W, 3)`` through torch-fidelity, with the space's extractor (built once)."""
+    from torch_fidelity.utils import get_featuresdict_from_dataset
 
     cuda = torch.device(device).type == "cuda"
-    fe = create_feature_extractor(space.extractor, list(layers), cuda=cuda, verbose=False, **space.kwargs)
-    return get_featuresdict_from_dataset(ImageArray(images), fe, batch_size, cuda, True, False)
+    return get_featuresdict_from_dataset(ImageArray(images), space.extractor_on(device), batch_size, cuda, True, False)
+
+
+def isc_splits(num_samples: int) -> int:
+    """ADM's Inception Score splits: one per 5000 samples, ``ceil(N / 5000)`` (10 at N = 50 000)."""
+    return max(1, math.ceil(num_samples / ADM_SPLIT_SIZE))
 
 
 # -------------------------------------------------------------------------------------------- metrics
-def reference_stats(ref: Reference, space: FeatureSpace, device, batch_size: int) -> dict:
-    """``{"mu", "sigma", "n"}`` of the reference in ``space`` (read, or computed once and kept in ``ref``)."""
-    if space.metric not in ref.stats:
+def reference_features(ref: Reference, space: FeatureSpace, device, batch_size: int) -> dict:
+    """``{"mu", "sigma", "n"}`` of the reference in ``space`` (read, or computed once and kept in ``ref``);
+    the reference's features themselves are kept too (``ref.features``: KID and precision/recall), so its
+    images go through each extractor once per run."""
+    if space.metric not in ref.stats or (ref.images is not None and space.metric not in ref.features):
         if ref.images is None:
             raise AnalysisInputError(f"--ref {ref.name} has no images and no {space.metric} statistics")
-        mu, sigma = statistics(extract(ref.images, space, [space.layer], device, batch_size)[space.layer])
-        ref.stats[space.metric] = {"mu": mu, "sigma": sigma, "n": len(ref.images)}
+        feats = extract(ref.images, space, device, batch_size)[space.layer]
+        ref.features[space.metric] = feats
+        if space.metric not in ref.stats:
+            mu, sigma = statistics(feats)
+            ref.stats[space.metric] = {"mu": mu, "sigma": sigma, "n": len(ref.images)}
     return ref.stats[space.metric]
 
 
@@ -138,9 +180,10 @@ def evaluate(samples: np.ndarray, ref: Reference, spaces, device="cpu", batch_si
              isc: bool = False, kid: bool = False, prc: bool = False, bootstrap: int = 0,
              replicates: dict | None = None) -> dict[str, float]:
     """Metrics of uint8 ``samples (N, H, W, 3)`` against ``ref`` in every FeatureSpace of ``spaces``; with
-    the Inception space also IS (ADM: 10 contiguous splits, no shuffle), KID and precision/recall (k = 3,
-    Inception pool3 features; they need reference images). With ``bootstrap`` > 0, ``replicates`` (a dict)
-    receives each Fréchet distance's replicates over the samples
+    the Inception space also IS (ADM: ``ceil(N / 5000)`` contiguous splits, no shuffle; the space must carry
+    ``logits_unbiased``), KID and precision/recall (k = 3, Inception pool3 features; they need reference
+    images, whose features are computed once, :func:`reference_features`). With ``bootstrap`` > 0,
+    ``replicates`` (a dict) receives each Fréchet distance's replicates over the samples
     (:func:`~repa_probe.analysis.metrics.frechet.fd_replicates`)."""
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
     from torch_fidelity.metric_kid import kid_featuresdict_to_metric
@@ -148,23 +191,22 @@ def evaluate(samples: np.ndarray, ref: Reference, spaces, device="cpu", batch_si
 
     out = {}
     for space in spaces:
-        inception = space.extractor == INCEPTION
-        layers = [space.layer] + (["logits_unbiased"] if inception and isc else [])
-        feats = extract(samples, space, layers, device, batch_size)
-        r = reference_stats(ref, space, device, batch_size)
+        feats = extract(samples, space, device, batch_size)
+        r = reference_features(ref, space, device, batch_size)
         mu, sigma = statistics(feats[space.layer])
         out[space.metric] = frechet_distance(mu, sigma, r["mu"], r["sigma"])
         if bootstrap and replicates is not None:
             replicates[space.metric] = fd_replicates(feats[space.layer], r["mu"], r["sigma"], bootstrap)
-        if not inception:
+        if space.extractor != INCEPTION:
             continue
         if isc:
-            m = isc_featuresdict_to_metric(feats, "logits_unbiased", samples_shuffle=False, verbose=False)
+            m = isc_featuresdict_to_metric(feats, "logits_unbiased", isc_splits=isc_splits(len(samples)),
+                                           samples_shuffle=False, verbose=False)
             out["inception_score"] = m["inception_score_mean"]
         if kid or prc:
             if ref.images is None:
                 raise AnalysisInputError(f"--ref {ref.name}: KID and precision/recall need reference images (arr_0)")
-            ref_feats = extract(ref.images, space, [space.layer], device, batch_size)
+            ref_feats = {space.layer: ref.features[space.metric]}
             if kid:
                 n = min(len(samples), len(ref.images), 1000)
                 m = kid_featuresdict_to_metric(feats, ref_feats, space.layer, kid_subset_size=n, verbose=False)
@@ -175,114 +217,13 @@ def evaluate(samples: np.ndarray, ref: Reference, spaces, device="cpu", batch_si
     return out
 
 
-# ------------------------------------------------------------------------------------------ run level
-SETTING_COLUMNS = ("method", "steps", "cfg_scale", "guidance_low", "guidance_high", "seed")
-CSV_COLUMNS = ("checkpoint", "run", "step", "metric", "value", "num_samples") + SETTING_COLUMNS
-
-
-def _run_reference(entries, ref_path):
-    """``--ref``, else our run's own dataset (held-out split) as reference images (thin use of the resolver)."""
-    if ref_path is not None:
-        return read_reference(ref_path), False
-    ours = [e for e in entries if e.cfg is not None]
-    if not ours:
-        raise AnalysisInputError("--ref is required for official checkpoints and for --samples (an ADM reference .npz, "
-                       "an image folder or a reference_stats.pt)")
-    c = ours[0].cfg
-    source = DataSource(c.data.name, c.data.root, ours[0].resolution, c.run.seed,
-                        c.data.num_classes if c.data.name == "shapes" else None, ours[0].vae_name, None, True)
-    ds, split = build_analysis_dataset(source, "auto")
-    images = np.stack([ds[i]["image"].permute(1, 2, 0).numpy() for i in range(len(ds))])
-    return Reference(f"{c.data.name}:{split}", images), True
-
-
-def _spaces(entries, inception_weights, fd_dinov2, dinov2_weights, encoder, encoder_weights, random_encoder,
-            resolution: int, seed: int):
-    """Metrics asked for; with none, FD in our run's target-encoder space (+ Inception FID given weights).
-    ``--encoder`` is built for the samples' ``resolution`` (REPA's encoder input size); random init seeded
-    with ``seed`` (the same as the run's target encoder when it is the run's seed)."""
-    spaces = [inception_space(inception_weights)] if inception_weights else []
-    if fd_dinov2:
-        spaces.append(dinov2_space(dinov2_weights))
-    if encoder:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            enc = load_encoder(encoder, weights=encoder_weights, pretrained=not random_encoder, resolution=resolution)
-        spaces.append(register_encoder(enc, f"fd_{enc.name}"))
-    if not fd_dinov2 and not encoder:
-        ours = [e for e in entries if e.cfg is not None]
-        if ours:
-            enc = build_config_encoder(ours[0].cfg)
-            spaces.append(register_encoder(enc, f"fd_{enc.name}"))
-        elif not spaces:
-            raise AnalysisInputError("no metric: pass --inception-weights FILE, --fd-dinov2 or --encoder NAME")
-    return spaces
-
-
-def run_fid(out_dir, ckpts=None, samples=None, ref=None, inception_weights=None, fd_dinov2=False,
-            dinov2_weights=None, encoder=None, encoder_weights=None, random_encoder=False, isc=False, kid=False,
-            prc=False, num_samples=None, batch_size=64, device="auto", progress=True, bootstrap=0, **sampler) -> dict:
-    """Sample every checkpoint of ``ckpts`` (or take the folders / ``.npz`` of ``samples``) and evaluate them:
-    ``out_dir/fid.csv``, ``summary.json``, ``reference_stats.pt``, ``figures/fid_vs_step.{pdf,png}`` and
-    ``report.md``; with ``bootstrap`` > 0 also each Fréchet distance's replicates over the samples
-    (``replicates.npz``, for the intervals of a study report)."""
-    if (ckpts is None) == (samples is None):
-        raise AnalysisInputError("give either --ckpt (sample, then evaluate) or --samples (evaluate existing samples)")
-    dev = resolve_device(device)
-    out = Path(out_dir)
-    entries = generate.load_checkpoints(ckpts, sampler.pop("weights", "auto"), sampler.pop("time_convention", None),
-                                        sampler.pop("encoder_depth", None), sampler.pop("vae", None)) if ckpts else []
-    reference, own_data = _run_reference(entries, ref)
-    resolution = entries[0].resolution if entries else image_height(samples[0])
-    spaces = _spaces(entries, inception_weights, fd_dinov2, dinov2_weights, encoder, encoder_weights, random_encoder,
-                     resolution, int(sampler.get("seed", 0)))
-    if isc or kid or prc:
-        if not any(s.extractor == INCEPTION for s in spaces):
-            raise AnalysisInputError("--isc/--kid/--prc use Inception features: pass --inception-weights FILE")
-    if ckpts:
-        n = num_samples or (len(reference.images) if own_data else 50000)
-        folders = generate.sample_checkpoints(None, out / "samples", num_samples=n, batch_size=batch_size,
-                                              device=dev, progress=progress, entries=entries, **sampler)
-        jobs = [(f.entry.label, f.entry.run, f.entry.info.step, f.folder / generate.NPZ_FILE, f.settings)
-                for f in folders]
-        if int(os.environ.get("RANK", "0")) != 0:  # torchrun: rank 0 alone evaluates and writes
-            return dict(rows=[], files=None)
-    else:
-        jobs = [(Path(s).stem if Path(s).suffix == ".npz" else Path(s).name, None, None, Path(s), None)
-                for s in samples]
-    rows = []
-    for label, run, step, path, settings in jobs:
-        images = load_images(path)
-        reps: dict = {}
-        values = evaluate(images, reference, spaces, dev, batch_size, isc, kid, prc, bootstrap, reps)
-        s = dataclasses.asdict(settings) if settings else {}
-        rows += [dict(checkpoint=label, run=run, step=step, metric=k, value=v, num_samples=len(images), **{
-            c: s.get(c) for c in SETTING_COLUMNS}, **({"replicates": reps[k]} if k in reps else {}))
-            for k, v in values.items()]
-        log.info("%s: %s", label, ", ".join(f"{k} {fmt(v)}" for k, v in values.items()))
-    return _write_outputs(out, rows, reference, spaces)
-
-
-def _write_outputs(out: Path, rows: list, reference: Reference, spaces) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    replicates = take_replicates(rows)
-    write_replicates(replicates, out / FILE)
-    save_reference_stats(reference, out / "reference_stats.pt")
-    write_csv(rows, out / "fid.csv", CSV_COLUMNS)
-    figures = [str(p) for p in fid_vs_step(rows, out / "figures" / "fid_vs_step")]
-    summary = dict(reference=reference.name, metrics=[s.metric for s in spaces], rows=rows,
-                   files=dict(csv=str(out / "fid.csv"), figures=figures, reference_stats=str(out / "reference_stats.pt")),
-                   versions=versions())
-    write_json(summary, out / "summary.json")
-    write_run_report(out, "fid", rows, replicates, summary, [out / "fid.csv", out / "summary.json", out / FILE,
-                                                             *map(Path, figures)])
-    return summary
-
-
+# --------------------------------------------------------------------------------------------- figure
 def fid_vs_step(rows: list, stem: Path, runs: dict | None = None) -> list[Path]:
     """One panel per metric: value against training step, one line per run (PDF + PNG); [] without steps.
     The run of a row: ``runs[checkpoint]`` (label -> run), else its ``run`` column, else the checkpoint."""
     from matplotlib.figure import Figure
+
+    from repa_probe.analysis.core.plots import save_figure
 
     rows = [r for r in rows if r.get("step") is not None]
     metrics = list(dict.fromkeys(r["metric"] for r in rows))

@@ -12,7 +12,6 @@ import numpy as np
 import torch
 
 from repa_probe.analysis.errors import AnalysisInputError
-from repa_probe.checkpoint import atomic_save, safe_load
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
@@ -39,16 +38,26 @@ def check_layout(arr, what: str) -> np.ndarray:
     return arr
 
 
+def read_image(path: Path, what: str = "--samples") -> np.ndarray:
+    """One image file as uint8 ``(H, W, 3)``; an unreadable or truncated file is a :class:`AnalysisInputError` naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise AnalysisInputError(f"{what}: {path} is not a readable image ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:80] if str(exc) else 'broken file'})") from None
+
+
 def load_images(path, what: str = "--samples") -> np.ndarray:
     """A folder of PNG/JPEG images (sorted by name, one size) or an ``.npz`` with ``arr_0`` -> uint8 (N, H, W, 3)."""
-    from PIL import Image
-
     p = Path(path)
     if p.is_dir():
         files = sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and not q.name.startswith("."))
         if not files:
             raise AnalysisInputError(f"{what} {p}: no .png/.jpg images in the folder")
-        images = [np.asarray(Image.open(q).convert("RGB"), dtype=np.uint8) for q in files]
+        images = [read_image(q, what) for q in files]
         sizes = {im.shape for im in images}
         if len(sizes) > 1:
             raise AnalysisInputError(f"{what} {p}: images have different sizes {sorted(s[:2] for s in sizes)[:3]}; "
@@ -91,11 +100,14 @@ class Reference:
     name: str
     images: np.ndarray | None = None
     stats: dict = dataclasses.field(default_factory=dict)  # metric -> {"mu", "sigma", "n"}
+    features: dict = dataclasses.field(default_factory=dict, repr=False)  # metric -> (N, D) features of images
 
 
 def read_reference(path) -> Reference:
     """``--ref``: an ADM reference ``.npz`` (``mu``/``sigma`` = Inception pool3 statistics, optional
     ``arr_0``), an ``.npz`` of images, an image folder, or a ``reference_stats.pt`` cache."""
+    from repa_probe.checkpoint import safe_load
+
     p = Path(path)
     if p.suffix == ".pt":
         stats = safe_load(p)
@@ -122,5 +134,7 @@ def read_reference(path) -> Reference:
 
 def save_reference_stats(ref: Reference, path: Path) -> None:
     """Cache the reference statistics (``--ref`` accepts the file later)."""
+    from repa_probe.checkpoint import atomic_save
+
     atomic_save({k: {"mu": torch.as_tensor(v["mu"]), "sigma": torch.as_tensor(v["sigma"]),
                      "n": -1 if v.get("n") is None else int(v["n"])} for k, v in ref.stats.items()}, path)

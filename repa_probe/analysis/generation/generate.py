@@ -22,15 +22,12 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from repa_probe.analysis.core.inputs import load_checkpoints as resolve
-from repa_probe.analysis.core.options import AnalysisOptions
 from repa_probe.analysis.core.writers import atomic_write, write_text
+from repa_probe.analysis.generation.fid_inputs import read_image
+from repa_probe.sampling.noise import CLASS_TOKEN_KEY, seeded_noise
 from repa_probe.analysis.errors import AnalysisInputError
-from repa_probe.devices import resolve_device
 from repa_probe.sampling import methods_for, sample
 from repa_probe.sampling.guidance import make_guidance
-from repa_probe.sampling.noise import CLASS_TOKEN_KEY, seeded_noise
-from repa_probe.training.distributed import cleanup_distributed, init_distributed
 
 log = logging.getLogger("repa_probe")
 
@@ -63,6 +60,8 @@ class SamplerSettings:
             kind = "DDPM (DiT)" if convention == "ddpm" else "flow"
             raise AnalysisInputError(f"--method {self.method!r} does not apply to a {kind} model: use one of "
                                 f"{', '.join(methods_for(convention))}")
+        if convention == "ddpm" and self.steps < 2:
+            raise AnalysisInputError(f"--steps must be >= 2 for {self.method} (DiT), got {self.steps}")
         if self.labels not in SAMPLE_LABEL_MODES:
             raise AnalysisInputError(f"--labels must be one of {', '.join(SAMPLE_LABEL_MODES)}, got {self.labels!r}")
         if self.timestep_shift and (self.method not in ("euler", "heun") or not self.timestep_shift > 0):
@@ -137,14 +136,31 @@ def decode(x: torch.Tensor, vae) -> torch.Tensor:
     return vae.decode(x.to(vae.device)).cpu()
 
 
-def generate(model, out_dir, settings: SamplerSettings, *, vae=None, batch_size: int = 64, device="cpu",
-             rank: int = 0, world: int = 1, path: str = "linear", progress: bool = True, meta: dict | None = None,
-             finalize: bool = True) -> Path:
+@dataclasses.dataclass(frozen=True)
+class Running:
+    """How :func:`generate` runs: ``batch_size`` samples per batch, ``device``, this process's share of the
+    indices (``rank`` of ``world``: ``i ≡ rank mod world``), ``progress`` bar, and ``finalize`` (build
+    ``samples.npz`` when done; under torchrun rank 0 builds it after every rank finished)."""
+
+    batch_size: int = 64
+    device: str | torch.device = "cpu"
+    rank: int = 0
+    world: int = 1
+    progress: bool = True
+    finalize: bool = True
+
+
+def generate(model, out_dir, settings: SamplerSettings, *, vae=None, path: str = "linear", meta: dict | None = None,
+             running: Running = Running()) -> Path:
     """Sample ``settings.num_samples`` images of ``model`` into ``out_dir`` (see the module docstring).
 
-    ``model``: any ``load_model`` model (moved to ``device``; bf16 autocast on CUDA). Returns the
-    ``samples.npz`` path (built by rank 0 once every PNG exists; with ``finalize=False`` it is left out).
+    ``model``: any ``load_model`` model (moved to the device; bf16 autocast on CUDA); ``vae``: its decoder
+    (None in pixel space); ``path``: its flow interpolant; ``meta``: recorded in ``sampling.json`` with the
+    settings. Returns the ``samples.npz`` path (built by rank 0 once every PNG exists, unless
+    ``running.finalize`` is False).
     """
+    r = running
+    batch_size, rank, world, progress = r.batch_size, r.rank, r.world, r.progress
     settings.validate(getattr(model, "time_convention", "repa"))
     make_guidance(model, settings.cfg_scale, (settings.guidance_low, settings.guidance_high), settings.cfg_channels,
                   model.in_channels)  # bad guidance options fail before anything is written
@@ -154,7 +170,7 @@ def generate(model, out_dir, settings: SamplerSettings, *, vae=None, batch_size:
         check_folder(out_dir, record)
     out_dir.mkdir(parents=True, exist_ok=True)
     todo = missing_indices(out_dir, settings.num_samples, rank, world)
-    device = torch.device(device)
+    device = torch.device(r.device)
     model = model.to(device)
     shape = (model.in_channels, model.input_size, model.input_size)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -176,7 +192,7 @@ def generate(model, out_dir, settings: SamplerSettings, *, vae=None, batch_size:
         bar.update(len(idx))
     bar.close()
     npz = out_dir / NPZ_FILE
-    if finalize and rank == 0 and (todo or not npz.exists()):  # a complete folder is left as it is
+    if r.finalize and rank == 0 and (todo or not npz.exists()):  # a complete folder is left as it is
         build_npz(out_dir, settings.num_samples)
     return npz
 
@@ -198,7 +214,7 @@ def load_pngs(out_dir: Path, num_samples: int) -> np.ndarray:
         p = out_dir / f"{i:06d}.png"
         if not p.exists():
             raise AnalysisInputError(f"{out_dir}: sample {p.name} is missing (run the sampling again to complete it)")
-        a = np.asarray(Image.open(p).convert("RGB"), dtype=np.uint8)
+        a = read_image(p, str(out_dir))
         if size is not None and a.shape != size:
             raise AnalysisInputError(f"{out_dir}: {p.name} is {a.shape[1]}x{a.shape[0]} but the first sample is "
                                 f"{size[1]}x{size[0]}; sample images must all have one size")
@@ -228,63 +244,40 @@ def save_grid(images: np.ndarray, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------ checkpoints -> folders
-@dataclasses.dataclass
-class SampledFolder:
-    """One checkpoint's samples: ``entry`` (analysis.inputs.CheckpointEntry), its folder and settings."""
-
-    entry: object
-    folder: Path
-    settings: SamplerSettings
-
-
-def load_checkpoints(ckpts, weights="auto", time_convention=None, encoder_depth=None, vae=None) -> list:
-    """``--ckpt`` files / run directories -> CheckpointEntry list, through the analysis resolver
-    (:func:`repa_probe.analysis.core.inputs.load_checkpoints`; the options are its checkpoint options)."""
-    return resolve(ckpts, AnalysisOptions(weights=weights, time_convention=time_convention,
-                                          encoder_depth=encoder_depth, vae=vae))
+def settings_for(convention: str, options) -> SamplerSettings:
+    """The settings of a model of time ``convention`` from the sampler fields of ``options``
+    (:class:`~repa_probe.analysis.generation.options.SampleOptions`; method / steps default per model)."""
+    method, steps = default_method(convention)
+    return SamplerSettings(options.num_samples, options.method or method, options.steps or steps,
+                           options.cfg_scale, options.guidance_low, options.guidance_high, options.labels,
+                           options.seed, options.cfg_channels, options.cls_cfg_scale, options.timestep_shift)
 
 
-def sample_checkpoints(ckpts, out_dir, *, num_samples: int, method=None, steps=None, cfg_scale=1.0,
-                       guidance_low=0.0, guidance_high=1.0, labels="balanced", seed=0, cfg_channels="auto",
-                       cls_cfg_scale=None, timestep_shift=0.0, weights="auto", time_convention=None, encoder_depth=None, vae=None, batch_size=64, device="auto",
-                       progress=True, entries=None) -> list[SampledFolder]:
-    """Sample every checkpoint of ``ckpts`` (files, run directories) into ``out_dir`` (one checkpoint) or
-    ``out_dir/<label>/`` (several). Under torchrun each process samples its share; rank 0 builds the npz and
-    is the only one to return the folders (the others return ``[]``).
-    ``entries``: checkpoints already loaded by :func:`load_checkpoints` (then ``ckpts`` is ignored)."""
-    dev = resolve_device(device)
-    dist = init_distributed(dev.type)
-    if dist.enabled and dev.type == "cuda":
-        dev = torch.device("cuda", dist.local_rank)
-    resolved = entries or load_checkpoints(ckpts, weights, time_convention, encoder_depth, vae)
-    done = []
-    for entry in resolved:
-        vae_model, path = entry.vae, getattr(entry.objective, "path", "linear")
-        convention = entry.info.time_convention
-        m, s = default_method(convention)
-        settings = SamplerSettings(num_samples, method or m, int(steps or s), float(cfg_scale), float(guidance_low),
-                                   float(guidance_high), labels, int(seed), cfg_channels,
-                                   cls_cfg_scale=None if cls_cfg_scale is None else float(cls_cfg_scale),
-                                   timestep_shift=float(timestep_shift))
-        folder = Path(out_dir) if len(resolved) == 1 else Path(out_dir) / entry.label.replace("/", "_")
-        meta = dict(checkpoint=str(entry.path), step=entry.info.step, time_convention=convention, ema=entry.info.ema,
-                    vae=entry.vae_name)
-        if vae_model is not None:
-            vae_model.to(dev)
-        model = entry.take_model()
-        if dist.enabled:  # rank 0 checks / records the settings before anyone writes
-            if dist.is_main:
-                check_folder(folder, dict(dataclasses.asdict(settings), **meta))
-            torch.distributed.barrier()
-        generate(model, folder, settings, vae=vae_model, batch_size=batch_size, device=dev,
-                 rank=dist.rank, world=dist.world_size, path=path, progress=progress, meta=meta,
-                 finalize=not dist.enabled)
-        if dist.enabled:
-            torch.distributed.barrier()
-            if dist.is_main:
-                build_npz(folder, num_samples)
-            torch.distributed.barrier()
-        done.append(SampledFolder(entry, folder, settings))
+def check_entry(entry, settings: SamplerSettings) -> None:
+    """Settings and guidance that fit the checkpoint ``entry`` (errors before anything is sampled)."""
+    settings.validate(entry.info.time_convention)
+    model = entry.meta_model()
+    make_guidance(model, settings.cfg_scale, (settings.guidance_low, settings.guidance_high), settings.cfg_channels,
+                  model.in_channels)
+
+
+def sample_entry(entry, model, folder: Path, settings: SamplerSettings, dist, device, batch_size: int,
+                 progress: bool) -> Path:
+    """Sample the checkpoint ``entry`` (its ``model``, VAE and flow path) into ``folder``; under torchrun
+    (``dist``) each rank samples its share and rank 0 builds ``samples.npz``. Returns the npz path."""
+    meta = dict(checkpoint=str(entry.path), step=entry.info.step, time_convention=entry.info.time_convention,
+                ema=entry.info.ema, vae=entry.vae_name)
+    if entry.vae is not None:
+        entry.vae.to(device)
+    if dist.enabled:  # rank 0 checks / records the settings before anyone writes
+        if dist.is_main:
+            check_folder(folder, dict(dataclasses.asdict(settings), **meta))
+        torch.distributed.barrier()
+    npz = generate(model, folder, settings, vae=entry.vae, path=getattr(entry.objective, "path", "linear"), meta=meta,
+                   running=Running(batch_size, device, dist.rank, dist.world_size, progress, not dist.enabled))
     if dist.enabled:
-        cleanup_distributed()
-    return done if dist.is_main else []
+        torch.distributed.barrier()
+        if dist.is_main:
+            build_npz(folder, settings.num_samples)
+        torch.distributed.barrier()
+    return npz
