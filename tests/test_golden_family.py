@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from repa_probe.checkpoint import load_model
+from repa_probe.checkpoint import load_model, safe_load
 from repa_probe.models import DiffusionTransformer, ModelInputError
 from repa_probe.objectives import AttentionTap, FlowMatching, attention_loss, repa_loss
 from repa_probe.sampling import SamplingError, sample
@@ -36,7 +36,7 @@ def haste():
 # --------------------------------------------------------------------------------------------------------- REG
 def test_reg_checkpoint_loads_with_its_architecture_and_ema(reg):
     model, info = reg
-    ckpt = torch.load(GOLDEN / "reg_checkpoint.pt", weights_only=False)
+    ckpt = safe_load(GOLDEN / "reg_checkpoint.pt")
     assert info.source_format == "official-training" and info.ema and info.step == 4000
     assert info.time_convention == "repa" and model.cls_token_dim == 24 and model.num_prefix_tokens == 1
     assert info.config["encoder_depth"] == ckpt["args"].encoder_depth == 2 and info.config["z_dims"] == [24]
@@ -108,7 +108,7 @@ def test_reg_sampler_needs_class_token_noise_with_per_sample_noise(reg):
 # ------------------------------------------------------------------------------------------------------- HASTE
 def test_haste_checkpoint_is_a_repa_checkpoint(haste):
     model, info = haste
-    ckpt = torch.load(GOLDEN / "haste_checkpoint.pt", weights_only=False)
+    ckpt = safe_load(GOLDEN / "haste_checkpoint.pt")
     assert info.ema and info.step == 250000 and info.config["encoder_depth"] == 8 and model.cls_token_dim == 0
     assert ckpt["args"].attn_coeff == 0.5 and ckpt["args"].early_stop_point == 250000
     io = _golden("haste_io.pt")
