@@ -63,3 +63,14 @@ def tiny_run(_tiny_run_and_encoder):
 def tiny_run_encoder(_tiny_run_and_encoder):
     """The state dict of the target encoder the trainer of :func:`tiny_run` built."""
     return _tiny_run_and_encoder[1]
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port the OS reports free on 127.0.0.1 (for gloo / torchrun rendezvous; never a fixed number, so
+    parallel workers and concurrent suites on one machine do not collide)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

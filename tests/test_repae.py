@@ -96,9 +96,9 @@ def _bn_worker(rank, world, port, x, out_dir):
         dist.destroy_process_group()
 
 
-def test_latent_batchnorm_statistics_are_global_across_two_gloo_processes(tmp_path):
+def test_latent_batchnorm_statistics_are_global_across_two_gloo_processes(tmp_path, free_port):
     x = torch.randn(8, 4, 3, 3) * torch.tensor([1.0, 2.0, 0.5, 3.0]).reshape(1, 4, 1, 1) + 1.5
-    mp.spawn(_bn_worker, args=(2, 29541, x, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_bn_worker, args=(2, free_port, x, str(tmp_path)), nprocs=2, join=True)
     ref = LatentBatchNorm(4).train()
     y_ref = ref(x)
     for rank in range(2):

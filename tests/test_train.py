@@ -379,13 +379,13 @@ def test_submitit_local_executor(tmp_path):
     assert (tmp_path / "sub/checkpoints/0000002.pt").is_file()
 
 
-def test_torchrun_ddp_matches_single_process(tmp_path):
+def test_torchrun_ddp_matches_single_process(tmp_path, free_port):
     """2 gloo processes, each running its 8 samples as 2 micro-batches of 4 (DDP's no_sync on the first),
     match one process on the same global batch of 16 without accumulation."""
     common = [*FAST, "train.steps=3", "train.ckpt_every=3", "train.log_every=3", "data.num_workers=0"]
     train(load_config(None, [f"run.out_dir={tmp_path}", "run.name=single", *common]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port}",
            "-m", "train", f"run.out_dir={tmp_path}", "run.name=ddp", *common, "train.grad_accum=2"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
