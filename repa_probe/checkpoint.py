@@ -32,7 +32,6 @@ import inspect
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -44,6 +43,7 @@ from repa_probe.models.layers import ModelInputError
 from repa_probe.models.lightningdit import LightningOptions
 from repa_probe.models.registry import from_config, size_name
 from repa_probe.models.transformer import DiffusionTransformer
+from repa_probe.atomic import atomic_write
 from repa_probe.errors import ReproError, error_summary
 from repa_probe.timesteps import TimeError, convention_of
 
@@ -82,22 +82,7 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
 
     A crash leaves either the old file or the new one, never a partial file.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    path = atomic_write(path, lambda f: torch.save(obj, f), binary=True)
     if hasattr(os, "O_DIRECTORY"):
         dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
         try:

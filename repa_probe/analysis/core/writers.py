@@ -1,9 +1,7 @@
 """The project's file writers: every result file (CSV, JSON, text, PNG, ``.npz``) is written atomically.
 
-:func:`atomic_write` is the one rule: write to a temporary file in the target's folder, flush and fsync,
-``os.replace`` onto the target (a crash leaves the old file or the new one, never half of one), and give
-the file the usual mode (``0666`` minus the umask). Checkpoints use :func:`repa_probe.checkpoint.atomic_save`
-(the same rule for ``torch.save``).
+:func:`repa_probe.atomic.atomic_write` is the one rule (re-exported here); checkpoints use
+:func:`repa_probe.checkpoint.atomic_save`, the same rule for ``torch.save``.
 """
 from __future__ import annotations
 
@@ -12,38 +10,18 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from repa_probe.atomic import atomic_write
 
 __all__ = ["atomic_write", "write_text", "write_csv", "write_json", "read_json", "begin_outputs", "end_outputs",
            "INCOMPLETE"]
 
 INCOMPLETE = "INCOMPLETE"  # marker file of an output folder whose run has not finished (interrupted or failed)
-
-
-def atomic_write(path, write: Callable, binary: bool = False) -> Path:
-    """Call ``write(f)`` on a temporary file beside ``path`` (text, or bytes with ``binary``), then move it
-    onto ``path``; the parent folder is created. Returns ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600
-        with os.fdopen(fd, "wb" if binary else "w", **({} if binary else {"newline": ""})) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def write_text(path, text: str) -> Path:
