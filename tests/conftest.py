@@ -31,12 +31,12 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def _tiny_run_and_encoder(tmp_path_factory):
-    from repa_probe.training import trainer
+    from repa_probe.training import state, trainer
     from repa_probe.training.config import load_config
 
     out = tmp_path_factory.mktemp("runs")
     built = {}
-    real = trainer.build_encoder
+    real = state.build_encoder
 
     def recording_build_encoder(cfg, device):
         enc = real(cfg, device)
@@ -46,7 +46,7 @@ def _tiny_run_and_encoder(tmp_path_factory):
     cfg = load_config(None, [f"run.out_dir={out}", "train.steps=2", "train.ckpt_every=1", "train.log_every=1",
                              "data.num_samples=32", "train.batch_size=8", "train.tensorboard=false"])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(trainer, "build_encoder", recording_build_encoder)
+        mp.setattr(state, "build_encoder", recording_build_encoder)
         run_dir = trainer.train(cfg)
     return Path(run_dir), built["state"]
 

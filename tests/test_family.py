@@ -118,13 +118,21 @@ def test_haste_blocks_grids_and_heads_are_checked_against_the_networks(tmp_path,
         TrainState.build(cfg_for(tmp_path, "haste.attn_coeff=0.5", *extra), DistInfo(), CPU)
 
 
-def test_family_study_config_trains_the_five_methods():
+def test_family_study_config_trains_the_six_methods(tmp_path):
     from repa_probe.sweeps.study import load_study_config, train_config
 
-    cfg = load_study_config(str(ROOT / "configs/study_family.yaml"))
+    cfg = load_study_config(str(ROOT / "configs/study_family.yaml"), [f"study.out_dir={tmp_path}"])
     runs = {name: train_config(cfg, name) for name in cfg.train.runs}
-    assert list(runs) == ["none", "repa", "irepa", "reg", "haste"]
+    assert list(runs) == ["none", "repa", "irepa", "reg", "haste", "repae"]
     assert runs["none"].repa.proj_coeff == 0 and runs["irepa"].repa.projector == "conv"
     assert runs["reg"].reg.cls_coeff > 0 and runs["reg"].repa.proj_coeff > 0
     assert runs["haste"].haste.attn_coeff > 0 and 0 < runs["haste"].haste.stop_step < runs["haste"].train.steps
+    repae = runs["repae"]
+    assert repae.vae.tune and repae.repa.vae_coeff > 0 and repae.repa.proj_coeff > 0
+    assert repae.vae.name.startswith("random:") and repae.vae_loss.perceptual_weight == 0
     assert {"alignment", "probe", "fid"} <= set(cfg.analyses)
+    s = TrainState.build(repae, DistInfo(), CPU)  # the REPA-E run as the study trains it: one end-to-end step
+    vae_before = {k: v.clone() for k, v in s.e2e.vae.state_dict().items()}
+    logs = train_step(s)
+    assert s.step == 1 and torch.isfinite(torch.stack([v for v in logs.values() if torch.is_tensor(v)])).all()
+    assert any(not torch.equal(vae_before[k], v) for k, v in s.e2e.vae.state_dict().items())

@@ -65,9 +65,9 @@ def test_resume_samples_only_what_is_missing(model, tmp_path, monkeypatch):
     seen = []
     real = gen.sample
 
-    def counting(m, noise, labels, **kw):
+    def counting(m, noise, labels, *args, **kw):
         seen.append(noise.shape[0])
-        return real(m, noise, labels, **kw)
+        return real(m, noise, labels, *args, **kw)
 
     monkeypatch.setattr(gen, "sample", counting)
     generate(model, folder, SETTINGS, running=Running(batch_size=4, progress=False))

@@ -10,11 +10,11 @@ from repa_probe.data.common import CappedDataset, DatasetError, EpochFlipDataset
 from repa_probe.data.digits import DigitsDataset
 from repa_probe.data.imagefolder import ImageFolderDataset, center_crop_arr
 from repa_probe.data.repa_layout import REPAFeatureDataset
-from repa_probe.data.sampler import ResumableSampler, infinite_loader
+from repa_probe.data.sampler import LoaderOptions, ResumableSampler, infinite_loader
 from repa_probe.data.shapes import SHAPE_NAMES, ShapesDataset
 
 __all__ = [
     "DATASET_NAMES", "build_dataset", "CappedDataset", "DatasetError", "collate", "DigitsDataset",
-    "ImageFolderDataset", "center_crop_arr", "REPAFeatureDataset", "ResumableSampler", "infinite_loader",
+    "ImageFolderDataset", "center_crop_arr", "REPAFeatureDataset", "ResumableSampler", "LoaderOptions", "infinite_loader",
     "SHAPE_NAMES", "ShapesDataset", "EpochFlipDataset", "flip_coin",
 ]

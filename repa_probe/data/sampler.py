@@ -20,6 +20,7 @@ rank (``rank`` is not part of the state).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import torch
@@ -156,11 +157,26 @@ def _batch_len(batch: Any) -> int:
     return len(batch)
 
 
-def infinite_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int, num_workers: int = 0,
-                    pin_memory: bool = False, collate_fn: Callable = collate, drop_last: bool = True,
-                    prefetch_factor: int | None = None, persistent_workers: bool | None = None,
-                    seed: int | None = None, flip: bool = False) -> Iterator[dict[str, torch.Tensor]]:
-    """Yield batches forever, epoch after epoch, starting from ``sampler``'s state.
+@dataclass(frozen=True)
+class LoaderOptions:
+    """How :func:`infinite_loader` loads: ``num_workers``, ``pin_memory``, ``collate_fn``, ``drop_last``,
+    ``prefetch_factor`` / ``persistent_workers`` (workers only; persistent by default), ``flip`` (random
+    horizontal flip, keyed by ``seed``: None = the sampler's seed)."""
+
+    num_workers: int = 0
+    pin_memory: bool = False
+    collate_fn: Callable = collate
+    drop_last: bool = True
+    prefetch_factor: int | None = None
+    persistent_workers: bool | None = None
+    seed: int | None = None
+    flip: bool = False
+
+
+def infinite_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int,
+                    options: LoaderOptions | None = None, **fields) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield batches forever, epoch after epoch, starting from ``sampler``'s state; ``options`` (a
+    :class:`LoaderOptions`, or its fields as keywords: ``infinite_loader(ds, s, 32, num_workers=2, flip=True)``).
 
     Calls ``sampler.advance(len(batch))`` right before yielding each batch (see the module
     docstring: the caller must not call ``advance`` itself). An epoch ends when the loader is
@@ -172,21 +188,27 @@ def infinite_loader(dataset: Dataset, sampler: ResumableSampler, batch_size: int
     RNG state, so a resumed loader flips exactly as an uninterrupted one, with any ``num_workers``.
     ``seed`` defaults to ``sampler.seed``; it also seeds the DataLoader's worker RNGs (with the rank).
     """
+    if options is None:
+        options = LoaderOptions(**fields)
+    elif fields:
+        raise TypeError(f"infinite_loader() takes LoaderOptions or its fields as keywords, not both ({sorted(fields)})")
+    o = options
     if len(dataset) != sampler.dataset_len:  # type: ignore[arg-type]
         raise DatasetError(f"infinite_loader: dataset has {len(dataset)} samples, "  # type: ignore[arg-type]
                            f"sampler expects {sampler.dataset_len}")
-    seed = sampler.seed if seed is None else seed
+    seed = sampler.seed if o.seed is None else o.seed
     g = torch.Generator().manual_seed(seed * 1000003 + sampler.rank)
     order: Sampler = sampler
-    if flip:
+    if o.flip:
         dataset, order = EpochFlipDataset(dataset, seed), _EpochKeys(sampler)
     kwargs: dict[str, Any] = {}
-    if num_workers > 0:
-        kwargs["persistent_workers"] = True if persistent_workers is None else persistent_workers
-        if prefetch_factor is not None:
-            kwargs["prefetch_factor"] = prefetch_factor
-    loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=num_workers,
-                        pin_memory=pin_memory, collate_fn=collate_fn, drop_last=drop_last, generator=g, **kwargs)
+    if o.num_workers > 0:
+        kwargs["persistent_workers"] = True if o.persistent_workers is None else o.persistent_workers
+        if o.prefetch_factor is not None:
+            kwargs["prefetch_factor"] = o.prefetch_factor
+    loader = DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=o.num_workers,
+                        pin_memory=o.pin_memory, collate_fn=o.collate_fn, drop_last=o.drop_last, generator=g,
+                        **kwargs)
     while True:
         epoch = sampler.epoch
         got_any = False

@@ -303,6 +303,17 @@ def _check_cls_input(cls_token_dim: int, batch: int, cls_token) -> None:
                               f"class token), got {got}")
 
 
+def encoder_depth_problem(encoder_depth: int, depth: int | None) -> str | None:
+    """The one rule for ``encoder_depth`` (1-based block the projectors read): in ``1..depth`` (``depth`` None:
+    unknown, positivity only). The problem in words, or None. The training config applies it when read, naming
+    its key; the constructor applies it to every other caller."""
+    if encoder_depth < 1:
+        return f"encoder_depth must be positive, got {encoder_depth}"
+    if depth is not None and encoder_depth > depth:
+        return f"encoder_depth={encoder_depth} is larger than the model depth {depth}"
+    return None
+
+
 def _check_config(c: dict) -> None:
     """Raise ModelInputError on an inconsistent constructor configuration ``c`` (the constructor's keywords as
     given, before any conversion)."""
@@ -325,8 +336,8 @@ def _check_config(c: dict) -> None:
             (hidden_size % num_heads != 0, f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}"),
             (hidden_size % 4 != 0, f"hidden_size must be divisible by 4 (2-D sin-cos table), got {hidden_size}"),
             (mlp_ratio <= 0 or int(hidden_size * mlp_ratio) < 1, f"mlp_ratio must be positive, got {mlp_ratio}"),
-            (z_dims and not 1 <= encoder_depth <= depth,
-             f"encoder_depth (1-based) must be in [1, depth={depth}], got {encoder_depth}"),
+            (bool(z_dims) and encoder_depth_problem(encoder_depth, depth) is not None,
+             f"{encoder_depth_problem(encoder_depth, depth)} (1-based block the projectors read)"),
         ]
     checks += [
         (num_classes < 0 or not 0.0 <= class_dropout_prob < 1.0,

@@ -6,11 +6,14 @@ for image ``i``), so that every checkpoint and timestep sees the same noise for 
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence, Union
 
 import torch
 
-__all__ = ["seeded_noise", "CLASS_TOKEN_KEY"]
+__all__ = ["seeded_noise", "CLASS_TOKEN_KEY", "NoiseSource", "step_noise"]
+
+#: per-step noise: ``noise(step, like) -> tensor shaped like ``like`` (B, C, H, W)`` (see analysis.generate)
+NoiseSource = Callable[[int, torch.Tensor], torch.Tensor]
 
 _M32 = 0xFFFFFFFF
 #: REG models: the noise of sample i's class token is ``seeded_noise(seed ^ CLASS_TOKEN_KEY, i, (D,))``, independent
@@ -65,3 +68,13 @@ def seeded_noise(seed: int, indices: torch.Tensor, shape: Sequence[int], device=
     u2 = (_hash32(base[:, None] ^ c2).double() + 0.5) / 2.0 ** 32
     z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
     return z.reshape(idx.numel(), *shape).to(dtype)
+
+
+def step_noise(generator: Union[torch.Generator, NoiseSource, None], draw_dtype: torch.dtype) -> NoiseSource:
+    """The samplers' per-step N(0, I) draws: from a ``torch.Generator`` (or the global RNG when None) as the
+    official code draws them (``draw_dtype``: float64 for REPA's SDE, float32 for DiT), or from a user
+    ``NoiseSource`` (per-sample seeding)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return lambda step, like: torch.randn(like.shape, generator=generator, dtype=draw_dtype,
+                                              device=like.device).to(like.dtype)
+    return lambda step, like: generator(step, like).to(like.dtype)

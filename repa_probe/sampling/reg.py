@@ -18,6 +18,7 @@ import torch
 
 from repa_probe.sampling import flow
 from repa_probe.sampling.guidance import Guidance, SamplingError, guide
+from repa_probe.sampling.noise import step_noise
 from repa_probe.timesteps import model_input
 
 
@@ -44,11 +45,15 @@ def _joint_noise(generator, base: Callable, image_shape, n_image: int) -> Callab
     return noise
 
 
-def sample_joint(model, x: torch.Tensor, cls: torch.Tensor, labels: torch.Tensor, method: str, steps: int,
-                 guidance: Guidance, cls_scale: float, noise: Callable, generator, path: str,
-                 dtype: torch.dtype) -> torch.Tensor:
-    """Sample a REG model (REPA time) from ``x: (B, C, H, W)`` and ``cls: (B, D)`` float64; returns the float64
+def sample_joint(model, start: tuple[torch.Tensor, torch.Tensor], labels: torch.Tensor, sampler,
+                 guidance: Guidance, generator, dtype: torch.dtype) -> torch.Tensor:
+    """Sample a REG model (REPA time) from ``start = (x: (B, C, H, W), cls: (B, D))`` float64 with ``sampler``
+    (a :class:`~repa_probe.sampling.Sampler`) and the per-step noise of ``generator``; returns the float64
     latents ``(B, C, H, W)`` (the class token is REG's means to an end: its ``generate.py`` keeps the images only)."""
+    x, cls = start
+    method, steps = sampler.method, sampler.steps
+    cls_scale = sampler.cfg_scale if sampler.cls_cfg_scale is None else float(sampler.cls_cfg_scale)
+    noise = step_noise(generator, torch.float64)
     if model.time_convention != "repa":
         raise SamplingError(f"REG models run in REPA time, got time convention {model.time_convention!r}")
     shape, n = x.shape, x[0].numel()
@@ -71,7 +76,7 @@ def sample_joint(model, x: torch.Tensor, cls: torch.Tensor, labels: torch.Tensor
     state = torch.cat([x.flatten(1), cls.to(torch.float64)], dim=1)
     if method == "sde":
         state = flow.euler_maruyama(velocity, state, steps, guidance.active,
-                                    _joint_noise(generator, noise, shape, n), path)
+                                    _joint_noise(generator, noise, shape, n), sampler.path)
     else:
         state = flow.euler(velocity, state, steps, method == "heun", guidance.active)
     return state[:, :n].reshape(shape)

@@ -1,6 +1,6 @@
 """Typed sweep configuration: YAML read into dataclasses with ``key.sub=value`` overrides.
 
-Loaded through the training config's generic loader (:func:`repa_probe.training.config.load_structured`), so a
+Loaded through the one config loader (:func:`repa_probe.yaml_config.load_structured`), so a
 misspelt key is the same one-line error listing the valid keys. ``analyses`` maps an analysis name (see
 :mod:`repa_probe.sweeps.registry`) to the keyword options of its library entry point.
 """
@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 from repa_probe.analysis.correlation.correlate import parse_quantity
 from repa_probe.errors import ReproError
 from repa_probe.sweeps.registry import get_analysis
-from repa_probe.training.config import ConfigError, load_structured
+from repa_probe.yaml_config import ConfigError, load_structured
 
 
 class SweepError(ReproError, RuntimeError):

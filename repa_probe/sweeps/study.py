@@ -24,8 +24,9 @@ from repa_probe.sweeps.launch import error_line
 from repa_probe.sweeps.report import write_report
 from repa_probe.sweeps.sweep import run_sweep
 from repa_probe.training import launch
-from repa_probe.training.config import ConfigError, load_config, load_structured
+from repa_probe.training.config import load_config
 from repa_probe.training.rundir import checkpoint_path
+from repa_probe.yaml_config import ConfigError, load_structured
 
 log = logging.getLogger("repa_probe")
 

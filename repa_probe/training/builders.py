@@ -7,12 +7,11 @@ from typing import Tuple
 
 import torch
 
-from repa_probe.data import ResumableSampler, build_dataset as _build, infinite_loader
+from repa_probe.data import LoaderOptions, ResumableSampler, build_dataset as _build, infinite_loader
 from repa_probe.encoders.target import load_encoder
 from repa_probe.trained_vae import load_any_vae
 from repa_probe.models import create_model
 from repa_probe.models.lightningdit import OPTION_NAMES as LIGHTNING_OPTIONS
-from repa_probe.models.registry import model_kwargs
 from repa_probe.objectives import FlowMatching, GaussianDiffusion, match_token_grid, spatial_normalize
 from repa_probe.training.config import Config, ConfigError, uses_encoder
 from repa_probe.training.distributed import DistInfo
@@ -129,7 +128,7 @@ class Batches:
         """The next local batch; the sampler position counts it as consumed (see data.sampler)."""
         if self._it is None:
             self._it = infinite_loader(self.dataset, self.sampler, self.local_batch,
-                                       num_workers=self.num_workers, pin_memory=self.pin_memory, flip=self.flip)
+                                       LoaderOptions(self.num_workers, self.pin_memory, flip=self.flip))
         return next(self._it)
 
     def state_dict(self) -> dict:

@@ -11,20 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 
-from repa_probe.errors import ReproError
 from repa_probe.models.registry import model_kwargs
-from repa_probe.models.transformer import ModelInputError
-
-
-class ConfigError(ReproError, ValueError):
-    """A configuration problem, reported in one line."""
+from repa_probe.yaml_config import ConfigError, check_keys, load_structured  # noqa: F401 (re-exported)
+from repa_probe.models.transformer import ModelInputError, encoder_depth_problem
 
 
 @dataclass
@@ -205,82 +199,6 @@ CHOICES = {
 }
 
 
-def _check_keys(values: Any, schema: type, prefix: str) -> None:
-    """Raise ConfigError for any key of ``values`` (nested dict) that ``schema`` does not define."""
-    if not isinstance(values, dict):
-        return
-    fields = {f.name: f for f in dataclasses.fields(schema)}
-    for key, sub in values.items():
-        where = f"{prefix}{key}"
-        if key not in fields:
-            level = prefix.rstrip(".") or "top level"
-            raise ConfigError(f"unknown config key '{where}'; valid keys at {level}: {', '.join(fields)}")
-        ftype = fields[key].default_factory if dataclasses.is_dataclass(fields[key].default_factory) else None
-        if ftype is not None:
-            if sub is not None and not isinstance(sub, dict):
-                raise ConfigError(f"config key '{where}' is a section; set its keys, e.g. {where}.<key>=...")
-            _check_keys(sub or {}, ftype, where + ".")
-
-
-def _dotlist_to_dict(overrides: Sequence[str]) -> dict:
-    out: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
-        key, raw = item.split("=", 1)
-        try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"override '{item}': cannot parse value ({exc.__class__.__name__})") from None
-        node = out
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{item}' conflicts with another override")
-        node[parts[-1]] = value
-    return out
-
-
-def load_structured(schema: type, path: Optional[str] = None, overrides: Sequence[str] = ()) -> Any:
-    """Read a YAML file (optional) into the dataclass ``schema`` and apply ``key.sub=value`` overrides.
-
-    Generic over the schema (training, sweep and study configs share it). Unknown keys, wrong value types, a
-    missing file and invalid YAML raise ConfigError (one line); value ranges are the caller's to check.
-    """
-    layers = []
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError:
-            raise ConfigError(f"{path}: not a YAML config (not UTF-8 text: a binary file?)") from None
-        except OSError as exc:
-            raise ConfigError(f"{path}: cannot read the config ({exc.strerror or exc})") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
-        try:
-            _check_keys(data, schema, "")
-        except ConfigError as exc:
-            raise ConfigError(f"{path}: {exc}") from None
-        layers.append(data)
-    over = _dotlist_to_dict(overrides)
-    _check_keys(over, schema, "")
-    layers.append(over)
-    base = OmegaConf.structured(schema)
-    try:
-        merged = OmegaConf.merge(base, *layers)
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        msg = str(exc).splitlines()[0]
-        key = getattr(exc, "full_key", None)
-        raise ConfigError(f"bad value for '{key}': {msg}" if key else msg) from None
-
-
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config (or the embedded default when ``path`` is None) and apply dotlist overrides.
 
@@ -351,17 +269,16 @@ def _validate_vae(cfg: Config) -> None:
 
 
 def _validate_encoder_depth(cfg: Config) -> None:
-    """``repa.encoder_depth`` in ``1..depth`` (the one check of it: the builders and the model trust it; an unknown
-    ``model.name`` is left to the model registry's error)."""
+    """``repa.encoder_depth`` by the model's rule (:func:`~repa_probe.models.transformer.encoder_depth_problem`),
+    at read time so that a sweep or study fails before training; an unknown ``model.name`` is left to the model
+    registry's error."""
     try:
         depth = cfg.model.depth or model_kwargs(cfg.model.name)["depth"]
     except ModelInputError:
         depth = None
-    if cfg.repa.encoder_depth < 1:
-        raise ConfigError(f"repa.encoder_depth must be positive, got {cfg.repa.encoder_depth}")
-    if depth is not None and cfg.repa.encoder_depth > depth:
-        raise ConfigError(f"repa.encoder_depth={cfg.repa.encoder_depth} is larger than the model depth {depth}; "
-                          f"set repa.encoder_depth to at most {depth}")
+    problem = encoder_depth_problem(cfg.repa.encoder_depth, depth)
+    if problem is not None:
+        raise ConfigError(f"repa.{problem}; set repa.encoder_depth to a block in 1..{depth or 'depth'}")
 
 
 def _validate_family(cfg: Config) -> None:
@@ -396,7 +313,7 @@ def to_yaml(cfg: Config) -> str:
 
 def from_dict(values: dict) -> Config:
     """Rebuild a Config from ``to_dict`` output (e.g. stored in a checkpoint)."""
-    _check_keys(values, Config, "")
+    check_keys(values, Config, "")
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), values))  # type: ignore
 
 

@@ -187,7 +187,8 @@ class AlignmentAnalysis(Analysis):
         self.layers = check_times_and_layers(run.entries, opts)
         self.source = resolve_source(run.entries, opts, need_encoder=True)
         self.dataset, self.split = build_analysis_dataset(self.source, opts.split, opts.num_samples)
-        check_class_labels(run.entries, opts.labels, getattr(self.dataset, "num_classes", None))
+        if opts.labels == "true":  # the null class was checked by resolve_source
+            check_class_labels(run.entries, opts.labels, getattr(self.dataset, "num_classes", None))
         self.encoder = resolve_encoder(run.entries, opts, self.source.resolution)
         self.cls_encoder = class_token_encoder(run.entries, self.encoder)
         self.cross = cross_metrics(opts.metric)

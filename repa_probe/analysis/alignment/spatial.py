@@ -29,7 +29,6 @@ from repa_probe.analysis.core.capture import Reducer, capture
 from repa_probe.analysis.core.features import CaptureSettings, ModelInputs, capture_spec
 from repa_probe.analysis.metrics.spatial import SpatialSettings, grid_shape, spatial_metrics
 from repa_probe.analysis.core.targets import encoder_features
-from repa_probe.analysis.metrics.spatial import grid_shape, spatial_metrics
 from repa_probe.data import collate
 from repa_probe.reports.bootstrap import interval, resample_means
 from repa_probe.timesteps import label

@@ -20,6 +20,7 @@ dataset index, so every batch size and checkpoint sees the same noisy image).
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 from contextlib import nullcontext
 from typing import Any, Callable, Sequence
@@ -82,7 +83,7 @@ class CaptureSpec:
         return list(self.report) if self.report is not None else list(self.layers) + list(self.extras)
 
 
-class Reducer:
+class Reducer(abc.ABC):
     """Receives the tokens of every captured layer for each (batch, timestep) and keeps what it needs.
     ``class_tokens``: whether it also receives a REG model's class token (key :func:`class_key`, ``(b, 1, D)``)."""
 
@@ -91,10 +92,10 @@ class Reducer:
     def start(self, n: int) -> None:
         """Called once before the pass with the number of samples."""
 
+    @abc.abstractmethod
     def add(self, key, t, rows: slice, tokens: torch.Tensor) -> None:
         """``tokens: (b, T, D)`` (float32 or the autocast dtype) of layer ``key`` at user time ``t`` for samples
         ``rows``."""
-        raise NotImplementedError
 
 
 class _Store(Reducer):
@@ -106,8 +107,9 @@ class _Store(Reducer):
     def start(self, n: int) -> None:
         self.n, self.features = n, {}
 
+    @abc.abstractmethod
     def pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """``tokens: (b, T, D)`` float32 -> what is stored per sample, ``(b, *out)``."""
 
     def add(self, key, t, rows: slice, tokens: torch.Tensor) -> None:
         out = self.pool(tokens.float())

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from repa_probe.analysis.core.capture import (LATENT_LAYER, CaptureSpec, MeanPool, Tokens, capture, is_class_token,
-                                              latent_tokens, projector_tokens)
+                                              projector_tokens)
 
 from repa_probe.analysis.core.options import LABEL_MODES
 from repa_probe.analysis.errors import AnalysisInputError
@@ -191,18 +191,27 @@ def resolve_layers(model, layers) -> list[int]:
     return out
 
 
+def check_labels_fit(model_classes: int, has_null: bool, mode: str, data_classes: int | None) -> None:
+    """The one rule for the class labels a model is fed: ``mode="null"`` needs a null class (``has_null``, i.e.
+    ``class_dropout_prob > 0``); ``mode="true"`` needs the model to know all ``data_classes`` classes of the data
+    (None: the data has no labels). The run checks it per checkpoint before any forward pass
+    (:mod:`~repa_probe.analysis.core.inputs`); :func:`model_labels` checks it for direct callers."""
+    if mode == "null" and not has_null:
+        raise AnalysisInputError("the model has no null class (class_dropout_prob = 0), so it cannot be read "
+                                 "unconditionally: use labels 'true' (--labels true)")
+    if mode == "true" and (data_classes is None or data_classes > model_classes):
+        raise AnalysisInputError(f"the dataset has {data_classes} classes but the model {model_classes}: use "
+                                 "labels 'null' (--labels null)")
+
+
 def model_labels(model, labels: torch.Tensor, mode: str) -> torch.Tensor:
-    """Class labels fed to the model ``(N,)``: its null class (``mode="null"``, unconditional) or ``labels``.
-    ``mode`` is already one of :data:`LABEL_MODES` (checked by the options); this checks the model fits it."""
-    rows, n_cls = model.y_embedder.num_rows, model.num_classes
-    if mode == "null":
-        if rows <= n_cls:
-            raise AnalysisInputError("the model has no null class (class_dropout_prob = 0): use labels='true'")
-        return torch.full_like(labels, n_cls)
-    if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n_cls):
-        raise AnalysisInputError(f"dataset labels span [{int(labels.min())}, {int(labels.max())}] "
-                           f"but the model has {n_cls} classes: use labels='null'")
-    return labels
+    """Class labels fed to the model ``(N,)``: its null class (``mode="null"``, unconditional) or ``labels``
+    (``(N,)`` int64, ``>= 0``). ``mode`` is already one of :data:`LABEL_MODES` (checked by the options); the fit
+    to the model is :func:`check_labels_fit`."""
+    n_cls = model.num_classes
+    data_classes = int(labels.max()) + 1 if len(labels) else 0
+    check_labels_fit(n_cls, model.y_embedder.num_rows > n_cls, mode, data_classes)
+    return torch.full_like(labels, n_cls) if mode == "null" else labels
 
 
 def module_device(module: torch.nn.Module, device, what: str) -> torch.device:

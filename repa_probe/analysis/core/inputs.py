@@ -22,7 +22,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from repa_probe.analysis.core.features import resolve_layers
+from repa_probe.analysis.core.features import check_labels_fit, resolve_layers
+from repa_probe.analysis.core.paths import checkpoint_paths
 from repa_probe.analysis.errors import AnalysisInputError
 from repa_probe.checkpoint import CheckpointError, load_model, safe_load
 from repa_probe.data import CappedDataset, DatasetError, build_dataset
@@ -34,7 +35,7 @@ from repa_probe.objectives import FlowMatching, GaussianDiffusion
 from repa_probe.timesteps import DDPM_STEPS, TimeError, process_time
 from repa_probe.training.builders import build_encoder, build_objective
 from repa_probe.training.config import ConfigError, from_dict
-from repa_probe.training.rundir import checkpoint_label, checkpoint_run, list_checkpoints
+from repa_probe.training.rundir import checkpoint_label, checkpoint_run
 
 log = logging.getLogger("repa_probe")
 
@@ -115,32 +116,6 @@ class CheckpointEntry:
                     weights="ema" if i.ema else "model", depth=i.config["depth"], objective=repr(self.objective),
                     vae=self.vae_name, resolution=self.resolution, latent_channels=self.latent_channels,
                     downsample_factor=self.downsample_factor)
-
-
-def checkpoint_paths(items: Sequence) -> list[Path]:
-    """Files as given; a directory means every checkpoint in it (or in its ``checkpoints/``), by step."""
-    out: list[Path] = []
-    for item in items:
-        p = Path(item)
-        if p.is_dir():
-            d = p / "checkpoints" if (p / "checkpoints").is_dir() else p
-            found = [q for _, q in list_checkpoints(d)] or sorted(list(d.glob("*.pt")) + list(d.glob("*.pth")))
-            if not found:
-                raise AnalysisInputError(f"--ckpt {p}: directory has no checkpoints ({{step:07d}}.pt, *.pt or *.pth)")
-            out += found
-        elif p.is_file():
-            out.append(p)
-        else:
-            raise AnalysisInputError(f"--ckpt {p}: no such file or directory")
-    if not out:
-        raise AnalysisInputError("no checkpoints given (--ckpt PATH)")
-    seen: dict[Path, Path] = {}
-    for q in out:
-        if q.resolve() in seen:
-            raise AnalysisInputError(f"--ckpt: checkpoint {q} is listed twice (also as {seen[q.resolve()]}, "
-                                     "directly or through its run directory)")
-        seen[q.resolve()] = q
-    return out
 
 
 def _use_ema(weights: str, cfg, step) -> bool:
@@ -329,19 +304,19 @@ def check_models_fit(entries: Sequence[CheckpointEntry], source: DataSource, lab
             raise AnalysisInputError(f"{e.label}: model takes {c['in_channels']}x{c['input_size']}^2 inputs but the "
                                      f"data is {channels}x{size}^2 ({source.resolution}px, vae {source.vae_name}); "
                                      "check --vae / --data")
-        if labels == "null" and c.get("class_dropout_prob", 0) <= 0:
-            raise AnalysisInputError(f"{e.label}: the model has no null class, so it cannot be read "
-                                     "unconditionally; use --labels true (alignment only)")
+    if labels == "null":
+        check_class_labels(entries, labels, None)
 
 
 def check_class_labels(entries: Sequence[CheckpointEntry], labels: str, num_classes: int | None) -> None:
-    """With ``labels="true"`` every model must know all ``num_classes`` classes of the dataset."""
-    if labels != "true":
-        return
+    """Every model fits ``labels`` (:func:`~repa_probe.analysis.core.features.check_labels_fit`) on a dataset of
+    ``num_classes`` classes (None: unlabelled)."""
     for e in entries:
-        if num_classes is None or num_classes > e.info.config["num_classes"]:
-            raise AnalysisInputError(f"{e.label}: dataset has {num_classes} classes, the model "
-                                     f"{e.info.config['num_classes']}; use --labels null")
+        c = e.info.config
+        try:
+            check_labels_fit(c["num_classes"], c.get("class_dropout_prob", 0) > 0, labels, num_classes)
+        except AnalysisInputError as exc:
+            raise AnalysisInputError(f"{e.label}: {exc}") from None
 
 
 def build_config_encoder(cfg):

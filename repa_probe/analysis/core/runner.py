@@ -36,6 +36,7 @@ Sketch of a new analysis::
 """
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import platform
@@ -99,7 +100,7 @@ class Run:
     dist: DistInfo = dataclasses.field(default_factory=DistInfo)
 
 
-class Analysis:
+class Analysis(abc.ABC):
     """Base of every analysis run by :func:`run_analysis` (see the module docstring).
 
     Attributes: ``name`` (``{name}.csv``, log lines), ``columns`` (the CSV columns), ``outputs`` (its other
@@ -125,9 +126,9 @@ class Analysis:
     def prepare(self, run: Run) -> list[dict] | None:
         """Heavy work shared by every checkpoint (inputs, targets); optionally rows of no checkpoint."""
 
+    @abc.abstractmethod
     def analyse(self, run: Run, entry: CheckpointEntry, model) -> list[dict]:
         """Rows (dicts with :attr:`columns` keys) for one checkpoint; ``model`` is on ``run.device``, eval."""
-        raise NotImplementedError
 
     def figures(self, run: Run, rows: list[dict]) -> list[Path]:
         """Figures under ``run.out / "figures"``; returns their paths."""

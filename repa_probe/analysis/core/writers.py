@@ -9,7 +9,6 @@ import csv
 import dataclasses
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 

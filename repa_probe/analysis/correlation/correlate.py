@@ -26,22 +26,21 @@ checkpoints per run the intervals are optimistic (``last_only`` keeps one point 
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
 import logging
-import math
 import re
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
+from repa_probe.analysis.core.paths import expand_paths
 from repa_probe.analysis.core.plots import slug
 from repa_probe.analysis.core.writers import begin_outputs, end_outputs, read_json, write_json, write_text
 from repa_probe.analysis.correlation.plots import scatter, versus_step
 from repa_probe.analysis.errors import AnalysisInputError
+from repa_probe.analysis.metrics.correlation import MIN_POINTS, correlation
 from repa_probe.reports.run_report import write_run_report
 from repa_probe.timesteps import Step, TimeError, UserTime, as_float, label, parse_time, parse_times
 
@@ -51,7 +50,7 @@ __all__ = ["AnalysisInputError", "Quantity", "parse_quantity", "find_tables", "l
 log = logging.getLogger("repa_probe")
 
 TABLE_NAMES = ("alignment.csv", "probe.csv", "segment.csv", "fid.csv")
-MIN_CHECKPOINTS = 3
+MIN_CHECKPOINTS = MIN_POINTS  # a correlation needs at least this many checkpoints with both values
 SETTING_KEYS = ("num_samples", "num_train", "num_test", "seed", "encoder", "timesteps")  # what makes a table's values
 COMPARABLE_KEYS = ("num_samples", "num_train", "num_test", "seed")  # values of different checkpoints need equal ones
 _SPEC = re.compile(r"^\s*([A-Za-z0-9_.\-]+)\s*(?:@\s*([A-Za-z0-9_]+))?\s*(?:,\s*t\s*=\s*([A-Za-z0-9:.+\-]+))?\s*$")
@@ -105,27 +104,11 @@ def parse_quantity(text: str, what: str = "x") -> Quantity:
 
 # ----------------------------------------------------------------------------------------------- tables
 def find_tables(items: Sequence) -> list[Path]:
-    """CSV files from files, directories (searched recursively for :data:`TABLE_NAMES`) and glob patterns."""
-    out: list[Path] = []
-    for item in items:
-        text = str(item)
-        matches = [Path(p) for p in sorted(glob.glob(text, recursive=True))] if glob.has_magic(text) else [Path(text)]
-        if not matches:
-            raise AnalysisInputError(f"--tables {text!r}: the pattern matches nothing")
-        for p in matches:
-            if p.is_dir():
-                found = sorted(q for name in TABLE_NAMES for q in p.rglob(name))
-                if not found:
-                    raise AnalysisInputError(f"--tables {p}: no {', '.join(TABLE_NAMES)} in this directory")
-                out += found
-            elif p.is_file():
-                out.append(p)
-            else:
-                raise AnalysisInputError(f"--tables {p}: no such file or directory")
-    unique = list(dict.fromkeys(p.resolve() for p in out))
-    if not unique:
-        raise AnalysisInputError("no tables given (--tables PATH)")
-    return unique
+    """CSV files from files, directories (searched recursively for :data:`TABLE_NAMES`) and glob patterns; a
+    table reached twice is read once."""
+    out = expand_paths(items, "--tables", lambda d: sorted(q for name in TABLE_NAMES for q in d.rglob(name)),
+                       ", ".join(TABLE_NAMES), patterns=True)
+    return list(dict.fromkeys(p.resolve() for p in out))
 
 
 def _read(path: Path) -> pd.DataFrame:
@@ -312,49 +295,6 @@ def join(x: pd.DataFrame, y: pd.DataFrame, last_only: bool = False) -> pd.DataFr
     if last_only and len(both):
         both = both.groupby("run", sort=False).tail(1).reset_index(drop=True)
     return both
-
-
-# ------------------------------------------------------------------------------------------- statistics
-def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Pearson r of every row pair of ``x, y: (R, n)`` (NaN for a constant row)."""
-    xc, yc = x - x.mean(1, keepdims=True), y - y.mean(1, keepdims=True)
-    den = np.sqrt((xc * xc).sum(1) * (yc * yc).sum(1))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(den > 0, (xc * yc).sum(1) / den, np.nan)
-
-
-def _spearman_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return _pearson_rows(rankdata(x, axis=1), rankdata(y, axis=1))
-
-
-def correlation(x, y, bootstrap: int = 2000, permutations: int = 10000, seed: int = 0, ci: float = 0.95) -> dict:
-    """Pearson and Spearman of ``x, y: (n,)``: ``{"pearson": {r, ci_low, ci_high, p_perm}, "spearman": ...}``.
-
-    Intervals: percentile bootstrap over the n points (``bootstrap`` resamples; resamples with a constant
-    side are skipped). p-values: two-sided, ``(1 + #{|r_perm| >= |r|}) / (1 + permutations)``.
-    """
-    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
-    n = len(x)
-    if n < MIN_CHECKPOINTS:
-        raise AnalysisInputError(f"{n} checkpoint(s) have both values; a correlation needs at least {MIN_CHECKPOINTS}")
-    rng = np.random.default_rng(seed)
-    boot = rng.integers(0, n, size=(bootstrap, n)) if bootstrap else None
-    perm = rng.permuted(np.tile(np.arange(n), (permutations, 1)), axis=1) if permutations else None
-    out = {}
-    for name, fn in (("pearson", _pearson_rows), ("spearman", _spearman_rows)):
-        r = float(fn(x[None], y[None])[0])
-        res = {"r": r, "ci_low": None, "ci_high": None, "p_perm": None}
-        if boot is not None:
-            reps = fn(x[boot], y[boot])
-            reps = reps[np.isfinite(reps)]
-            if len(reps):
-                a = (1 - ci) / 2
-                res["ci_low"], res["ci_high"] = (float(v) for v in np.quantile(reps, [a, 1 - a]))
-        if perm is not None and math.isfinite(r):
-            null = fn(np.broadcast_to(x, (permutations, n)), y[perm])
-            res["p_perm"] = float((1 + np.sum(np.abs(null) >= abs(r) - 1e-12)) / (1 + permutations))
-        out[name] = res
-    return out
 
 
 def correlate_table(df: pd.DataFrame, x: str | Quantity, y: str | Quantity, last_only: bool = False,

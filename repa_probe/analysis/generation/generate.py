@@ -26,7 +26,7 @@ from repa_probe.analysis.core.writers import atomic_write, write_text
 from repa_probe.analysis.generation.fid_inputs import read_image
 from repa_probe.sampling.noise import CLASS_TOKEN_KEY, seeded_noise
 from repa_probe.analysis.errors import AnalysisInputError
-from repa_probe.sampling import methods_for, sample
+from repa_probe.sampling import Sampler, methods_for, sample
 from repa_probe.sampling.guidance import make_guidance
 
 log = logging.getLogger("repa_probe")
@@ -51,6 +51,11 @@ class SamplerSettings:
     cfg_channels: str | int = "auto"
     cls_cfg_scale: float | None = None  # REG models: the class token's guidance (None: cfg_scale; <= 0: conditional)
     timestep_shift: float = 0.0  # LightningDiT's shifted euler / heun grid (0 = off; theirs 0.3)
+
+    def sampler(self, path: str = "linear") -> Sampler:
+        """The :class:`~repa_probe.sampling.Sampler` these settings run, for a model of flow interpolant ``path``."""
+        return Sampler(self.method, self.steps, self.cfg_scale, (self.guidance_low, self.guidance_high),
+                       self.cfg_channels, path, cls_cfg_scale=self.cls_cfg_scale, timestep_shift=self.timestep_shift)
 
     def validate(self, convention: str) -> None:
         """Check the settings for a model of time ``convention`` (repa | sit | ddpm)."""
@@ -181,11 +186,9 @@ def generate(model, out_dir, settings: SamplerSettings, *, vae=None, path: str =
         noise = seeded_noise(settings.seed, idx, shape, device=device)
         labels = sample_labels(idx, model.num_classes, settings.labels, settings.seed).to(device)
         with autocast:
-            x = sample(model, noise, labels, method=settings.method, steps=settings.steps,
-                       cfg_scale=settings.cfg_scale, guidance_interval=(settings.guidance_low, settings.guidance_high),
-                       generator=IndexedNoise(settings.seed, idx.to(device)), cfg_channels=settings.cfg_channels,
-                       path=path, timestep_shift=settings.timestep_shift,
-                       **_class_token_kwargs(model, settings, idx, device))
+            x = sample(model, noise, labels, settings.sampler(path),
+                       generator=IndexedNoise(settings.seed, idx.to(device)),
+                       cls_noise=_class_token_noise(model, settings, idx, device))
         images = decode(x.float(), vae).permute(0, 2, 3, 1).numpy()
         for i, image in zip(idx.tolist(), images):
             _atomic_png(image, out_dir / f"{i:06d}.png")
@@ -197,14 +200,11 @@ def generate(model, out_dir, settings: SamplerSettings, *, vae=None, path: str =
     return npz
 
 
-def _class_token_kwargs(model, settings: SamplerSettings, idx: torch.Tensor, device) -> dict:
-    """REG models: the initial class-token noise of samples ``idx`` (seeded like the latents' but independent of
-    them) and the class token's guidance; nothing for other models."""
+def _class_token_noise(model, settings: SamplerSettings, idx: torch.Tensor, device) -> torch.Tensor | None:
+    """REG models: the initial class-token noise ``(B, cls_token_dim)`` of samples ``idx`` (seeded like the
+    latents' but independent of them); None for other models."""
     dim = getattr(model, "cls_token_dim", 0)
-    if not dim:
-        return {}
-    return dict(cls_noise=seeded_noise(settings.seed ^ CLASS_TOKEN_KEY, idx, (dim,), device=device),
-                cls_cfg_scale=settings.cls_cfg_scale)
+    return seeded_noise(settings.seed ^ CLASS_TOKEN_KEY, idx, (dim,), device=device) if dim else None
 
 
 def load_pngs(out_dir: Path, num_samples: int) -> np.ndarray:

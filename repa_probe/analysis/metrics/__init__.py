@@ -4,6 +4,7 @@
   (CKNNA, mutual / cycle k-NN, linear CKA; the platonic-rep definitions), feature preparation, bootstrap.
 - :mod:`~repa_probe.analysis.metrics.spatial`: spatial structure of one token grid (LDS, CDS, SRSS, RMSC; iREPA).
 - :mod:`~repa_probe.analysis.metrics.frechet`: Fréchet distance between two Gaussians (FID / FD).
+- :mod:`~repa_probe.analysis.metrics.correlation`: Pearson / Spearman over checkpoints, bootstrap interval, permutation p.
 
 The alignment and spatial metrics are re-exported here (``from repa_probe.analysis.metrics import cknna, lds``).
 """

@@ -14,7 +14,6 @@ from typing import Any, Iterator, Union
 import numpy as np
 import torch
 
-from repa_probe.devices import resolve_device  # noqa: F401 (the probes' device resolution is the shared one)
 from repa_probe.analysis.errors import MetricInputError
 
 Array = Union[torch.Tensor, np.ndarray]

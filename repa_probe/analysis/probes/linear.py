@@ -38,7 +38,8 @@ from threadpoolctl import threadpool_limits
 
 from repa_probe.analysis.errors import MetricInputError
 from repa_probe.analysis.probes.common import (Array, channel_stats, check_features, check_finite, check_labels, chunks,
-                                               gather, resolve_device, rows_per_chunk)
+                                               gather, rows_per_chunk)
+from repa_probe.devices import resolve_device
 
 BACKENDS = ("sklearn", "torch")
 TOPK = 5  # top-k accuracy is reported only with more than TOPK classes (else it is 1 by construction)
@@ -250,12 +251,14 @@ def _fit_sklearn(p: _Problem, cfg: LinearProbeConfig):
 
 
 # ----------------------------------------------------------------------------------------------- torch
-def train_linear_heads(x: Array, y: torch.Tensor, idx: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
-                       num_classes: int, configs: Sequence[dict], epochs: int, batch_size: int,
-                       device: torch.device, seed: int) -> list[torch.nn.Linear]:
+def train_linear_heads(p: _Problem, idx: torch.Tensor, configs: Sequence[dict],
+                       cfg: LinearProbeConfig) -> list[torch.nn.Linear]:
     """Train one zero-initialised ``nn.Linear(D, num_classes)`` per config (``lr``, ``weight_decay``) on rows
-    ``idx`` of ``x: (N, D)`` (standardised on the fly with ``mean, std: (D,)``), all in the same pass over
-    shuffled mini-batches. AdamW (weight decay on the weights only) with a per-step cosine schedule."""
+    ``idx`` of ``p.train_x: (N, D)`` (standardised on the fly with ``p.mean, p.std: (D,)``), all in the same pass
+    over shuffled mini-batches (``cfg.epochs``, ``cfg.batch_size``, order seeded by ``cfg.seed``). AdamW (weight
+    decay on the weights only) with a per-step cosine schedule."""
+    x, y, mean, std, device = p.train_x, p.train_y, p.mean, p.std, p.device
+    epochs, batch_size, seed, num_classes = cfg.epochs, cfg.batch_size, cfg.seed, p.num_classes
     gen = torch.Generator().manual_seed(int(seed))
     heads = [torch.nn.Linear(x.shape[1], num_classes, device=device) for _ in configs]
     groups = []
@@ -303,8 +306,7 @@ def _fit_torch(p: _Problem, cfg: LinearProbeConfig):
                                                                                                 cfg.weight_decays)]
     sweep: list[dict] = []
     fit_idx, val_idx = p.split
-    train = lambda idx, configs: train_linear_heads(p.train_x, p.train_y, idx, p.mean, p.std, p.num_classes, configs,
-                                                    cfg.epochs, cfg.batch_size, p.device, cfg.seed)
+    train = lambda idx, configs: train_linear_heads(p, idx, configs, cfg)  # noqa: E731
     if fit_idx is not None:
         hits = evaluate_linear_heads(train(fit_idx, candidates), p.train_x, p.train_y, val_idx, p.mean, p.std, 1,
                                      p.device)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from repa_probe.analysis.errors import MetricInputError
 from repa_probe.analysis.probes.common import (Array, channel_stats, check_features, check_finite,
-                                               check_num_classes, chunks, gather, resolve_device, rows_per_chunk)
+                                               check_num_classes, chunks, gather, rows_per_chunk)
+from repa_probe.devices import resolve_device
 
 EPOCHS = 10         # the most epochs of the probe (the cosine schedule spans them)
 VAL_FRACTION = 0.1  # training images held out for early stopping
