@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import logging
 import os
 import re
@@ -42,7 +41,7 @@ from repa_probe.models.layout import (LayoutError, detect_convention, encoder_de
 from repa_probe.models.layers import ModelInputError
 from repa_probe.models.lightningdit import LightningOptions
 from repa_probe.models.registry import from_config, size_name
-from repa_probe.models.transformer import DiffusionTransformer
+from repa_probe.models.transformer import DiffusionTransformer, TransformerConfig
 from repa_probe.atomic import atomic_write
 from repa_probe.errors import ReproError, error_summary
 from repa_probe.timesteps import TimeError, convention_of
@@ -243,8 +242,7 @@ def _model_config(config: dict | None, sd: dict, args: Any, num_heads, encoder_d
 def _check_stored_config(config: Mapping) -> None:
     """A ``model_config`` read from a file: only the constructors' keywords, each of its default's type
     (ints for ints, numbers for floats, a list of ints for ``z_dims``); a one-line CheckpointError otherwise."""
-    defaults = {name: p.default for name, p in inspect.signature(DiffusionTransformer.__init__).parameters.items()
-                if name != "self"}
+    defaults = {f.name: f.default for f in dataclasses.fields(TransformerConfig)}
     defaults.update(dataclasses.asdict(LightningOptions()))  # LightningDiT's switches
     unknown = sorted(set(config) - set(defaults))
     if unknown:

@@ -197,3 +197,23 @@ def test_alignment_of_a_dit_file_at_an_explicit_step(tmp_path):
     assert sorted(ln.split(",")[3] for ln in lines) == ["0.0", "0.0", "step:500", "step:500"]
     assert summary["checkpoints"][0]["time_convention"] == "ddpm" and summary["settings"]["plot_timestep"] == "step:500"
     assert any(p.endswith("layers_tstep500_cknna.png") for p in summary["files"]["figures"]), summary["files"]
+
+
+def test_paths_expand_files_folders_and_patterns_and_refuse_the_rest(tmp_path):
+    from repa_probe.analysis.core.paths import expand_paths
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "empty").mkdir()
+    for name in ("a.csv", "d/b.csv", "d/c.csv"):
+        (tmp_path / name).write_text("x")
+    finder = lambda d: sorted(d.glob("*.csv"))  # noqa: E731
+    got = expand_paths([tmp_path / "a.csv", tmp_path / "d"], "--tables", finder, "tables")
+    assert [p.name for p in got] == ["a.csv", "b.csv", "c.csv"]
+    got = expand_paths([str(tmp_path / "d" / "*.csv")], "--tables", finder, "tables", patterns=True)
+    assert [p.name for p in got] == ["b.csv", "c.csv"]
+    for items, match in [([tmp_path / "empty"], "directory has no tables"), ([tmp_path / "nope"], "no such file"),
+                         ([str(tmp_path / "*.npz")], "no such file"), ([], "nothing given")]:
+        with pytest.raises(AnalysisInputError, match=match):
+            expand_paths(items, "--tables", finder, "tables")
+    with pytest.raises(AnalysisInputError, match="the pattern matches nothing"):
+        expand_paths([str(tmp_path / "*.npz")], "--tables", finder, "tables", patterns=True)

@@ -142,3 +142,14 @@ def test_loader_flips_all_spatial_keys_by_seed_epoch_index_and_resumes_exactly()
     for b in batches[7:]:
         r = next(rest)
         assert all(torch.equal(r[key], b[key]) for key in b)
+
+
+def test_loader_options_are_the_keywords_and_not_both():
+    from repa_probe.data import LoaderOptions
+
+    ds = _IndexDataset(12)
+    a = infinite_loader(ds, ResumableSampler(12, batch_size=4, seed=1), 4, LoaderOptions(drop_last=True))
+    b = infinite_loader(ds, ResumableSampler(12, batch_size=4, seed=1), 4, drop_last=True)
+    assert [next(a)["label"].tolist() for _ in range(4)] == [next(b)["label"].tolist() for _ in range(4)]
+    with pytest.raises(TypeError, match="not both"):
+        next(infinite_loader(ds, ResumableSampler(12, batch_size=4), 4, LoaderOptions(), flip=True))

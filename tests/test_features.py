@@ -251,3 +251,22 @@ def test_prepare_inputs_pixels_and_latents(shapes):
     lat = prepare_inputs(shapes, FakeVAE(), batch_size=5, progress=False)
     expected = torch.stack([shapes[i]["image"] for i in range(12)]).float()[:, :2, ::2, ::2] / 255.0 * 0.5 + 0.1
     torch.testing.assert_close(lat.x0(0, 12, "cpu"), expected)  # posterior mean, scaled, no sampling noise
+
+
+def test_one_labels_rule_for_null_and_true_labels():
+    from repa_probe.analysis.core.features import check_labels_fit, model_labels
+
+    check_labels_fit(10, True, "null", None)
+    check_labels_fit(10, False, "true", 10)
+    with pytest.raises(AnalysisInputError, match="no null class"):
+        check_labels_fit(10, False, "null", 10)
+    with pytest.raises(AnalysisInputError, match="the dataset has 12 classes but the model 10"):
+        check_labels_fit(10, True, "true", 12)
+    with pytest.raises(AnalysisInputError, match="the dataset has None classes"):
+        check_labels_fit(10, True, "true", None)
+    model = DiffusionTransformer(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=1, num_heads=2,
+                                 num_classes=3)
+    assert model_labels(model, torch.tensor([0, 2]), "null").tolist() == [3, 3]
+    assert model_labels(model, torch.tensor([0, 2]), "true").tolist() == [0, 2]
+    with pytest.raises(AnalysisInputError, match="the dataset has 4 classes but the model 3"):
+        model_labels(model, torch.tensor([0, 3]), "true")

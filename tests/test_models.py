@@ -257,3 +257,20 @@ def test_bf16_autocast_and_backward():
     assert model.pos_embed.grad is None
     assert model.blocks[0].attn.qkv.weight.grad is not None
     assert model.projectors[0][0].weight.grad is not None
+
+
+def test_a_transformer_config_is_the_keywords_and_not_both():
+    from repa_probe.models import TransformerConfig
+
+    kw = dict(input_size=8, patch_size=4, in_channels=3, hidden_size=32, depth=2, num_heads=2, z_dims=(16,),
+              encoder_depth=1, projector_dim=8)
+    torch.manual_seed(0)
+    a = DiffusionTransformer(TransformerConfig(**kw))
+    torch.manual_seed(0)
+    b = DiffusionTransformer(**kw)
+    assert a.config == b.config and all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert DiffusionTransformer(**a.config).config == a.config  # model.config rebuilds it
+    with pytest.raises(TypeError, match="not both"):
+        DiffusionTransformer(TransformerConfig(**kw), depth=3)
+    with pytest.raises(ModelInputError, match="encoder_depth=3 is larger than the model depth 2"):
+        DiffusionTransformer(**{**kw, "encoder_depth": 3})

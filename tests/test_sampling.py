@@ -209,3 +209,16 @@ def test_ddpm_sampler_is_the_objectives_respaced_process(monkeypatch):
     z = torch.randn(4, 1, 1, 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     sample(Toy("DiT", 0.5), z, _labels(4), method="ddpm", steps=7, generator=torch.Generator().manual_seed(1))
     assert calls == [7] * 7
+
+
+def test_a_sampler_object_is_the_keywords_and_not_both():
+    from repa_probe.sampling import Sampler
+
+    m, z, y = _tiny(), torch.randn(2, 4, 4, 4), torch.tensor([0, 3])
+    spec = Sampler("sde", 4, cfg_scale=1.5, guidance_interval=(0.0, 0.7))
+    a = sample(m, z, y, spec, generator=torch.Generator().manual_seed(3))
+    b = sample(m, z, y, method="sde", steps=4, cfg_scale=1.5, guidance_interval=(0.0, 0.7),
+               generator=torch.Generator().manual_seed(3))
+    assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="not both"):
+        sample(m, z, y, spec, steps=5)

@@ -8,12 +8,13 @@ from repa_probe.models.transformer import (
     TIME_CONVENTIONS,
     DiffusionTransformer,
     ModelInputError,
+    TransformerConfig,
     sincos_pos_embed_2d,
     timestep_embedding,
 )
 
 __all__ = [
-    "DiffusionTransformer", "LightningDiT", "ModelInputError", "TIME_CONVENTIONS", "MODEL_SIZES",
+    "DiffusionTransformer", "TransformerConfig", "LightningDiT", "ModelInputError", "TIME_CONVENTIONS", "MODEL_SIZES",
     "create_model", "from_config", "list_models", "model_kwargs", "model_name", "size_name",
     "sincos_pos_embed_2d", "timestep_embedding",
 ]

@@ -13,13 +13,12 @@ switches of their released XL/1 (SwiGLU, RMSNorm, RoPE) in REPA time. An officia
 
 from __future__ import annotations
 
-import inspect
 
 import dataclasses
 
 from repa_probe.models.lightningdit import OPTION_NAMES as LIGHTNING_OPTIONS
 from repa_probe.models.lightningdit import LightningDiT, LightningOptions
-from repa_probe.models.transformer import DiffusionTransformer, ModelInputError
+from repa_probe.models.transformer import DiffusionTransformer, ModelInputError, TransformerConfig
 
 MODEL_SIZES: dict[str, dict[str, int]] = {
     "S": dict(depth=12, hidden_size=384, num_heads=6),
@@ -34,7 +33,7 @@ ARCHITECTURES: dict[str, dict] = {  # name prefix -> constructor defaults
     "LightningDiT": dict(time_convention="repa", learn_sigma=False, **dataclasses.asdict(LightningOptions())),
 }
 ARCHITECTURE_PATCHES = {"SiT": (1,), "LightningDiT": (1,)}  # beyond PATCH_SIZES (REPA-E's and their XL/1)
-CONSTRUCTOR_KEYWORDS = tuple(p for p in inspect.signature(DiffusionTransformer.__init__).parameters if p != "self")
+CONSTRUCTOR_KEYWORDS = tuple(f.name for f in dataclasses.fields(TransformerConfig))
 
 
 def _patches(prefix: str) -> tuple[int, ...]:

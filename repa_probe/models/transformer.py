@@ -18,6 +18,7 @@ Parameter names and shapes match the official DiT ``models.py``, SiT ``models.py
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from typing import Sequence
 
@@ -32,6 +33,39 @@ from repa_probe.models.layers import (  # noqa: F401 (the building blocks are re
 from repa_probe.models.latent_norm import LatentBatchNorm
 from repa_probe.timesteps import CONVENTIONS as TIME_CONVENTIONS
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """The constructor keywords of :class:`DiffusionTransformer` (the official DiT / SiT / REPA constructors'
+    names, so their ``args`` map one to one); ``model.config`` gives them back as a dict.
+
+    ``input_size`` (latent side), ``patch_size``, ``in_channels``, ``hidden_size``, ``depth``, ``num_heads``,
+    ``mlp_ratio``, ``num_classes``, ``class_dropout_prob`` (> 0 adds the null class), ``learn_sigma``, ``qk_norm``;
+    REPA: ``encoder_depth`` (1-based block the projectors read), ``z_dims`` (one projector per target width,
+    empty = none), ``projector_dim``, ``projector_type`` (``mlp`` | ``conv``), ``projector_kernel``;
+    ``time_convention`` (``repa`` | ``sit`` | ``ddpm``); REG: ``cls_token_dim``; REPA-E: ``bn_momentum``.
+    """
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    learn_sigma: bool = False
+    qk_norm: bool = False
+    encoder_depth: int = 8
+    z_dims: Sequence[int] = ()
+    projector_dim: int = 2048
+    time_convention: str = "repa"
+    projector_type: str = "mlp"
+    projector_kernel: int = 3
+    cls_token_dim: int = 0
+    bn_momentum: float | None = None
 
 
 class DiffusionTransformer(nn.Module):
@@ -51,13 +85,15 @@ class DiffusionTransformer(nn.Module):
     ``model(x, t, y, cls_token=c)`` and returns ``(out, zs, cls_out)``; ``num_prefix_tokens`` is 1 (else 0).
     """
 
-    def __init__(self, input_size: int = 32, patch_size: int = 2, in_channels: int = 4,
-                 hidden_size: int = 1152, depth: int = 28, num_heads: int = 16, mlp_ratio: float = 4.0,
-                 num_classes: int = 1000, class_dropout_prob: float = 0.1, learn_sigma: bool = False,
-                 qk_norm: bool = False, encoder_depth: int = 8, z_dims: Sequence[int] = (),
-                 projector_dim: int = 2048, time_convention: str = "repa", projector_type: str = "mlp",
-                 projector_kernel: int = 3, cls_token_dim: int = 0, bn_momentum: float | None = None):
+    def __init__(self, config: TransformerConfig | None = None, **fields):
         super().__init__()
+        if config is None:
+            config = TransformerConfig(**fields)
+        elif fields:
+            raise TypeError(f"DiffusionTransformer takes a TransformerConfig or its fields, not both ({sorted(fields)})")
+        (input_size, patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio, num_classes,
+         class_dropout_prob, learn_sigma, qk_norm, encoder_depth, z_dims, projector_dim, time_convention,
+         projector_type, projector_kernel, cls_token_dim, bn_momentum) = dataclasses.astuple(config)
         z_dims = tuple(int(z) for z in z_dims)
         _check_config(dict(input_size=input_size, patch_size=patch_size, in_channels=in_channels,
                            hidden_size=hidden_size, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
