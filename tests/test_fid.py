@@ -144,7 +144,7 @@ def test_reference_goes_through_the_extractor_once(images, space, monkeypatch):
                         lambda ds, *x, **k: extracted.append(len(ds)) or real_extract(ds, *x, **k))
     ref = Reference("b", b[:30])
     for _ in range(2):  # two checkpoints
-        out = evaluate(a, ref, [inception_like], kid=True, prc=True)
+        out = evaluate(a, ref, [inception_like], extras=fid.Extras(kid=True, prc=True))
         assert {"fid_inception", "kid_inception", "precision_inception", "recall_inception"} <= set(out)
     assert extracted == [40, 30, 40] and built == []
     fresh = fid.FeatureSpace("fd_x", space.extractor, "cls")

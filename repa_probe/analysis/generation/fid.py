@@ -176,15 +176,26 @@ def reference_features(ref: Reference, space: FeatureSpace, device, batch_size: 
     return ref.stats[space.metric]
 
 
+@dataclasses.dataclass(frozen=True)
+class Extras:
+    """What :func:`evaluate` computes besides the Fréchet distances: ``isc``, ``kid``, ``prc`` (Inception space
+    only) and ``bootstrap`` replicates of each distance (0 = off)."""
+
+    isc: bool = False
+    kid: bool = False
+    prc: bool = False
+    bootstrap: int = 0
+
+
 def evaluate(samples: np.ndarray, ref: Reference, spaces, device="cpu", batch_size: int = 64,
-             isc: bool = False, kid: bool = False, prc: bool = False, bootstrap: int = 0,
-             replicates: dict | None = None) -> dict[str, float]:
+             extras: Extras = Extras(), replicates: dict | None = None) -> dict[str, float]:
     """Metrics of uint8 ``samples (N, H, W, 3)`` against ``ref`` in every FeatureSpace of ``spaces``; with
-    the Inception space also IS (ADM: ``ceil(N / 5000)`` contiguous splits, no shuffle; the space must carry
-    ``logits_unbiased``), KID and precision/recall (k = 3, Inception pool3 features; they need reference
-    images, whose features are computed once, :func:`reference_features`). With ``bootstrap`` > 0,
-    ``replicates`` (a dict) receives each Fréchet distance's replicates over the samples
-    (:func:`~repa_probe.analysis.metrics.frechet.fd_replicates`)."""
+    the Inception space also (``extras``) IS (ADM: ``ceil(N / 5000)`` contiguous splits, no shuffle; the space
+    must carry ``logits_unbiased``), KID and precision/recall (k = 3, Inception pool3 features; they need
+    reference images, whose features are computed once, :func:`reference_features`). With
+    ``extras.bootstrap`` > 0, ``replicates`` (a dict) receives each Fréchet distance's replicates over the
+    samples (:func:`~repa_probe.analysis.metrics.frechet.fd_replicates`)."""
+    isc, kid, prc, bootstrap = extras.isc, extras.kid, extras.prc, extras.bootstrap
     from torch_fidelity.metric_isc import isc_featuresdict_to_metric
     from torch_fidelity.metric_kid import kid_featuresdict_to_metric
     from torch_fidelity.metric_prc import prc_featuresdict_to_metric

@@ -26,8 +26,8 @@ from repa_probe.analysis.core.inputs import build_analysis_dataset, build_config
 from repa_probe.analysis.core.options import AnalysisOptions
 from repa_probe.analysis.core.runner import Analysis, Run, run_analysis
 from repa_probe.analysis.errors import AnalysisInputError
-from repa_probe.analysis.generation.fid import (INCEPTION, dinov2_space, evaluate, fid_vs_step, inception_space,
-                                                isc_splits, reference_features, register_encoder)
+from repa_probe.analysis.generation.fid import (INCEPTION, Extras, dinov2_space, evaluate, fid_vs_step,
+                                                inception_space, isc_splits, reference_features, register_encoder)
 from repa_probe.analysis.generation.fid_inputs import Reference, image_height, load_images, read_reference, \
     save_reference_stats
 from repa_probe.analysis.generation.generate import check_entry, sample_entry, settings_for
@@ -146,8 +146,8 @@ class FidAnalysis(Analysis):
             return []
         images = load_images(path)
         reps: dict = {}
-        values = evaluate(images, self.reference, self.spaces, run.device, o.batch_size, o.isc, o.kid, o.prc,
-                          o.bootstrap, reps)
+        values = evaluate(images, self.reference, self.spaces, run.device, o.batch_size,
+                          Extras(o.isc, o.kid, o.prc, o.bootstrap), reps)
         log.info("%s: %s", entry.label, ", ".join(f"{k} {fmt(v)}" for k, v in values.items()))
         s = dataclasses.asdict(settings) if settings else {}
         return [dict(checkpoint=entry.label, run=entry.run, step=step, metric=k, value=v, num_samples=len(images),
