@@ -33,7 +33,7 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
             e.copy_(m)
 
 
-class _StopFlag:
+class StopFlag:
     """Set by SIGTERM / SIGUSR1: save a checkpoint at the end of the current step and exit cleanly."""
 
     def __init__(self):

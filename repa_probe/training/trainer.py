@@ -42,7 +42,7 @@ from repa_probe.training.config import Config, ConfigError, to_dict, to_yaml
 from repa_probe.training.family import StepBatch, aligning, class_token_noise, extra_terms, model_kwargs
 from repa_probe.training.distributed import DistInfo, agree, cleanup_distributed, init_distributed
 from repa_probe.training.e2e import LOSS_NAMES, e2e_step
-from repa_probe.training.state import TrainState, _StopFlag, update_ema  # noqa: F401 (update_ema: public here too)
+from repa_probe.training.state import StopFlag, TrainState, update_ema  # noqa: F401 (update_ema: public here too)
 
 log = logging.getLogger("repa_probe")
 
@@ -216,7 +216,7 @@ def _train(cfg: Config, dist: DistInfo) -> Path:
 def _loop(s: TrainState, ckpt_dir: Path, metrics) -> None:
     """Steps until ``train.steps`` or a stop signal: log, check the loss, checkpoint."""
     cfg = s.cfg
-    stop = _StopFlag()
+    stop = StopFlag()
     stop.install()
     sums, count, t_last = None, 0, time.perf_counter()
     bar = tqdm(total=cfg.train.steps, initial=s.step, desc=cfg.run.name, disable=not s.dist.is_main,
